@@ -1,0 +1,486 @@
+//! The agent's configuration: one TOML file, every value defaulted except the
+//! node name, validated into a [`Budget`] with errors that name the key.
+
+use crate::timing::{Budget, BudgetError};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The cluster scope: agents with the same scope race for one leader key.
+    #[serde(default = "default_scope")]
+    pub scope: String,
+    /// This node's name, unique within the scope.
+    pub node: String,
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+    #[serde(default)]
+    pub timing: TimingConfig,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`. The client keeps to these and
+    /// never switches to the member list etcd advertises.
+    #[serde(default = "default_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Key prefix under which scopes live.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Deadline of every etcd request, seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: f64,
+    /// Deadline to establish a connection, seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingConfig {
+    /// `T`, the leader lease TTL, whole seconds.
+    #[serde(default = "default_ttl")]
+    pub ttl: u64,
+    /// `M`, seconds: the node must be fenced this long before the lease can expire.
+    #[serde(default = "default_margin")]
+    pub safety_margin: f64,
+    /// `R`, seconds: allowance for the reset itself and timer granularity.
+    #[serde(default = "default_reset_allowance")]
+    pub reset_allowance: f64,
+    /// Seconds between renewals.
+    #[serde(default = "default_loop_interval")]
+    pub loop_interval: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchdogMode {
+    /// No watchdog: the agent still leads, but nothing fences a stalled node.
+    Off,
+    /// Arm what can be armed; lead without a watchdog if none can.
+    Automatic,
+    /// Never promote without every configured device armed.
+    Required,
+}
+
+/// What to do with a device whose `nowayout` is set (FENCING.md rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NowayoutPolicy {
+    /// Once armed, keep pinging as a replica while the agent is healthy.
+    KeepPinging,
+    /// Refuse such a device.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    #[serde(default = "default_mode")]
+    pub mode: WatchdogMode,
+    #[serde(default = "default_nowayout")]
+    pub nowayout: NowayoutPolicy,
+    /// Devices pinged together. Default: none (with mode `off`).
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceSpec>,
+    /// Seconds between pings while permitted.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: f64,
+}
+
+/// One watchdog device to arm.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DeviceSpec {
+    /// A character device such as `/dev/watchdog0` (usually the hardware one).
+    Device { path: PathBuf },
+    /// The kernel's softdog, found by its identity `Software Watchdog`.
+    Softdog,
+    /// Test builds only: a device that appends each operation to `record`.
+    Fake { record: PathBuf },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Directory of the append-only audit log.
+    #[serde(default = "default_audit_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_scope() -> String {
+    "main".into()
+}
+fn default_endpoints() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".into()]
+}
+fn default_prefix() -> String {
+    "/leasedog".into()
+}
+fn default_request_timeout() -> f64 {
+    1.0
+}
+fn default_connect_timeout() -> f64 {
+    2.0
+}
+fn default_ttl() -> u64 {
+    10
+}
+fn default_margin() -> f64 {
+    5.0
+}
+fn default_reset_allowance() -> f64 {
+    1.0
+}
+fn default_loop_interval() -> f64 {
+    1.0
+}
+fn default_mode() -> WatchdogMode {
+    WatchdogMode::Automatic
+}
+fn default_nowayout() -> NowayoutPolicy {
+    NowayoutPolicy::KeepPinging
+}
+fn default_ping_interval() -> f64 {
+    0.1
+}
+fn default_audit_dir() -> PathBuf {
+    "/var/lib/leasedog".into()
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: default_endpoints(),
+            prefix: default_prefix(),
+            request_timeout: default_request_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        TimingConfig {
+            ttl: default_ttl(),
+            safety_margin: default_margin(),
+            reset_allowance: default_reset_allowance(),
+            loop_interval: default_loop_interval(),
+        }
+    }
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            mode: default_mode(),
+            nowayout: default_nowayout(),
+            devices: Vec::new(),
+            ping_interval: default_ping_interval(),
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            dir: default_audit_dir(),
+        }
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {rule}")]
+    Invalid { key: &'static str, rule: String },
+}
+
+impl From<BudgetError> for ConfigError {
+    fn from(e: BudgetError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            rule: e.rule,
+        }
+    }
+}
+
+fn invalid(key: &'static str, rule: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        rule: rule.into(),
+    }
+}
+
+fn seconds(key: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(invalid(key, format!("{v} is not a number of seconds >= 0")));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn check_name(key: &'static str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{v:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        ))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every rule that does not need the outside world.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_name("node", &self.node)?;
+        check_name("scope", &self.scope)?;
+        if self.etcd.endpoints.is_empty() {
+            return Err(invalid("etcd.endpoints", "at least one endpoint is needed"));
+        }
+        for ep in &self.etcd.endpoints {
+            let rest = ep
+                .strip_prefix("http://")
+                .or_else(|| ep.strip_prefix("https://"))
+                .ok_or_else(|| {
+                    invalid(
+                        "etcd.endpoints",
+                        format!("{ep:?} must start with http:// or https://"),
+                    )
+                })?;
+            if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{ep:?} must be a URL of the form http://HOST:PORT"),
+                ));
+            }
+        }
+        if !self.etcd.prefix.starts_with('/') {
+            return Err(invalid("etcd.prefix", "must start with '/'"));
+        }
+        if seconds("etcd.connect_timeout", self.etcd.connect_timeout)?.is_zero() {
+            return Err(invalid("etcd.connect_timeout", "must be greater than zero"));
+        }
+        let ping = seconds("watchdog.ping_interval", self.watchdog.ping_interval)?;
+        self.budget()?;
+        let budget = self.budget()?;
+        if ping.is_zero() || ping * 2 > budget.ping_window() {
+            return Err(invalid(
+                "watchdog.ping_interval",
+                format!(
+                    "{ping:?} must be above zero and at most half of M - R = {:?}",
+                    budget.ping_window()
+                ),
+            ));
+        }
+        match self.watchdog.mode {
+            WatchdogMode::Required if self.watchdog.devices.is_empty() => {
+                return Err(invalid(
+                    "watchdog.device",
+                    "mode \"required\" needs at least one [[watchdog.device]]",
+                ));
+            }
+            WatchdogMode::Off if !self.watchdog.devices.is_empty() => {
+                return Err(invalid(
+                    "watchdog.mode",
+                    "devices are listed but mode is \"off\": say \"automatic\" or \"required\", or remove them",
+                ));
+            }
+            _ => {}
+        }
+        let mut seen = Vec::new();
+        for d in &self.watchdog.devices {
+            if seen.contains(&d) {
+                return Err(invalid("watchdog.device", format!("{d:?} is listed twice")));
+            }
+            seen.push(d);
+            if let DeviceSpec::Fake { .. } = d {
+                if !cfg!(feature = "testing") {
+                    return Err(invalid(
+                        "watchdog.device",
+                        "kind \"fake\" exists only in test builds (it fences nothing)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The validated timing budget.
+    pub fn budget(&self) -> Result<Budget, ConfigError> {
+        if self.timing.ttl > 3600 {
+            return Err(invalid(
+                "timing.ttl",
+                "more than an hour is not a lease TTL",
+            ));
+        }
+        Ok(Budget::new(
+            Duration::from_secs(self.timing.ttl),
+            seconds("timing.safety_margin", self.timing.safety_margin)?,
+            seconds("timing.reset_allowance", self.timing.reset_allowance)?,
+            seconds("timing.loop_interval", self.timing.loop_interval)?,
+            seconds("etcd.request_timeout", self.etcd.request_timeout)?,
+        )?)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.etcd.connect_timeout)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.watchdog.ping_interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { key, .. } => key.to_string(),
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn node_name_alone_is_enough() {
+        let c = Config::parse("node = \"pg1\"").unwrap();
+        assert_eq!(c.scope, "main");
+        assert_eq!(c.etcd.endpoints, vec!["http://127.0.0.1:2379"]);
+        let b = c.budget().unwrap();
+        assert_eq!(b.ttl, Duration::from_secs(10));
+        assert_eq!(c.watchdog.mode, WatchdogMode::Automatic);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/leasedog.example.toml"
+        ))
+        .unwrap();
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.watchdog.devices.len(), 2);
+        assert_eq!(c.watchdog.devices[1], DeviceSpec::Softdog);
+    }
+
+    #[test]
+    fn missing_node_is_a_parse_error_naming_it() {
+        let e = Config::parse("scope = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("node"), "{e}");
+    }
+
+    #[test]
+    fn typo_is_rejected() {
+        let e = Config::parse("node = \"a\"\n[timing]\nttll = 5").unwrap_err();
+        assert!(e.to_string().contains("ttll"), "{e}");
+    }
+
+    #[test]
+    fn impossible_budgets_name_the_key() {
+        let e = Config::parse("node='a'\n[timing]\nttl=1").unwrap_err();
+        assert_eq!(key_of(e), "timing.ttl");
+        let e = Config::parse("node='a'\n[timing]\nsafety_margin=1.0\nreset_allowance=1.0")
+            .unwrap_err();
+        assert_eq!(key_of(e), "timing.safety_margin");
+        let e = Config::parse("node='a'\n[timing]\nloop_interval=4.0").unwrap_err();
+        assert_eq!(key_of(e), "timing.loop_interval");
+        let e = Config::parse("node='a'\n[timing]\nsafety_margin=-1").unwrap_err();
+        assert_eq!(key_of(e), "timing.safety_margin");
+    }
+
+    #[test]
+    fn bad_names_and_endpoints() {
+        assert_eq!(key_of(Config::parse("node='a b'").unwrap_err()), "node");
+        assert_eq!(
+            key_of(Config::parse("node='a'\n[etcd]\nendpoints=['127.0.0.1:2379']").unwrap_err()),
+            "etcd.endpoints"
+        );
+        assert_eq!(
+            key_of(Config::parse("node='a'\n[etcd]\nendpoints=[]").unwrap_err()),
+            "etcd.endpoints"
+        );
+    }
+
+    #[test]
+    fn required_mode_needs_devices() {
+        let e = Config::parse("node='a'\n[watchdog]\nmode='required'").unwrap_err();
+        assert_eq!(key_of(e), "watchdog.device");
+    }
+
+    #[test]
+    fn off_mode_with_devices_is_contradictory() {
+        let e =
+            Config::parse("node='a'\n[watchdog]\nmode='off'\n[[watchdog.device]]\nkind='softdog'")
+                .unwrap_err();
+        assert_eq!(key_of(e), "watchdog.mode");
+    }
+
+    #[test]
+    fn duplicate_device_rejected() {
+        let e = Config::parse(
+            "node='a'\n[[watchdog.device]]\nkind='softdog'\n[[watchdog.device]]\nkind='softdog'",
+        )
+        .unwrap_err();
+        assert_eq!(key_of(e), "watchdog.device");
+    }
+
+    #[test]
+    fn unknown_device_kind_is_a_parse_error() {
+        let e = Config::parse("node='a'\n[[watchdog.device]]\nkind='laser'").unwrap_err();
+        assert!(e.to_string().contains("laser"), "{e}");
+    }
+
+    #[cfg(not(feature = "testing"))]
+    #[test]
+    fn fake_devices_refused_outside_test_builds() {
+        let e = Config::parse("node='a'\n[[watchdog.device]]\nkind='fake'\nrecord='/tmp/x'")
+            .unwrap_err();
+        assert_eq!(key_of(e), "watchdog.device");
+    }
+}

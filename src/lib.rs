@@ -1,0 +1,8 @@
+//! leasedog: an etcd leader lease paired with kernel watchdogs, so that a
+//! stalled PostgreSQL primary is reset before its lease can expire.
+//! See ARCHITECTURE.md for the map and FENCING.md's rules for the why.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod timing;
