@@ -42,9 +42,9 @@ pub enum Evidence {
     /// Leader: ping while `timing::ping_permitted(now, s)`, `s` being the send
     /// time of the last keepalive etcd acknowledged.
     Lease(BootTime),
-    /// Fenced or replica with a device it cannot disarm (nowayout): PostgreSQL
-    /// is confirmed stopped, so the watchdog only guards the agent's own
-    /// liveness; the same window applies to the main loop's last tick.
+    /// A replica still holding a device it cannot disarm (nowayout), after
+    /// its key was released or expired: the watchdog only guards the agent's
+    /// own liveness; the same window applies to the main loop's last tick.
     Liveness(BootTime),
 }
 
@@ -429,11 +429,6 @@ impl Core {
                     self.stopped = true;
                     self.role = Role::Fenced;
                     out.push(Action::Record(Fact::StepDownConfirmed { how }));
-                    if self.armed {
-                        // PostgreSQL can no longer commit: the watchdog now only
-                        // guards the agent's liveness until it can disarm.
-                        out.push(Action::Publish(Evidence::Liveness(now)));
-                    }
                     self.after_fenced(now, &mut out);
                 }
             }
@@ -517,12 +512,7 @@ impl Core {
             Role::SteppingDown => out.push(Action::StepDown {
                 reason: StepDownReason::Deadline,
             }),
-            Role::Fenced => {
-                if self.armed {
-                    out.push(Action::Publish(Evidence::Liveness(now)));
-                }
-                self.after_fenced(now, out);
-            }
+            Role::Fenced => self.after_fenced(now, out),
             Role::Follower => {
                 if self.armed {
                     // Only nowayout devices stay armed in a follower.
@@ -543,7 +533,12 @@ impl Core {
         let s = self.s.map_or(sent, |old| old.max(sent));
         self.s = Some(s);
         match self.role {
-            Role::Promoting | Role::Leader => {
+            // Rule 1 holds whatever the role: while the key is ours on this
+            // lease, a fresh renewal permits pings, which also keeps a clean
+            // step-down from being cut short by a reset.
+            Role::Promoting | Role::Leader | Role::SteppingDown | Role::Fenced
+                if !self.key_gone =>
+            {
                 out.push(Action::Publish(Evidence::Lease(s)));
                 if !timing::ping_permitted(now, sent, self.budget()) {
                     out.push(Action::Record(Fact::RenewedLate { sent, acked: now }));
@@ -582,22 +577,25 @@ impl Core {
     }
 
     fn on_key(&mut self, now: BootTime, holder: KeyHolder, revision: i64, out: &mut Vec<Action>) {
-        if holder != self.holder {
+        let changed = holder != self.holder;
+        self.holder = holder;
+        if self.leading() && self.holder != KeyHolder::Us {
+            // Safety first: pings stop before anything is written down.
+            self.key_gone = true;
+            self.step_down(StepDownReason::KeyLost, out);
+        } else if matches!(self.role, Role::SteppingDown | Role::Fenced)
+            && self.holder != KeyHolder::Us
+        {
+            self.key_gone = true;
+            out.push(Action::Publish(Evidence::None));
+        }
+        if changed {
             out.push(Action::Record(Fact::LeaderSeen {
-                holder: holder.clone(),
+                holder: self.holder.clone(),
                 revision,
             }));
         }
-        self.holder = holder;
-        if self.leading() && self.holder != KeyHolder::Us {
-            self.key_gone = true;
-            self.step_down(StepDownReason::KeyLost, out);
-            return;
-        }
-        if self.role == Role::Fenced && self.holder != KeyHolder::Us {
-            self.key_gone = true;
-            self.after_fenced(now, out);
-        }
+        self.after_fenced(now, out);
         self.maybe_acquire(now, out);
     }
 
@@ -710,7 +708,13 @@ impl Core {
         let deadline = self.s.map(|s| timing::demotion_deadline(s, self.budget()));
         self.role = Role::SteppingDown;
         // Pings stop first: if the stop hangs, the watchdog finishes the job.
-        out.push(Action::Publish(Evidence::None));
+        // Only a voluntary step-down, with the key still ours, keeps pinging
+        // on fresh renewals (rule 1) so that a clean handover is not reset.
+        if !matches!(reason, StepDownReason::Shutdown | StepDownReason::PromoteFailed)
+            || self.key_gone
+        {
+            out.push(Action::Publish(Evidence::None));
+        }
         out.push(Action::Record(Fact::StepDownBegun {
             reason: reason.clone(),
             deadline,
@@ -719,7 +723,9 @@ impl Core {
     }
 
     /// PostgreSQL is stopped: release the key if it may still be ours, and
-    /// disarm once it is gone (rule 4).
+    /// disarm once it is gone (rule 4). Until then only fresh lease evidence
+    /// permits pings: a leader cut off from etcd is stopped by its deadline
+    /// and then reset by its watchdog, since it cannot prove the key gone.
     fn after_fenced(&mut self, now: BootTime, out: &mut Vec<Action>) {
         if self.role != Role::Fenced {
             return;
@@ -1235,17 +1241,19 @@ mod tests {
                 reason: StepDownReason::Shutdown
             }));
         assert!(!has(&a, |a| *a == Action::Disarm));
-        let a = c.handle(
-            t(1600),
-            Input::SteppedDown {
-                how: "immediate".into(),
-            },
+        assert!(
+            !has(&a, |a| *a == Action::Publish(Evidence::None)),
+            "a clean handover keeps pinging on fresh renewals"
         );
+        let a = c.handle(t(1550), Input::Renewed { sent: t(1500), ttl: 5 });
+        assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1500))));
+        let a = c.handle(t(1600), Input::SteppedDown { how: "immediate".into() });
         assert!(!has(&a, |a| *a == Action::Disarm), "key still ours: {a:?}");
         assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
-        assert!(has(&a, |a| *a == Action::Publish(Evidence::Liveness(t(1600)))));
         let a = c.handle(t(1700), Input::Released { deleted: true });
-        assert!(has(&a, |a| *a == Action::Disarm));
+        let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
+        let disarm = pos(&a, |a| *a == Action::Disarm);
+        assert!(none < disarm, "pings stop before the magic close");
         let a = c.handle(t(1800), Input::Disarmed);
         let revoke = pos(&a, |a| *a == Action::Revoke { lease: 7 });
         let exit = pos(&a, |a| *a == Action::Exit { code: 0 });
@@ -1254,26 +1262,26 @@ mod tests {
     }
 
     #[test]
+    fn lost_lease_stops_pings_at_once_and_later_renewals_do_not_restart_them() {
+        let mut c = leader(WatchdogMode::Required);
+        let a = c.handle(t(1500), Input::KeySeen { holder: KeyHolder::Other("b".into()), revision: 9 });
+        assert_eq!(a[0], Action::Publish(Evidence::None));
+        let a = c.handle(t(1600), Input::Renewed { sent: t(1550), ttl: 5 });
+        assert!(!has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))), "{a:?}");
+    }
+
+    #[test]
     fn rule4_unreachable_etcd_waits_for_expiry_before_disarm() {
         let mut c = leader(WatchdogMode::Required);
         c.handle(t(4001), Input::Tick); // deadline step-down
-        let a = c.handle(
-            t(4100),
-            Input::SteppedDown {
-                how: "immediate".into(),
-            },
-        );
+        let a = c.handle(t(4100), Input::SteppedDown { how: "immediate".into() });
         assert!(!has(&a, |a| *a == Action::Disarm));
-        c.handle(
-            t(4200),
-            Input::ReleaseFailed {
-                error: "timeout".into(),
-            },
-        );
-        // s = 1.0 s; T = 5 s; slack 1.5 s: disarm after 7.5 s, with liveness pings meanwhile.
+        c.handle(t(4200), Input::ReleaseFailed { error: "timeout".into() });
+        // s = 1.0 s; T = 5 s; slack 1.5 s: no disarm before 7.5 s, and no
+        // pings meanwhile (no fresh evidence): the watchdog resets the node.
         let a = c.handle(t(7000), Input::Tick);
         assert!(!has(&a, |a| *a == Action::Disarm));
-        assert!(has(&a, |a| *a == Action::Publish(Evidence::Liveness(t(7000)))));
+        assert!(!has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_) | Evidence::Liveness(_)))));
         let a = c.handle(t(7600), Input::Tick);
         assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
     }
@@ -1451,7 +1459,7 @@ mod tests {
                         Action::Publish(Evidence::Lease(s)) => {
                             prop_assert!(*s <= t(now));
                             prop_assert!(
-                                matches!(c.role(), Role::Promoting | Role::Leader),
+                                matches!(c.role(), Role::Promoting | Role::Leader | Role::SteppingDown | Role::Fenced),
                                 "lease evidence published outside leadership: {:?}", c.role()
                             );
                         }

@@ -1,0 +1,497 @@
+//! The drivers around the decision core: the main loop (etcd, PostgreSQL,
+//! arming), the pinger thread and the deadline timer.
+//!
+//! The main loop runs on a single-threaded tokio runtime. It feeds every
+//! observation to [`Core::handle`] and executes the returned actions in order,
+//! depth-first: when an action produces an observation (a keepalive reply),
+//! the core's answer to it runs before the rest of the batch, so a renewal's
+//! `Publish` reaches the pinger before any other etcd or PostgreSQL work
+//! (rule 1).
+
+pub mod deadline;
+#[cfg(feature = "testing")]
+pub mod faults;
+pub mod pinger;
+pub mod realtime;
+
+use crate::clock;
+use crate::config::{Config, DeviceSpec};
+use crate::dcs::{self, Acquire, Dcs, Holder, Renewal};
+use crate::decide::{
+    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder,
+};
+use crate::timing::Budget;
+use crate::watchdog::{self, SysRoots, Watchdog};
+use deadline::{DeadlineTimer, StopFn, TimerReport};
+use pinger::{EvidenceCell, PingEvent, Pinger};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
+pub fn run(cfg: Config) -> Result<i32, String> {
+    let budget = cfg.budget().map_err(|e| e.to_string())?;
+    info!(
+        node = %cfg.node, scope = %cfg.scope,
+        ttl = ?budget.ttl, margin = ?budget.margin, reset_allowance = ?budget.reset_allowance,
+        w = crate::timing::target_timeout(&budget), loop_interval = ?budget.loop_interval,
+        "leasedog starting"
+    );
+    match realtime::lock_memory() {
+        Ok(()) => info!("memory locked (mlockall)"),
+        Err(e) => warn!("memory NOT locked: {e}; the pinger may be paged out under pressure"),
+    }
+    let cell = Arc::new(EvidenceCell::default());
+    let (pinger, rt) = Pinger::start(cell.clone(), budget, cfg.ping_interval(), true)
+        .map_err(|e| format!("cannot start the pinger thread: {e}"))?;
+    match rt {
+        Ok(()) => info!("pinger runs at SCHED_FIFO priority {}", realtime::RT_PRIORITY),
+        Err(e) => warn!("pinger NOT real-time: {e}"),
+    }
+    let (timer_tx, timer_rx) = mpsc::unbounded_channel();
+    let stop_fn: StopFn = Arc::new(|| Ok("nothing to stop: no PostgreSQL configured".into()));
+    let (timer, rt) = DeadlineTimer::start(
+        cell.clone(),
+        budget,
+        cfg.ping_interval(),
+        true,
+        stop_fn.clone(),
+        move |r| {
+            let _ = timer_tx.send(r);
+        },
+    )
+    .map_err(|e| format!("cannot start the deadline timer: {e}"))?;
+    if let Err(e) = rt {
+        warn!("deadline timer NOT real-time: {e}");
+    }
+    let (sig_tx, sig_rx) = mpsc::unbounded_channel();
+    spawn_signal_thread(sig_tx)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_stack_size(256 * 1024)
+        .max_blocking_threads(2)
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let mut agent = Agent {
+        core: Core::new(CoreConfig {
+            budget,
+            mode: cfg.watchdog.mode,
+        }),
+        cfg,
+        budget,
+        cell,
+        pinger,
+        dcs: None,
+        watch: None,
+        stop_fn,
+    };
+    let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx));
+    drop(timer);
+    let Agent { pinger, .. } = agent;
+    // Devices still held here were not disarmed by the core (nowayout, or an
+    // error path): dropping them leaves them armed, as rule 4 demands.
+    pinger.stop();
+    Ok(code)
+}
+
+fn spawn_signal_thread(tx: mpsc::UnboundedSender<i32>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("leasedog-signals".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            for s in signals.forever() {
+                if tx.send(s).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
+struct Agent {
+    cfg: Config,
+    budget: Budget,
+    core: Core,
+    cell: Arc<EvidenceCell>,
+    pinger: Pinger,
+    dcs: Option<Dcs>,
+    watch: Option<dcs::LeaderWatch>,
+    stop_fn: StopFn,
+}
+
+fn key_holder(h: Holder) -> KeyHolder {
+    match h {
+        Holder::Nobody => KeyHolder::Nobody,
+        Holder::Us => KeyHolder::Us,
+        Holder::Node { name, .. } => KeyHolder::Other(name),
+        Holder::Unknown { .. } => KeyHolder::Garbage,
+    }
+}
+
+impl Agent {
+    async fn main_loop(
+        &mut self,
+        mut timer_rx: mpsc::UnboundedReceiver<TimerReport>,
+        mut sig_rx: mpsc::UnboundedReceiver<i32>,
+    ) -> i32 {
+        let mut tick = tokio::time::interval(self.budget.loop_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending = VecDeque::from([Input::Start]);
+        loop {
+            while let Some(input) = pending.pop_front() {
+                if let Some(code) = self.feed(input).await {
+                    return code;
+                }
+            }
+            self.drain_pinger();
+            let input = tokio::select! {
+                _ = tick.tick() => Input::Tick,
+                Some(sig) = sig_rx.recv() => {
+                    info!("signal {sig}: stepping down and exiting");
+                    Input::Shutdown
+                }
+                Some(r) = timer_rx.recv() => match r {
+                    TimerReport::Fenced { s, at, how } => {
+                        warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
+                        Input::FencedByTimer { how }
+                    }
+                    TimerReport::StopFailed { reason, .. } => {
+                        error!("deadline timer could not stop PostgreSQL: {reason}; the watchdog will reset the node");
+                        Input::StepDownFailed { reason }
+                    }
+                },
+                ev = next_watch(&mut self.watch) => match ev {
+                    Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder), revision },
+                    Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
+                    Err(e) => {
+                        warn!("leader watch broke: {e}; re-reading");
+                        self.watch = None;
+                        Input::KeySeen { holder: KeyHolder::Unknown, revision: 0 }
+                    }
+                },
+            };
+            pending.push_back(input);
+        }
+    }
+
+    /// Feeds one input and executes the resulting actions depth-first.
+    async fn feed(&mut self, input: Input) -> Option<i32> {
+        let mut queue: VecDeque<Action> = self.core.handle(clock::now(), input).into();
+        while let Some(action) = queue.pop_front() {
+            if let Action::Exit { code } = action {
+                return Some(code);
+            }
+            if let Some(next) = self.execute(action).await {
+                let more = self.core.handle(clock::now(), next);
+                for a in more.into_iter().rev() {
+                    queue.push_front(a);
+                }
+            }
+        }
+        None
+    }
+
+    fn drain_pinger(&mut self) {
+        let mut refused = 0u64;
+        let mut worst = Duration::ZERO;
+        for ev in self.pinger.events.try_iter() {
+            match ev {
+                PingEvent::Refused { k, s } => {
+                    refused += 1;
+                    worst = worst.max(k.saturating_since(s));
+                }
+                PingEvent::PingFailed { device, error } => {
+                    error!(%device, "watchdog ping failed: {error}");
+                }
+            }
+        }
+        if refused > 0 {
+            warn!(
+                refused,
+                worst_k_minus_s = ?worst,
+                "pings refused: the last acknowledged renewal is older than M - R"
+            );
+        }
+        let dropped = self.pinger.stats.dropped_events.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            warn!(dropped, "pinger events dropped (queue full)");
+        }
+    }
+
+    async fn dcs(&mut self) -> Result<&mut Dcs, String> {
+        if self.dcs.is_none() {
+            let d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(endpoints = ?self.cfg.etcd.endpoints, "connected to etcd");
+            self.dcs = Some(d);
+        }
+        Ok(self.dcs.as_mut().expect("just set"))
+    }
+
+    async fn execute(&mut self, action: Action) -> Option<Input> {
+        match action {
+            Action::Publish(ev) => {
+                self.cell.store(ev);
+                None
+            }
+            Action::Grant => {
+                let ttl = self.budget.ttl_secs();
+                let sent = clock::now();
+                match self.dcs().await {
+                    Ok(d) => match d.grant(ttl).await {
+                        Ok(lease) => Some(Input::LeaseGranted { lease, sent }),
+                        Err(e) => {
+                            warn!("lease grant failed: {e}");
+                            Some(Input::GrantFailed { error: e.to_string() })
+                        }
+                    },
+                    Err(e) => {
+                        warn!("etcd unreachable: {e}");
+                        Some(Input::GrantFailed { error: e })
+                    }
+                }
+            }
+            Action::Renew { lease } => {
+                #[cfg(feature = "testing")]
+                faults::before_renewal();
+                let d = match self.dcs().await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        return Some(Input::RenewFailed {
+                            sent: clock::now(),
+                            error: e,
+                        })
+                    }
+                };
+                let sent = clock::now();
+                match d.renew(lease).await {
+                    Renewal::Acked { ttl } => Some(Input::Renewed { sent, ttl }),
+                    Renewal::Gone => {
+                        warn!(lease, "etcd says the lease is gone");
+                        Some(Input::LeaseGone)
+                    }
+                    Renewal::Failed(e) => {
+                        warn!("renewal failed: {e}");
+                        Some(Input::RenewFailed {
+                            sent,
+                            error: e.to_string(),
+                        })
+                    }
+                }
+            }
+            Action::ReadKey => {
+                let d = match self.dcs().await {
+                    Ok(d) => d,
+                    Err(_) => return None,
+                };
+                match d.leader().await {
+                    Ok((holder, revision)) => {
+                        if self.watch.is_none() {
+                            match d.watch_leader().await {
+                                Ok(w) => self.watch = Some(w),
+                                Err(e) => warn!("cannot watch the leader key: {e}"),
+                            }
+                        }
+                        Some(Input::KeySeen {
+                            holder: key_holder(holder),
+                            revision,
+                        })
+                    }
+                    Err(e) => {
+                        warn!("cannot read the leader key: {e}");
+                        None
+                    }
+                }
+            }
+            Action::Acquire { lease } => {
+                let d = match self.dcs().await {
+                    Ok(d) => d,
+                    Err(e) => return Some(Input::AcquireFailed { error: e }),
+                };
+                match d.try_acquire(lease).await {
+                    Ok(Acquire::Won { revision }) => {
+                        info!(revision, "won the leader key");
+                        Some(Input::Won { revision })
+                    }
+                    Ok(Acquire::Held { holder, revision }) => Some(Input::KeySeen {
+                        holder: key_holder(holder),
+                        revision,
+                    }),
+                    Err(e) => Some(Input::AcquireFailed {
+                        error: e.to_string(),
+                    }),
+                }
+            }
+            Action::Arm { not_after } => Some(self.arm(not_after).await),
+            Action::Promote => {
+                info!("promoted (leader)");
+                Some(Input::Promoted)
+            }
+            Action::StepDown { reason } => {
+                warn!(?reason, "stepping down");
+                let stop = self.stop_fn.clone();
+                let r = tokio::task::spawn_blocking(move || stop())
+                    .await
+                    .unwrap_or_else(|e| Err(format!("step-down task failed: {e}")));
+                Some(match r {
+                    Ok(how) => Input::SteppedDown { how },
+                    Err(reason) => Input::StepDownFailed { reason },
+                })
+            }
+            Action::Release { lease } => {
+                let d = match self.dcs().await {
+                    Ok(d) => d,
+                    Err(e) => return Some(Input::ReleaseFailed { error: e }),
+                };
+                match d.release(lease).await {
+                    Ok(deleted) => Some(Input::Released { deleted }),
+                    Err(e) => {
+                        warn!("release failed: {e}");
+                        Some(Input::ReleaseFailed {
+                            error: e.to_string(),
+                        })
+                    }
+                }
+            }
+            Action::Disarm => {
+                let devices = self.pinger.surrender().await;
+                let mut keep: Vec<Box<dyn Watchdog>> = Vec::new();
+                for d in devices {
+                    let path = d.info().path.display().to_string();
+                    if d.info().nowayout {
+                        warn!(%path, "nowayout: cannot disarm; pinging on as a replica while healthy");
+                        keep.push(d);
+                    } else if let Err(e) = d.disarm() {
+                        error!(%path, "disarm failed: {e}");
+                    } else {
+                        info!(%path, "disarmed (magic close)");
+                    }
+                }
+                self.pinger.adopt(keep);
+                Some(Input::Disarmed)
+            }
+            Action::Revoke { lease } => {
+                if let Ok(d) = self.dcs().await {
+                    if let Err(e) = d.revoke(lease).await {
+                        warn!("lease revoke failed: {e} (it will expire)");
+                    }
+                }
+                None
+            }
+            Action::Record(fact) => {
+                record(&fact);
+                None
+            }
+            Action::Exit { .. } => None,
+        }
+    }
+
+    /// Arms every configured device (rule 2), never after `not_after`: the
+    /// evidence that permits arming's first ping runs out then.
+    async fn arm(&mut self, not_after: clock::BootTime) -> Input {
+        // Devices kept from an earlier term (nowayout) are re-used.
+        let mut held = self.pinger.surrender().await;
+        let roots = SysRoots::real();
+        let mut outcome = ArmOutcome {
+            armed: Vec::new(),
+            failed: Vec::new(),
+        };
+        let mut fresh: Vec<Box<dyn Watchdog>> = Vec::new();
+        for spec in &self.cfg.watchdog.devices {
+            let name = spec_name(spec);
+            if clock::now() > not_after {
+                outcome
+                    .failed
+                    .push((name, "evidence went stale before arming".into()));
+                continue;
+            }
+            if let Some(i) = held.iter().position(|d| watchdog::same_device(spec, d.info(), &roots)) {
+                let mut d = held.swap_remove(i);
+                match d.ping() {
+                    Ok(()) => {
+                        outcome.armed.push(armed_device(d.as_ref()));
+                        fresh.push(d);
+                    }
+                    Err(e) => {
+                        outcome.failed.push((name, format!("ping failed: {e}")));
+                        held.push(d);
+                    }
+                }
+                continue;
+            }
+            match watchdog::arm(spec, &self.budget, self.cfg.watchdog.nowayout, &roots) {
+                Ok(d) => {
+                    info!(
+                        path = %d.info().path.display(), identity = %d.info().identity,
+                        w = d.info().w_secs, nowayout = d.info().nowayout, "armed"
+                    );
+                    outcome.armed.push(armed_device(d.as_ref()));
+                    fresh.push(d);
+                }
+                Err(e) => {
+                    error!(device = %name, "cannot arm: {e}");
+                    outcome.failed.push((name, e.to_string()));
+                }
+            }
+        }
+        fresh.extend(held);
+        self.pinger.adopt(fresh);
+        Input::Armed(outcome)
+    }
+}
+
+fn armed_device(d: &dyn Watchdog) -> ArmedDevice {
+    let i = d.info();
+    ArmedDevice {
+        path: i.path.display().to_string(),
+        identity: i.identity.clone(),
+        w_secs: i.w_secs,
+        nowayout: i.nowayout,
+    }
+}
+
+fn spec_name(spec: &DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::Device { path } => path.display().to_string(),
+        DeviceSpec::Softdog => "softdog".into(),
+        DeviceSpec::Fake { record } => format!("fake:{}", record.display()),
+    }
+}
+
+async fn next_watch(w: &mut Option<dcs::LeaderWatch>) -> Result<dcs::LeaderEvent, String> {
+    match w {
+        Some(w) => w.next().await.map_err(|e| e.to_string()),
+        None => std::future::pending().await,
+    }
+}
+
+fn record(fact: &Fact) {
+    match fact {
+        Fact::RenewedLate { .. }
+        | Fact::LeaseLost { .. }
+        | Fact::ArmFailed { .. }
+        | Fact::LeadingUnarmed { .. }
+        | Fact::StepDownBegun { .. }
+        | Fact::StepDownFailed { .. }
+        | Fact::NowayoutKeptArmed { .. } => warn!(?fact, "audit"),
+        _ => info!(?fact, "audit"),
+    }
+}
+
+/// Whether the pinger holds lease evidence right now (for `status`).
+pub fn evidence_kind(cell: &EvidenceCell) -> &'static str {
+    match cell.load() {
+        Evidence::None => "none",
+        Evidence::Lease(_) => "lease",
+        Evidence::Liveness(_) => "liveness",
+    }
+}
