@@ -195,7 +195,10 @@ fn missing_device_is_refused_naming_what_exists() {
     let e = arm(device(&p), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
     assert!(matches!(e, ArmError::Missing { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("watchdog5") && msg.contains("does not exist"), "{msg}");
+    assert!(
+        msg.contains("watchdog5") && msg.contains("does not exist"),
+        "{msg}"
+    );
     assert!(msg.contains("watchdog0 (i6300ESB timer)"), "{msg}");
     assert!(!p.exists(), "arming must not create the node");
 
@@ -233,7 +236,11 @@ fn busy_device_names_holder_and_fix() {
         assert!(msg.contains(&format!("pid {pid} ({comm})")), "{msg}");
         assert!(msg.contains(fix), "{comm}: {msg}");
         assert!(msg.contains("NOT opened"), "{msg}");
-        assert_eq!(fs::read(&node).unwrap(), b"", "a busy device must not be touched");
+        assert_eq!(
+            fs::read(&node).unwrap(),
+            b"",
+            "a busy device must not be touched"
+        );
     }
 }
 
@@ -266,7 +273,10 @@ fn real_holder_found_through_real_proc() {
     // Wait (bounded) until the child has exec'd sleep, so comm is final.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "sleep") {
-        assert!(std::time::Instant::now() < deadline, "child never became sleep");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never became sleep"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let e = arm(device(&node), NowayoutPolicy::KeepPinging, &roots).unwrap_err();
@@ -289,7 +299,10 @@ fn real_holder_found_through_real_proc() {
     let e = arm(device(&node), NowayoutPolicy::KeepPinging, &roots).unwrap_err();
     match &e {
         ArmError::Busy { holders, .. } => {
-            assert!(holders.iter().any(|h| h.pid == std::process::id() as i32), "{e}")
+            assert!(
+                holders.iter().any(|h| h.pid == std::process::id() as i32),
+                "{e}"
+            )
         }
         _ => panic!("expected Busy, got {e}"),
     }
@@ -306,7 +319,13 @@ fn nowayout_refused_before_opening() {
     let e = arm(device(&node), NowayoutPolicy::Refuse, &t.roots).unwrap_err();
     let msg = e.to_string();
     assert!(
-        matches!(e, ArmError::Nowayout { unreadable: false, .. }),
+        matches!(
+            e,
+            ArmError::Nowayout {
+                unreadable: false,
+                ..
+            }
+        ),
         "{msg}"
     );
     assert!(msg.contains("nowayout set"), "{msg}");
@@ -325,10 +344,19 @@ fn unreadable_nowayout_is_treated_as_set() {
     let e = arm(device(&node), NowayoutPolicy::Refuse, &t.roots).unwrap_err();
     let msg = e.to_string();
     assert!(
-        matches!(e, ArmError::Nowayout { unreadable: true, .. }),
+        matches!(
+            e,
+            ArmError::Nowayout {
+                unreadable: true,
+                ..
+            }
+        ),
         "{msg}"
     );
-    assert!(msg.contains("unreadable") && msg.contains("treated as set"), "{msg}");
+    assert!(
+        msg.contains("unreadable") && msg.contains("treated as set"),
+        "{msg}"
+    );
     assert!(msg.contains("NOT opened"), "{msg}");
 
     // Keep-pinging opens it; the failure after opening is magic-closed, and
@@ -336,7 +364,9 @@ fn unreadable_nowayout_is_treated_as_set() {
     let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
     match &e {
         ArmError::Refused {
-            closed, still_armed, ..
+            closed,
+            still_armed,
+            ..
         } => {
             assert!(matches!(closed, Closed::NowayoutUnknown), "{e}");
             assert!(still_armed.is_none());
@@ -352,10 +382,19 @@ fn failure_after_open_magic_closes_with_a_clean_enotty() {
     let node = t.add(hw(0));
     let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("WDIOC_GETSUPPORT") && msg.contains("ENOTTY"), "{msg}");
+    assert!(
+        msg.contains("WDIOC_GETSUPPORT") && msg.contains("ENOTTY"),
+        "{msg}"
+    );
     assert!(msg.contains("disarmed"), "{msg}");
     assert!(
-        matches!(e, ArmError::Refused { closed: Closed::Disarmed, .. }),
+        matches!(
+            e,
+            ArmError::Refused {
+                closed: Closed::Disarmed,
+                ..
+            }
+        ),
         "{msg}"
     );
     // Exactly the magic character was written: no ping reached it.
@@ -371,7 +410,10 @@ fn nowayout_failure_after_open_stays_armed_and_hands_back_the_handle() {
     });
     let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("could NOT be disarmed") && msg.contains("ARMED"), "{msg}");
+    assert!(
+        msg.contains("could NOT be disarmed") && msg.contains("ARMED"),
+        "{msg}"
+    );
     let ArmError::Refused {
         still_armed: Some(mut h),
         ..

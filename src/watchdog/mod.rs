@@ -318,6 +318,75 @@ fn open(dev: &Resolved, roots: &SysRoots) -> Result<DeviceFile, ArmError> {
     })
 }
 
+/// The driver calls arming makes once the device is open (a trait so the
+/// decisions can be tested against a scripted driver).
+pub(crate) trait DriverOps {
+    fn get_support(&self) -> io::Result<dev::Support>;
+    fn set_timeout(&self, secs: u32) -> io::Result<u32>;
+    fn get_timeout(&self) -> io::Result<u32>;
+    fn get_bootstatus(&self) -> io::Result<BootStatus>;
+    fn ping(&mut self) -> io::Result<()>;
+}
+
+impl DriverOps for DeviceFile {
+    fn get_support(&self) -> io::Result<dev::Support> {
+        DeviceFile::get_support(self)
+    }
+    fn set_timeout(&self, secs: u32) -> io::Result<u32> {
+        DeviceFile::set_timeout(self, secs)
+    }
+    fn get_timeout(&self) -> io::Result<u32> {
+        DeviceFile::get_timeout(self)
+    }
+    fn get_bootstatus(&self) -> io::Result<BootStatus> {
+        DeviceFile::get_bootstatus(self)
+    }
+    fn ping(&mut self) -> io::Result<()> {
+        DeviceFile::ping(self)
+    }
+}
+
+/// How many timeouts arming asks for (`T - M`, then one second less each
+/// time) when a driver rounds the request up past `T - M`.
+const SHORTER_ASKS: u32 = 3;
+
+/// Rule 5 on an open device: refuse alarm-only; set the timeout to
+/// `T - M` if the driver can (asking for less if it rounds up); read back `W` (the value in force, whatever was
+/// asked) and check it against the budget; ping once. Returns the support
+/// info, `W` and the boot status (the driver's, else sysfs's).
+pub(crate) fn configure(
+    d: &mut impl DriverOps,
+    budget: &Budget,
+    sysfs_bootstatus: Option<BootStatus>,
+) -> Result<(dev::Support, u32, Option<BootStatus>), Problem> {
+    let support = d.get_support().map_err(Problem::Ioctl)?;
+    if support.options.contains(flags::WDIOF_ALARMONLY) {
+        return Err(Problem::AlarmOnly);
+    }
+    let settable = support.options.contains(flags::WDIOF_SETTIMEOUT);
+    let target = timing::target_timeout(budget);
+    let mut request = target;
+    let w = loop {
+        if settable {
+            d.set_timeout(request).map_err(Problem::Ioctl)?;
+        }
+        let w = d.get_timeout().map_err(Problem::Ioctl)?;
+        match timing::check_readback(w, budget) {
+            Ok(()) => break w,
+            // A driver that rounded up may fit when asked for a little less.
+            Err(_)
+                if settable && w > target && request > 1 && target - request + 1 < SHORTER_ASKS =>
+            {
+                request -= 1
+            }
+            Err(budget) => return Err(Problem::Timeout { settable, budget }),
+        }
+    };
+    let bootstatus = d.get_bootstatus().ok().or(sysfs_bootstatus);
+    d.ping().map_err(Problem::Ping)?;
+    Ok((support, w, bootstatus))
+}
+
 /// FENCING.md rules 2 and 5: arm one device for a leader with budget `budget`.
 ///
 /// Before opening: refuse a missing or busy device (naming the holder and the
@@ -356,26 +425,7 @@ pub fn arm(
     let mut file = open(&dev, roots)?;
     let entry = dev.entry.as_ref();
 
-    let configured = (|| {
-        let support = file.get_support().map_err(Problem::Ioctl)?;
-        if support.options.contains(flags::WDIOF_ALARMONLY) {
-            return Err(Problem::AlarmOnly);
-        }
-        let settable = support.options.contains(flags::WDIOF_SETTIMEOUT);
-        if settable {
-            file.set_timeout(timing::target_timeout(budget))
-                .map_err(Problem::Ioctl)?;
-        }
-        let w = file.get_timeout().map_err(Problem::Ioctl)?;
-        timing::check_readback(w, budget)
-            .map_err(|budget| Problem::Timeout { settable, budget })?;
-        let bootstatus = file
-            .get_bootstatus()
-            .ok()
-            .or_else(|| entry.and_then(|e| e.bootstatus));
-        file.ping().map_err(Problem::Ping)?;
-        Ok((support, w, bootstatus))
-    })();
+    let configured = configure(&mut file, budget, entry.and_then(|e| e.bootstatus));
 
     match configured {
         Ok((support, w_secs, bootstatus)) => Ok(Box::new(LinuxWatchdog {
@@ -434,5 +484,163 @@ pub fn arm(
                 still_armed: None,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flags::*;
+    use super::*;
+    use std::time::Duration;
+
+    fn budget() -> Budget {
+        // T = 5, M = 2: the target W is 3 s.
+        let s = Duration::from_secs_f64;
+        Budget::new(s(5.0), s(2.0), s(1.0), s(0.5), s(0.5)).unwrap()
+    }
+
+    /// A scripted driver: `options`, what SETTIMEOUT leaves in force (`round`
+    /// maps the request), a fixed timeout for drivers that cannot set one.
+    struct Scripted {
+        options: u32,
+        timeout: std::cell::Cell<u32>,
+        round: fn(u32) -> u32,
+        fail_ping: bool,
+        calls: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Scripted {
+        fn new(options: u32, timeout: u32) -> Scripted {
+            Scripted {
+                options,
+                timeout: timeout.into(),
+                round: |x| x,
+                fail_ping: false,
+                calls: Default::default(),
+            }
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.borrow().clone()
+        }
+    }
+
+    impl DriverOps for Scripted {
+        fn get_support(&self) -> io::Result<dev::Support> {
+            self.calls.borrow_mut().push("support".into());
+            Ok(dev::Support {
+                options: WdFlags(self.options),
+                firmware_version: 1,
+                identity: "scripted".into(),
+            })
+        }
+        fn set_timeout(&self, secs: u32) -> io::Result<u32> {
+            self.calls.borrow_mut().push(format!("set {secs}"));
+            self.timeout.set((self.round)(secs));
+            Ok(self.timeout.get())
+        }
+        fn get_timeout(&self) -> io::Result<u32> {
+            self.calls.borrow_mut().push("get".into());
+            Ok(self.timeout.get())
+        }
+        fn get_bootstatus(&self) -> io::Result<BootStatus> {
+            Err(io::Error::from_raw_os_error(libc::ENOTTY))
+        }
+        fn ping(&mut self) -> io::Result<()> {
+            self.calls.borrow_mut().push("ping".into());
+            if self.fail_ping {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(())
+        }
+    }
+
+    const STD: u32 = WDIOF_SETTIMEOUT | WDIOF_MAGICCLOSE | WDIOF_KEEPALIVEPING;
+
+    #[test]
+    fn sets_reads_back_then_pings() {
+        let mut d = Scripted::new(STD, 30);
+        let boot = Some(BootStatus::from_raw(WDIOF_CARDRESET));
+        let (s, w, b) = configure(&mut d, &budget(), boot).unwrap();
+        assert_eq!(w, 3);
+        assert_eq!(s.identity, "scripted");
+        assert_eq!(b, boot, "falls back to sysfs bootstatus");
+        assert_eq!(d.calls(), ["support", "set 3", "get", "ping"]);
+    }
+
+    #[test]
+    fn the_read_back_value_counts_not_the_request() {
+        // Rounds down: W = 2 still fits T - M = 3.
+        let mut d = Scripted::new(STD, 30);
+        d.round = |x| x - 1;
+        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 2);
+        // Rounds up: asked 3, W = 4 would reset after the lease expires, so
+        // it asks for 2 and gets 3.
+        let mut d = Scripted::new(STD, 30);
+        d.round = |x| x + 1;
+        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 3);
+        assert_eq!(
+            d.calls(),
+            ["support", "set 3", "get", "set 2", "get", "ping"]
+        );
+        // A driver with a 10 s step never fits: refused after a few asks.
+        let mut d = Scripted::new(STD, 30);
+        d.round = |_| 10;
+        let e = configure(&mut d, &budget(), None).unwrap_err();
+        assert!(matches!(e, Problem::Timeout { settable: true, .. }), "{e}");
+        assert!(e.to_string().contains("W = 10"), "{e}");
+        let asks = d.calls().iter().filter(|c| c.starts_with("set")).count();
+        assert_eq!(asks, 3, "asks 3, 2, 1 s: {:?}", d.calls());
+        assert!(
+            !d.calls().contains(&"ping".to_string()),
+            "no ping on refusal"
+        );
+    }
+
+    #[test]
+    fn fixed_timeout_only_if_it_fits() {
+        let mut d = Scripted::new(WDIOF_MAGICCLOSE, 2);
+        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 2);
+        assert_eq!(d.calls(), ["support", "get", "ping"], "never SETTIMEOUT");
+        let mut d = Scripted::new(WDIOF_MAGICCLOSE, 60);
+        let e = configure(&mut d, &budget(), None).unwrap_err();
+        assert!(e.to_string().contains("cannot be set"), "{e}");
+        assert!(e.to_string().contains("W = 60"), "{e}");
+    }
+
+    #[test]
+    fn alarm_only_and_failed_ping_are_refused() {
+        let mut d = Scripted::new(STD | WDIOF_ALARMONLY, 3);
+        let e = configure(&mut d, &budget(), None).unwrap_err();
+        assert!(matches!(e, Problem::AlarmOnly));
+        assert_eq!(
+            d.calls(),
+            ["support"],
+            "refused before touching the timeout"
+        );
+        let mut d = Scripted::new(STD, 3);
+        d.fail_ping = true;
+        let e = configure(&mut d, &budget(), None).unwrap_err();
+        assert!(matches!(e, Problem::Ping(_)), "{e}");
+    }
+
+    #[test]
+    fn errors_explain_the_state_left_behind() {
+        let e = ArmError::Refused {
+            path: "/dev/watchdog1".into(),
+            problem: Problem::AlarmOnly,
+            closed: Closed::StillArmed { w_secs: Some(30) },
+            still_armed: None,
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("/dev/watchdog1") && m.contains("alarm-only"),
+            "{m}"
+        );
+        assert!(m.contains("stays ARMED with a 30 s timeout"), "{m}");
+        let e = ArmError::Busy {
+            path: "/dev/watchdog".into(),
+            holders: vec![],
+        };
+        assert!(e.to_string().contains("cannot see"), "{e}");
     }
 }
