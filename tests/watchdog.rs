@@ -54,6 +54,10 @@ impl Tree {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("identity"), format!("{}\n", d.identity)).unwrap();
         fs::write(dir.join("timeout"), "30\n").unwrap();
+        if d.index == 0 {
+            fs::write(dir.join("min_timeout"), "1\n").unwrap();
+            fs::write(dir.join("max_timeout"), "1023\n").unwrap();
+        }
         fs::write(dir.join("state"), "inactive\n").unwrap();
         fs::write(dir.join("bootstatus"), format!("{}\n", d.bootstatus)).unwrap();
         if let Some(n) = d.nowayout {
@@ -141,6 +145,8 @@ fn query_lists_devices_with_identity_driver_nowayout_and_holder() {
     assert_eq!(r[0].driver.as_deref(), Some("i6300ESB timer"));
     assert_eq!(r[0].nowayout, Some(false));
     assert_eq!(r[0].timeout, Some(30));
+    assert_eq!((r[0].min_timeout, r[0].max_timeout), (Some(1), Some(1023)));
+    assert_eq!(r[1].max_timeout, None);
     assert_eq!(r[0].was_watchdog_reset, Some(true));
     assert_eq!(r[0].holders.len(), 1);
     assert_eq!(r[0].holders[0].pid, 1);
@@ -158,6 +164,7 @@ fn query_lists_devices_with_identity_driver_nowayout_and_holder() {
     assert!(table.contains("1 (systemd)"), "{table}");
     assert!(table.contains("RuntimeWatchdogSec"), "{table}");
     assert!(table.contains("CARDRESET"), "{table}");
+    assert!(table.contains("30s (1-1023)"), "{table}");
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json[1]["nowayout"], true);
     assert_eq!(json[0]["holders"][0]["kind"], "systemd");
@@ -211,11 +218,11 @@ fn missing_device_is_refused_naming_what_exists() {
 fn busy_device_names_holder_and_fix() {
     let cases = [
         (1, "systemd", "RuntimeWatchdogSec=off"),
-        (812, "watchdog", "systemctl disable --now watchdog"),
-        (900, "sbd", "SBD_WATCHDOG_DEV"),
-        (901, "corosync", "watchdog_device"),
-        (902, "leasedog", "another leasedog"),
-        (903, "mystery", "stop that process"),
+        (4_000_812, "watchdog", "systemctl disable --now watchdog"),
+        (4_000_900, "sbd", "SBD_WATCHDOG_DEV"),
+        (4_000_901, "corosync", "watchdog_device"),
+        (4_000_902, "leasedog", "another leasedog"),
+        (4_000_903, "mystery", "stop that process"),
     ];
     for (pid, comm, fix) in cases {
         let t = Tree::new();
@@ -450,8 +457,8 @@ fn holder_scan_ignores_unrelated_fds() {
     let t = Tree::new();
     let n0 = t.add(hw(0));
     let n1 = t.add(soft(1));
-    t.holder(50, "postgres", "postgres", &t.roots.dev.join("null"));
-    t.holder(51, "watchdog", "watchdog", &n1);
+    t.holder(4_000_050, "postgres", "postgres", &t.roots.dev.join("null"));
+    t.holder(4_000_051, "watchdog", "watchdog", &n1);
     assert!(sysfs::holders(std::slice::from_ref(&n0), &t.roots).is_empty());
     let h = sysfs::holders(&[n1], &t.roots);
     assert_eq!(h.len(), 1);

@@ -22,6 +22,9 @@ pub struct DeviceReport {
     pub driver: Option<String>,
     /// Seconds.
     pub timeout: Option<u32>,
+    /// The range the driver accepts for WDIOC_SETTIMEOUT, seconds.
+    pub min_timeout: Option<u32>,
+    pub max_timeout: Option<u32>,
     /// Seconds left before a reset (only while active, only some drivers).
     pub timeleft: Option<u32>,
     pub nowayout: Option<bool>,
@@ -49,6 +52,8 @@ impl DeviceReport {
             identity: e.identity.clone(),
             driver: e.driver.clone(),
             timeout: e.timeout,
+            min_timeout: e.min_timeout,
+            max_timeout: e.max_timeout,
             timeleft: e.timeleft,
             nowayout: e.nowayout,
             state: e.state.clone(),
@@ -86,6 +91,8 @@ pub fn query_open(path: &Path, roots: &SysRoots, force: bool) -> Result<DeviceRe
             identity: None,
             driver: None,
             timeout: None,
+            min_timeout: None,
+            max_timeout: None,
             timeleft: None,
             nowayout: None,
             state: None,
@@ -185,7 +192,11 @@ pub fn render_table(reports: &[DeviceReport]) -> String {
                 dev,
                 opt(&r.identity),
                 opt(&r.driver),
-                r.timeout.map_or_else(|| "-".into(), |t| format!("{t}s")),
+                match (r.timeout, r.min_timeout, r.max_timeout) {
+                    (Some(t), Some(lo), Some(hi)) => format!("{t}s ({lo}-{hi})"),
+                    (Some(t), _, _) => format!("{t}s"),
+                    _ => "-".into(),
+                },
                 r.nowayout
                     .map_or("unknown", |n| if n { "yes" } else { "no" })
                     .to_string(),

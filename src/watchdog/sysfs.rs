@@ -49,9 +49,13 @@ pub struct SysfsEntry {
     /// `<sys>/class/watchdog/watchdogN`.
     pub dir: PathBuf,
     pub identity: Option<String>,
-    /// Name of the bound driver (basename of the `device/driver` link).
+    /// Name of the bound driver (basename of the `device/driver` link). None
+    /// when the driver registered no parent device: on Debian's 6.1 kernel
+    /// both softdog and i6300esb live under /sys/devices/virtual.
     pub driver: Option<String>,
     pub timeout: Option<u32>,
+    pub min_timeout: Option<u32>,
+    pub max_timeout: Option<u32>,
     pub timeleft: Option<u32>,
     pub nowayout: Option<bool>,
     /// `active` or `inactive`.
@@ -96,6 +100,8 @@ impl SysfsEntry {
             identity: attr("identity"),
             driver,
             timeout: attr("timeout").as_deref().and_then(parse_uint),
+            min_timeout: attr("min_timeout").as_deref().and_then(parse_uint),
+            max_timeout: attr("max_timeout").as_deref().and_then(parse_uint),
             timeleft: attr("timeleft").as_deref().and_then(parse_uint),
             nowayout: attr("nowayout").as_deref().and_then(|s| match s {
                 "0" => Some(false),
@@ -192,12 +198,15 @@ pub enum KnownHolder {
     Corosync,
     /// Another leasedog: one agent per device.
     Leasedog,
+    /// The calling process itself (an earlier handle was never disarmed).
+    ThisProcess,
     Unknown,
 }
 
 impl KnownHolder {
     fn classify(pid: i32, comm: &str) -> KnownHolder {
         match comm {
+            _ if pid as u32 == std::process::id() => KnownHolder::ThisProcess,
             "systemd" if pid == 1 => KnownHolder::Systemd,
             "watchdog" | "wd_keepalive" => KnownHolder::WatchdogDaemon,
             "sbd" => KnownHolder::Sbd,
@@ -247,6 +256,9 @@ impl Holder {
             KnownHolder::Leasedog => {
                 "another leasedog holds it: only one agent may use a device".into()
             }
+            KnownHolder::ThisProcess => "this process already holds it open (an earlier handle \
+                 was never disarmed): keep using that handle"
+                .into(),
             KnownHolder::Unknown => "stop that process or give leasedog another device".into(),
         }
     }
