@@ -8,3 +8,4 @@ pub mod clock;
 pub mod config;
 pub mod decide;
 pub mod timing;
+pub mod watchdog;

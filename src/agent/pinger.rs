@@ -342,13 +342,14 @@ mod tests {
         let b = budget();
         let cell = Arc::new(EvidenceCell::default());
         let (p, _rt) = Pinger::start(cell.clone(), b, Duration::from_millis(20), false).unwrap();
-        let (dev, log) = MemoryWatchdog::new("/dev/fake0", 3);
+        let dev = MemoryWatchdog::new(3);
+        let log = dev.log();
         p.adopt(vec![Box::new(dev)]);
         let s = clock::now();
         cell.store(Evidence::Lease(s));
         // M - R = 1 s: wait well past it.
         thread::sleep(Duration::from_millis(1600));
-        let pings = log.pings();
+        let pings = pings(&log);
         assert!(pings.len() >= 10, "pinged while fresh: {}", pings.len());
         let last = *pings.last().unwrap();
         assert!(
@@ -368,10 +369,10 @@ mod tests {
             }
         }
         // A fresh renewal resumes pinging.
-        let before = log.pings().len();
+        let before = pings(&log).len();
         cell.store(Evidence::Lease(clock::now()));
         thread::sleep(Duration::from_millis(200));
-        assert!(log.pings().len() > before);
+        assert!(pings(&log).len() > before);
         let devs = futures_lite_block_on(p.surrender());
         assert_eq!(devs.len(), 1);
         p.stop();
@@ -384,19 +385,31 @@ mod tests {
         let b = budget();
         let cell = Arc::new(EvidenceCell::default());
         let (p, _rt) = Pinger::start(cell.clone(), b, Duration::from_millis(1), false).unwrap();
-        let (dev, log) = MemoryWatchdog::new("/dev/fake0", 3);
+        let dev = MemoryWatchdog::new(3);
+        let log = dev.log();
         p.adopt(vec![Box::new(dev)]);
         // Stale evidence: every tick is a refusal; nobody drains the queue.
         cell.store(Evidence::Lease(BootTime::from_nanos(1)));
         thread::sleep(Duration::from_millis(600));
         assert!(p.stats.dropped_events.load(Ordering::Relaxed) > 0);
         assert_eq!(p.events.try_iter().count(), EVENT_QUEUE);
-        assert!(log.pings().is_empty());
+        assert!(pings(&log).is_empty());
         // Fresh evidence: pings resume although the queue was full.
         cell.store(Evidence::Lease(clock::now()));
         thread::sleep(Duration::from_millis(100));
-        assert!(!log.pings().is_empty());
+        assert!(!pings(&log).is_empty());
         p.stop();
+    }
+
+    fn pings(log: &crate::watchdog::fake::MemoryLog) -> Vec<BootTime> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|op| match op {
+                crate::watchdog::FakeOp::Ping { at } => Some(*at),
+                _ => None,
+            })
+            .collect()
     }
 
     fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -1,0 +1,507 @@
+//! The watchdog module against fake sysfs / dev / proc trees in a tempdir, and
+//! against a real process holding a file, scanned through the real /proc.
+//! Device nodes here are regular files: every ioctl on them fails with ENOTTY,
+//! which exercises the "refused after opening" paths for real.
+
+use leasedog::config::{DeviceSpec, NowayoutPolicy};
+use leasedog::timing::Budget;
+use leasedog::watchdog::{
+    self, query, query_open, render_table, sysfs, ArmError, Closed, KnownHolder, SysRoots,
+};
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn budget() -> Budget {
+    let s = Duration::from_secs_f64;
+    Budget::new(s(5.0), s(2.0), s(1.0), s(0.5), s(0.5)).unwrap()
+}
+
+struct Tree {
+    _dir: tempfile::TempDir,
+    roots: SysRoots,
+}
+
+struct Dev<'a> {
+    index: u32,
+    identity: &'a str,
+    driver: Option<&'a str>,
+    nowayout: Option<&'a str>,
+    bootstatus: &'a str,
+}
+
+impl Tree {
+    fn new() -> Tree {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = SysRoots {
+            sys: dir.path().join("sys"),
+            dev: dir.path().join("dev"),
+            proc: dir.path().join("proc"),
+        };
+        fs::create_dir_all(roots.class_dir()).unwrap();
+        fs::create_dir_all(&roots.dev).unwrap();
+        fs::create_dir_all(&roots.proc).unwrap();
+        Tree { _dir: dir, roots }
+    }
+
+    /// Registers watchdogN in sysfs and creates its node (and /dev/watchdog
+    /// for watchdog0).
+    fn add(&self, d: Dev) -> PathBuf {
+        let name = format!("watchdog{}", d.index);
+        let dir = self.roots.class_dir().join(&name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("identity"), format!("{}\n", d.identity)).unwrap();
+        fs::write(dir.join("timeout"), "30\n").unwrap();
+        if d.index == 0 {
+            fs::write(dir.join("min_timeout"), "1\n").unwrap();
+            fs::write(dir.join("max_timeout"), "1023\n").unwrap();
+        }
+        fs::write(dir.join("state"), "inactive\n").unwrap();
+        fs::write(dir.join("bootstatus"), format!("{}\n", d.bootstatus)).unwrap();
+        if let Some(n) = d.nowayout {
+            fs::write(dir.join("nowayout"), format!("{n}\n")).unwrap();
+        }
+        if let Some(drv) = d.driver {
+            let drvdir = self.roots.sys.join("bus/pci/drivers").join(drv);
+            fs::create_dir_all(&drvdir).unwrap();
+            fs::create_dir_all(dir.join("device")).unwrap();
+            symlink(&drvdir, dir.join("device/driver")).unwrap();
+        }
+        let node = self.roots.dev.join(&name);
+        fs::write(&node, b"").unwrap();
+        if d.index == 0 {
+            fs::write(self.roots.dev.join("watchdog"), b"").unwrap();
+        }
+        node
+    }
+
+    /// A fake process `pid` named `comm` with fd 3 linked to `target`.
+    fn holder(&self, pid: i32, comm: &str, cmdline: &str, target: &Path) {
+        let p = self.roots.proc.join(pid.to_string());
+        fs::create_dir_all(p.join("fd")).unwrap();
+        fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+        fs::write(p.join("cmdline"), cmdline.replace(' ', "\0") + "\0").unwrap();
+        symlink(target, p.join("fd/3")).unwrap();
+    }
+}
+
+fn hw(index: u32) -> Dev<'static> {
+    Dev {
+        index,
+        identity: "i6300ESB timer",
+        driver: Some("i6300ESB timer"),
+        nowayout: Some("0"),
+        bootstatus: "0",
+    }
+}
+
+fn soft(index: u32) -> Dev<'static> {
+    Dev {
+        index,
+        identity: "Software Watchdog",
+        driver: None,
+        nowayout: Some("0"),
+        bootstatus: "0",
+    }
+}
+
+fn arm(
+    spec: DeviceSpec,
+    policy: NowayoutPolicy,
+    roots: &SysRoots,
+) -> Result<Box<dyn watchdog::Watchdog>, ArmError> {
+    watchdog::arm(&spec, &budget(), policy, roots)
+}
+
+fn device(p: &Path) -> DeviceSpec {
+    DeviceSpec::Device { path: p.to_owned() }
+}
+
+#[test]
+fn query_lists_devices_with_identity_driver_nowayout_and_holder() {
+    let t = Tree::new();
+    t.add(Dev {
+        bootstatus: "32",
+        ..hw(0)
+    });
+    t.add(Dev {
+        nowayout: Some("1"),
+        ..soft(1)
+    });
+    // systemd holds the legacy node, which is watchdog0.
+    t.holder(
+        1,
+        "systemd",
+        "/sbin/init splash",
+        &t.roots.dev.join("watchdog"),
+    );
+    let r = query(&t.roots);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].name.as_deref(), Some("watchdog0"));
+    assert_eq!(r[0].aliases, vec![t.roots.dev.join("watchdog")]);
+    assert_eq!(r[0].identity.as_deref(), Some("i6300ESB timer"));
+    assert_eq!(r[0].driver.as_deref(), Some("i6300ESB timer"));
+    assert_eq!(r[0].nowayout, Some(false));
+    assert_eq!(r[0].timeout, Some(30));
+    assert_eq!((r[0].min_timeout, r[0].max_timeout), (Some(1), Some(1023)));
+    assert_eq!(r[1].max_timeout, None);
+    assert_eq!(r[0].was_watchdog_reset, Some(true));
+    assert_eq!(r[0].holders.len(), 1);
+    assert_eq!(r[0].holders[0].pid, 1);
+    assert_eq!(r[0].holders[0].kind, KnownHolder::Systemd);
+    assert_eq!(r[0].holders[0].cmdline, "/sbin/init splash");
+    assert!(!r[0].opened);
+    assert_eq!(r[1].identity.as_deref(), Some("Software Watchdog"));
+    assert_eq!(r[1].driver, None);
+    assert_eq!(r[1].nowayout, Some(true));
+    assert!(r[1].holders.is_empty());
+
+    let table = render_table(&r);
+    assert!(table.starts_with("DEVICE"), "{table}");
+    assert!(table.contains("i6300ESB timer"), "{table}");
+    assert!(table.contains("1 (systemd)"), "{table}");
+    assert!(table.contains("RuntimeWatchdogSec"), "{table}");
+    assert!(table.contains("CARDRESET"), "{table}");
+    assert!(table.contains("30s (1-1023)"), "{table}");
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json[1]["nowayout"], true);
+    assert_eq!(json[0]["holders"][0]["kind"], "systemd");
+    // query never opens: the nodes stay untouched.
+    assert_eq!(fs::read(t.roots.dev.join("watchdog0")).unwrap(), b"");
+    assert!(render_table(&[]).contains("no watchdog"));
+}
+
+#[test]
+fn softdog_is_found_by_identity() {
+    let t = Tree::new();
+    t.add(hw(0));
+    let softnode = t.add(soft(1));
+    let r = watchdog::resolve_softdog(&t.roots).unwrap();
+    assert_eq!(r.path, softnode);
+    // Arming it really goes to watchdog1 (and fails there: a regular file).
+    match arm(DeviceSpec::Softdog, NowayoutPolicy::Refuse, &t.roots).unwrap_err() {
+        ArmError::Refused { path, .. } => assert_eq!(path, softnode),
+        e => panic!("unexpected {e}"),
+    }
+
+    let t2 = Tree::new();
+    t2.add(hw(0));
+    let e = arm(DeviceSpec::Softdog, NowayoutPolicy::Refuse, &t2.roots).unwrap_err();
+    assert!(matches!(e, ArmError::NoSoftdog { .. }), "{e}");
+    assert!(e.to_string().contains("modprobe softdog"), "{e}");
+    assert!(e.to_string().contains("i6300ESB timer"), "{e}");
+}
+
+#[test]
+fn missing_device_is_refused_naming_what_exists() {
+    let t = Tree::new();
+    t.add(hw(0));
+    let p = t.roots.dev.join("watchdog5");
+    let e = arm(device(&p), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    assert!(matches!(e, ArmError::Missing { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("watchdog5") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert!(msg.contains("watchdog0 (i6300ESB timer)"), "{msg}");
+    assert!(!p.exists(), "arming must not create the node");
+
+    let empty = Tree::new();
+    let e = arm(device(&p), NowayoutPolicy::KeepPinging, &empty.roots).unwrap_err();
+    assert!(e.to_string().contains("no watchdog is registered"), "{e}");
+}
+
+#[test]
+fn busy_device_names_holder_and_fix() {
+    let cases = [
+        (1, "systemd", "RuntimeWatchdogSec=off"),
+        (4_000_812, "watchdog", "systemctl disable --now watchdog"),
+        (4_000_900, "sbd", "SBD_WATCHDOG_DEV"),
+        (4_000_901, "corosync", "watchdog_device"),
+        (4_000_902, "leasedog", "another leasedog"),
+        (4_000_903, "mystery", "stop that process"),
+    ];
+    for (pid, comm, fix) in cases {
+        let t = Tree::new();
+        let node = t.add(hw(0));
+        t.holder(pid, comm, &format!("/usr/sbin/{comm} -f"), &node);
+        // Asked by the legacy name: the alias still finds the holder of watchdog0.
+        let e = arm(
+            device(&t.roots.dev.join("watchdog")),
+            NowayoutPolicy::KeepPinging,
+            &t.roots,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        match &e {
+            ArmError::Busy { holders, .. } => assert_eq!(holders[0].pid, pid),
+            _ => panic!("{comm}: expected Busy, got {msg}"),
+        }
+        assert!(msg.contains(&format!("pid {pid} ({comm})")), "{msg}");
+        assert!(msg.contains(fix), "{comm}: {msg}");
+        assert!(msg.contains("NOT opened"), "{msg}");
+        assert_eq!(
+            fs::read(&node).unwrap(),
+            b"",
+            "a busy device must not be touched"
+        );
+    }
+}
+
+/// Kills and reaps the child even when the test fails.
+struct Reap(Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn real_holder_found_through_real_proc() {
+    let t = Tree::new();
+    let node = t.add(hw(0));
+    let roots = SysRoots {
+        proc: "/proc".into(),
+        ..t.roots.clone()
+    };
+    // A real process holds the "device" open (as its stdin).
+    let child = Reap(
+        Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::from(fs::File::open(&node).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    // Wait (bounded) until the child has exec'd sleep, so comm is final.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "sleep") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never became sleep"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &roots).unwrap_err();
+    let msg = e.to_string();
+    match &e {
+        ArmError::Busy { holders, .. } => {
+            assert_eq!(holders.len(), 1, "{holders:?}");
+            assert_eq!(holders[0].pid, pid);
+            assert_eq!(holders[0].comm, "sleep");
+            assert_eq!(holders[0].cmdline, "sleep 30");
+        }
+        _ => panic!("expected Busy, got {msg}"),
+    }
+    assert!(msg.contains(&format!("pid {pid} (sleep)")), "{msg}");
+    drop(child);
+
+    // This test process itself as the holder, through the other alias.
+    let legacy = t.roots.dev.join("watchdog");
+    let held = fs::File::open(&legacy).unwrap();
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &roots).unwrap_err();
+    match &e {
+        ArmError::Busy { holders, .. } => {
+            assert!(
+                holders.iter().any(|h| h.pid == std::process::id() as i32),
+                "{e}"
+            )
+        }
+        _ => panic!("expected Busy, got {e}"),
+    }
+    drop(held);
+}
+
+#[test]
+fn nowayout_refused_before_opening() {
+    let t = Tree::new();
+    let node = t.add(Dev {
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::Refuse, &t.roots).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            ArmError::Nowayout {
+                unreadable: false,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("nowayout set"), "{msg}");
+    assert!(msg.contains("NOT opened"), "{msg}");
+    assert!(msg.contains("refuse"), "{msg}");
+    assert_eq!(fs::read(&node).unwrap(), b"");
+}
+
+#[test]
+fn unreadable_nowayout_is_treated_as_set() {
+    let t = Tree::new();
+    let node = t.add(Dev {
+        nowayout: None,
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::Refuse, &t.roots).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            ArmError::Nowayout {
+                unreadable: true,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("unreadable") && msg.contains("treated as set"),
+        "{msg}"
+    );
+    assert!(msg.contains("NOT opened"), "{msg}");
+
+    // Keep-pinging opens it; the failure after opening is magic-closed, and
+    // the error warns that the close may not have stopped it.
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    match &e {
+        ArmError::Refused {
+            closed,
+            still_armed,
+            ..
+        } => {
+            assert!(matches!(closed, Closed::NowayoutUnknown), "{e}");
+            assert!(still_armed.is_none());
+        }
+        _ => panic!("expected Refused, got {e}"),
+    }
+    assert_eq!(fs::read(&node).unwrap(), b"V");
+}
+
+#[test]
+fn failure_after_open_magic_closes_with_a_clean_enotty() {
+    let t = Tree::new();
+    let node = t.add(hw(0));
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("WDIOC_GETSUPPORT") && msg.contains("ENOTTY"),
+        "{msg}"
+    );
+    assert!(msg.contains("disarmed"), "{msg}");
+    assert!(
+        matches!(
+            e,
+            ArmError::Refused {
+                closed: Closed::Disarmed,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    // Exactly the magic character was written: no ping reached it.
+    assert_eq!(fs::read(&node).unwrap(), b"V");
+}
+
+#[test]
+fn nowayout_failure_after_open_stays_armed_and_hands_back_the_handle() {
+    let t = Tree::new();
+    let node = t.add(Dev {
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("could NOT be disarmed") && msg.contains("ARMED"),
+        "{msg}"
+    );
+    let ArmError::Refused {
+        still_armed: Some(mut h),
+        ..
+    } = e
+    else {
+        panic!("expected a still-armed handle: {msg}")
+    };
+    assert!(h.info().nowayout);
+    assert_eq!(fs::read(&node).unwrap(), b"", "no 'V' may be written");
+    h.ping().unwrap();
+    drop(h); // dropping leaves it armed: still no 'V'
+    assert_eq!(fs::read(&node).unwrap(), b"\0");
+}
+
+#[test]
+fn query_open_refuses_nowayout_unless_forced_and_closes_after() {
+    let t = Tree::new();
+    let node = t.add(Dev {
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = query_open(&node, &t.roots, false).unwrap_err();
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert!(e.to_string().contains("NOT opened"), "{e}");
+    assert_eq!(fs::read(&node).unwrap(), b"");
+    // Forced: it opens; a regular file answers ENOTTY, and is closed with 'V'.
+    let e = query_open(&node, &t.roots, true).unwrap_err();
+    assert!(e.to_string().contains("ENOTTY"), "{e}");
+    assert_eq!(fs::read(&node).unwrap(), b"V");
+}
+
+#[test]
+fn holder_scan_ignores_unrelated_fds() {
+    let t = Tree::new();
+    let n0 = t.add(hw(0));
+    let n1 = t.add(soft(1));
+    t.holder(4_000_050, "postgres", "postgres", &t.roots.dev.join("null"));
+    t.holder(4_000_051, "watchdog", "watchdog", &n1);
+    assert!(sysfs::holders(std::slice::from_ref(&n0), &t.roots).is_empty());
+    let h = sysfs::holders(&[n1], &t.roots);
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].kind, KnownHolder::WatchdogDaemon);
+}
+
+#[cfg(feature = "testing")]
+#[test]
+fn fake_spec_arms_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("fake.rec");
+    let t = Tree::new();
+    let mut w = arm(
+        DeviceSpec::Fake {
+            record: rec.clone(),
+        },
+        NowayoutPolicy::Refuse,
+        &t.roots,
+    )
+    .unwrap();
+    assert_eq!(w.info().w_secs, 3, "target_timeout of T=5, M=2");
+    w.ping().unwrap();
+    w.disarm().unwrap();
+    let ops = watchdog::read_fake_record(&rec).unwrap();
+    assert_eq!(ops.len(), 3);
+    assert!(matches!(ops[0], watchdog::FakeOp::Arm { w_secs: 3, .. }));
+    assert!(matches!(ops[2], watchdog::FakeOp::Disarm { .. }));
+}
+
+#[cfg(not(feature = "testing"))]
+#[test]
+fn fake_spec_refused_without_the_testing_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("fake.rec");
+    let t = Tree::new();
+    let e = arm(
+        DeviceSpec::Fake {
+            record: rec.clone(),
+        },
+        NowayoutPolicy::KeepPinging,
+        &t.roots,
+    )
+    .unwrap_err();
+    assert!(matches!(e, ArmError::FakeNotAllowed), "{e}");
+    assert!(!rec.exists());
+}
