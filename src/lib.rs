@@ -2,6 +2,7 @@
 //! stalled PostgreSQL primary is reset before its lease can expire.
 //! See ARCHITECTURE.md for the map and FENCING.md's rules for the why.
 
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
