@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, TrySendError};
 use std::sync::Arc;
 
+/// Most events one [`Receiver::drain_into`] call writes.
+pub const DRAIN_MAX: usize = 4096;
+
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The kernel's id of the current boot.
@@ -78,6 +81,8 @@ pub struct OpenReport {
     /// The existing chain's first break, if any (tampering or corruption: the
     /// agent should warn loudly; the new records still chain to the last one).
     pub first_break: Option<(usize, String)>,
+    /// (seq, hash) of every whole record, for [`OpenReport::check_anchor`].
+    anchor_hashes: Vec<(u64, String)>,
 }
 
 struct Scan {
@@ -311,6 +316,7 @@ impl AuditLog {
             .truncate(false)
             .open(&path)
             .map_err(|e| ctx(e, "cannot open"))?;
+        lock_exclusive(&file).map_err(|e| ctx(e, "cannot lock"))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| ctx(e, "cannot read"))?;
@@ -357,6 +363,11 @@ impl AuditLog {
             last,
             torn: s.torn.clone(),
             first_break: s.first_break.clone(),
+            anchor_hashes: s
+                .records
+                .iter()
+                .map(|(_, r)| (r.seq, r.hash.clone()))
+                .collect(),
         };
         if let Some(t) = &report.torn {
             log.append(
@@ -434,6 +445,58 @@ impl AuditLog {
                 format!("cannot fsync {}: {e}", self.path.display()),
             )
         })
+    }
+}
+
+/// Takes an advisory exclusive lock on the log for as long as `file` is open:
+/// two writers would interleave two chains into one broken file.
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid open descriptor; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "another process (a second leasedog agent?) holds the log open for writing",
+        ))
+    } else {
+        Err(e)
+    }
+}
+
+impl OpenReport {
+    /// Compares the log with an outside anchor: the last `(seq, hash)` the
+    /// agent mirrored to etcd (or any copy kept elsewhere). This is what sees
+    /// a clean truncation, which the chain alone cannot. `None` if consistent.
+    pub fn check_anchor(&self, seq: u64, hash: &str) -> Option<String> {
+        match &self.last {
+            None => Some(format!(
+                "{} is empty but the anchor says record {seq} was written (the log was removed or truncated)",
+                self.path.display()
+            )),
+            Some(l) if l.seq < seq => Some(format!(
+                "{} ends at record {} but the anchor says record {seq} was written (records removed from the end)",
+                self.path.display(),
+                l.seq
+            )),
+            // The anchored record must still be in the file, unchanged.
+            Some(_) => {
+                let ok = self
+                    .anchor_hashes
+                    .iter()
+                    .any(|(s, h)| *s == seq && h == hash);
+                (!ok).then(|| {
+                    format!(
+                        "{}: record {seq} differs from the anchor (rewritten)",
+                        self.path.display()
+                    )
+                })
+            }
+        }
     }
 }
 
@@ -521,7 +584,10 @@ impl Receiver {
     /// number of records written.
     pub fn drain_into(&self, log: &mut AuditLog) -> io::Result<usize> {
         let mut n = 0;
-        while let Ok(ev) = self.rx.try_recv() {
+        // Bounded, so a producer pushing as fast as we write cannot keep the
+        // consumer here forever.
+        while n < DRAIN_MAX {
+            let Ok(ev) = self.rx.try_recv() else { break };
             log.append_nosync(None, ev)?;
             n += 1;
         }

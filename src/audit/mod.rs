@@ -17,7 +17,7 @@ pub use log::{
     previous_boot, queue, read_log, verify, AuditLog, OpenReport, PreviousBoot, Receiver, Sender,
     TornTail, VerifyReport,
 };
-pub use timeline::{cmd_timeline, cmd_verify, render_text, timeline, Change, Verdict};
+pub use timeline::{cmd_timeline, cmd_verify, cross_check, render_text, timeline, Change, Verdict};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

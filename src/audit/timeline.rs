@@ -158,6 +158,49 @@ fn merge(local_logs: &[Vec<Record>], etcd_history: &[Record]) -> BTreeMap<String
     nodes
 }
 
+/// Compares each local log with what its node mirrored to etcd: a mirrored
+/// record missing from the end of the local log is a truncation (which the
+/// chain alone cannot see), a mirrored record that differs is a rewrite.
+/// Empty when they agree.
+pub fn cross_check(local_logs: &[Vec<Record>], etcd_history: &[Record]) -> Vec<String> {
+    let mut out = Vec::new();
+    for log in local_logs {
+        let Some(node) = log.first().map(|r| r.node.as_str()) else {
+            continue;
+        };
+        let last = log.iter().map(|r| r.seq).max().unwrap_or(0);
+        let by_seq: BTreeMap<u64, &Record> = log.iter().map(|r| (r.seq, r)).collect();
+        let mut beyond: Option<&Record> = None;
+        for h in etcd_history.iter().filter(|h| h.node == node) {
+            match by_seq.get(&h.seq) {
+                Some(l) if l.hash != h.hash => out.push(format!(
+                    "{node}: local record {} differs from the copy in etcd history (rewritten)",
+                    h.seq
+                )),
+                Some(_) => {}
+                None if h.seq > last => {
+                    if beyond.is_none_or(|b| b.seq < h.seq) {
+                        beyond = Some(h);
+                    }
+                }
+                None => out.push(format!(
+                    "{node}: record {} ({}) is in etcd history but not in the local log (removed)",
+                    h.seq,
+                    h.event.name()
+                )),
+            }
+        }
+        if let Some(h) = beyond {
+            out.push(format!(
+                "{node}: local log ends at record {last} but etcd history has record {} ({}): records removed from the end",
+                h.seq,
+                h.event.name()
+            ));
+        }
+    }
+    out
+}
+
 fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
@@ -379,10 +422,20 @@ fn change(
             }
             Event::QueueDropped { count } => queue_dropped += count,
             Event::Disarmed { device } => {
+                // Rule 4 applies once PostgreSQL may be writable: disarm only
+                // after the stop is confirmed AND the key is released or lost.
                 if let Some(p) = promoted_idx {
+                    let key_gone = ot.recs[p..j]
+                        .iter()
+                        .any(|x| matches!(x.event, Event::Released | Event::LeaseLost { .. }));
                     if j > p && sd_idx.is_none_or(|sd| j < sd) {
                         violations.push(format!(
                             "rule 4: {old_node} disarmed {device} (record {}) before its step-down was confirmed",
+                            r.seq
+                        ));
+                    } else if j > p && !key_gone {
+                        violations.push(format!(
+                            "rule 4: {old_node} disarmed {device} (record {}) while still holding the key (not released, not expired)",
                             r.seq
                         ));
                     }
@@ -868,6 +921,10 @@ pub fn cmd_timeline(
     if bad_history > 0 {
         code = 1;
     }
+    let disagreements = cross_check(&logs, &history);
+    if !disagreements.is_empty() {
+        code = 1;
+    }
     let changes = timeline(&logs, &history);
     for c in &changes {
         match c.verdict {
@@ -885,6 +942,7 @@ pub fn cmd_timeline(
             "logs": logs,
             "history_records": history.len(),
             "history_bad_hashes": bad_history,
+            "history_disagreements": disagreements,
             "changes": changes,
         });
         let _ = writeln!(
@@ -918,6 +976,9 @@ pub fn cmd_timeline(
                     String::new()
                 }
             );
+        }
+        for d in &disagreements {
+            let _ = writeln!(out, "LOG DISAGREES WITH ETCD: {d}");
         }
         let _ = writeln!(out);
         let _ = write!(out, "{}", render_text(&changes));

@@ -192,18 +192,24 @@ fn a_reordered_pair_is_named() {
 #[test]
 fn a_clean_truncation_is_invisible_to_the_chain_alone() {
     let (dir, path) = write_log(6);
-    let mut l = lines(&path);
+    let all = lines(&path);
+    let mut l = all.clone();
     l.truncate(4);
     write_lines(&path, &l);
     let r = verify(&path).unwrap();
     assert!(r.intact, "a clean truncation is undetectable from the file");
     assert_eq!(r.records, 4);
     let (_log, rep) = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A).unwrap();
-    assert_eq!(
-        rep.last.unwrap().seq,
-        3,
-        "the outside anchor (etcd: last seq 5) would disagree"
-    );
+    assert_eq!(rep.last.as_ref().unwrap().seq, 3);
+    // The outside anchor the agent mirrored (last seq 5 and its hash) sees it.
+    let anchor: Record = serde_json::from_str(&all[5]).unwrap();
+    let why = rep.check_anchor(5, &anchor.hash).expect("truncation seen");
+    assert!(why.contains("ends at record 3"), "{why}");
+    // An anchor at a record still present and unchanged is consistent; a
+    // wrong hash for it is a rewrite.
+    let r2: Record = serde_json::from_str(&l[2]).unwrap();
+    assert_eq!(rep.check_anchor(2, &r2.hash), None);
+    assert!(rep.check_anchor(2, "beef").unwrap().contains("rewritten"));
 }
 
 #[test]
@@ -288,6 +294,7 @@ fn previous_boot_is_reported_after_a_reboot() {
     assert!(!pb.clean_shutdown);
     assert!(matches!(pb.last_event, Event::PingRefused { .. }));
     assert_eq!(pb.last_record_wall, rep.last.unwrap().wall_ns);
+    drop(_log);
 
     let (mut log, _) = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_B).unwrap();
     log.append(
@@ -297,6 +304,7 @@ fn previous_boot_is_reported_after_a_reboot() {
         },
     )
     .unwrap();
+    drop(log);
     let (_log, rep) = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A).unwrap();
     assert!(previous_boot(&rep, BOOT_A).unwrap().clean_shutdown);
 }
@@ -373,4 +381,17 @@ fn the_producer_is_never_held_by_a_stalled_consumer() {
     let _ = done_tx.send(());
     assert!(consumer.join().unwrap(), "try_push waited on the consumer");
     assert_eq!(tx.dropped(), 992);
+}
+
+#[test]
+fn a_second_writer_is_refused_while_the_first_holds_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A).unwrap();
+    let e = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A)
+        .err()
+        .expect("second writer refused");
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    assert!(e.to_string().contains("pg1.audit.jsonl"), "{e}");
+    drop(log);
+    assert!(AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A).is_ok());
 }

@@ -374,6 +374,27 @@ fn disarming_before_the_step_down_is_confirmed_is_a_violation() {
 }
 
 #[test]
+fn disarming_while_still_holding_the_key_is_a_violation() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(103.0)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .rec(
+            None,
+            Event::Disarmed {
+                device: "/dev/watchdog0".into(),
+            },
+        )
+        .rec(Some(20), Event::Released);
+    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    assert!(rule(&c).contains("while still holding the key"), "{c:#?}");
+}
+
+#[test]
 fn the_new_leader_promoting_before_arming_is_a_violation() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     pg1.at(104.0)
@@ -463,6 +484,45 @@ fn verdicts_serialize_with_their_operator_names() {
     );
     let v = serde_json::to_value(Verdict::Violation { rule: "r".into() }).unwrap();
     assert_eq!(v, serde_json::json!({"verdict": "VIOLATION", "rule": "r"}));
+}
+
+#[test]
+fn etcd_history_sees_a_truncated_or_rewritten_local_log() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(104.0).rec(
+        None,
+        Event::StepDownConfirmed {
+            how: "stopped".into(),
+        },
+    );
+    let history = pg1.recs.clone();
+    assert!(cross_check(std::slice::from_ref(&pg1.recs), &history).is_empty());
+
+    // Cut the step-down off the local log: the chain is still valid, but
+    // etcd has the record.
+    let mut cut = pg1.recs.clone();
+    cut.pop();
+    let d = cross_check(&[cut], &history);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].contains(
+            "local log ends at record 3 but etcd history has record 4 (step_down_confirmed)"
+        ),
+        "{d:?}"
+    );
+
+    // Rewrite record 2 (armed W) with a consistent new chain: etcd's copy differs.
+    let mut other = Node::new("pg1", "boot-a");
+    other
+        .startup(Some(0), false)
+        .at(100.0)
+        .acquired(10, 100.0)
+        .armed(2);
+    let d = cross_check(&[other.recs], &history);
+    assert!(
+        d.iter().any(|d| d.contains("local record 2 differs")),
+        "{d:?}"
+    );
 }
 
 /// End to end through the real writer and the CLI functions: two nodes'
