@@ -627,6 +627,10 @@ fn docs_example() {
             },
         );
     let pg3 = Node::leader("pg3", "e0c2aa51-boot-d", 1091, 3);
+    for r in &pg1.recs[1..4] {
+        println!("{}", serde_json::to_string(r).unwrap());
+    }
+    println!();
     let ch = timeline(&[pg1.recs, pg2.recs, pg3.recs], &[]);
     println!("{}", render_text(&ch));
     assert_eq!(ch.len(), 2);
