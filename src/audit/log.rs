@@ -286,6 +286,8 @@ pub struct AuditLog {
     boot_id: String,
     next_seq: u64,
     last_hash: String,
+    /// Length of the file up to the last whole record.
+    len: u64,
 }
 
 impl AuditLog {
@@ -346,7 +348,13 @@ impl AuditLog {
             file.sync_all()?;
             t.saved_to = Some(side);
         }
-        file.seek(SeekFrom::End(0))?;
+        let len = file.seek(SeekFrom::End(0))?;
+        if bytes.is_empty() {
+            // A new file: make its directory entry durable too.
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
 
         let last = s.records.last().map(|(_, r)| r.clone());
         let mut log = AuditLog {
@@ -356,6 +364,7 @@ impl AuditLog {
             boot_id: boot_id.to_owned(),
             next_seq: last.as_ref().map_or(0, |r| r.seq + 1),
             last_hash: last.as_ref().map_or(GENESIS.to_owned(), |r| r.hash.clone()),
+            len,
         };
         let report = OpenReport {
             path,
@@ -426,12 +435,17 @@ impl AuditLog {
         let mut line = serde_json::to_string(&r).map_err(io::Error::other)?;
         line.push('\n');
         // One write of the whole line: a crash leaves at most a torn last line.
-        self.file.write_all(line.as_bytes()).map_err(|e| {
-            io::Error::new(
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            // A partial write (e.g. ENOSPC) must not stay in the middle of the
+            // chain when a later append succeeds: cut it back.
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::End(0));
+            return Err(io::Error::new(
                 e.kind(),
                 format!("cannot append to {}: {e}", self.path.display()),
-            )
-        })?;
+            ));
+        }
+        self.len += line.len() as u64;
         self.next_seq += 1;
         self.last_hash = r.hash.clone();
         Ok(r)

@@ -552,6 +552,25 @@ fn change(
         notes.push(format!("{old_node} won the key again"));
     }
 
+    // A holder seen between the two acquisitions that left no `acquired`
+    // record anywhere: the key passed through a leader we know nothing of.
+    let mut gaps: Vec<String> = Vec::new();
+    for n in nodes.values() {
+        for r in &n.records {
+            if let (Event::LeaderSeen { holder: Some(h) }, Some(rv)) = (&r.event, r.rev) {
+                if rv > old_rev && rv < new_rev && h != old_node {
+                    let g = format!(
+                        "{h} held the key at rev {rv} (seen by {}) but left no acquired record: a change in between is not covered",
+                        r.node
+                    );
+                    if !gaps.contains(&g) {
+                        gaps.push(g);
+                    }
+                }
+            }
+        }
+    }
+
     // ---- the verdict
     let old_promoted = promoted_idx.is_some();
     let mut proof = String::new();
@@ -562,6 +581,9 @@ fn change(
         Verdict::Violation {
             rule: first.clone(),
         }
+    } else if !gaps.is_empty() {
+        proof = format!("the key did not pass directly from {old_node} to {new_node}");
+        Verdict::Unproven { missing: gaps }
     } else if let Some(sd) = step_down.as_ref().filter(|sd| {
         // Ordered before the new acquisition by etcd (release revision), or
         // on the old leader's own clock before the key could expire (s + T).

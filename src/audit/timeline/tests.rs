@@ -301,6 +301,38 @@ fn local_records_and_their_etcd_mirror_are_not_counted_twice() {
 }
 
 #[test]
+fn a_leader_seen_but_never_recorded_leaves_the_change_unproven() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(104.0)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .rec(Some(20), Event::Released);
+    // pg2 saw pg9 win the key at rev 22 before pg2 won it at 30; pg9 has
+    // neither a local log nor mirrored records.
+    let mut pg2 = Node::new("pg2", "boot-pg2");
+    pg2.startup(Some(0), false)
+        .rec(
+            Some(22),
+            Event::LeaderSeen {
+                holder: Some("pg9".into()),
+            },
+        )
+        .acquired(30, 50.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+    let c = one(timeline(&[pg1.recs, pg2.recs], &[]));
+    let m = missing(&c);
+    assert!(
+        m[0].starts_with("pg9 held the key at rev 22 (seen by pg2)"),
+        "{m:?}"
+    );
+}
+
+#[test]
 fn w_above_t_minus_m_is_a_violation() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 4);
     pg1.reboot("boot-b").startup(Some(0x20), true);
