@@ -203,6 +203,23 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The lifecycle events a leader mirrors to etcd's `history/` prefix (the
+    /// timeline's view of a node whose disk is gone, and the outside copy
+    /// that shows a truncated local log). Mirror the whole [`Record`]
+    /// unchanged (`serde_json::to_vec(&record)`), so its `hash` still holds.
+    pub fn is_lifecycle(&self) -> bool {
+        !matches!(
+            self,
+            Event::LeaderSeen { .. }
+                | Event::RenewedLate { .. }
+                | Event::PingRefused { .. }
+                | Event::PingSummary { .. }
+                | Event::QueueDropped { .. }
+        )
+    }
+}
+
 /// Hex SHA-256 of some bytes (e.g. the configuration text for `config_digest`).
 pub fn digest_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
@@ -277,5 +294,141 @@ impl Record {
     /// a line, e.g. mirrored in etcd).
     pub fn hash_ok(&self) -> bool {
         record_hash(self) == self.hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_events() -> Vec<Event> {
+        vec![
+            Event::Startup {
+                version: "0.1.0".into(),
+                config_digest: digest_hex(b"x"),
+                budget: BudgetRecord {
+                    ttl_s: 10,
+                    margin_s: 5.0,
+                    reset_allowance_s: 1.0,
+                    loop_interval_s: 0.3,
+                },
+                devices: vec![DeviceRecord {
+                    path: "/dev/watchdog1".into(),
+                    identity: "Software Watchdog".into(),
+                    timeout_s: 5,
+                    nowayout: true,
+                    bootstatus: None,
+                    watchdog_reset: false,
+                }],
+                previous_boot_id: Some("b".into()),
+                previous_boot_reset: Some(true),
+            },
+            Event::LeaseGranted { lease: -1 },
+            Event::Acquired {
+                lease: 7_587_000_000_000_000,
+                s_ns: u64::MAX,
+            },
+            Event::LeaderSeen { holder: None },
+            Event::LeaderSeen {
+                holder: Some("pg2".into()),
+            },
+            Event::RenewedLate {
+                sent_ns: 1,
+                acked_ns: 2,
+            },
+            Event::LeaseLost {
+                reason: "expired".into(),
+                last_s_ns: None,
+            },
+            Event::Armed {
+                device: "/dev/watchdog0".into(),
+                identity: "iTCO_wdt".into(),
+                w_s: 5,
+                nowayout: false,
+            },
+            Event::ArmFailed {
+                device: "/dev/watchdog0".into(),
+                reason: "busy: held by pid 1 (systemd)".into(),
+            },
+            Event::PingRefused {
+                k_minus_s_ns: 3,
+                s_ns: 4,
+            },
+            Event::PingSummary {
+                pings: 5,
+                max_k_minus_s_ns: 6,
+                last_s_ns: 7,
+            },
+            Event::QueueDropped { count: 8 },
+            Event::Promoted,
+            Event::StepDownBegun {
+                reason: "lease lost".into(),
+                deadline_ns: 9,
+            },
+            Event::StepDownConfirmed {
+                how: "read-only".into(),
+            },
+            Event::Released,
+            Event::Disarmed {
+                device: "/dev/watchdog0".into(),
+            },
+            Event::Shutdown {
+                reason: "SIGTERM".into(),
+            },
+            Event::TornTailRecovered {
+                bytes: 10,
+                offset: 11,
+                saved_to: "/x.torn".into(),
+            },
+        ]
+    }
+
+    /// Every variant survives the line format (flattened, tagged) unchanged,
+    /// its hash holds after the round trip, and its tag is `name()`.
+    #[test]
+    fn every_event_round_trips_through_a_line() {
+        for (i, ev) in all_events().into_iter().enumerate() {
+            let mut r = Record {
+                seq: i as u64,
+                node: "pg1".into(),
+                wall_ns: 1_790_000_000_000_000_000,
+                boot_ns: 123,
+                boot_id: "a".into(),
+                rev: if i % 2 == 0 { Some(i as i64) } else { None },
+                event: ev.clone(),
+                prev: GENESIS.into(),
+                hash: String::new(),
+            };
+            r.hash = record_hash(&r);
+            let line = serde_json::to_string(&r).unwrap();
+            let back: Record = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, r, "{line}");
+            assert!(back.hash_ok());
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["event"], ev.name(), "{line}");
+            assert_eq!(value_hash(&v), r.hash);
+        }
+    }
+
+    #[test]
+    fn canonical_form_ignores_key_order_but_not_values() {
+        let a: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[1,2],"x":"s"},"hash":"h"}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":{"x":"s","y":[1,2]},"b":1}"#).unwrap();
+        assert_eq!(canonical(&b), r#"{"a":{"x":"s","y":[1,2]},"b":1}"#);
+        assert_eq!(value_hash(&a), value_hash(&b));
+        let c: Value = serde_json::from_str(r#"{"a":{"x":"s","y":[2,1]},"b":1}"#).unwrap();
+        assert_ne!(value_hash(&a), value_hash(&c));
+    }
+
+    #[test]
+    fn pinger_chatter_is_not_mirrored() {
+        let mirrored: Vec<_> = all_events()
+            .iter()
+            .filter(|e| e.is_lifecycle())
+            .map(Event::name)
+            .collect();
+        assert!(mirrored.contains(&"acquired") && mirrored.contains(&"step_down_confirmed"));
+        assert!(!mirrored.contains(&"ping_refused") && !mirrored.contains(&"leader_seen"));
     }
 }
