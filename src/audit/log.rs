@@ -278,6 +278,20 @@ pub fn read_log(path: &Path) -> io::Result<(Vec<Record>, VerifyReport)> {
     Ok((s.records.into_iter().map(|(_, r)| r).collect(), rep))
 }
 
+/// Parses records mirrored to etcd (one JSON record per value). Returns the
+/// records and, for each value that is not a record, why (with its index).
+pub fn parse_history<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Record>, Vec<String>) {
+    let mut recs = Vec::new();
+    let mut errs = Vec::new();
+    for (i, v) in values.into_iter().enumerate() {
+        match serde_json::from_slice::<Record>(v) {
+            Ok(r) => recs.push(r),
+            Err(e) => errs.push(format!("history value {i}: not an audit record ({e})")),
+        }
+    }
+    (recs, errs)
+}
+
 /// The append-only writer of one node's log.
 pub struct AuditLog {
     file: File,

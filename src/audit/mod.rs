@@ -14,8 +14,8 @@ pub mod log;
 pub mod timeline;
 
 pub use log::{
-    previous_boot, queue, read_log, verify, AuditLog, OpenReport, PreviousBoot, Receiver, Sender,
-    TornTail, VerifyReport,
+    current_boot_id, log_path, parse_history, previous_boot, queue, read_log, verify, AuditLog,
+    OpenReport, PreviousBoot, Receiver, Sender, TornTail, VerifyReport,
 };
 pub use timeline::{cmd_timeline, cmd_verify, cross_check, render_text, timeline, Change, Verdict};
 

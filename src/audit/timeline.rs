@@ -933,13 +933,13 @@ pub fn cmd_timeline(
             }
         }
     }
-    let history = history.unwrap_or_default();
-    let mut bad_history = 0;
-    for r in &history {
-        if !r.hash_ok() {
-            bad_history += 1;
-        }
-    }
+    // A history record whose hash does not hold was edited: count it, and
+    // keep it out of the verdicts.
+    let (history, bad): (Vec<Record>, Vec<Record>) = history
+        .unwrap_or_default()
+        .into_iter()
+        .partition(Record::hash_ok);
+    let bad_history = bad.len();
     if bad_history > 0 {
         code = 1;
     }
@@ -987,13 +987,13 @@ pub fn cmd_timeline(
                 if r.torn_tail { ", torn tail" } else { "" }
             );
         }
-        if !history.is_empty() {
+        if !history.is_empty() || bad_history > 0 {
             let _ = writeln!(
                 out,
                 "etcd history: {} records{}",
-                history.len(),
+                history.len() + bad_history,
                 if bad_history > 0 {
-                    format!(", {bad_history} with a wrong hash (edited)")
+                    format!(", {bad_history} with a wrong hash (edited; left out)")
                 } else {
                     String::new()
                 }

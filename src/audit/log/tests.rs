@@ -395,3 +395,19 @@ fn a_second_writer_is_refused_while_the_first_holds_the_log() {
     drop(log);
     assert!(AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A).is_ok());
 }
+
+#[test]
+fn mirrored_values_parse_back_into_records() {
+    let (_d, path) = write_log(3);
+    let raw: Vec<Vec<u8>> = lines(&path).into_iter().map(String::into_bytes).collect();
+    let mut values: Vec<&[u8]> = raw.iter().map(Vec::as_slice).collect();
+    values.push(b"{not a record}");
+    let (recs, errs) = parse_history(values);
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(Record::hash_ok));
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("history value 3: not an audit record"),
+        "{errs:?}"
+    );
+}
