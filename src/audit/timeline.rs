@@ -584,40 +584,34 @@ fn change(
     } else if !gaps.is_empty() {
         proof = format!("the key did not pass directly from {old_node} to {new_node}");
         Verdict::Unproven { missing: gaps }
-    } else if let Some(sd) = step_down.as_ref().filter(|sd| {
+    } else if let Some(why) = step_down.as_ref().and_then(|sd| {
         // Ordered before the new acquisition by etcd (release revision), or
         // on the old leader's own clock before the key could expire (s + T).
-        let by_rev = sd.released_rev.is_some_and(|r| r < new_rev);
-        let by_clock = match (last_s, limits) {
-            (Some(s), Some((t, _, _))) => sd.boot_ns <= s + t,
-            _ => false,
-        };
-        if by_rev {
-            proof = format!(
-                "{old_node} confirmed its step-down ({}) and then released the key at rev {}, before {new_node} won it at rev {new_rev}",
-                sd.how,
-                sd.released_rev.unwrap()
-            );
-        } else if by_clock {
-            proof = format!(
+        if let Some(r) = sd.released_rev.filter(|r| *r < new_rev) {
+            return Some(format!(
+                "{old_node} confirmed its step-down ({}) and then released the key at rev {r}, before {new_node} won it at rev {new_rev}",
+                sd.how
+            ));
+        }
+        match (last_s, limits) {
+            (Some(s), Some((t, _, _))) if sd.boot_ns <= s + t => Some(format!(
                 "{old_node} confirmed its step-down ({}) {:.3} s after its last s, before the earliest expiry s + T; {new_node} could only win the key after that",
                 sd.how,
-                secs(sd.boot_ns - last_s.unwrap())
-            );
+                secs(sd.boot_ns.saturating_sub(s))
+            )),
+            _ => None,
         }
-        by_rev || by_clock
     }) {
-        let _ = sd;
+        proof = why;
         Verdict::FencedByStepDown
-    } else if !old_promoted
-        && key_deleted_rev.is_some_and(|r| r < new_rev)
-        && ot
-            .records()
-            .any(|(_, r)| matches!(r.event, Event::Released))
+    } else if let Some(r) = ot
+        .records()
+        .find(|(_, r)| matches!(r.event, Event::Released))
+        .and_then(|(_, r)| r.rev)
+        .filter(|r| !old_promoted && *r < new_rev)
     {
         proof = format!(
-            "{old_node} never promoted PostgreSQL in its term and released the key at rev {}",
-            key_deleted_rev.unwrap()
+            "{old_node} never promoted PostgreSQL in its term and released the key at rev {r}, before {new_node} won it at rev {new_rev}"
         );
         Verdict::FencedByStepDown
     } else {

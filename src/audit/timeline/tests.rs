@@ -470,6 +470,25 @@ fn automatic_mode_after_a_failed_arm_is_not_a_violation_but_proves_no_reset() {
 }
 
 #[test]
+fn a_leader_that_never_promoted_and_released_is_fenced() {
+    let mut pg1 = Node::new("pg1", "boot-a");
+    pg1.startup(Some(0), false)
+        .acquired(10, 100.0)
+        .rec(
+            None,
+            Event::ArmFailed {
+                device: "/dev/watchdog0".into(),
+                reason: "alarm-only device".into(),
+            },
+        )
+        .rec(Some(11), Event::Released);
+    let c = one(timeline(&[pg1.recs, new_leader(12).recs], &[]));
+    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+    assert!(c.proof.contains("never promoted"), "{}", c.proof);
+    assert!(!c.old.promoted);
+}
+
+#[test]
 fn three_leaders_give_two_changes_in_revision_order() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     pg1.reboot("boot-b").startup(Some(0x20), true);
