@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map and FENCING.md's rules for the why.
 
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
