@@ -3,16 +3,18 @@
 //! It owns the armed devices and reads one atomic value, the published
 //! [`Evidence`], plus the clock. It never logs, never touches the disk or the
 //! network and never takes a lock that I/O can hold: commands arrive on a
-//! channel it polls without blocking, and what it has to say leaves through a
-//! bounded queue that drops (and counts) rather than waits. If the main loop
+//! channel it polls without blocking, and what it has to say (refusals, ping
+//! failures, periodic summaries) leaves through the audit module's bounded
+//! queue, which drops (and counts) rather than waits. If the main loop
 //! stalls, the evidence ages past `M - R` and the pings stop by themselves.
 
+use crate::audit::{self, Event};
 use crate::clock::{self, BootTime};
 use crate::decide::Evidence;
 use crate::timing::{self, Budget};
 use crate::watchdog::Watchdog;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -66,14 +68,9 @@ impl EvidenceCell {
     }
 }
 
-/// What the pinger reports. Delivered best-effort through a bounded queue.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PingEvent {
-    /// Lease evidence was too old: no ping (`k - s > M - R`).
-    Refused { k: BootTime, s: BootTime },
-    /// A device did not accept a ping.
-    PingFailed { device: String, error: String },
-}
+/// How often, while pinging, the pinger hands over a `PingSummary` (the
+/// audit's proof that no ping went out on stale evidence).
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// Commands to the pinger thread.
 pub enum Command {
@@ -89,7 +86,6 @@ pub enum Command {
 pub struct PingStats {
     pub pings: AtomicU64,
     pub refused: AtomicU64,
-    pub dropped_events: AtomicU64,
     /// BOOTTIME of the last successful ping round.
     pub last_ping_ns: AtomicU64,
     /// Lateness histogram of tick wake-ups, bucket i counts lateness in
@@ -133,7 +129,7 @@ impl PingStats {
 /// Handles to a running pinger.
 pub struct Pinger {
     pub commands: mpsc::Sender<Command>,
-    pub events: Receiver<PingEvent>,
+    pub events: audit::Receiver,
     pub stats: Arc<PingStats>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -151,7 +147,7 @@ impl Pinger {
         realtime: bool,
     ) -> std::io::Result<(Pinger, Result<(), String>)> {
         let (cmd_tx, cmd_rx) = mpsc::channel();
-        let (ev_tx, ev_rx) = mpsc::sync_channel(EVENT_QUEUE);
+        let (ev_tx, ev_rx) = audit::queue(EVENT_QUEUE);
         let stats = Arc::new(PingStats::default());
         let (rt_tx, rt_rx) = mpsc::channel();
         let st = stats.clone();
@@ -207,15 +203,6 @@ impl Pinger {
     }
 }
 
-fn push(tx: &SyncSender<PingEvent>, stats: &PingStats, ev: PingEvent) {
-    match tx.try_send(ev) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-            stats.dropped_events.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// The evidence permits a ping at `now` (rule 1 for both kinds).
 pub fn permits(ev: Evidence, now: BootTime, budget: &Budget) -> bool {
     match ev {
@@ -224,24 +211,62 @@ pub fn permits(ev: Evidence, now: BootTime, budget: &Budget) -> bool {
     }
 }
 
+/// What the pinger has pinged since its last summary.
+#[derive(Default)]
+struct Summary {
+    pings: u64,
+    max_k_minus_s: Duration,
+    last_s: Option<BootTime>,
+    since: Option<BootTime>,
+}
+
+impl Summary {
+    fn note(&mut self, k: BootTime, s: BootTime) {
+        self.pings += 1;
+        self.max_k_minus_s = self.max_k_minus_s.max(k.saturating_since(s));
+        self.last_s = Some(s);
+        self.since.get_or_insert(k);
+    }
+
+    /// Hands the summary over (and resets it) when due or when pinging stops.
+    fn flush(&mut self, now: BootTime, force: bool, events: &audit::Sender) {
+        let due = self
+            .since
+            .is_some_and(|t| now.saturating_since(t) >= SUMMARY_EVERY);
+        if self.pings > 0 && (force || due) {
+            events.try_push(Event::PingSummary {
+                pings: self.pings,
+                max_k_minus_s_ns: self.max_k_minus_s.as_nanos() as u64,
+                last_s_ns: self.last_s.map_or(0, BootTime::as_nanos),
+            });
+            *self = Summary::default();
+        }
+    }
+}
+
 fn run(
     cell: &EvidenceCell,
     budget: &Budget,
     interval: Duration,
     commands: Receiver<Command>,
-    events: SyncSender<PingEvent>,
+    events: audit::Sender,
     stats: &PingStats,
 ) {
     let mut devices: Vec<Box<dyn Watchdog>> = Vec::new();
+    let mut summary = Summary::default();
     let mut next = clock::now() + interval;
     loop {
         loop {
             match commands.try_recv() {
                 Ok(Command::Adopt(mut d)) => devices.append(&mut d),
                 Ok(Command::Surrender(reply)) => {
+                    summary.flush(clock::now(), true, &events);
                     let _ = reply.send(std::mem::take(&mut devices));
                 }
-                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return,
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
+                    summary.flush(clock::now(), true, &events);
+                    return;
+                }
                 Err(TryRecvError::Empty) => break,
             }
         }
@@ -253,23 +278,29 @@ fn run(
                 for d in devices.iter_mut() {
                     if let Err(e) = d.ping() {
                         ok = false;
-                        push(
-                            &events,
-                            stats,
-                            PingEvent::PingFailed {
-                                device: d.info().path.display().to_string(),
-                                error: e.to_string(),
-                            },
-                        );
+                        events.try_push(Event::PingFailed {
+                            device: d.info().path.display().to_string(),
+                            error: e.to_string(),
+                        });
                     }
                 }
                 if ok {
                     stats.pings.fetch_add(1, Ordering::Relaxed);
                     stats.last_ping_ns.store(now.as_nanos(), Ordering::Relaxed);
+                    if let Evidence::Lease(s) | Evidence::Liveness(s) = ev {
+                        summary.note(now, s);
+                    }
                 }
-            } else if let Evidence::Lease(s) = ev {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                push(&events, stats, PingEvent::Refused { k: now, s });
+                summary.flush(now, false, &events);
+            } else {
+                summary.flush(now, true, &events);
+                if let Evidence::Lease(s) = ev {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    events.try_push(Event::PingRefused {
+                        k_minus_s_ns: now.saturating_since(s).as_nanos() as u64,
+                        s_ns: s.as_nanos(),
+                    });
+                }
             }
         }
         // Sleep to the next tick on the absolute schedule; note how late we woke.
@@ -357,17 +388,30 @@ mod tests {
             "a ping at k - s = {:?} > M - R",
             last.saturating_since(s)
         );
-        let refused: Vec<_> = p.events.try_iter().collect();
+        let events = drain(&p);
+        let refused: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::PingRefused { k_minus_s_ns, s_ns } => Some((*k_minus_s_ns, *s_ns)),
+                _ => None,
+            })
+            .collect();
         assert!(!refused.is_empty());
-        for e in &refused {
-            match e {
-                PingEvent::Refused { k, s: es } => {
-                    assert_eq!(*es, s);
-                    assert!(k.saturating_since(*es) > b.ping_window());
-                }
-                other => panic!("unexpected {other:?}"),
-            }
+        for (k_minus_s, es) in refused {
+            assert_eq!(es, s.as_nanos());
+            assert!(Duration::from_nanos(k_minus_s) > b.ping_window());
         }
+        // The summary handed over when pinging stopped proves no stale ping.
+        let summary = events
+            .iter()
+            .find_map(|e| match e {
+                Event::PingSummary { pings, max_k_minus_s_ns, last_s_ns } => Some((*pings, *max_k_minus_s_ns, *last_s_ns)),
+                _ => None,
+            })
+            .expect("a ping summary");
+        assert!(summary.0 >= 10);
+        assert!(Duration::from_nanos(summary.1) <= b.ping_window());
+        assert_eq!(summary.2, s.as_nanos());
         // A fresh renewal resumes pinging.
         let before = pings(&log).len();
         cell.store(Evidence::Lease(clock::now()));
@@ -391,8 +435,9 @@ mod tests {
         // Stale evidence: every tick is a refusal; nobody drains the queue.
         cell.store(Evidence::Lease(BootTime::from_nanos(1)));
         thread::sleep(Duration::from_millis(600));
-        assert!(p.stats.dropped_events.load(Ordering::Relaxed) > 0);
-        assert_eq!(p.events.try_iter().count(), EVENT_QUEUE);
+        let events = drain(&p);
+        assert_eq!(events.len(), EVENT_QUEUE);
+        assert!(p.events.dropped() > 0, "drops are counted");
         assert!(pings(&log).is_empty());
         // Fresh evidence: pings resume although the queue was full.
         cell.store(Evidence::Lease(clock::now()));
@@ -410,6 +455,10 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn drain(p: &Pinger) -> Vec<Event> {
+        std::iter::from_fn(|| p.events.try_recv()).collect()
     }
 
     fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {

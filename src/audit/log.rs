@@ -630,6 +630,16 @@ impl Receiver {
         Ok(n)
     }
 
+    /// The next queued event, if any (never blocks).
+    pub fn try_recv(&self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Events dropped and not yet recorded.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Waits up to `timeout` for the next event (for a writer thread).
     pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Event> {
         self.rx.recv_timeout(timeout).ok()

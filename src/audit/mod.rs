@@ -151,6 +151,25 @@ pub enum Event {
     QueueDropped {
         count: u64,
     },
+    /// A device did not accept a ping (from the pinger).
+    PingFailed {
+        device: String,
+        error: String,
+    },
+    /// Leading without a watchdog (mode `automatic`, nothing could be armed;
+    /// or mode `off`): nothing fences this node if it stalls.
+    LeadingUnarmed {
+        reason: String,
+    },
+    /// PostgreSQL could not be confirmed stopped; the watchdog will finish.
+    StepDownFailed {
+        reason: String,
+    },
+    /// Devices with nowayout that stay armed (pinged on liveness) after a
+    /// clean step-down.
+    NowayoutKeptArmed {
+        devices: Vec<String>,
+    },
     Promoted,
     StepDownBegun {
         reason: String,
@@ -192,6 +211,10 @@ impl Event {
             Event::PingRefused { .. } => "ping_refused",
             Event::PingSummary { .. } => "ping_summary",
             Event::QueueDropped { .. } => "queue_dropped",
+            Event::PingFailed { .. } => "ping_failed",
+            Event::LeadingUnarmed { .. } => "leading_unarmed",
+            Event::StepDownFailed { .. } => "step_down_failed",
+            Event::NowayoutKeptArmed { .. } => "nowayout_kept_armed",
             Event::Promoted => "promoted",
             Event::StepDownBegun { .. } => "step_down_begun",
             Event::StepDownConfirmed { .. } => "step_down_confirmed",
@@ -216,6 +239,7 @@ impl Event {
                 | Event::PingRefused { .. }
                 | Event::PingSummary { .. }
                 | Event::QueueDropped { .. }
+                | Event::PingFailed { .. }
         )
     }
 }
