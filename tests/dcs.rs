@@ -405,3 +405,56 @@ async fn follower_watch_sees_delete_promptly_on_revoke() {
         LeaderEvent::Deleted { .. }
     ));
 }
+
+/// A frozen member (SIGSTOP: its sockets accept, nothing answers) must not
+/// keep renewals from being acked by the other two for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_cluster_member_costs_at_most_a_failover() {
+    let mut cl = sync(|| EtcdCluster::start(3)).unwrap();
+    let rt = 0.5;
+    let mut d = Dcs::connect(&cfg(cl.endpoints(), rt), SCOPE, "a")
+        .await
+        .unwrap();
+    let l = d.grant(30).await.unwrap();
+    assert!(matches!(d.renew(l).await, Renewal::Acked { .. }));
+    // Freeze every member in turn but one at a time; the listed-first member
+    // is the one a fresh client is most likely using.
+    for frozen in 0..3 {
+        let was_leader = sync(|| cl.leader_index(Duration::from_secs(20))).unwrap() == frozen;
+        sync(|| cl.stop(frozen)).unwrap();
+        let t = Instant::now();
+        let mut first_ack = None;
+        let mut failures_after = 0;
+        // Until the first ack (bounded), then 2 s of steady renewals.
+        while t.elapsed() < first_ack.unwrap_or(Duration::from_secs(8)) + Duration::from_secs(2) {
+            match d.renew(l).await {
+                Renewal::Acked { .. } => {
+                    first_ack.get_or_insert(t.elapsed());
+                }
+                Renewal::Failed(e) => {
+                    eprintln!("m{frozen} frozen, {:?}: {e}", t.elapsed());
+                    if first_ack.is_some() {
+                        failures_after += 1;
+                    }
+                }
+                Renewal::Gone => panic!("lease lost"),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!(
+            "m{frozen} frozen (leader: {was_leader}): first ack after {first_ack:?}, {failures_after} failures after it"
+        );
+        // An election (if the leader froze) and moving off the frozen member
+        // take a few seconds; after that every renewal is acked.
+        let first = first_ack.expect("renewals must resume with one member frozen");
+        assert!(
+            first < Duration::from_secs(8),
+            "m{frozen}: first ack after {first:?}"
+        );
+        assert!(
+            failures_after <= 1,
+            "m{frozen}: {failures_after} failures after recovery"
+        );
+        sync(|| cl.resume(frozen)).unwrap();
+    }
+}
