@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "leasedog", version, about = "Split-brain-safe PostgreSQL failover: an etcd leader lease paired with kernel watchdogs")]
+#[command(
+    name = "leasedog",
+    version,
+    about = "Split-brain-safe PostgreSQL failover: an etcd leader lease paired with kernel watchdogs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -50,7 +54,7 @@ pub fn main() -> i32 {
     init_logging();
     match cli.command {
         Command::Run { config } => match Config::load(&config) {
-            Ok(cfg) => match crate::agent::run(cfg) {
+            Ok(cfg) => match crate::agent::run(cfg, config_digest(&config)) {
                 Ok(code) => code,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -71,6 +75,12 @@ pub fn main() -> i32 {
         },
         Command::QueryWatchdog { open, force, json } => query_watchdog(open, force, json),
     }
+}
+
+fn config_digest(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| crate::audit::digest_hex(&b))
+        .unwrap_or_default()
 }
 
 fn init_logging() {
@@ -102,7 +112,12 @@ pub fn assess(
     devices: &[(String, Result<String, String>)],
 ) -> Vec<Finding> {
     let mut f = Vec::new();
-    let mut bad = |what: String| f.push(Finding { unsafe_: true, what });
+    let mut bad = |what: String| {
+        f.push(Finding {
+            unsafe_: true,
+            what,
+        })
+    };
     if let Some(e) = etcd_error {
         bad(format!("etcd unreachable: {e}"));
     }
@@ -170,13 +185,34 @@ fn check(cfg: &Config, samples: u32) -> i32 {
         })
         .collect();
     println!("budget:");
-    println!("  T (lease ttl)         {:>8.3} s", budget.ttl.as_secs_f64());
-    println!("  W (watchdog timeout)  {:>8} s  (T - M, whole seconds)", timing::target_timeout(&budget));
-    println!("  M (safety margin)     {:>8.3} s", budget.margin.as_secs_f64());
-    println!("  R (reset allowance)   {:>8.3} s", budget.reset_allowance.as_secs_f64());
-    println!("  ping window M - R     {:>8.3} s", budget.ping_window().as_secs_f64());
-    println!("  loop interval         {:>8.3} s", budget.loop_interval.as_secs_f64());
-    println!("  etcd request timeout  {:>8.3} s", budget.request_timeout.as_secs_f64());
+    println!(
+        "  T (lease ttl)         {:>8.3} s",
+        budget.ttl.as_secs_f64()
+    );
+    println!(
+        "  W (watchdog timeout)  {:>8} s  (T - M, whole seconds)",
+        timing::target_timeout(&budget)
+    );
+    println!(
+        "  M (safety margin)     {:>8.3} s",
+        budget.margin.as_secs_f64()
+    );
+    println!(
+        "  R (reset allowance)   {:>8.3} s",
+        budget.reset_allowance.as_secs_f64()
+    );
+    println!(
+        "  ping window M - R     {:>8.3} s",
+        budget.ping_window().as_secs_f64()
+    );
+    println!(
+        "  loop interval         {:>8.3} s",
+        budget.loop_interval.as_secs_f64()
+    );
+    println!(
+        "  etcd request timeout  {:>8.3} s",
+        budget.request_timeout.as_secs_f64()
+    );
     match rtts.iter().max() {
         Some(w) => println!(
             "etcd: {} round trips, median {:.1} ms, worst {:.1} ms",
@@ -283,7 +319,13 @@ mod tests {
     fn safe_when_everything_fits() {
         let c = cfg("[watchdog]\nmode='required'\n[[watchdog.device]]\nkind='softdog'");
         let b = c.budget().unwrap();
-        let f = assess(&c, &b, &[Duration::from_millis(2)], None, &[("softdog".into(), Ok("ok".into()))]);
+        let f = assess(
+            &c,
+            &b,
+            &[Duration::from_millis(2)],
+            None,
+            &[("softdog".into(), Ok("ok".into()))],
+        );
         assert!(f.iter().all(|f| !f.unsafe_), "{f:?}");
     }
 
@@ -292,9 +334,15 @@ mod tests {
         let c = cfg("[watchdog]\nmode='required'\n[[watchdog.device]]\nkind='softdog'");
         let b = c.budget().unwrap();
         let f = assess(&c, &b, &[Duration::from_millis(1500)], None, &[]);
-        assert!(f.iter().any(|f| f.unsafe_ && f.what.contains("request_timeout")), "{f:?}");
+        assert!(
+            f.iter()
+                .any(|f| f.unsafe_ && f.what.contains("request_timeout")),
+            "{f:?}"
+        );
         let f = assess(&c, &b, &[], Some("connection refused"), &[]);
-        assert!(f.iter().any(|f| f.unsafe_ && f.what.contains("unreachable")));
+        assert!(f
+            .iter()
+            .any(|f| f.unsafe_ && f.what.contains("unreachable")));
     }
 
     #[test]
@@ -302,14 +350,24 @@ mod tests {
         let c = cfg("");
         let b = c.budget().unwrap();
         let f = assess(&c, &b, &[Duration::from_millis(1)], None, &[]);
-        assert!(f.iter().any(|f| f.unsafe_ && f.what.contains("nothing fences")));
+        assert!(f
+            .iter()
+            .any(|f| f.unsafe_ && f.what.contains("nothing fences")));
     }
 
     #[test]
     fn refused_device_is_unsafe() {
         let c = cfg("[watchdog]\nmode='required'\n[[watchdog.device]]\nkind='softdog'");
         let b = c.budget().unwrap();
-        let f = assess(&c, &b, &[Duration::from_millis(1)], None, &[("softdog".into(), Err("busy: held by systemd".into()))]);
-        assert!(f.iter().any(|f| f.unsafe_ && f.what.contains("held by systemd")));
+        let f = assess(
+            &c,
+            &b,
+            &[Duration::from_millis(1)],
+            None,
+            &[("softdog".into(), Err("busy: held by systemd".into()))],
+        );
+        assert!(f
+            .iter()
+            .any(|f| f.unsafe_ && f.what.contains("held by systemd")));
     }
 }

@@ -710,8 +710,10 @@ impl Core {
         // Pings stop first: if the stop hangs, the watchdog finishes the job.
         // Only a voluntary step-down, with the key still ours, keeps pinging
         // on fresh renewals (rule 1) so that a clean handover is not reset.
-        if !matches!(reason, StepDownReason::Shutdown | StepDownReason::PromoteFailed)
-            || self.key_gone
+        if !matches!(
+            reason,
+            StepDownReason::Shutdown | StepDownReason::PromoteFailed
+        ) || self.key_gone
         {
             out.push(Action::Publish(Evidence::None));
         }
@@ -1245,9 +1247,20 @@ mod tests {
             !has(&a, |a| *a == Action::Publish(Evidence::None)),
             "a clean handover keeps pinging on fresh renewals"
         );
-        let a = c.handle(t(1550), Input::Renewed { sent: t(1500), ttl: 5 });
+        let a = c.handle(
+            t(1550),
+            Input::Renewed {
+                sent: t(1500),
+                ttl: 5,
+            },
+        );
         assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1500))));
-        let a = c.handle(t(1600), Input::SteppedDown { how: "immediate".into() });
+        let a = c.handle(
+            t(1600),
+            Input::SteppedDown {
+                how: "immediate".into(),
+            },
+        );
         assert!(!has(&a, |a| *a == Action::Disarm), "key still ours: {a:?}");
         assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
         let a = c.handle(t(1700), Input::Released { deleted: true });
@@ -1264,24 +1277,52 @@ mod tests {
     #[test]
     fn lost_lease_stops_pings_at_once_and_later_renewals_do_not_restart_them() {
         let mut c = leader(WatchdogMode::Required);
-        let a = c.handle(t(1500), Input::KeySeen { holder: KeyHolder::Other("b".into()), revision: 9 });
+        let a = c.handle(
+            t(1500),
+            Input::KeySeen {
+                holder: KeyHolder::Other("b".into()),
+                revision: 9,
+            },
+        );
         assert_eq!(a[0], Action::Publish(Evidence::None));
-        let a = c.handle(t(1600), Input::Renewed { sent: t(1550), ttl: 5 });
-        assert!(!has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))), "{a:?}");
+        let a = c.handle(
+            t(1600),
+            Input::Renewed {
+                sent: t(1550),
+                ttl: 5,
+            },
+        );
+        assert!(
+            !has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))),
+            "{a:?}"
+        );
     }
 
     #[test]
     fn rule4_unreachable_etcd_waits_for_expiry_before_disarm() {
         let mut c = leader(WatchdogMode::Required);
         c.handle(t(4001), Input::Tick); // deadline step-down
-        let a = c.handle(t(4100), Input::SteppedDown { how: "immediate".into() });
+        let a = c.handle(
+            t(4100),
+            Input::SteppedDown {
+                how: "immediate".into(),
+            },
+        );
         assert!(!has(&a, |a| *a == Action::Disarm));
-        c.handle(t(4200), Input::ReleaseFailed { error: "timeout".into() });
+        c.handle(
+            t(4200),
+            Input::ReleaseFailed {
+                error: "timeout".into(),
+            },
+        );
         // s = 1.0 s; T = 5 s; slack 1.5 s: no disarm before 7.5 s, and no
         // pings meanwhile (no fresh evidence): the watchdog resets the node.
         let a = c.handle(t(7000), Input::Tick);
         assert!(!has(&a, |a| *a == Action::Disarm));
-        assert!(!has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_) | Evidence::Liveness(_)))));
+        assert!(!has(&a, |a| matches!(
+            a,
+            Action::Publish(Evidence::Lease(_) | Evidence::Liveness(_))
+        )));
         let a = c.handle(t(7600), Input::Tick);
         assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
     }

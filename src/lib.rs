@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dcs;
 pub mod decide;
 pub mod timing;
 pub mod watchdog;

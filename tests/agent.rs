@@ -6,7 +6,9 @@
 
 use leasedog::watchdog::{read_fake_record, FakeOp};
 use leasedog_testbed::agent::AgentProcess;
-use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdCluster, EtcdServer, EventKind, KeyWatch};
+use leasedog_testbed::etcd::{
+    boottime_ns, BlockingClient, EtcdCluster, EtcdServer, EventKind, KeyWatch,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,9 +37,12 @@ ping_interval = 0.05
 [[watchdog.device]]
 kind = "fake"
 record = "{record}"
+[audit]
+dir = "{audit}"
 "#,
         eps = eps.join(", "),
-        record = record.display()
+        record = record.display(),
+        audit = record.parent().unwrap().join("audit").display()
     )
 }
 
@@ -51,10 +56,22 @@ fn spawn(scope: &str, name: &str, endpoints: &[String]) -> Node {
     spawn_with(scope, name, endpoints, "required", &[])
 }
 
-fn spawn_with(scope: &str, name: &str, endpoints: &[String], mode: &str, env: &[(&str, &str)]) -> Node {
+fn spawn_with(
+    scope: &str,
+    name: &str,
+    endpoints: &[String],
+    mode: &str,
+    env: &[(&str, &str)],
+) -> Node {
     let dir = tempfile::tempdir().unwrap().keep();
     let record = dir.join(format!("{name}.wd"));
-    let proc_ = AgentProcess::spawn(Path::new(BIN), name, &config(scope, name, endpoints, &record, mode), env).unwrap();
+    let proc_ = AgentProcess::spawn(
+        Path::new(BIN),
+        name,
+        &config(scope, name, endpoints, &record, mode),
+        env,
+    )
+    .unwrap();
     Node {
         name: name.into(),
         record,
@@ -82,7 +99,9 @@ impl Node {
         self.ops().iter().any(|o| matches!(o, FakeOp::Arm { .. }))
     }
     fn disarmed(&self) -> bool {
-        self.ops().iter().any(|o| matches!(o, FakeOp::Disarm { .. }))
+        self.ops()
+            .iter()
+            .any(|o| matches!(o, FakeOp::Disarm { .. }))
     }
 }
 
@@ -110,7 +129,10 @@ fn wait_holder(client: &BlockingClient, scope: &str, timeout: Duration) -> Strin
     let mut name = None;
     assert!(
         wait_until(timeout, || {
-            name = client.get(&leader_key(scope)).unwrap().and_then(|v| holder_name(&v));
+            name = client
+                .get(&leader_key(scope))
+                .unwrap()
+                .and_then(|v| holder_name(&v));
             name.is_some()
         }),
         "no leader within {timeout:?}"
@@ -127,11 +149,18 @@ fn one_leader_and_a_stalled_leader_is_fenced_before_takeover() {
     let eps = etcd.endpoints();
     let client = BlockingClient::connect(&eps).unwrap();
     let watch = KeyWatch::start(&eps, &leader_key("race")).unwrap();
-    let mut nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| spawn("race", n, &eps)).collect();
+    let mut nodes: Vec<Node> = ["a", "b", "c"]
+        .iter()
+        .map(|n| spawn("race", n, &eps))
+        .collect();
     let first = wait_holder(&client, "race", Duration::from_secs(20));
     // Steady state for a while: one armed node, pinging; the others unarmed.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(holder_name(&client.get(&leader_key("race")).unwrap().unwrap()).unwrap(), first, "leadership stable");
+    assert_eq!(
+        holder_name(&client.get(&leader_key("race")).unwrap().unwrap()).unwrap(),
+        first,
+        "leadership stable"
+    );
     for n in &nodes {
         if n.name == first {
             assert!(n.armed(), "leader armed");
@@ -160,7 +189,9 @@ fn one_leader_and_a_stalled_leader_is_fenced_before_takeover() {
         found.unwrap()
     };
     assert_ne!(new_leader, first);
-    let deleted = watch.first_delete_after(t_stop).expect("key deleted by expiry");
+    let deleted = watch
+        .first_delete_after(t_stop)
+        .expect("key deleted by expiry");
     let last_ping = *nodes[li].pings().last().unwrap();
     let reset_at = last_ping + W_NS;
     eprintln!(
@@ -176,7 +207,10 @@ fn one_leader_and_a_stalled_leader_is_fenced_before_takeover() {
     );
     // The new leader armed before it promoted and is pinging.
     let ni = nodes.iter().position(|n| n.name == new_leader).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || nodes[ni].pings().iter().any(|p| *p > deleted.boottime_ns)));
+    assert!(wait_until(Duration::from_secs(5), || nodes[ni]
+        .pings()
+        .iter()
+        .any(|p| *p > deleted.boottime_ns)));
     let log = nodes[ni].proc_.log();
     let armed = log.find("Armed(").expect("armed recorded");
     let promoted = log.rfind("Promoted").expect("promoted recorded");
@@ -186,13 +220,30 @@ fn one_leader_and_a_stalled_leader_is_fenced_before_takeover() {
     // steps down (its deadline passed long ago).
     let t_resume = boottime_ns();
     nodes[li].proc_.resume().unwrap();
-    assert!(nodes[li].proc_.wait_log("deadline timer fenced the node", Duration::from_secs(10))
-        || nodes[li].proc_.wait_log("stepping down", Duration::from_secs(1)));
+    assert!(
+        nodes[li]
+            .proc_
+            .wait_log("deadline timer fenced the node", Duration::from_secs(10))
+            || nodes[li]
+                .proc_
+                .wait_log("stepping down", Duration::from_secs(1))
+    );
     std::thread::sleep(Duration::from_secs(2));
-    let late: Vec<u64> = nodes[li].pings().into_iter().filter(|p| *p > t_stop).collect();
-    assert!(late.is_empty(), "old leader pinged after the stall: {late:?} (resumed at {t_resume})");
+    let late: Vec<u64> = nodes[li]
+        .pings()
+        .into_iter()
+        .filter(|p| *p > t_stop)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "old leader pinged after the stall: {late:?} (resumed at {t_resume})"
+    );
     // And it disarms once the key is provably gone.
-    assert!(wait_until(Duration::from_secs(10), || nodes[li].disarmed()), "{}", nodes[li].proc_.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || nodes[li].disarmed()),
+        "{}",
+        nodes[li].proc_.log()
+    );
     nodes.clear();
 }
 
@@ -212,9 +263,22 @@ fn frozen_etcd_stops_pings_within_m_minus_r() {
     let pings = n.pings();
     let last = *pings.last().unwrap();
     etcd.resume().unwrap();
-    eprintln!("last ping {:+.3} s after the freeze (bound {:.3} s)", (last as f64 - t_freeze as f64) / 1e9, M_MINUS_R_NS as f64 / 1e9);
-    assert!(last <= t_freeze + M_MINUS_R_NS, "ping {} ns after the freeze", last - t_freeze);
-    assert!(n.proc_.log().contains("deadline timer fenced the node") || n.proc_.log().contains("Deadline"), "{}", n.proc_.log());
+    eprintln!(
+        "last ping {:+.3} s after the freeze (bound {:.3} s)",
+        (last as f64 - t_freeze as f64) / 1e9,
+        M_MINUS_R_NS as f64 / 1e9
+    );
+    assert!(
+        last <= t_freeze + M_MINUS_R_NS,
+        "ping {} ns after the freeze",
+        last - t_freeze
+    );
+    assert!(
+        n.proc_.log().contains("deadline timer fenced the node")
+            || n.proc_.log().contains("Deadline"),
+        "{}",
+        n.proc_.log()
+    );
 }
 
 /// A change of etcd leader (3 members, the leader SIGKILLed) only extends
@@ -231,14 +295,34 @@ fn etcd_leader_change_keeps_the_key_and_the_pings() {
     let t_kill = boottime_ns();
     cluster.kill(li);
     std::thread::sleep(Duration::from_secs(T + 3));
-    let survivors: Vec<String> = (0..3).filter(|i| *i != li).map(|i| cluster.client_url(i)).collect();
+    let survivors: Vec<String> = (0..3)
+        .filter(|i| *i != li)
+        .map(|i| cluster.client_url(i))
+        .collect();
     let client2 = BlockingClient::connect(&survivors).unwrap();
-    let after = client2.get_kv(&leader_key("elect")).unwrap().expect("key survived the etcd leader change");
+    let after = client2
+        .get_kv(&leader_key("elect"))
+        .unwrap()
+        .expect("key survived the etcd leader change");
     assert_eq!(after.lease, before.lease, "same lease");
-    assert_eq!(after.create_revision, before.create_revision, "same key, never re-created");
-    let late: Vec<u64> = n.pings().into_iter().filter(|p| *p > t_kill + (T + 1) * 1_000_000_000).collect();
-    assert!(!late.is_empty(), "pings continued after the etcd leader change");
-    assert!(!n.proc_.log().contains("stepping down"), "{}", n.proc_.log());
+    assert_eq!(
+        after.create_revision, before.create_revision,
+        "same key, never re-created"
+    );
+    let late: Vec<u64> = n
+        .pings()
+        .into_iter()
+        .filter(|p| *p > t_kill + (T + 1) * 1_000_000_000)
+        .collect();
+    assert!(
+        !late.is_empty(),
+        "pings continued after the etcd leader change"
+    );
+    assert!(
+        !n.proc_.log().contains("stepping down"),
+        "{}",
+        n.proc_.log()
+    );
 }
 
 /// Garbage in the leader key means an unknown owner: no crash, no race, no
@@ -248,14 +332,22 @@ fn garbage_in_the_leader_key_is_an_unknown_owner() {
     let etcd = EtcdServer::start().unwrap();
     let eps = etcd.endpoints();
     let client = BlockingClient::connect(&eps).unwrap();
-    client.put(&leader_key("junk"), [0xffu8, 0x00, 0x13, 0x37]).unwrap();
+    client
+        .put(&leader_key("junk"), [0xffu8, 0x00, 0x13, 0x37])
+        .unwrap();
     let mut n = spawn("junk", "solo", &eps);
     std::thread::sleep(Duration::from_secs(3));
     assert!(n.proc_.try_exit().is_none(), "agent alive");
-    assert!(!n.armed(), "never arms while an unknown owner holds the key");
+    assert!(
+        !n.armed(),
+        "never arms while an unknown owner holds the key"
+    );
     assert!(n.pings().is_empty());
     client.delete(&leader_key("junk")).unwrap();
-    assert_eq!(wait_holder(&client, "junk", Duration::from_secs(10)), "solo");
+    assert_eq!(
+        wait_holder(&client, "junk", Duration::from_secs(10)),
+        "solo"
+    );
     assert!(wait_until(Duration::from_secs(5), || !n.pings().is_empty()));
 }
 
@@ -263,14 +355,26 @@ fn garbage_in_the_leader_key_is_an_unknown_owner() {
 /// keeps trying; SIGTERM then exits 0.
 #[test]
 fn unreachable_etcd_at_start_is_a_clear_safe_state() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut n = spawn("none", "solo", &[format!("http://127.0.0.1:{port}")]);
-    assert!(n.proc_.wait_log("etcd unreachable", Duration::from_secs(10)), "{}", n.proc_.log());
+    assert!(
+        n.proc_
+            .wait_log("etcd unreachable", Duration::from_secs(10)),
+        "{}",
+        n.proc_.log()
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert!(n.proc_.try_exit().is_none(), "keeps trying");
     assert!(!n.armed() && n.pings().is_empty());
     n.proc_.signal(libc::SIGTERM).unwrap();
-    let st = n.proc_.wait_exit(Duration::from_secs(10)).expect("exits on SIGTERM");
+    let st = n
+        .proc_
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits on SIGTERM");
     assert_eq!(st.code(), Some(0));
 }
 
@@ -287,14 +391,29 @@ fn sigterm_hands_over_cleanly() {
     std::thread::sleep(Duration::from_secs(2));
     let t_term = Instant::now();
     a.proc_.signal(libc::SIGTERM).unwrap();
-    let st = a.proc_.wait_exit(Duration::from_secs(10)).expect("leader exits");
+    let st = a
+        .proc_
+        .wait_exit(Duration::from_secs(10))
+        .expect("leader exits");
     assert_eq!(st.code(), Some(0), "{}", a.proc_.log());
     assert!(a.disarmed(), "magic close on a clean exit");
     let ops = a.ops();
-    let disarm = ops.iter().position(|o| matches!(o, FakeOp::Disarm { .. })).unwrap();
-    assert!(ops[disarm + 1..].iter().all(|o| !matches!(o, FakeOp::Ping { .. })), "no ping after disarm");
+    let disarm = ops
+        .iter()
+        .position(|o| matches!(o, FakeOp::Disarm { .. }))
+        .unwrap();
+    assert!(
+        ops[disarm + 1..]
+            .iter()
+            .all(|o| !matches!(o, FakeOp::Ping { .. })),
+        "no ping after disarm"
+    );
     assert_eq!(wait_holder(&client, "term", Duration::from_secs(10)), "b");
-    assert!(t_term.elapsed() < Duration::from_secs(T), "handover faster than a lease expiry: {:?}", t_term.elapsed());
+    assert!(
+        t_term.elapsed() < Duration::from_secs(T),
+        "handover faster than a lease expiry: {:?}",
+        t_term.elapsed()
+    );
     assert!(wait_until(Duration::from_secs(5), || b.armed()));
     let _ = b.proc_.signal(libc::SIGTERM);
     let _ = b.proc_.wait_exit(Duration::from_secs(10));
@@ -307,21 +426,40 @@ fn bad_config_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("node = 'a'\n[timing]\nttl = 1\n", "timing.ttl"),
-        ("node = 'a'\n[timing]\nsafety_margin = 1.0\nreset_allowance = 1.0\n", "timing.safety_margin"),
-        ("node = 'a'\n[timing]\nloop_interval = 9.0\n", "timing.loop_interval"),
-        ("node = 'a'\n[watchdog]\nmode = 'required'\n", "watchdog.device"),
+        (
+            "node = 'a'\n[timing]\nsafety_margin = 1.0\nreset_allowance = 1.0\n",
+            "timing.safety_margin",
+        ),
+        (
+            "node = 'a'\n[timing]\nloop_interval = 9.0\n",
+            "timing.loop_interval",
+        ),
+        (
+            "node = 'a'\n[watchdog]\nmode = 'required'\n",
+            "watchdog.device",
+        ),
         ("node = \n", "TOML parse error"),
         ("nod = 'a'\n", "unknown field"),
     ];
     for (text, needle) in cases {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, text).unwrap();
-        let out = std::process::Command::new(BIN).args(["run", "--config"]).arg(&p).output().unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
-        assert!(err.contains(needle), "{text:?}: expected {needle:?} in {err}");
+        assert!(
+            err.contains(needle),
+            "{text:?}: expected {needle:?} in {err}"
+        );
     }
-    let out = std::process::Command::new(BIN).args(["run", "--config", "/nonexistent/leasedog.toml"]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config", "/nonexistent/leasedog.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/leasedog.toml"));
 }
@@ -343,20 +481,35 @@ fn missing_or_busy_required_device_never_promotes() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     for (name, path, needle) in [
-        ("missing", PathBuf::from("/dev/watchdog-does-not-exist"), "watchdog-does-not-exist"),
+        (
+            "missing",
+            PathBuf::from("/dev/watchdog-does-not-exist"),
+            "watchdog-does-not-exist",
+        ),
         ("busy", busy.clone(), "sleep"),
     ] {
-        let cfg = config("dev", name, &eps, Path::new("/unused"), "required").replace(
-            "kind = \"fake\"\nrecord = \"/unused\"",
+        let unused = dir.path().join("unused");
+        let cfg = config("dev", name, &eps, &unused, "required").replace(
+            &format!("kind = \"fake\"\nrecord = \"{}\"", unused.display()),
             &format!("kind = \"device\"\npath = \"{}\"", path.display()),
         );
         let a = AgentProcess::spawn(Path::new(BIN), name, &cfg, &[]).unwrap();
-        assert!(a.wait_log("cannot arm", Duration::from_secs(15)), "{}", a.log());
+        assert!(
+            a.wait_log("cannot arm", Duration::from_secs(15)),
+            "{}",
+            a.log()
+        );
         std::thread::sleep(Duration::from_secs(1));
         let log = a.log();
-        assert!(log.contains(needle), "error names the cause {needle:?}: {log}");
+        assert!(
+            log.contains(needle),
+            "error names the cause {needle:?}: {log}"
+        );
         assert!(!log.contains("promoted (leader)"), "{log}");
-        assert!(log.contains("Released"), "key released after the failed arm: {log}");
+        assert!(
+            log.contains("Released"),
+            "key released after the failed arm: {log}"
+        );
         drop(a);
     }
     let _ = holder.kill();

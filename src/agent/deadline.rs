@@ -22,8 +22,15 @@ pub type StopFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 /// Reports from the timer to the main loop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TimerReport {
-    Fenced { s: BootTime, at: BootTime, how: String },
-    StopFailed { s: BootTime, reason: String },
+    Fenced {
+        s: BootTime,
+        at: BootTime,
+        how: String,
+    },
+    StopFailed {
+        s: BootTime,
+        reason: String,
+    },
 }
 
 /// Rule 3 as one decision: on lease evidence, is it past the deadline?
@@ -120,10 +127,22 @@ mod tests {
     fn overdue_only_on_lease_evidence_past_deadline() {
         let b = budget(); // T - M = 1 s
         let s = BootTime::from_nanos(1_000_000_000);
-        assert_eq!(overdue(Evidence::Lease(s), s + Duration::from_millis(1000), &b), None);
-        assert_eq!(overdue(Evidence::Lease(s), s + Duration::from_millis(1001), &b), Some(s));
-        assert_eq!(overdue(Evidence::Liveness(s), s + Duration::from_secs(9), &b), None);
-        assert_eq!(overdue(Evidence::None, s + Duration::from_secs(9), &b), None);
+        assert_eq!(
+            overdue(Evidence::Lease(s), s + Duration::from_millis(1000), &b),
+            None
+        );
+        assert_eq!(
+            overdue(Evidence::Lease(s), s + Duration::from_millis(1001), &b),
+            Some(s)
+        );
+        assert_eq!(
+            overdue(Evidence::Liveness(s), s + Duration::from_secs(9), &b),
+            None
+        );
+        assert_eq!(
+            overdue(Evidence::None, s + Duration::from_secs(9), &b),
+            None
+        );
     }
 
     /// With the main loop silent (nobody renews), the timer alone stops
@@ -153,7 +172,10 @@ mod tests {
         thread::sleep(Duration::from_millis(1800));
         let calls = calls.lock().unwrap();
         assert_eq!(calls.len(), 1, "one step-down");
-        assert!(calls[0] > timing::demotion_deadline(s, &b), "not before the deadline");
+        assert!(
+            calls[0] > timing::demotion_deadline(s, &b),
+            "not before the deadline"
+        );
         assert_eq!(cell.load(), Evidence::None, "pings stopped");
         let reports = reports.lock().unwrap();
         assert!(matches!(&reports[0], TimerReport::Fenced { s: rs, .. } if *rs == s));

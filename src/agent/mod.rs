@@ -14,26 +14,28 @@ pub mod faults;
 pub mod pinger;
 pub mod realtime;
 
+use crate::audit::{self, AuditLog, Event};
 use crate::clock;
 use crate::config::{Config, DeviceSpec};
-use crate::dcs::{self, Acquire, Dcs, Holder, Renewal};
+use crate::dcs::{self, Acquire, Dcs, Holder, LeaseId, Renewal};
 use crate::decide::{
     Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder,
 };
 use crate::timing::Budget;
 use crate::watchdog::{self, SysRoots, Watchdog};
 use deadline::{DeadlineTimer, StopFn, TimerReport};
-use pinger::{EvidenceCell, PingEvent, Pinger};
+use pinger::{EvidenceCell, Pinger};
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 /// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
-pub fn run(cfg: Config) -> Result<i32, String> {
+/// `config_digest` identifies the configuration in the audit's start-up record.
+pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     let budget = cfg.budget().map_err(|e| e.to_string())?;
+    let audit = open_audit(&cfg, &budget, config_digest)?;
     info!(
         node = %cfg.node, scope = %cfg.scope,
         ttl = ?budget.ttl, margin = ?budget.margin, reset_allowance = ?budget.reset_allowance,
@@ -48,7 +50,10 @@ pub fn run(cfg: Config) -> Result<i32, String> {
     let (pinger, rt) = Pinger::start(cell.clone(), budget, cfg.ping_interval(), true)
         .map_err(|e| format!("cannot start the pinger thread: {e}"))?;
     match rt {
-        Ok(()) => info!("pinger runs at SCHED_FIFO priority {}", realtime::RT_PRIORITY),
+        Ok(()) => info!(
+            "pinger runs at SCHED_FIFO priority {}",
+            realtime::RT_PRIORITY
+        ),
         Err(e) => warn!("pinger NOT real-time: {e}"),
     }
     let (timer_tx, timer_rx) = mpsc::unbounded_channel();
@@ -88,6 +93,7 @@ pub fn run(cfg: Config) -> Result<i32, String> {
         dcs: None,
         watch: None,
         stop_fn,
+        audit,
     };
     let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx));
     drop(timer);
@@ -125,12 +131,141 @@ struct Agent {
     dcs: Option<Dcs>,
     watch: Option<dcs::LeaderWatch>,
     stop_fn: StopFn,
+    audit: AuditLog,
 }
 
-fn key_holder(h: Holder) -> KeyHolder {
+/// Opens the audit log (refusing to run without one: rule 7), warns if the
+/// previous boot ended under a running agent, and writes the start-up record.
+fn open_audit(cfg: &Config, budget: &Budget, config_digest: String) -> Result<AuditLog, String> {
+    let dir = &cfg.audit.dir;
+    std::fs::create_dir_all(dir).map_err(|e| format!("audit directory {}: {e}", dir.display()))?;
+    let (mut log, report) = AuditLog::open(dir, &cfg.node)
+        .map_err(|e| format!("audit log in {}: {e}", dir.display()))?;
+    if let Some(t) = &report.torn {
+        warn!("audit log had a torn last line (a crash mid-write): {t:?}; continued after it");
+    }
+    if let Some((line, what)) = &report.first_break {
+        error!("audit log chain is broken at line {line}: {what}; run `leasedog audit verify`");
+    }
+    let prev = audit::previous_boot(&report, log.boot_id());
+    let devices: Vec<audit::DeviceRecord> = watchdog::query(&SysRoots::real())
+        .into_iter()
+        .map(|d| audit::DeviceRecord {
+            path: d.path.display().to_string(),
+            identity: d.identity.unwrap_or_default(),
+            timeout_s: d.timeout.unwrap_or(0),
+            nowayout: d.nowayout.unwrap_or(true),
+            bootstatus: d.bootstatus.map(|b| b.0 .0),
+            watchdog_reset: d.was_watchdog_reset.unwrap_or(false),
+        })
+        .collect();
+    let reset_seen = devices.iter().any(|d| d.watchdog_reset);
+    if let Some(p) = &prev {
+        if !p.clean_shutdown {
+            warn!(
+                previous_boot = %p.boot_id,
+                last_record_wall_ns = p.last_record_wall,
+                last_event = p.last_event.name(),
+                watchdog_reset = reset_seen,
+                "the previous boot ended while this agent was running{}",
+                if reset_seen { ": a watchdog reset (device boot status)" } else { " (reset, crash or power loss)" }
+            );
+        }
+    }
+    log.append(
+        None,
+        Event::Startup {
+            version: env!("CARGO_PKG_VERSION").into(),
+            config_digest,
+            budget: budget.into(),
+            devices,
+            previous_boot_id: prev.as_ref().map(|p| p.boot_id.clone()),
+            previous_boot_reset: prev.as_ref().map(|p| !p.clean_shutdown && reset_seen),
+        },
+    )
+    .map_err(|e| format!("audit log: {e}"))?;
+    info!(path = %log.path().display(), "audit log open");
+    Ok(log)
+}
+
+/// The audit record of a core fact (and the etcd revision it carries).
+fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
+    let ns = |t: clock::BootTime| t.as_nanos();
+    match fact.clone() {
+        Fact::LeaseGranted { lease } => (None, Event::LeaseGranted { lease }),
+        Fact::Acquired { lease, revision, s } => {
+            (Some(revision), Event::Acquired { lease, s_ns: ns(s) })
+        }
+        Fact::LeaderSeen { holder, revision } => (
+            Some(revision),
+            Event::LeaderSeen {
+                holder: match holder {
+                    KeyHolder::Nobody | KeyHolder::Unknown => None,
+                    KeyHolder::Us => Some("(this node)".into()),
+                    KeyHolder::Other(n) => Some(n),
+                    KeyHolder::Garbage => Some("(not a leasedog record)".into()),
+                },
+            },
+        ),
+        Fact::RenewedLate { sent, acked } => (
+            None,
+            Event::RenewedLate {
+                sent_ns: ns(sent),
+                acked_ns: ns(acked),
+            },
+        ),
+        Fact::LeaseLost { last_s } => (
+            None,
+            Event::LeaseLost {
+                reason: "etcd reports the lease gone".into(),
+                last_s_ns: last_s.map(ns),
+            },
+        ),
+        Fact::Armed(d) => (
+            None,
+            Event::Armed {
+                device: d.path,
+                identity: d.identity,
+                w_s: d.w_secs,
+                nowayout: d.nowayout,
+            },
+        ),
+        Fact::ArmFailed { device, reason } => (None, Event::ArmFailed { device, reason }),
+        Fact::LeadingUnarmed { reason } => (None, Event::LeadingUnarmed { reason }),
+        Fact::Promoted => (None, Event::Promoted),
+        Fact::StepDownBegun { reason, deadline } => (
+            None,
+            Event::StepDownBegun {
+                reason: format!("{reason:?}"),
+                deadline_ns: deadline.map_or(0, ns),
+            },
+        ),
+        Fact::StepDownConfirmed { how } => (None, Event::StepDownConfirmed { how }),
+        Fact::StepDownFailed { reason } => (None, Event::StepDownFailed { reason }),
+        Fact::Released { .. } => (None, Event::Released),
+        Fact::Disarmed => (
+            None,
+            Event::Disarmed {
+                device: "all disarmable".into(),
+            },
+        ),
+        Fact::NowayoutKeptArmed { devices } => (None, Event::NowayoutKeptArmed { devices }),
+        Fact::Shutdown => (
+            None,
+            Event::Shutdown {
+                reason: "signal".into(),
+            },
+        ),
+    }
+}
+
+/// The core's view of a holder. Our own name on a lease this process does
+/// not hold (a previous run's) counts as another owner: it must expire.
+fn key_holder(h: Holder, current: Option<i64>) -> KeyHolder {
     match h {
         Holder::Nobody => KeyHolder::Nobody,
-        Holder::Us => KeyHolder::Us,
+        Holder::Us { lease } if Some(lease.0) == current => KeyHolder::Us,
+        Holder::Us { lease } => KeyHolder::Other(format!("this node on an older lease {lease}")),
         Holder::Node { name, .. } => KeyHolder::Other(name),
         Holder::Unknown { .. } => KeyHolder::Garbage,
     }
@@ -169,7 +304,7 @@ impl Agent {
                     }
                 },
                 ev = next_watch(&mut self.watch) => match ev {
-                    Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder), revision },
+                    Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder, self.core.lease()), revision },
                     Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
                     Err(e) => {
                         warn!("leader watch broke: {e}; re-reading");
@@ -199,34 +334,46 @@ impl Agent {
         None
     }
 
+    /// Moves the pinger's events into the audit log (one fsync for all).
     fn drain_pinger(&mut self) {
-        let mut refused = 0u64;
-        let mut worst = Duration::ZERO;
-        for ev in self.pinger.events.try_iter() {
-            match ev {
-                PingEvent::Refused { k, s } => {
-                    refused += 1;
-                    worst = worst.max(k.saturating_since(s));
+        let mut n = 0;
+        while let Some(ev) = self.pinger.events.try_recv() {
+            match &ev {
+                Event::PingRefused { k_minus_s_ns, .. } if n == 0 => warn!(
+                    k_minus_s = ?Duration::from_nanos(*k_minus_s_ns),
+                    "ping refused: the last acknowledged renewal is older than M - R"
+                ),
+                Event::PingFailed { device, error } => {
+                    error!(%device, "watchdog ping failed: {error}")
                 }
-                PingEvent::PingFailed { device, error } => {
-                    error!(%device, "watchdog ping failed: {error}");
-                }
+                _ => {}
             }
+            if let Err(e) = self.audit.append_nosync(None, ev) {
+                error!("audit log write failed: {e}");
+            }
+            n += 1;
         }
-        if refused > 0 {
-            warn!(
-                refused,
-                worst_k_minus_s = ?worst,
-                "pings refused: the last acknowledged renewal is older than M - R"
-            );
-        }
-        let dropped = self.pinger.stats.dropped_events.swap(0, Ordering::Relaxed);
+        let dropped = self.pinger.events.take_dropped();
         if dropped > 0 {
             warn!(dropped, "pinger events dropped (queue full)");
+            let _ = self
+                .audit
+                .append_nosync(None, Event::QueueDropped { count: dropped });
+            n += 1;
+        }
+        if n > 0 {
+            if let Err(e) = self.audit.sync() {
+                error!("audit log sync failed: {e}");
+            }
         }
     }
 
     async fn dcs(&mut self) -> Result<&mut Dcs, String> {
+        self.connect().await?;
+        Ok(self.dcs.as_mut().expect("connected"))
+    }
+
+    async fn connect(&mut self) -> Result<(), String> {
         if self.dcs.is_none() {
             let d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
                 .await
@@ -234,7 +381,7 @@ impl Agent {
             info!(endpoints = ?self.cfg.etcd.endpoints, "connected to etcd");
             self.dcs = Some(d);
         }
-        Ok(self.dcs.as_mut().expect("just set"))
+        Ok(())
     }
 
     async fn execute(&mut self, action: Action) -> Option<Input> {
@@ -248,10 +395,15 @@ impl Agent {
                 let sent = clock::now();
                 match self.dcs().await {
                     Ok(d) => match d.grant(ttl).await {
-                        Ok(lease) => Some(Input::LeaseGranted { lease, sent }),
+                        Ok(lease) => Some(Input::LeaseGranted {
+                            lease: lease.0,
+                            sent,
+                        }),
                         Err(e) => {
                             warn!("lease grant failed: {e}");
-                            Some(Input::GrantFailed { error: e.to_string() })
+                            Some(Input::GrantFailed {
+                                error: e.to_string(),
+                            })
                         }
                     },
                     Err(e) => {
@@ -273,7 +425,7 @@ impl Agent {
                     }
                 };
                 let sent = clock::now();
-                match d.renew(lease).await {
+                match d.renew(LeaseId(lease)).await {
                     Renewal::Acked { ttl } => Some(Input::Renewed { sent, ttl }),
                     Renewal::Gone => {
                         warn!(lease, "etcd says the lease is gone");
@@ -289,20 +441,21 @@ impl Agent {
                 }
             }
             Action::ReadKey => {
-                let d = match self.dcs().await {
-                    Ok(d) => d,
-                    Err(_) => return None,
-                };
+                let current = self.core.lease();
+                if self.connect().await.is_err() {
+                    return None;
+                }
+                let d = self.dcs.as_mut().expect("connected");
                 match d.leader().await {
                     Ok((holder, revision)) => {
                         if self.watch.is_none() {
-                            match d.watch_leader().await {
+                            match d.watch_leader(revision).await {
                                 Ok(w) => self.watch = Some(w),
                                 Err(e) => warn!("cannot watch the leader key: {e}"),
                             }
                         }
                         Some(Input::KeySeen {
-                            holder: key_holder(holder),
+                            holder: key_holder(holder, current),
                             revision,
                         })
                     }
@@ -317,13 +470,13 @@ impl Agent {
                     Ok(d) => d,
                     Err(e) => return Some(Input::AcquireFailed { error: e }),
                 };
-                match d.try_acquire(lease).await {
+                match d.try_acquire(LeaseId(lease)).await {
                     Ok(Acquire::Won { revision }) => {
                         info!(revision, "won the leader key");
                         Some(Input::Won { revision })
                     }
                     Ok(Acquire::Held { holder, revision }) => Some(Input::KeySeen {
-                        holder: key_holder(holder),
+                        holder: key_holder(holder, Some(lease)),
                         revision,
                     }),
                     Err(e) => Some(Input::AcquireFailed {
@@ -352,7 +505,7 @@ impl Agent {
                     Ok(d) => d,
                     Err(e) => return Some(Input::ReleaseFailed { error: e }),
                 };
-                match d.release(lease).await {
+                match d.release(LeaseId(lease)).await {
                     Ok(deleted) => Some(Input::Released { deleted }),
                     Err(e) => {
                         warn!("release failed: {e}");
@@ -381,17 +534,36 @@ impl Agent {
             }
             Action::Revoke { lease } => {
                 if let Ok(d) = self.dcs().await {
-                    if let Err(e) = d.revoke(lease).await {
+                    if let Err(e) = d.revoke(LeaseId(lease)).await {
                         warn!("lease revoke failed: {e} (it will expire)");
                     }
                 }
                 None
             }
             Action::Record(fact) => {
-                record(&fact);
+                self.record(&fact);
                 None
             }
             Action::Exit { .. } => None,
+        }
+    }
+
+    /// Logs a fact and appends it to the audit log, durably: the action it
+    /// precedes in the core's list runs only after the fsync.
+    fn record(&mut self, fact: &Fact) {
+        match fact {
+            Fact::RenewedLate { .. }
+            | Fact::LeaseLost { .. }
+            | Fact::ArmFailed { .. }
+            | Fact::LeadingUnarmed { .. }
+            | Fact::StepDownBegun { .. }
+            | Fact::StepDownFailed { .. }
+            | Fact::NowayoutKeptArmed { .. } => warn!(?fact, "audit"),
+            _ => info!(?fact, "audit"),
+        }
+        let (rev, ev) = audit_event(fact);
+        if let Err(e) = self.audit.append(rev, ev) {
+            error!("audit log write failed: {e}");
         }
     }
 
@@ -414,7 +586,10 @@ impl Agent {
                     .push((name, "evidence went stale before arming".into()));
                 continue;
             }
-            if let Some(i) = held.iter().position(|d| watchdog::same_device(spec, d.info(), &roots)) {
+            if let Some(i) = held
+                .iter()
+                .position(|d| watchdog::same_device(spec, d.info(), &roots))
+            {
                 let mut d = held.swap_remove(i);
                 match d.ping() {
                     Ok(()) => {
@@ -471,19 +646,6 @@ async fn next_watch(w: &mut Option<dcs::LeaderWatch>) -> Result<dcs::LeaderEvent
     match w {
         Some(w) => w.next().await.map_err(|e| e.to_string()),
         None => std::future::pending().await,
-    }
-}
-
-fn record(fact: &Fact) {
-    match fact {
-        Fact::RenewedLate { .. }
-        | Fact::LeaseLost { .. }
-        | Fact::ArmFailed { .. }
-        | Fact::LeadingUnarmed { .. }
-        | Fact::StepDownBegun { .. }
-        | Fact::StepDownFailed { .. }
-        | Fact::NowayoutKeptArmed { .. } => warn!(?fact, "audit"),
-        _ => info!(?fact, "audit"),
     }
 }
 

@@ -97,7 +97,11 @@ pub struct PingStats {
 impl PingStats {
     fn note_lateness(&self, late: Duration) {
         let us = late.as_micros() as u64;
-        let bucket = if us == 0 { 0 } else { (63 - us.leading_zeros()) as usize };
+        let bucket = if us == 0 {
+            0
+        } else {
+            (63 - us.leading_zeros()) as usize
+        };
         self.lateness_us_log2[bucket.min(23)].fetch_add(1, Ordering::Relaxed);
         self.max_lateness_ns
             .fetch_max(late.as_nanos() as u64, Ordering::Relaxed);
@@ -380,9 +384,9 @@ mod tests {
         cell.store(Evidence::Lease(s));
         // M - R = 1 s: wait well past it.
         thread::sleep(Duration::from_millis(1600));
-        let pings = pings(&log);
-        assert!(pings.len() >= 10, "pinged while fresh: {}", pings.len());
-        let last = *pings.last().unwrap();
+        let pinged = pings(&log);
+        assert!(pinged.len() >= 10, "pinged while fresh: {}", pinged.len());
+        let last = *pinged.last().unwrap();
         assert!(
             last.saturating_since(s) <= b.ping_window(),
             "a ping at k - s = {:?} > M - R",
@@ -405,7 +409,11 @@ mod tests {
         let summary = events
             .iter()
             .find_map(|e| match e {
-                Event::PingSummary { pings, max_k_minus_s_ns, last_s_ns } => Some((*pings, *max_k_minus_s_ns, *last_s_ns)),
+                Event::PingSummary {
+                    pings,
+                    max_k_minus_s_ns,
+                    last_s_ns,
+                } => Some((*pings, *max_k_minus_s_ns, *last_s_ns)),
                 _ => None,
             })
             .expect("a ping summary");

@@ -640,6 +640,11 @@ impl Receiver {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Events dropped since the last call (the caller records the count).
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
     /// Waits up to `timeout` for the next event (for a writer thread).
     pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Event> {
         self.rx.recv_timeout(timeout).ok()

@@ -432,7 +432,11 @@ pub fn inspect(
         e.and_then(|e| e.timeout)
             .map_or("unknown".to_string(), |t| format!("{t} s")),
         nowayout,
-        if assumed { " (assumed: unreadable)" } else { "" },
+        if assumed {
+            " (assumed: unreadable)"
+        } else {
+            ""
+        },
     ))
 }
 

@@ -2,3 +2,4 @@
 //! loopback ports, PostgreSQL clusters, and QEMU guests with real kernel
 //! watchdogs. Everything started here is stopped when its handle drops.
 pub mod agent;
+pub mod etcd;

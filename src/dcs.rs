@@ -1,0 +1,604 @@
+//! The etcd driver: the leader key, its lease, member keys and the leader
+//! watch. It only talks to etcd; every decision belongs to `decide`.
+//!
+//! Every request carries its own deadline (`etcd.request_timeout`): etcd
+//! client streams have none, and a frozen etcd would otherwise block a
+//! renewal forever. The client keeps to the configured endpoints and never
+//! syncs to the member list etcd advertises (members advertise 127.0.0.1).
+//!
+//! Keys, under `{prefix}/{scope}/`:
+//! - `leader`: `{"node": NAME, "lease": "HEX", "agent": "leasedog/VERSION"}`,
+//!   attached to the holder's lease, created only if absent.
+//! - `members/{node}`: free-form, attached to the member's lease.
+
+use crate::config::EtcdConfig;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, KeyValue, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+/// What the agent writes into the leader key's `agent` field.
+pub const AGENT: &str = concat!("leasedog/", env!("CARGO_PKG_VERSION"));
+
+/// An etcd lease id (printed in hex, as etcdctl does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub i64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// Who holds the leader key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// The key is absent.
+    Nobody,
+    /// The key names this node. `lease` is the lease the key is attached to
+    /// in etcd: compare it with the current one (a previous run of this node
+    /// may have left a key under an older lease).
+    Us { lease: LeaseId },
+    /// Another node, by its JSON value; `lease` is the key's etcd lease.
+    Node { name: String, lease: LeaseId },
+    /// The key holds something that is not our JSON: treated as held by an
+    /// unknown owner, never as free. `lease` 0 means it never expires.
+    Unknown { bytes: usize, lease: LeaseId },
+}
+
+/// The outcome of one keepalive.
+#[derive(Debug)]
+pub enum Renewal {
+    /// etcd acknowledged it; the lease has `ttl` seconds left from now.
+    Acked { ttl: i64 },
+    /// The lease no longer exists (expired or revoked): TTL <= 0.
+    Gone,
+    /// No acknowledgement within the deadline, or the stream broke.
+    Failed(DcsError),
+}
+
+/// The outcome of [`Dcs::try_acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    /// We created the leader key at `revision`.
+    Won { revision: i64 },
+    /// The key exists; `revision` is the store revision it was read at.
+    Held { holder: Holder, revision: i64 },
+}
+
+/// A change of the leader key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderEvent {
+    Put { holder: Holder, revision: i64 },
+    Deleted { revision: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DcsError {
+    #[error("etcd at {endpoints}: {op} timed out after {after:?}")]
+    Timeout {
+        op: &'static str,
+        after: Duration,
+        endpoints: String,
+    },
+    #[error("etcd at {endpoints} unreachable ({op}): {cause}")]
+    Unreachable {
+        op: &'static str,
+        endpoints: String,
+        cause: String,
+    },
+    #[error("etcd at {endpoints}: {op} failed: {cause}")]
+    Failed {
+        op: &'static str,
+        endpoints: String,
+        cause: String,
+    },
+    #[error("invalid etcd configuration: {0}")]
+    Config(String),
+}
+
+impl DcsError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DcsError::Timeout { .. })
+    }
+}
+
+/// The JSON in the leader key. Field order is fixed (struct, not map) so our
+/// own value is byte-for-byte reproducible for the compare in `release`.
+#[derive(Serialize)]
+struct LeaderValueOut<'a> {
+    node: &'a str,
+    lease: String,
+    agent: &'a str,
+}
+
+#[derive(Deserialize)]
+struct LeaderValueIn {
+    node: String,
+}
+
+struct KeepAlive {
+    lease: LeaseId,
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+}
+
+/// A connection to etcd for one node in one scope.
+pub struct Dcs {
+    client: Client,
+    endpoints: String,
+    node: String,
+    leader_key: String,
+    members_prefix: String,
+    request_timeout: Duration,
+    keepalive: Option<KeepAlive>,
+}
+
+fn secs(key: &str, v: f64) -> Result<Duration, DcsError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| DcsError::Config(format!("{key} = {v} is not a positive number of seconds")))
+}
+
+/// The error and every cause beneath it, e.g. "transport error: tcp connect
+/// error: Connection refused (os error 111)".
+fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        src = c.source();
+    }
+    s
+}
+
+impl Dcs {
+    /// Connects and proves it with one read of the leader key, all within
+    /// `connect_timeout`. Endpoints are used as given, never synced.
+    pub async fn connect(cfg: &EtcdConfig, scope: &str, node: &str) -> Result<Dcs, DcsError> {
+        let request_timeout = secs("etcd.request_timeout", cfg.request_timeout)?;
+        let connect_timeout = secs("etcd.connect_timeout", cfg.connect_timeout)?;
+        if cfg.endpoints.is_empty() {
+            return Err(DcsError::Config("etcd.endpoints is empty".into()));
+        }
+        let endpoints = cfg.endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(connect_timeout)
+            // A member cut off from its quorum fails requests at once
+            // instead of holding them.
+            .with_require_leader(true)
+            // HTTP/2 pings drop a connection whose peer vanished silently, so
+            // the balancer reconnects. etcd's server sends GOAWAY to clients
+            // pinging more often than every 5 s, or while idle.
+            .with_keep_alive(
+                Duration::from_secs(10),
+                request_timeout.max(Duration::from_secs(1)),
+            )
+            .with_keep_alive_while_idle(false);
+        let client = Client::connect(&cfg.endpoints, Some(options))
+            .await
+            .map_err(|e| DcsError::Config(format!("etcd.endpoints {endpoints}: {e}")))?;
+        let prefix = cfg.prefix.trim_end_matches('/');
+        let mut dcs = Dcs {
+            client,
+            endpoints,
+            node: node.to_string(),
+            leader_key: format!("{prefix}/{scope}/leader"),
+            members_prefix: format!("{prefix}/{scope}/members/"),
+            request_timeout,
+            keepalive: None,
+        };
+        dcs.probe(connect_timeout).await?;
+        Ok(dcs)
+    }
+
+    /// The client connects lazily; a read proves the cluster answers. With
+    /// several endpoints one may be down, so retry until the deadline.
+    async fn probe(&mut self, within: Duration) -> Result<(), DcsError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last = None;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(last.unwrap_or(DcsError::Timeout {
+                    op: "connect",
+                    after: within,
+                    endpoints: self.endpoints.clone(),
+                }));
+            }
+            let mut kv = self.client.kv_client();
+            let key = self.leader_key.clone();
+            match tokio::time::timeout(left, kv.get(key, None)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last = Some(self.error("connect", e)),
+                Err(_) => {
+                    last = Some(DcsError::Timeout {
+                        op: "connect",
+                        after: within,
+                        endpoints: self.endpoints.clone(),
+                    })
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+        }
+    }
+
+    pub fn leader_key(&self) -> &str {
+        &self.leader_key
+    }
+
+    pub fn member_key(&self) -> String {
+        format!("{}{}", self.members_prefix, self.node)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The configured endpoints, comma-separated (as errors name them).
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The exact bytes this node writes into the leader key under `lease`.
+    pub fn leader_value(&self, lease: LeaseId) -> String {
+        serde_json::to_string(&LeaderValueOut {
+            node: &self.node,
+            lease: lease.to_string(),
+            agent: AGENT,
+        })
+        .expect("serializing a struct of strings cannot fail")
+    }
+
+    fn error(&self, op: &'static str, e: etcd_client::Error) -> DcsError {
+        let endpoints = self.endpoints.clone();
+        match &e {
+            etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
+                // The root cause says it best ("Connection refused (os
+                // error 111)"); the layers above repeat "transport error".
+                let mut cause = s.message().to_string();
+                let mut src = std::error::Error::source(s);
+                while let Some(c) = src {
+                    cause = c.to_string();
+                    src = c.source();
+                }
+                DcsError::Unreachable {
+                    op,
+                    endpoints,
+                    cause,
+                }
+            }
+            etcd_client::Error::GRpcStatus(s) => DcsError::Failed {
+                op,
+                endpoints,
+                cause: format!("{:?}: {}", s.code(), s.message()),
+            },
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+                DcsError::Unreachable {
+                    op,
+                    endpoints,
+                    cause: cause_chain(&e),
+                }
+            }
+            _ => DcsError::Failed {
+                op,
+                endpoints,
+                cause: cause_chain(&e),
+            },
+        }
+    }
+
+    /// Runs one request under the request deadline.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, DcsError> {
+        match tokio::time::timeout(self.request_timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.error(op, e)),
+            Err(_) => Err(DcsError::Timeout {
+                op,
+                after: self.request_timeout,
+                endpoints: self.endpoints.clone(),
+            }),
+        }
+    }
+
+    fn holder(&self, kv: &KeyValue) -> Holder {
+        holder_of(&self.node, kv)
+    }
+
+    pub async fn grant(&mut self, ttl_secs: i64) -> Result<LeaseId, DcsError> {
+        let mut lc = self.client.lease_client();
+        let r = self.call("lease grant", lc.grant(ttl_secs, None)).await?;
+        if !r.error().is_empty() {
+            return Err(DcsError::Failed {
+                op: "lease grant",
+                endpoints: self.endpoints.clone(),
+                cause: r.error().to_string(),
+            });
+        }
+        Ok(LeaseId(r.id()))
+    }
+
+    /// One keepalive under its own deadline. Reads no clock: the caller
+    /// records the send time before calling. A stream that timed out or
+    /// broke is dropped (a late reply on it must never be taken for the
+    /// answer to a later keepalive) and reopened on the next call.
+    pub async fn renew(&mut self, lease: LeaseId) -> Renewal {
+        if self.keepalive.as_ref().is_some_and(|k| k.lease != lease) {
+            self.keepalive = None;
+        }
+        let timeout = self.request_timeout;
+        let mut lc = self.client.lease_client();
+        let ka = &mut self.keepalive;
+        let round = async move {
+            if ka.is_none() {
+                // Opening the stream sends one keepalive and checks its TTL,
+                // but drops the reply; the round below reports the TTL.
+                let (keeper, stream) = lc.keep_alive(lease.0).await?;
+                *ka = Some(KeepAlive {
+                    lease,
+                    keeper,
+                    stream,
+                });
+            }
+            let k = ka.as_mut().expect("opened above");
+            k.keeper.keep_alive().await?;
+            k.stream.message().await
+        };
+        let res = tokio::time::timeout(timeout, round).await;
+        match res {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => Renewal::Acked { ttl: r.ttl() },
+            Ok(Ok(Some(_))) => {
+                self.keepalive = None;
+                Renewal::Gone
+            }
+            // etcd-client's only way of saying "TTL <= 0" when it opens a stream.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m == "lease not found" => {
+                self.keepalive = None;
+                Renewal::Gone
+            }
+            Ok(Ok(None)) => {
+                self.keepalive = None;
+                Renewal::Failed(DcsError::Failed {
+                    op: "keepalive",
+                    endpoints: self.endpoints.clone(),
+                    cause: "stream closed by etcd".into(),
+                })
+            }
+            Ok(Err(e)) => {
+                self.keepalive = None;
+                Renewal::Failed(self.error("keepalive", e))
+            }
+            Err(_) => {
+                self.keepalive = None;
+                Renewal::Failed(DcsError::Timeout {
+                    op: "keepalive",
+                    after: timeout,
+                    endpoints: self.endpoints.clone(),
+                })
+            }
+        }
+    }
+
+    /// Creates the leader key under `lease` if it is absent; otherwise
+    /// reports who holds it. One transaction.
+    pub async fn try_acquire(&mut self, lease: LeaseId) -> Result<Acquire, DcsError> {
+        let key = self.leader_key.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                self.leader_value(lease),
+                Some(PutOptions::new().with_lease(lease.0)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let mut kv = self.client.kv_client();
+        let r = self.call("acquire", kv.txn(txn)).await?;
+        let revision = r.header().map(|h| h.revision()).unwrap_or(0);
+        if r.succeeded() {
+            return Ok(Acquire::Won { revision });
+        }
+        let holder = r
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| self.holder(kv)),
+                _ => None,
+            })
+            // The compare saw the key, so the get in the same transaction
+            // must too; if not, say so rather than call the key free.
+            .ok_or_else(|| DcsError::Failed {
+                op: "acquire",
+                endpoints: self.endpoints.clone(),
+                cause: "key existed but the transaction returned no value".into(),
+            })?;
+        Ok(Acquire::Held { holder, revision })
+    }
+
+    /// The leader key's holder and the store revision it was read at (pass
+    /// that to [`watch_leader`](Self::watch_leader) to miss no change).
+    pub async fn leader(&mut self) -> Result<(Holder, i64), DcsError> {
+        let mut kv = self.client.kv_client();
+        let key = self.leader_key.clone();
+        let r = self.call("get leader", kv.get(key, None)).await?;
+        let revision = r.header().map(|h| h.revision()).unwrap_or(0);
+        let holder = r.kvs().first().map_or(Holder::Nobody, |kv| self.holder(kv));
+        Ok((holder, revision))
+    }
+
+    /// Deletes the leader key only if it is ours under `lease` (value and
+    /// lease compared in one transaction), then revokes `lease`. Returns
+    /// whether the key was deleted. The revoke is best effort: a lease that
+    /// is no longer renewed expires within its TTL; call
+    /// [`revoke`](Self::revoke) to see its error.
+    pub async fn release(&mut self, lease: LeaseId) -> Result<bool, DcsError> {
+        let key = self.leader_key.clone();
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.clone(), CompareOp::Equal, self.leader_value(lease)),
+                Compare::lease(key.clone(), CompareOp::Equal, lease.0),
+            ])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut kv = self.client.kv_client();
+        let deleted = self.call("release", kv.txn(txn)).await?.succeeded();
+        let _ = self.revoke(lease).await;
+        Ok(deleted)
+    }
+
+    /// Revokes `lease`, deleting every key attached to it. Revoking a lease
+    /// that no longer exists is not an error.
+    pub async fn revoke(&mut self, lease: LeaseId) -> Result<(), DcsError> {
+        if self.keepalive.as_ref().is_some_and(|k| k.lease == lease) {
+            self.keepalive = None;
+        }
+        let mut lc = self.client.lease_client();
+        match self.call("lease revoke", lc.revoke(lease.0)).await {
+            Ok(_) => Ok(()),
+            Err(DcsError::Failed { cause, .. }) if cause.contains("lease not found") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Watches the leader key for changes after store revision
+    /// `after_revision` (0: from now). Returns once etcd confirmed the watch.
+    pub async fn watch_leader(&mut self, after_revision: i64) -> Result<LeaderWatch, DcsError> {
+        let mut opts = WatchOptions::new();
+        if after_revision > 0 {
+            opts = opts.with_start_revision(after_revision + 1);
+        }
+        let mut wc = self.client.watch_client();
+        let key = self.leader_key.clone();
+        let (stream, first) = self
+            .call("watch leader", async {
+                let mut s = wc.watch(key, Some(opts)).await?;
+                // Wait for "created" so that no change after return is missed.
+                let first = s.message().await?;
+                Ok((s, first))
+            })
+            .await?;
+        let mut w = LeaderWatch {
+            stream,
+            pending: VecDeque::new(),
+            node: self.node.clone(),
+            endpoints: self.endpoints.clone(),
+        };
+        match first {
+            None => Err(w.closed()),
+            Some(m) => {
+                w.absorb(&m)?;
+                Ok(w)
+            }
+        }
+    }
+
+    /// Writes `members/{node}` under `lease`.
+    pub async fn put_member(&mut self, lease: LeaseId, value: &str) -> Result<(), DcsError> {
+        let mut kv = self.client.kv_client();
+        let key = self.member_key();
+        self.call(
+            "put member",
+            kv.put(key, value, Some(PutOptions::new().with_lease(lease.0))),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// A stream of leader-key changes. [`next`](Self::next) is cancel-safe, so
+/// the caller can `select!` on it. An error means the watch is broken (or
+/// was canceled by etcd, e.g. compaction): re-read the key and watch again.
+pub struct LeaderWatch {
+    stream: WatchStream,
+    pending: VecDeque<LeaderEvent>,
+    node: String,
+    endpoints: String,
+}
+
+impl LeaderWatch {
+    fn closed(&self) -> DcsError {
+        DcsError::Failed {
+            op: "watch leader",
+            endpoints: self.endpoints.clone(),
+            cause: "watch stream closed by etcd".into(),
+        }
+    }
+
+    fn absorb(&mut self, m: &etcd_client::WatchResponse) -> Result<(), DcsError> {
+        if m.canceled() {
+            return Err(DcsError::Failed {
+                op: "watch leader",
+                endpoints: self.endpoints.clone(),
+                cause: format!(
+                    "watch canceled by etcd: {} (compact revision {})",
+                    m.cancel_reason(),
+                    m.compact_revision()
+                ),
+            });
+        }
+        for e in m.events() {
+            let Some(kv) = e.kv() else { continue };
+            let revision = kv.mod_revision();
+            self.pending.push_back(match e.event_type() {
+                EventType::Delete => LeaderEvent::Deleted { revision },
+                EventType::Put => LeaderEvent::Put {
+                    holder: holder_of(&self.node, kv),
+                    revision,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// The next change. Cancel-safe: its only await is the stream read, and
+    /// events are queued before the await resolves.
+    pub async fn next(&mut self) -> Result<LeaderEvent, DcsError> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(e);
+            }
+            match self.stream.message().await {
+                Ok(Some(m)) => self.absorb(&m)?,
+                Ok(None) => return Err(self.closed()),
+                Err(e) => {
+                    return Err(DcsError::Unreachable {
+                        op: "watch leader",
+                        endpoints: self.endpoints.clone(),
+                        cause: cause_chain(&e),
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn holder_of(node: &str, kv: &KeyValue) -> Holder {
+    let lease = LeaseId(kv.lease());
+    match serde_json::from_slice::<LeaderValueIn>(kv.value()) {
+        Ok(v) if v.node == node => Holder::Us { lease },
+        Ok(v) => Holder::Node {
+            name: v.node,
+            lease,
+        },
+        Err(_) => Holder::Unknown {
+            bytes: kv.value().len(),
+            lease,
+        },
+    }
+}
