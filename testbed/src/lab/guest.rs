@@ -301,7 +301,12 @@ impl Guest {
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
         ])
-        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
+        .args([
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-pci,netdev=n0,id=nic0",
+        ]);
         if spec.watchdogs.i6300esb {
             let action = match spec.watchdog_action {
                 WatchdogAction::Poweroff => "poweroff",
@@ -650,9 +655,10 @@ impl Guest {
         })
     }
 
-    /// Cuts (`false`) or restores the guest's network link.
+    /// Cuts (`false`) or restores the guest's network link (QMP `set_link`
+    /// on its NIC: the guest sees carrier loss, packets are dropped both ways).
     pub fn set_link(&self, up: bool) -> Result<(), String> {
-        self.qmp.set_link("n0", up)
+        self.qmp.set_link("nic0", up)
     }
 }
 

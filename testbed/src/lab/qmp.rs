@@ -26,6 +26,11 @@ pub struct QmpEvent {
 }
 
 impl QmpEvent {
+    /// [`QmpEvent::boottime`] in nanoseconds.
+    pub fn boottime_ns(&self) -> u64 {
+        self.boottime.as_nanos() as u64
+    }
+
     /// A watchdog reset as QEMU reports it: a `WATCHDOG` event (i6300esb
     /// expiry) or `SHUTDOWN` with `guest: true, reason: "guest-reset"` (the
     /// guest kernel restarting, e.g. softdog; with `-no-reboot` QEMU exits).
