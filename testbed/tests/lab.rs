@@ -342,6 +342,7 @@ fn magic_close_disarms_without_nowayout() {
     let soft = g.watchdog("Software Watchdog").expect("softdog").clone();
     let esb = g.watchdog("i6300ESB").expect("i6300esb").clone();
     assert!(!soft.nowayout && !esb.nowayout);
+    let offset0 = g.probe_clock().unwrap();
 
     // busybox watchdog writes 'V' and closes on SIGTERM.
     let p = g
@@ -366,6 +367,12 @@ fn magic_close_disarms_without_nowayout() {
     let dmesg = g.run_ok("dmesg", T).unwrap();
     assert!(!dmesg.contains("did not stop"), "{dmesg}");
     assert!(g.is_running());
+    let offset1 = g.probe_clock().unwrap();
+    eprintln!(
+        "[magic] guest->host clock offset {:.3} s, {:+.3} s later",
+        secs(offset0),
+        secs(offset1) - secs(offset0)
+    );
 
     let pid = g.qemu_pid();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {

@@ -154,8 +154,9 @@ pub struct Guest {
     spawned_at: Duration,
     ready_at: Duration,
     watchdogs: Vec<GuestWatchdog>,
-    /// Smallest (reply receipt - guest uptime) seen: guest -> host offset.
-    offset: Mutex<Option<Duration>>,
+    /// (host receipt, receipt - guest uptime) of recent control replies:
+    /// guest -> host clock offset samples.
+    offset: Mutex<Vec<(Duration, Duration)>>,
     bg_seq: Mutex<u64>,
 }
 
@@ -167,6 +168,8 @@ impl std::fmt::Debug for Guest {
             .finish_non_exhaustive()
     }
 }
+
+const OFFSET_WINDOW: Duration = Duration::from_secs(30);
 
 fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
@@ -395,7 +398,7 @@ impl Guest {
             spawned_at,
             ready_at,
             watchdogs: Vec::new(),
-            offset: Mutex::new(None),
+            offset: Mutex::new(Vec::new()),
             bg_seq: Mutex::new(0),
         };
         if let Some(up) = secs(&ready) {
@@ -426,15 +429,31 @@ impl Guest {
     }
 
     fn note_offset(&self, host: Duration, guest_uptime: Duration) {
-        // The reply leaves the guest right after the uptime is read, so
-        // receipt - uptime is the offset plus a small positive delay; the
-        // smallest one seen is the best estimate.
         if let Some(o) = host.checked_sub(guest_uptime) {
-            let mut cur = self.offset.lock().unwrap();
-            if cur.is_none_or(|c| o < c) {
-                *cur = Some(o);
-            }
+            let mut v = self.offset.lock().unwrap();
+            v.push((host, o));
+            // Recent samples only: the two clocks may drift apart slowly.
+            let keep_from = host.saturating_sub(OFFSET_WINDOW);
+            v.retain(|(h, _)| *h >= keep_from);
         }
+    }
+
+    /// Guest CLOCK_BOOTTIME -> host CLOCK_BOOTTIME offset: the smallest
+    /// (reply receipt - guest uptime) over the last 30 s of control replies.
+    /// Each reply leaves the guest right after its uptime is read, so every
+    /// sample is the offset plus a small positive delay; /proc/uptime has
+    /// 10 ms resolution. Call [`Guest::probe_clock`] to refresh it.
+    pub fn clock_offset(&self) -> Option<Duration> {
+        self.offset.lock().unwrap().iter().map(|s| s.1).min()
+    }
+
+    /// Takes a few fresh clock-offset samples; returns the new estimate.
+    pub fn probe_clock(&self) -> Result<Duration, String> {
+        for _ in 0..3 {
+            self.run_ok("true", Duration::from_secs(10))?;
+        }
+        self.clock_offset()
+            .ok_or_else(|| "no clock offset sample".to_string())
     }
 
     /// Host boottime at which QEMU was started.
@@ -522,7 +541,7 @@ impl Guest {
     /// control replies (good to a few tens of ms; it is an upper bound: the
     /// true host instant is at most this, minus the reply's serial delay).
     pub fn guest_to_host(&self, guest_uptime: Duration) -> Option<Duration> {
-        self.offset.lock().unwrap().map(|o| o + guest_uptime)
+        self.clock_offset().map(|o| o + guest_uptime)
     }
 
     /// Runs `script` with busybox sh in the guest's root (the host's root
