@@ -196,7 +196,8 @@ fn i6300esb_fires_after_its_pinger_is_stopped() {
 
 /// The guest reaches a host loopback listener through 10.0.2.2 using the
 /// host's own bash (from the 9p root), and the host reaches a guest listener
-/// through a forwarded port. Dropping the guest kills QEMU.
+/// through a forwarded port; a cut link partitions it. A guest dropped by a
+/// panicking test leaves no QEMU behind.
 #[test]
 fn guest_reaches_host_loopback_and_runs_host_binaries() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -314,20 +315,25 @@ fn guest_reaches_host_loopback_and_runs_host_binaries() {
     };
     assert_eq!(got.trim(), format!("hello {nonce}"));
 
+    // A Guest dropped while its test panics still kills QEMU.
     let pid = g.qemu_pid();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
-    drop(g);
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _g = g;
+        panic!("deliberate panic to check cleanup with a live guest: expected, ignore");
+    }));
+    assert!(res.is_err());
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "QEMU {pid} survived its Guest"
+        "QEMU {pid} survived a panicking test"
     );
 }
 
 /// A magic close ('V' then close) disarms both watchdogs when nowayout is
-/// off: the guest outlives both timeouts. A Guest dropped by a panicking
-/// test still kills QEMU.
+/// off: the guest outlives both timeouts. Then softdog, opened again and
+/// held open without pings, does reset it.
 #[test]
-fn magic_close_disarms_without_nowayout() {
+fn magic_close_disarms_without_nowayout_and_a_held_open_softdog_fires() {
     let g = boot(
         "magic",
         Watchdogs {
@@ -374,15 +380,35 @@ fn magic_close_disarms_without_nowayout() {
         secs(offset1) - secs(offset0)
     );
 
-    let pid = g.qemu_pid();
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        let _g = g;
-        panic!("deliberate panic to check cleanup with a live guest: expected, ignore");
-    }));
-    assert!(res.is_err());
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "QEMU {pid} survived a panicking test"
+    // The contrast: softdog opened again and held open by a process that
+    // never pings nor closes it resets the guest `margin` after the ping.
+    let r = g
+        .run(
+            &format!(
+                "exec 3>{}; echo 1 >&3; cut -d' ' -f1 /proc/uptime; \
+                 /run/lab/busybox setsid sleep 1000 </dev/null >/dev/null 2>&1 &",
+                soft.dev
+            ),
+            T,
+        )
+        .unwrap();
+    assert!(r.ok(), "{r:?}");
+    let ping_host = g
+        .guest_to_host(Duration::from_secs_f64(r.output.trim().parse().unwrap()))
+        .unwrap();
+    let reset = g
+        .wait_reset(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("held-open softdog did not fire\n{}", g.console_log()));
+    assert_eq!(reset.name, "SHUTDOWN", "{reset:?}");
+    let margin = Duration::from_secs(3);
+    assert!(reset.boottime + Duration::from_millis(300) >= r.sent + margin);
+    assert!(reset.boottime <= r.replied + margin + Duration::from_secs(10));
+    assert!(g
+        .console_log()
+        .contains("softdog: Initiating system reboot"));
+    eprintln!(
+        "[magic] held-open softdog: lateness vs margin {:+.3} s",
+        secs(reset.boottime) - secs(ping_host + margin)
     );
 }
 

@@ -195,6 +195,13 @@ fn fetch(root: &Path) -> Result<Kernel, String> {
     fs::create_dir_all(root)
         .map_err(|e| format!("cannot create lab cache {}: {e}", root.display()))?;
     let _lock = FileLock::acquire(&root.join("kernel.lock"))?;
+    // Builds only run under the lock: any build folder seen now is left over
+    // from a killed process.
+    for p in fs::read_dir(root).into_iter().flatten().flatten() {
+        if p.file_name().to_string_lossy().starts_with(".build-") {
+            let _ = fs::remove_dir_all(p.path());
+        }
+    }
 
     let (dir, cold) = match resolve_package() {
         Ok(pkg) => {
@@ -203,8 +210,17 @@ fn fetch(root: &Path) -> Result<Kernel, String> {
             if dir.join("complete").exists() {
                 (dir, false)
             } else {
-                build(root, &pkg, &dir)?;
-                (dir, true)
+                match build(root, &pkg, &dir) {
+                    Ok(()) => (dir, true),
+                    // Offline with a newer package listed: use the cache.
+                    Err(e) => match cached_dirs(root).pop() {
+                        Some(d) => {
+                            eprintln!("lab: {e}; using the cached {}", d.display());
+                            (d, false)
+                        }
+                        None => return Err(e),
+                    },
+                }
             }
         }
         // apt lists unusable: fall back on whatever is cached.
