@@ -654,24 +654,31 @@ impl Guest {
         Ok(Spawned { pid, log })
     }
 
-    /// Sends `signal` (e.g. `STOP`, `KILL`, `TERM`, `CONT`) to `pid` in the
-    /// guest (a negative pid: its process group), and returns when that
-    /// took effect on the guest's clock and its estimate on the host's.
-    pub fn kill(&self, pid: i64, signal: &str) -> Result<Effect, String> {
-        let r = self.run(
-            &format!("kill -{signal} {pid} && cut -d' ' -f1 /proc/uptime"),
-            Duration::from_secs(30),
-        )?;
+    /// Runs `script` (which must succeed) and returns when it took effect:
+    /// the guest's uptime right after it finished, and that instant on the
+    /// host's clock. Use this, not the request time, to timestamp an action.
+    pub fn act(&self, script: &str) -> Result<Effect, String> {
+        let r = self.run(script, Duration::from_secs(30))?;
         if r.rc != 0 {
-            return Err(format!("kill -{signal} {pid}: {}", r.output.trim()));
+            return Err(format!(
+                "{}: {script:?} exited {}: {}",
+                self.spec.name,
+                r.rc,
+                r.output.trim()
+            ));
         }
-        let up = secs(r.output.trim()).ok_or_else(|| format!("kill: bad uptime {:?}", r.output))?;
         Ok(Effect {
-            guest_uptime: up,
-            host: self.guest_to_host(up).unwrap_or(r.replied),
+            guest_uptime: r.guest_uptime,
+            host: self.guest_to_host(r.guest_uptime).unwrap_or(r.replied),
             sent: r.sent,
             replied: r.replied,
         })
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `KILL`, `TERM`, `CONT`) to `pid` in the
+    /// guest (a negative pid: its process group); see [`Guest::act`].
+    pub fn kill(&self, pid: i64, signal: &str) -> Result<Effect, String> {
+        self.act(&format!("kill -{signal} {pid}"))
     }
 
     /// Cuts (`false`) or restores the guest's network link (QMP `set_link`
