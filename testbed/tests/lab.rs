@@ -49,6 +49,7 @@ fn softdog_fires_margin_after_last_ping_despite_magic_close_with_nowayout() {
         "softdog",
         Watchdogs {
             i6300esb: false,
+            i6300esb_nowayout: false,
             softdog: Some(SoftdogOpts {
                 margin: 3,
                 nowayout: true,
@@ -121,20 +122,23 @@ fn softdog_fires_margin_after_last_ping_despite_magic_close_with_nowayout() {
     );
 }
 
-/// The emulated 6300ESB: busybox `watchdog` sets a 4 s timeout and pings
-/// every 200 ms; SIGSTOP freezes it; QEMU reports WATCHDOG ~4 s later.
+/// The emulated 6300ESB (driver loaded with nowayout=1): busybox `watchdog`
+/// sets a 4 s timeout and pings every 200 ms; SIGSTOP freezes it; QEMU
+/// reports WATCHDOG ~4 s later.
 #[test]
 fn i6300esb_fires_after_its_pinger_is_stopped() {
     let g = boot(
         "i6300esb",
         Watchdogs {
             i6300esb: true,
+            i6300esb_nowayout: true,
             softdog: None,
         },
         vec![],
     );
     let wd = g.watchdog("i6300ESB").expect("i6300esb device").clone();
     assert_eq!(wd.timeout, 30, "the driver's default: {wd:?}");
+    assert!(wd.nowayout, "nowayout=1 was not applied: {wd:?}");
 
     let p = g
         .spawn(&format!(
@@ -293,10 +297,25 @@ fn guest_reaches_host_loopback_and_runs_host_binaries() {
     }
     drop(etcd);
 
-    // Host -> guest through hostfwd.
-    g.write_file("/tmp/msg", format!("hello {nonce}\n").as_bytes())
+    // A host file written after boot is readable at its host path (even
+    // under the host's /tmp); guest writes stay in the guest.
+    let host_dir = tempfile::tempdir().unwrap();
+    let host_file = host_dir.path().join("from-host");
+    std::fs::write(&host_file, format!("host {nonce}")).unwrap();
+    let seen = g.read_file(host_file.to_str().unwrap()).unwrap();
+    assert_eq!(seen, format!("host {nonce}"));
+    g.run_ok(&format!("echo guest > {}", host_file.display()), T)
         .unwrap();
-    g.spawn("exec /run/lab/busybox nc -l -p 7000 < /tmp/msg")
+    assert_eq!(g.read_file(host_file.to_str().unwrap()).unwrap(), "guest\n");
+    assert_eq!(
+        std::fs::read_to_string(&host_file).unwrap(),
+        format!("host {nonce}")
+    );
+
+    // Host -> guest through hostfwd.
+    g.write_file("/run/msg", format!("hello {nonce}\n").as_bytes())
+        .unwrap();
+    g.spawn("exec /run/lab/busybox nc -l -p 7000 < /run/msg")
         .unwrap();
     let hp = g.host_port(7000).unwrap();
     let deadline = Instant::now() + T;
@@ -314,6 +333,19 @@ fn guest_reaches_host_loopback_and_runs_host_binaries() {
         std::thread::sleep(Duration::from_millis(300));
     };
     assert_eq!(got.trim(), format!("hello {nonce}"));
+
+    // A paused guest's clock stands still: after resuming it is behind the
+    // host by about the pause.
+    let before = g.probe_clock().unwrap();
+    g.pause().unwrap();
+    assert_eq!(g.qmp().status().unwrap(), "paused");
+    std::thread::sleep(Duration::from_secs(2));
+    g.resume().unwrap();
+    assert_eq!(g.qmp().status().unwrap(), "running");
+    let after = g.probe_clock().unwrap();
+    let lag = secs(after) - secs(before);
+    eprintln!("[net] guest clock lag after a 2 s pause: {lag:.3} s");
+    assert!((1.5..4.0).contains(&lag), "lag {lag}");
 
     // A Guest dropped while its test panics still kills QEMU.
     let pid = g.qemu_pid();
@@ -338,6 +370,7 @@ fn magic_close_disarms_without_nowayout_and_a_held_open_softdog_fires() {
         "magic",
         Watchdogs {
             i6300esb: true,
+            i6300esb_nowayout: false,
             softdog: Some(SoftdogOpts {
                 margin: 3,
                 nowayout: false,

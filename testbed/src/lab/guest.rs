@@ -33,6 +33,8 @@ pub struct SoftdogOpts {
 pub struct Watchdogs {
     /// `-device i6300esb` and its driver (default timeout 30 s).
     pub i6300esb: bool,
+    /// The i6300esb driver's `nowayout=1`.
+    pub i6300esb_nowayout: bool,
     pub softdog: Option<SoftdogOpts>,
 }
 
@@ -257,6 +259,9 @@ impl Guest {
         let mut append = "console=ttyS0 quiet panic=-1".to_string();
         if spec.watchdogs.i6300esb {
             wd.push("i6300esb");
+            if spec.watchdogs.i6300esb_nowayout {
+                append.push_str(" lab.i6300esb=nowayout=1");
+            }
         }
         if let Some(s) = spec.watchdogs.softdog {
             wd.push("softdog");
@@ -617,6 +622,8 @@ impl Guest {
     }
 
     /// Writes `contents` to `path` in the guest (parent folders created).
+    /// Sent through the serial control channel: meant for small files
+    /// (configs); for big ones write a host file and `cp` it in the guest.
     pub fn write_file(&self, path: &str, contents: &[u8]) -> Result<(), String> {
         let q = shell_quote(path);
         self.run_ok(
@@ -627,6 +634,14 @@ impl Guest {
             Duration::from_secs(30),
         )
         .map(|_| ())
+    }
+
+    /// A guest file's contents (as text; invalid UTF-8 is replaced).
+    pub fn read_file(&self, path: &str) -> Result<String, String> {
+        self.run_ok(
+            &format!("cat {}", shell_quote(path)),
+            Duration::from_secs(30),
+        )
     }
 
     /// Starts `script` (busybox sh) in the background in its own session,
@@ -679,6 +694,20 @@ impl Guest {
     /// guest (a negative pid: its process group); see [`Guest::act`].
     pub fn kill(&self, pid: i64, signal: &str) -> Result<Effect, String> {
         self.act(&format!("kill -{signal} {pid}"))
+    }
+
+    /// Freezes the whole guest (QMP `stop`): its vCPU, its clocks and the
+    /// emulated watchdog all stand still, so no watchdog fires while paused.
+    pub fn pause(&self) -> Result<(), String> {
+        self.qmp.stop()
+    }
+
+    /// Resumes a paused guest. Its clock resumes where it stopped, so it is
+    /// now behind the host by the pause: the clock-offset samples are reset.
+    pub fn resume(&self) -> Result<(), String> {
+        self.qmp.cont()?;
+        self.offset.lock().unwrap().clear();
+        Ok(())
     }
 
     /// Cuts (`false`) or restores the guest's network link (QMP `set_link`

@@ -30,19 +30,22 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /etc/lab/base-modules); do
   insmod /lib/modules/$m.ko || fail "insmod $m"
 done
-WD=""; SOFT=""
+# lab.wd=MOD,MOD: watchdog drivers in load order; lab.MOD=P=V,P=V: their
+# module parameters.
+WD=""
 for a in $(cat /proc/cmdline); do
   case "$a" in
     lab.wd=*) WD="${a#lab.wd=}" ;;
-    lab.softdog=*) SOFT="${a#lab.softdog=}" ;;
   esac
 done
 for w in $(echo "$WD" | tr , ' '); do
-  if [ "$w" = softdog ]; then
-    insmod /lib/modules/softdog.ko $(echo "$SOFT" | tr , ' ') || fail "insmod softdog $SOFT"
-  else
-    insmod /lib/modules/$w.ko || fail "insmod $w"
-  fi
+  args=""
+  for a in $(cat /proc/cmdline); do
+    case "$a" in
+      lab.$w=*) args=$(echo "${a#lab.$w=}" | tr , ' ') ;;
+    esac
+  done
+  insmod /lib/modules/$w.ko $args || fail "insmod $w $args"
 done
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
@@ -56,7 +59,6 @@ mount -t tmpfs -o mode=0755 tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot || fail "mount overlay"
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mkdir -p /newroot/run/lab
 cp /bin/busybox /etc/lab/ctl /newroot/run/lab/
 cp /etc/lab/inittab /newroot/etc/inittab

@@ -10,8 +10,13 @@
 //!   `qemu-system-x86_64 -accel tcg` and waits for the control shell.
 //!   Inside, the host's root is mounted read-only over 9p under a tmpfs
 //!   overlay and is the guest's `/`: host binaries run at their host paths
-//!   (e.g. `env!("CARGO_BIN_EXE_leasedog")` as is). `/tmp` and `/run` are
-//!   fresh tmpfs. The host's 127.0.0.1:P is 10.0.2.2:P in the guest.
+//!   (e.g. `env!("CARGO_BIN_EXE_leasedog")` as is), and host files,
+//!   including ones the test writes into a host temp folder after boot, are
+//!   readable at their host paths (a cheap way to pass big files: write on
+//!   the host, `cp` in the guest). Guest writes land in the overlay's tmpfs
+//!   and never reach the host. `/run` is a fresh tmpfs (`/run/lab` holds
+//!   the control files and busybox). The host's 127.0.0.1:P is 10.0.2.2:P
+//!   in the guest.
 //! - [`Guest::run`] / [`Guest::act`] / [`Guest::spawn`] / [`Guest::kill`] /
 //!   [`Guest::write_file`] act through a shell on the guest's second serial
 //!   port (~50 ms per round trip when idle).
@@ -33,6 +38,7 @@
 //! let g = Guest::boot(GuestSpec {
 //!     watchdogs: Watchdogs {
 //!         i6300esb: true,
+//!         i6300esb_nowayout: false,
 //!         softdog: Some(SoftdogOpts { margin: 3, nowayout: false }),
 //!     },
 //!     ..GuestSpec::default()
