@@ -239,11 +239,26 @@ impl Guest {
     pub fn boot(spec: GuestSpec) -> Result<Guest, String> {
         let kernel = Kernel::get()?;
         let initrd = initramfs::get(kernel)?;
+        // Short and plain: QEMU splits options at commas, and unix socket
+        // paths are limited to 108 bytes.
+        let tag: String = spec
+            .name
+            .chars()
+            .take(20)
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
         let dir = tempfile::Builder::new()
-            .prefix(&format!("leasedog-lab-{}-", spec.name))
+            .prefix(&format!("leasedog-lab-{tag}-"))
             .tempdir()
             .map_err(|e| format!("cannot create a temp folder: {e}"))?;
         let qmp_sock = dir.path().join("qmp.sock");
+        let longest = dir.path().join("ctl.sock").as_os_str().len();
+        if longest > 100 || dir.path().to_string_lossy().contains(',') {
+            return Err(format!(
+                "guest folder {} is too long or has a comma (QEMU options, socket paths): set TMPDIR",
+                dir.path().display()
+            ));
+        }
         let ctl_sock = dir.path().join("ctl.sock");
         let console = dir.path().join("console.log");
         let qemu_log = dir.path().join("qemu.log");
