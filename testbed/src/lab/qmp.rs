@@ -127,9 +127,11 @@ impl Qmp {
         Ok(r.get("return").cloned().unwrap_or(Value::Null))
     }
 
-    /// `set_link`: `up = false` cuts the guest's network (virtio-net link).
-    pub fn set_link(&self, netdev: &str, up: bool) -> Result<(), String> {
-        self.execute("set_link", json!({ "name": netdev, "up": up }))
+    /// `set_link` on a NIC (`nic0` in lab guests): `up = false` cuts it.
+    /// Prefer [`super::Guest::set_link`]; likewise use `Guest::pause`/`resume`
+    /// rather than `stop`/`cont` here, so the guest clock offset is redone.
+    pub fn set_link(&self, name: &str, up: bool) -> Result<(), String> {
+        self.execute("set_link", json!({ "name": name, "up": up }))
             .map(|_| ())
     }
 
