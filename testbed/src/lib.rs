@@ -3,3 +3,4 @@
 //! watchdogs. Everything started here is stopped when its handle drops.
 pub mod agent;
 pub mod etcd;
+pub mod lab;
