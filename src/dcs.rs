@@ -218,13 +218,15 @@ impl Dcs {
             }
             let mut kv = self.client.kv_client();
             let key = self.leader_key.clone();
-            match tokio::time::timeout(left, kv.get(key, None)).await {
+            // A frozen member must not eat the whole window.
+            let attempt = left.min(self.request_timeout);
+            match tokio::time::timeout(attempt, kv.get(key, None)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => last = Some(self.error("connect", e)),
                 Err(_) => {
                     last = Some(DcsError::Timeout {
                         op: "connect",
-                        after: within,
+                        after: attempt,
                         endpoints: self.endpoints.clone(),
                     })
                 }
@@ -373,6 +375,16 @@ impl Dcs {
             Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m == "lease not found" => {
                 self.keepalive = None;
                 Renewal::Gone
+            }
+            // The request side of the stream is gone: the connection to
+            // the member carrying it broke.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) => {
+                self.keepalive = None;
+                Renewal::Failed(DcsError::Unreachable {
+                    op: "keepalive",
+                    endpoints: self.endpoints.clone(),
+                    cause: format!("keepalive stream broken: {m}"),
+                })
             }
             Ok(Ok(None)) => {
                 self.keepalive = None;
@@ -524,6 +536,7 @@ impl Dcs {
 /// A stream of leader-key changes. [`next`](Self::next) is cancel-safe, so
 /// the caller can `select!` on it. An error means the watch is broken (or
 /// was canceled by etcd, e.g. compaction): re-read the key and watch again.
+/// A frozen etcd leaves a watch silent, not broken: renewals are what notice.
 pub struct LeaderWatch {
     stream: WatchStream,
     pending: VecDeque<LeaderEvent>,

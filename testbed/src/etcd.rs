@@ -99,6 +99,21 @@ fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Whether every thread of `pid` is in state T (stopped), per /proc.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
+}
+
 /// `GET /health` over plain HTTP: true once the member serves requests and
 /// sees a leader.
 fn healthy(client_port: u16) -> bool {
@@ -212,9 +227,26 @@ impl Member {
         Ok(())
     }
 
+    /// Returns once every thread of etcd is stopped: SIGSTOP is delivered
+    /// asynchronously, and on a busy machine a thread can still answer a
+    /// request for a moment after kill(2) returned.
     fn stop(&mut self) -> io::Result<()> {
-        signal(self.pid()?, libc::SIGSTOP)?;
+        let pid = self.pid()?;
+        signal(pid, libc::SIGSTOP)?;
         self.stopped = true;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "etcd {} (pid {pid}) not stopped 5 s after SIGSTOP",
+                        self.name
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
         Ok(())
     }
 
