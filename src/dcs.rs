@@ -269,7 +269,12 @@ impl Dcs {
     fn error(&self, op: &'static str, e: etcd_client::Error) -> DcsError {
         let endpoints = self.endpoints.clone();
         match &e {
-            etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
+            // A status with a source is tonic reporting its own transport
+            // failure (e.g. code Unknown, "transport error", broken pipe).
+            etcd_client::Error::GRpcStatus(s)
+                if s.code() == tonic::Code::Unavailable
+                    || std::error::Error::source(s).is_some() =>
+            {
                 // The root cause says it best ("Connection refused (os
                 // error 111)"); the layers above repeat "transport error".
                 let mut cause = s.message().to_string();
@@ -486,6 +491,17 @@ impl Dcs {
             Err(DcsError::Failed { cause, .. }) if cause.contains("lease not found") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The lease's remaining TTL in seconds as etcd's leader sees it, or
+    /// `None` if it expired or was revoked. For records and checks only: it
+    /// renews nothing.
+    pub async fn time_to_live(&mut self, lease: LeaseId) -> Result<Option<i64>, DcsError> {
+        let mut lc = self.client.lease_client();
+        let r = self
+            .call("lease time-to-live", lc.time_to_live(lease.0, None))
+            .await?;
+        Ok((r.ttl() > 0).then_some(r.ttl()))
     }
 
     /// Watches the leader key for changes after store revision

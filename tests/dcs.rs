@@ -168,8 +168,11 @@ async fn renew_acked_then_gone_after_revoke_and_after_expiry() {
             r => panic!("expected Acked, got {r:?}"),
         }
     }
+    let left = d.time_to_live(l).await.unwrap().expect("lease alive");
+    assert!(left > 0 && left <= 10, "{left}");
     d.revoke(l).await.unwrap();
     assert!(matches!(d.renew(l).await, Renewal::Gone));
+    assert_eq!(d.time_to_live(l).await.unwrap(), None);
     // Revoking a lease that is gone is fine.
     d.revoke(l).await.unwrap();
 
