@@ -218,13 +218,15 @@ impl Dcs {
             }
             let mut kv = self.client.kv_client();
             let key = self.leader_key.clone();
-            match tokio::time::timeout(left, kv.get(key, None)).await {
+            // A frozen member must not eat the whole window.
+            let attempt = left.min(self.request_timeout);
+            match tokio::time::timeout(attempt, kv.get(key, None)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => last = Some(self.error("connect", e)),
                 Err(_) => {
                     last = Some(DcsError::Timeout {
                         op: "connect",
-                        after: within,
+                        after: attempt,
                         endpoints: self.endpoints.clone(),
                     })
                 }
@@ -267,7 +269,12 @@ impl Dcs {
     fn error(&self, op: &'static str, e: etcd_client::Error) -> DcsError {
         let endpoints = self.endpoints.clone();
         match &e {
-            etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
+            // A status with a source is tonic reporting its own transport
+            // failure (e.g. code Unknown, "transport error", broken pipe).
+            etcd_client::Error::GRpcStatus(s)
+                if s.code() == tonic::Code::Unavailable
+                    || std::error::Error::source(s).is_some() =>
+            {
                 // The root cause says it best ("Connection refused (os
                 // error 111)"); the layers above repeat "transport error".
                 let mut cause = s.message().to_string();
@@ -374,6 +381,16 @@ impl Dcs {
                 self.keepalive = None;
                 Renewal::Gone
             }
+            // The request side of the stream is gone: the connection to
+            // the member carrying it broke.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) => {
+                self.keepalive = None;
+                Renewal::Failed(DcsError::Unreachable {
+                    op: "keepalive",
+                    endpoints: self.endpoints.clone(),
+                    cause: format!("keepalive stream broken: {m}"),
+                })
+            }
             Ok(Ok(None)) => {
                 self.keepalive = None;
                 Renewal::Failed(DcsError::Failed {
@@ -476,6 +493,17 @@ impl Dcs {
         }
     }
 
+    /// The lease's remaining TTL in seconds as etcd's leader sees it, or
+    /// `None` if it expired or was revoked. For records and checks only: it
+    /// renews nothing.
+    pub async fn time_to_live(&mut self, lease: LeaseId) -> Result<Option<i64>, DcsError> {
+        let mut lc = self.client.lease_client();
+        let r = self
+            .call("lease time-to-live", lc.time_to_live(lease.0, None))
+            .await?;
+        Ok((r.ttl() > 0).then_some(r.ttl()))
+    }
+
     /// Watches the leader key for changes after store revision
     /// `after_revision` (0: from now). Returns once etcd confirmed the watch.
     pub async fn watch_leader(&mut self, after_revision: i64) -> Result<LeaderWatch, DcsError> {
@@ -524,6 +552,7 @@ impl Dcs {
 /// A stream of leader-key changes. [`next`](Self::next) is cancel-safe, so
 /// the caller can `select!` on it. An error means the watch is broken (or
 /// was canceled by etcd, e.g. compaction): re-read the key and watch again.
+/// A frozen etcd leaves a watch silent, not broken: renewals are what notice.
 pub struct LeaderWatch {
     stream: WatchStream,
     pending: VecDeque<LeaderEvent>,

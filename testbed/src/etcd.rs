@@ -99,6 +99,21 @@ fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Whether every thread of `pid` is in state T (stopped), per /proc.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
+}
+
 /// `GET /health` over plain HTTP: true once the member serves requests and
 /// sees a leader.
 fn healthy(client_port: u16) -> bool {
@@ -212,9 +227,26 @@ impl Member {
         Ok(())
     }
 
+    /// Returns once every thread of etcd is stopped: SIGSTOP is delivered
+    /// asynchronously, and on a busy machine a thread can still answer a
+    /// request for a moment after kill(2) returned.
     fn stop(&mut self) -> io::Result<()> {
-        signal(self.pid()?, libc::SIGSTOP)?;
+        let pid = self.pid()?;
+        signal(pid, libc::SIGSTOP)?;
         self.stopped = true;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "etcd {} (pid {pid}) not stopped 5 s after SIGSTOP",
+                        self.name
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
         Ok(())
     }
 
@@ -572,30 +604,45 @@ impl BlockingClient {
         })
     }
 
-    fn run<T, F>(&self, what: &str, f: F) -> io::Result<T>
+    /// Runs `f` against the client under one 5 s deadline, retrying while
+    /// the failure is a broken connection: with several endpoints, the first
+    /// request after a member died can land on its dead connection.
+    fn run<T, F, Fut>(&self, what: &str, f: F) -> io::Result<T>
     where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(CLIENT_TIMEOUT, f).await })
-        {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(to_io(&format!("{what} at {:?}", self.endpoints), e)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "{what} at {:?} timed out after {CLIENT_TIMEOUT:?}",
-                    self.endpoints
-                ),
-            )),
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let res = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, f(self.client.clone())).await });
+            match res {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if is_transport(&e) && Instant::now() + RETRY_PAUSE < deadline => {
+                    thread::sleep(RETRY_PAUSE);
+                }
+                Ok(Err(e)) => return Err(to_io(&format!("{what} at {:?}", self.endpoints), e)),
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{what} at {:?} timed out after {CLIENT_TIMEOUT:?}",
+                            self.endpoints
+                        ),
+                    ))
+                }
+            }
         }
     }
 
     pub fn put(&self, key: &str, value: impl AsRef<[u8]>) -> io::Result<()> {
-        let mut c = self.client.clone();
         let v = value.as_ref().to_vec();
-        self.run("put", async move { c.put(key, v, None).await.map(|_| ()) })
+        self.run("put", |mut c| {
+            let v = v.clone();
+            async move { c.put(key, v, None).await.map(|_| ()) }
+        })
     }
 
     pub fn get(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
@@ -603,8 +650,7 @@ impl BlockingClient {
     }
 
     pub fn get_kv(&self, key: &str) -> io::Result<Option<KeyValue>> {
-        let mut c = self.client.clone();
-        self.run("get", async move {
+        self.run("get", |mut c| async move {
             let r = c.get(key, None).await?;
             Ok(r.kvs().first().map(|kv| KeyValue {
                 value: kv.value().to_vec(),
@@ -617,8 +663,7 @@ impl BlockingClient {
 
     /// Keys under `prefix`, sorted.
     pub fn keys_with_prefix(&self, prefix: &str) -> io::Result<Vec<String>> {
-        let mut c = self.client.clone();
-        self.run("get prefix", async move {
+        self.run("get prefix", |mut c| async move {
             let r = c
                 .get(
                     prefix,
@@ -634,28 +679,40 @@ impl BlockingClient {
 
     /// Whether the key existed.
     pub fn delete(&self, key: &str) -> io::Result<bool> {
-        let mut c = self.client.clone();
-        self.run("delete", async move {
+        self.run("delete", |mut c| async move {
             Ok(c.delete(key, None).await?.deleted() > 0)
         })
     }
 
     /// Remaining TTL of a lease in seconds (-1: expired or never existed).
     pub fn lease_ttl(&self, lease: i64) -> io::Result<i64> {
-        let mut c = self.client.clone();
-        self.run("lease time-to-live", async move {
+        self.run("lease time-to-live", |mut c| async move {
             Ok(c.lease_time_to_live(lease, None).await?.ttl())
         })
     }
 
     /// `(member id, leader id)` as seen by the (first) endpoint.
     pub fn status(&self) -> io::Result<(u64, u64)> {
-        let mut c = self.client.clone();
-        self.run("status", async move {
+        self.run("status", |mut c| async move {
             let s = c.status().await?;
             let member = s.header().map(|h| h.member_id()).unwrap_or(0);
             Ok((member, s.leader()))
         })
+    }
+}
+
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// A failure of the connection rather than an answer from etcd.
+fn is_transport(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            std::error::Error::source(s).is_some()
+                || s.message().contains("transport error")
+                || s.message().contains("connect")
+        }
+        _ => false,
     }
 }
 

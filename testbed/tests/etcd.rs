@@ -126,6 +126,7 @@ fn cluster_leader_kill_and_reelection() {
     assert_eq!(cl.endpoints().len(), 3);
     let c = BlockingClient::connect(&cl.endpoints()).unwrap();
     c.put("/t/c", "1").unwrap();
+    let w = KeyWatch::start(&cl.endpoints(), "/t/c").unwrap();
     let l = cl.leader_index(Duration::from_secs(10)).unwrap();
     let pid = cl.pid(l).unwrap();
     cl.kill(l);
@@ -137,6 +138,12 @@ fn cluster_leader_kill_and_reelection() {
         let ci = BlockingClient::connect(&[cl.client_url(i)]).unwrap();
         assert_eq!(ci.get("/t/c").unwrap(), Some(b"1".to_vec()));
     }
+    // The host watch follows through the loss of a member (it may have been
+    // connected to the one killed).
+    c.put("/t/c", "2").unwrap();
+    assert!(w
+        .wait_for(|e| e.value == b"2", Duration::from_secs(15))
+        .is_some());
     // A frozen follower does not stop the rest from agreeing on the leader.
     let f = (0..3).find(|&i| i != l && i != l2).unwrap();
     cl.stop(f).unwrap();
