@@ -1,4 +1,5 @@
-//! The command line: `run`, `check`, `query-watchdog`.
+//! The command line: `run`, `check`, `query-watchdog`, `test-watchdog`,
+//! `audit verify|timeline`, `status`.
 
 use crate::config::{Config, DeviceSpec, WatchdogMode};
 use crate::timing::{self, Budget};
@@ -46,6 +47,47 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Arm a device and stop pinging it: the machine must reset. Reports
+    /// failure if it is still up a few seconds after the timeout.
+    TestWatchdog {
+        /// A device path such as /dev/watchdog0, or `softdog`.
+        #[arg(long)]
+        device: String,
+        /// Watchdog timeout to set, seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u32,
+        /// Do not ask for the typed confirmation (for scripts).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Read the audit log: verify its chain, or print the fencing timeline.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain of a node's audit log.
+    Verify {
+        /// The log file (default: this node's log under audit.dir).
+        path: Option<PathBuf>,
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+    },
+    /// For every change of leader: was the old leader fenced first, and how?
+    Timeline {
+        /// Local audit logs to merge (any node's).
+        logs: Vec<PathBuf>,
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        /// Do not read the history mirrored in etcd.
+        #[arg(long)]
+        no_etcd: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Entry point: parses arguments, runs the command, returns the exit status.
@@ -74,7 +116,162 @@ pub fn main() -> i32 {
             }
         },
         Command::QueryWatchdog { open, force, json } => query_watchdog(open, force, json),
+        Command::TestWatchdog {
+            device,
+            timeout,
+            yes,
+        } => test_watchdog(&device, timeout, yes),
+        Command::Audit { command } => audit(command),
     }
+}
+
+fn audit(command: AuditCommand) -> i32 {
+    let mut out = std::io::stdout();
+    match command {
+        AuditCommand::Verify { path, config } => {
+            let path = match path {
+                Some(p) => p,
+                None => match Config::load(&config) {
+                    Ok(cfg) => crate::audit::log_path(&cfg.audit.dir, &cfg.node),
+                    Err(e) => {
+                        eprintln!("leasedog: no log given and config: {e}");
+                        return 2;
+                    }
+                },
+            };
+            crate::audit::cmd_verify(&path, &mut out)
+        }
+        AuditCommand::Timeline {
+            logs,
+            config,
+            no_etcd,
+            json,
+        } => {
+            let history = if no_etcd {
+                None
+            } else {
+                match Config::load(&config) {
+                    Ok(cfg) => match fetch_history(&cfg) {
+                        Ok(h) => Some(h),
+                        Err(e) => {
+                            eprintln!("leasedog: etcd history unavailable: {e}");
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("leasedog: config: {e} (use --no-etcd to read local logs only)");
+                        return 2;
+                    }
+                }
+            };
+            crate::audit::cmd_timeline(&logs, history, json, &mut out)
+        }
+    }
+}
+
+/// The lifecycle records leaders mirrored into etcd under the scope.
+fn fetch_history(cfg: &Config) -> Result<Vec<crate::audit::Record>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut d = crate::dcs::Dcs::connect(&cfg.etcd, &cfg.scope, &cfg.node)
+            .await
+            .map_err(|e| e.to_string())?;
+        let values = d.history().await.map_err(|e| e.to_string())?;
+        let (records, errors) = crate::audit::parse_history(values.iter().map(|v| v.as_slice()));
+        for e in errors {
+            eprintln!("leasedog: etcd history: {e}");
+        }
+        Ok(records)
+    })
+}
+
+/// Arms `device` with `timeout`, then never pings it. If the machine is
+/// still up `timeout + TEST_GRACE` later, the watchdog does not work.
+pub const TEST_GRACE: Duration = Duration::from_secs(5);
+
+fn test_watchdog(device: &str, timeout: u32, yes: bool) -> i32 {
+    let spec = if device == "softdog" {
+        DeviceSpec::Softdog
+    } else {
+        DeviceSpec::Device {
+            path: PathBuf::from(device),
+        }
+    };
+    if timeout == 0 {
+        eprintln!("leasedog: --timeout must be at least 1 s");
+        return 2;
+    }
+    println!(
+        "This arms {device} with a {timeout} s timeout and stops pinging it.\n\
+         If the watchdog works, THIS MACHINE WILL BE RESET about {timeout} s from now,\n\
+         without shutting anything down. Stop PostgreSQL and anything else first."
+    );
+    if !yes {
+        println!("Type Proceed to continue:");
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line).is_err() || line.trim() != "Proceed" {
+            println!("not confirmed; nothing armed");
+            return 2;
+        }
+    }
+    // A budget whose target timeout is exactly `timeout`.
+    let budget = match Budget::new(
+        Duration::from_secs(timeout as u64 + 1),
+        Duration::from_secs(1),
+        Duration::from_millis(500),
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("leasedog: {e}");
+            return 2;
+        }
+    };
+    let roots = crate::watchdog::SysRoots::real();
+    let dog = match crate::watchdog::arm(
+        &spec,
+        &budget,
+        crate::config::NowayoutPolicy::KeepPinging,
+        &roots,
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("leasedog: cannot arm {device}: {e}");
+            return 1;
+        }
+    };
+    let armed_at = crate::clock::now();
+    let w = dog.info().w_secs;
+    println!(
+        "armed {} ({}), W = {w} s read back, nowayout = {}; no more pings. Reset expected at +{w} s.",
+        dog.info().path.display(),
+        dog.info().identity,
+        dog.info().nowayout
+    );
+    let limit = Duration::from_secs(w as u64) + TEST_GRACE;
+    loop {
+        let since = crate::clock::now().saturating_since(armed_at);
+        if since >= limit {
+            break;
+        }
+        println!("+{:.0} s", since.as_secs_f64());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!(
+        "FAILED: the machine is still up {:.0} s after arming ({w} s timeout + {} s grace): \
+         the watchdog did not reset it",
+        limit.as_secs_f64(),
+        TEST_GRACE.as_secs()
+    );
+    match dog.disarm() {
+        Ok(()) => println!("the device was disarmed (magic close)"),
+        Err(e) => println!("the device could not be disarmed: {e}"),
+    }
+    1
 }
 
 fn config_digest(path: &std::path::Path) -> String {

@@ -135,6 +135,7 @@ pub struct Dcs {
     node: String,
     leader_key: String,
     members_prefix: String,
+    history_prefix: String,
     request_timeout: Duration,
     keepalive: Option<KeepAlive>,
 }
@@ -195,6 +196,7 @@ impl Dcs {
             node: node.to_string(),
             leader_key: format!("{prefix}/{scope}/leader"),
             members_prefix: format!("{prefix}/{scope}/members/"),
+            history_prefix: format!("{prefix}/{scope}/history/"),
             request_timeout,
             keepalive: None,
         };
@@ -451,6 +453,22 @@ impl Dcs {
 
     /// The leader key's holder and the store revision it was read at (pass
     /// that to [`watch_leader`](Self::watch_leader) to miss no change).
+    /// Every value under the scope's `history/` prefix, in key order
+    /// (mirrored lifecycle records of the nodes' audit logs).
+    pub async fn history(&mut self) -> Result<Vec<Vec<u8>>, DcsError> {
+        let mut kv = self.client.kv_client();
+        let opts = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+        let r = self
+            .call(
+                "get history",
+                kv.get(self.history_prefix.clone(), Some(opts)),
+            )
+            .await?;
+        Ok(r.kvs().iter().map(|kv| kv.value().to_vec()).collect())
+    }
+
     pub async fn leader(&mut self) -> Result<(Holder, i64), DcsError> {
         let mut kv = self.client.kv_client();
         let key = self.leader_key.clone();
