@@ -62,6 +62,21 @@ pub enum StepDownReason {
     Shutdown,
 }
 
+/// PostgreSQL as the driver last observed it (`Unmanaged` when the agent
+/// runs without a `[postgres]` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgView {
+    Unmanaged,
+    /// Not running (stopped, fenced, crashed, or never started).
+    Down,
+    /// Running and writable.
+    Primary,
+    /// Running in recovery, streaming from `following` when known.
+    Replica { following: Option<String> },
+    /// A rejoin or clone is in progress.
+    Busy,
+}
+
 /// Outcome of arming every configured device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArmOutcome {
@@ -157,6 +172,10 @@ pub enum Input {
         eligible: bool,
         reason: String,
     },
+    /// PostgreSQL's state, observed once per loop.
+    Postgres(PgView),
+    /// A `Follow` finished (PostgreSQL runs as a replica of `leader`) or failed.
+    Followed { leader: String, ok: bool },
     /// SIGTERM or SIGINT.
     Shutdown,
 }
@@ -234,6 +253,14 @@ pub enum Action {
     Promote,
     StepDown {
         reason: StepDownReason,
+    },
+    /// Not leading and PostgreSQL is writable while an unknown owner holds
+    /// the key: stop it at once (immediate stop, SIGKILL if needed).
+    Fence,
+    /// Run PostgreSQL as a replica of `leader`: fence it first if it is
+    /// writable, then rewind or clone as needed. Runs in the background.
+    Follow {
+        leader: String,
     },
     Release {
         lease: i64,
@@ -314,6 +341,9 @@ pub struct Core {
     /// The key we held is released or expired.
     key_gone: bool,
     eligible: bool,
+    pg: PgView,
+    /// The leader a `Follow` was last asked for (not repeated while pending).
+    following: Option<String>,
     /// Do not race for the key before this instant (after a failed arm).
     backoff_until: BootTime,
     shutting_down: bool,
@@ -333,6 +363,8 @@ impl Core {
             stopped: true,
             key_gone: true,
             eligible: true,
+            pg: PgView::Unmanaged,
+            following: None,
             backoff_until: BootTime::ZERO,
             shutting_down: false,
             granting: false,
@@ -472,6 +504,15 @@ impl Core {
                 self.eligible = eligible;
                 self.maybe_acquire(now, &mut out);
             }
+            Input::Postgres(view) => {
+                self.pg = view;
+                self.follow_leader(&mut out);
+            }
+            Input::Followed { leader, ok } => {
+                if !ok && self.following.as_deref() == Some(leader.as_str()) {
+                    self.following = None; // asked again on a later loop
+                }
+            }
             Input::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -596,7 +637,39 @@ impl Core {
             }));
         }
         self.after_fenced(now, out);
+        self.follow_leader(out);
         self.maybe_acquire(now, out);
+    }
+
+    /// A follower's PostgreSQL must never be writable while another node (or
+    /// an unknown owner) holds the key, and should replicate from the leader.
+    fn follow_leader(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Follower || self.shutting_down {
+            return;
+        }
+        match &self.holder {
+            KeyHolder::Other(leader) => {
+                let settled = match &self.pg {
+                    PgView::Unmanaged | PgView::Busy => true,
+                    // Writable while another node leads: act now, every time.
+                    PgView::Primary => false,
+                    PgView::Replica {
+                        following: Some(f),
+                    } => f == leader,
+                    PgView::Replica { following: None } | PgView::Down => {
+                        self.following.as_ref() == Some(leader)
+                    }
+                };
+                if !settled {
+                    self.following = Some(leader.clone());
+                    out.push(Action::Follow {
+                        leader: leader.clone(),
+                    });
+                }
+            }
+            KeyHolder::Garbage if self.pg == PgView::Primary => out.push(Action::Fence),
+            _ => {}
+        }
     }
 
     fn maybe_acquire(&mut self, now: BootTime, out: &mut Vec<Action>) {
