@@ -5,4 +5,5 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod postgres;
 pub mod timing;
