@@ -305,6 +305,8 @@ pub enum PgError {
         sqlstate: String,
         message: String,
     },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("{0}")]
     State(String),
     #[error("{program} failed ({status}): {stderr}")]
@@ -707,6 +709,8 @@ pub struct Pg {
     /// uid/gid of os_user when tools must drop root to run.
     run_as: Option<(u32, u32)>,
     os_home: PathBuf,
+    /// Major version of the binaries in bin_dir, e.g. "15".
+    major: String,
 }
 
 fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
@@ -735,7 +739,7 @@ impl Pg {
     /// `bin_dir` and that `os_user` exists. The data directory is checked by
     /// each action (an empty one is fine for `clone_from` / `initdb`).
     pub fn new(cfg: PgConfig) -> Result<Pg, PgError> {
-        cfg.validate().map_err(|e| PgError::State(e.to_string()))?;
+        cfg.validate()?;
         for tool in ["pg_ctl", "postgres"] {
             if !is_executable(&cfg.bin_dir.join(tool)) {
                 return Err(PgError::NotInstalled {
@@ -748,9 +752,31 @@ impl Pg {
             lookup_user(&cfg.os_user).ok_or_else(|| PgError::NoSuchOsUser(cfg.os_user.clone()))?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
+        // "postgres (PostgreSQL) 15.20 (Debian ...)": the major version, to
+        // catch a data directory of another version early.
+        let out = std::process::Command::new(cfg.bin_dir.join("postgres"))
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err(format!(
+                "running {}/postgres --version",
+                cfg.bin_dir.display()
+            )))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let major = text
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next())
+            .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
+            .ok_or_else(|| PgError::NotInstalled {
+                bin_dir: cfg.bin_dir.clone(),
+                missing: format!("working postgres (--version printed {:?})", text.trim()),
+            })?
+            .to_string();
         Ok(Pg {
             run_as: (root && uid != 0).then_some((uid, gid)),
             os_home: home,
+            major,
             cfg,
         })
     }
@@ -761,6 +787,11 @@ impl Pg {
 
     pub fn data_dir(&self) -> &Path {
         self.cfg.data_dir()
+    }
+
+    /// Major version of the PostgreSQL binaries in `bin_dir`, e.g. "15".
+    pub fn major_version(&self) -> &str {
+        &self.major
     }
 
     fn target(&self) -> String {
@@ -797,7 +828,17 @@ impl Pg {
     /// The data directory must hold a cluster (`PG_VERSION`).
     pub fn require_cluster(&self) -> Result<String, PgError> {
         let reason = match self.data_dir_state()? {
-            DataDirState::Cluster { version } => return Ok(version),
+            DataDirState::Cluster { version } if version == self.major => return Ok(version),
+            DataDirState::Cluster { version } => {
+                return Err(PgError::WrongDataDir {
+                    path: self.data_dir().to_owned(),
+                    reason: format!(
+                        "it holds PostgreSQL {version}, but postgres.bin_dir = {} is PostgreSQL {}",
+                        self.cfg.bin_dir.display(),
+                        self.major
+                    ),
+                })
+            }
             DataDirState::Missing => "it does not exist",
             DataDirState::Empty => "it is empty (clone or initdb first)",
             DataDirState::NotACluster => "it has no PG_VERSION file",
@@ -1305,12 +1346,9 @@ impl Pg {
     /// connection is `Down`; a timeout or wrong credentials are errors (the
     /// server may be alive and writable: the caller must not read "down").
     pub async fn status(&self) -> Result<Status, PgError> {
-        if self.live_postmaster().is_none() {
-            return Ok(Status {
-                role: Role::Down,
-                wal: None,
-            });
-        }
+        // Always ask the server (even without a postmaster in data_dir): a
+        // server answering at host:port from another data directory is a
+        // configuration error, not "down".
         const Q: &str = "SELECT pg_is_in_recovery(),
               CASE WHEN pg_is_in_recovery() THEN NULL
                    ELSE (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint END,
@@ -1320,7 +1358,8 @@ impl Pg {
                    THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver),
                                  (SELECT timeline_id FROM pg_control_checkpoint()))
                    ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-              END";
+              END,
+              (SELECT setting FROM pg_settings WHERE name = 'data_directory')";
         let within = PgConfig::secs(self.cfg.query_timeout);
         let r = self
             .with_client("status query", within, |c| {
@@ -1337,6 +1376,19 @@ impl Pg {
             }
             Err(e) => return Err(e),
         };
+        // NULL when the role may not read it (pg_read_all_settings).
+        if let Some(dir) = row.get::<_, Option<String>>(5) {
+            let theirs = Path::new(&dir).canonicalize().ok();
+            if theirs.is_none() || theirs != self.data_dir().canonicalize().ok() {
+                return Err(PgError::WrongDataDir {
+                    path: self.data_dir().to_owned(),
+                    reason: format!(
+                        "the server at {} runs on data directory {dir}",
+                        self.target()
+                    ),
+                });
+            }
+        }
         let lsn = |i: usize| row.get::<_, Option<i64>>(i).map(|v| Lsn(v as u64));
         let recovery: bool = row.get(0);
         Ok(Status {
@@ -1394,7 +1446,8 @@ impl Pg {
 
     /// `pg_promote(true, N)` under `postgres.promote_timeout`. Already a
     /// primary (SQLSTATE 55000) is success. FENCING.md rule 2 (arm before
-    /// promote) is the caller's to keep.
+    /// promote) is the caller's to keep. On a timeout the promotion may still
+    /// complete later: treat the node as possibly primary.
     pub async fn promote(&self) -> Result<Promotion, PgError> {
         let within = PgConfig::secs(self.cfg.promote_timeout);
         let wait = within.as_secs().max(1) as i32;

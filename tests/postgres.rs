@@ -142,6 +142,16 @@ async fn fence_kills_a_sigstopped_postmaster_and_all_its_backends() {
     assert_eq!(unsafe { libc::kill(pm, libc::SIGSTOP) }, 0);
     // A stalled postmaster does not stop its backends: this one still commits.
     c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    // Observing a stalled server ends at the deadline, as an error, not "down".
+    let mut cfg = cfg_for(&node);
+    cfg.connect_timeout = 0.5;
+    let stalled = Pg::new(cfg).unwrap();
+    let t0 = Instant::now();
+    let e = stalled.status().await.unwrap_err();
+    assert!(matches!(e, PgError::Timeout { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let h = stalled.health().await;
+    assert!(h.postmaster_alive && !h.accepts_connections, "{h:?}");
 
     let data = node.data_dir();
     // From a plain thread, no tokio: as the deadline timer calls it.
@@ -275,6 +285,20 @@ async fn bad_input_gives_clear_errors() {
     assert!(matches!(e, PgError::WrongDataDir { .. }), "{e}");
     assert!(e.to_string().contains("no PG_VERSION"), "{e}");
 
+    // A server that answers at host:port from another data directory.
+    let other = PgNode::init(free_port());
+    let mut c = cfg_for(&node);
+    c.data_dir = Some(other.data_dir());
+    let e = Pg::new(c).unwrap().status().await.unwrap_err();
+    assert!(matches!(e, PgError::WrongDataDir { .. }), "{e}");
+    assert!(e.to_string().contains("runs on data directory"), "{e}");
+
+    // A data directory of another major version.
+    let old = PgNode::empty(free_port());
+    std::fs::write(old.data_dir().join("PG_VERSION"), "14\n").unwrap();
+    let e = driver(&old).start_primary().await.unwrap_err();
+    assert!(e.to_string().contains("holds PostgreSQL 14"), "{e}");
+
     // bin_dir without pg_ctl.
     let mut c = cfg_for(&node);
     c.bin_dir = "/usr/bin".into();
@@ -301,4 +325,26 @@ async fn bad_input_gives_clear_errors() {
         other => panic!("expected Lagging, got {other}"),
     }
     assert!(e.to_string().contains("maximum_lag_on_failover"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initdb_then_start_and_stop_a_first_primary() {
+    let node = PgNode::empty(free_port());
+    let d = driver(&node);
+    assert!(matches!(
+        d.start_primary().await,
+        Err(PgError::WrongDataDir { .. })
+    ));
+    d.initdb(&["-U", "postgres", "--auth=trust", "-N"])
+        .await
+        .unwrap();
+    d.start_primary().await.unwrap();
+    assert_eq!(d.role().await.unwrap(), Role::Primary);
+    assert!(matches!(
+        d.initdb(&[]).await,
+        Err(PgError::WrongDataDir { .. })
+    ));
+    d.stop_clean().await.unwrap();
+    assert_eq!(d.role().await.unwrap(), Role::Down);
+    assert_eq!(d.control_state().await.unwrap(), "shut down");
 }

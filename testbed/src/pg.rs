@@ -373,6 +373,29 @@ impl Drop for PgNode {
             }
             PgNode::wait_until(Duration::from_secs(5), || processes_in(&data).is_empty());
         }
+        remove_orphaned_shm(&data);
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A killed postmaster leaves its small SysV segment behind (the key and id
+/// are on line 7 of postmaster.pid); remove it when nothing is attached.
+fn remove_orphaned_shm(data: &Path) {
+    let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(shmid) = text
+        .lines()
+        .nth(6)
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: shmid_ds is plain data; IPC_STAT fills it, IPC_RMID only marks the id.
+    unsafe {
+        let mut ds: libc::shmid_ds = std::mem::zeroed();
+        if libc::shmctl(shmid, libc::IPC_STAT, &mut ds) == 0 && ds.shm_nattch == 0 {
+            libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut());
+        }
     }
 }
