@@ -1067,6 +1067,16 @@ impl Pg {
             .map(|_| ())
     }
 
+    /// The fence from a plain thread (no tokio): the deadline timer of
+    /// FENCING.md rule 3 holds a clone of the driver and calls this.
+    pub fn stop_fast_fence_sync(&self) -> Result<StopReport, PgError> {
+        stop_fast_fence_blocking(
+            self.data_dir(),
+            PgConfig::secs(self.cfg.stop_timeout),
+            PgConfig::secs(self.cfg.kill_timeout),
+        )
+    }
+
     /// The fence, for async callers: see [`stop_fast_fence_blocking`]. Uses
     /// `postgres.stop_timeout` and `postgres.kill_timeout`.
     pub async fn stop_fast_fence(&self) -> Result<StopReport, PgError> {

@@ -348,3 +348,38 @@ async fn initdb_then_start_and_stop_a_first_primary() {
     assert_eq!(d.role().await.unwrap(), Role::Down);
     assert_eq!(d.control_state().await.unwrap(), "shut down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_finds_backends_orphaned_by_a_dead_postmaster() {
+    let node = PgNode::init(free_port());
+    node.start();
+    node.sql("CREATE TABLE t (v int)");
+    let c = client(&node).await;
+    let backend: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pm = node.postmaster_pid().unwrap();
+    // SAFETY: signalling our own test server. The stopped backend cannot
+    // notice its postmaster's death, as one busy in a long query would not.
+    unsafe {
+        assert_eq!(libc::kill(backend, libc::SIGSTOP), 0);
+        assert_eq!(libc::kill(pm, libc::SIGKILL), 0);
+    }
+    assert!(PgNode::wait_until(Duration::from_secs(10), || {
+        !process_alive(pm)
+    }));
+    assert!(process_alive(backend));
+    let d = driver(&node);
+    assert_eq!(d.live_postmaster(), None);
+    let report = std::thread::spawn(move || d.stop_fast_fence_sync())
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.how, StopHow::Killed);
+    assert_eq!(report.postmaster, None);
+    assert!(report.killed.contains(&backend), "{report:?}");
+    assert!(!process_alive(backend));
+    assert!(cluster_processes(&node.data_dir()).is_empty());
+}
