@@ -505,23 +505,62 @@ pub struct StopReport {
 struct ProcInfo {
     ppid: i32,
     zombie: bool,
+    /// Start time in clock ticks since boot: with the pid, the process's identity.
+    start: u64,
 }
 
 fn read_proc_stat(pid: i32) -> Option<ProcInfo> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm may hold spaces and parens: the fields after the last ')' are fixed.
-    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = rest.next()?;
-    let ppid = rest.next()?.parse().ok()?;
+    // comm may hold spaces and parens: the fields after the last ')' are fixed
+    // (state is field 3, ppid 4, starttime 22).
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     Some(ProcInfo {
-        ppid,
-        zombie: state == "Z" || state == "X",
+        ppid: rest.get(1)?.parse().ok()?,
+        zombie: matches!(*rest.first()?, "Z" | "X"),
+        start: rest.get(19)?.parse().ok()?,
     })
 }
 
 /// Whether `pid` is a live process (a zombie is dead: it runs nothing, commits nothing).
 pub fn process_alive(pid: i32) -> bool {
     read_proc_stat(pid).is_some_and(|p| !p.zombie)
+}
+
+/// A process by identity, so a recycled pid is never signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Proc {
+    pid: i32,
+    start: u64,
+}
+
+impl Proc {
+    fn of(pid: i32) -> Option<Proc> {
+        read_proc_stat(pid).filter(|p| !p.zombie).map(|p| Proc {
+            pid,
+            start: p.start,
+        })
+    }
+    fn alive(&self) -> bool {
+        Proc::of(self.pid) == Some(*self)
+    }
+    /// Signals the process if it is still the same one; gone is fine.
+    fn signal(&self, sig: libc::c_int) -> Result<(), PgError> {
+        if !self.alive() {
+            return Ok(());
+        }
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        if unsafe { libc::kill(self.pid, sig) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        Err(PgError::Signal {
+            pid: self.pid,
+            source: e,
+        })
+    }
 }
 
 fn all_pids() -> Vec<i32> {
@@ -538,8 +577,12 @@ fn all_pids() -> Vec<i32> {
 /// chdir to their data directory, so this also finds backends orphaned by a
 /// postmaster that died earlier (e.g. OOM-killed), which a ppid walk cannot.
 pub fn cluster_processes(data_dir: &Path) -> Vec<i32> {
+    cluster_procs(data_dir).into_iter().map(|p| p.pid).collect()
+}
+
+fn cluster_procs(data_dir: &Path) -> BTreeSet<Proc> {
     let Ok(want) = data_dir.canonicalize() else {
-        return Vec::new();
+        return BTreeSet::new();
     };
     all_pids()
         .into_iter()
@@ -552,27 +595,30 @@ pub fn cluster_processes(data_dir: &Path) -> Vec<i32> {
                     .ok()
                     .and_then(|p| p.file_name()?.to_str().map(|n| n.starts_with("postgres")))
                     .unwrap_or(false)
-                && process_alive(pid)
         })
+        .filter_map(Proc::of)
         .collect()
 }
 
-/// All live descendants of `root`.
-fn descendants(root: i32) -> BTreeSet<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+/// All live descendants of `roots`, from one scan of /proc.
+fn descendants(roots: &BTreeSet<Proc>) -> BTreeSet<Proc> {
+    let mut children: HashMap<i32, Vec<Proc>> = HashMap::new();
     for pid in all_pids() {
         if let Some(p) = read_proc_stat(pid) {
             if !p.zombie {
-                children.entry(p.ppid).or_default().push(pid);
+                children.entry(p.ppid).or_default().push(Proc {
+                    pid,
+                    start: p.start,
+                });
             }
         }
     }
     let mut out = BTreeSet::new();
-    let mut todo = vec![root];
+    let mut todo: Vec<i32> = roots.iter().map(|p| p.pid).collect();
     while let Some(p) = todo.pop() {
         for &c in children.get(&p).into_iter().flatten() {
             if out.insert(c) {
-                todo.push(c);
+                todo.push(c.pid);
             }
         }
     }
@@ -585,26 +631,16 @@ pub fn read_postmaster_pid(data_dir: &Path) -> Option<i32> {
     text.lines().next()?.trim().parse().ok().filter(|&p| p > 0)
 }
 
-fn send(pid: i32, sig: libc::c_int) -> Result<(), PgError> {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    if unsafe { libc::kill(pid, sig) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        return Ok(()); // already gone: that is what we want
-    }
-    Err(PgError::Signal { pid, source: e })
+/// What is still alive of `watched`, plus any process now in the data directory.
+fn survivors(data_dir: &Path, watched: &BTreeSet<Proc>) -> BTreeSet<Proc> {
+    let mut left: BTreeSet<Proc> = watched.iter().copied().filter(Proc::alive).collect();
+    left.extend(cluster_procs(data_dir));
+    left
 }
 
-fn wait_gone(data_dir: &Path, pids: &BTreeSet<i32>, until: Instant) -> Vec<i32> {
+fn wait_gone(data_dir: &Path, watched: &BTreeSet<Proc>, until: Instant) -> BTreeSet<Proc> {
     loop {
-        let mut left: Vec<i32> = pids.iter().copied().filter(|&p| process_alive(p)).collect();
-        for p in cluster_processes(data_dir) {
-            if !left.contains(&p) {
-                left.push(p);
-            }
-        }
+        let left = survivors(data_dir, watched);
         if left.is_empty() || Instant::now() >= until {
             return left;
         }
@@ -628,11 +664,12 @@ pub fn stop_fast_fence_blocking(
     kill: Duration,
 ) -> Result<StopReport, PgError> {
     let t0 = Instant::now();
-    let in_cluster = cluster_processes(data_dir);
+    let mut watched = cluster_procs(data_dir);
     // A pid file can outlive its server (and the pid be reused): trust it only
     // for a process that runs in this data directory.
-    let pm = read_postmaster_pid(data_dir).filter(|p| in_cluster.contains(p));
-    if pm.is_none() && in_cluster.is_empty() {
+    let pm = read_postmaster_pid(data_dir)
+        .and_then(|pid| watched.iter().copied().find(|p| p.pid == pid));
+    if watched.is_empty() {
         return Ok(StopReport {
             how: StopHow::AlreadyStopped,
             took: t0.elapsed(),
@@ -640,61 +677,53 @@ pub fn stop_fast_fence_blocking(
             killed: Vec::new(),
         });
     }
-    let mut watched: BTreeSet<i32> = in_cluster.iter().copied().collect();
     if let Some(pm) = pm {
-        watched.extend(descendants(pm));
-        send(pm, libc::SIGQUIT)?;
+        watched.extend(descendants(&BTreeSet::from([pm])));
+        pm.signal(libc::SIGQUIT)?;
         if wait_gone(data_dir, &watched, t0 + immediate).is_empty() {
             return Ok(StopReport {
                 how: StopHow::Immediate,
                 took: t0.elapsed(),
-                postmaster: Some(pm),
+                postmaster: Some(pm.pid),
                 killed: Vec::new(),
             });
         }
-        send(pm, libc::SIGSTOP)?;
     }
-    // Freeze until the set is closed: a stopped process cannot fork.
+    // Freeze until the set is closed (a stopped process cannot fork), then kill.
     for _ in 0..50 {
-        let mut now: BTreeSet<i32> = cluster_processes(data_dir).into_iter().collect();
-        if let Some(pm) = pm {
-            now.extend(descendants(pm));
+        let mut now = survivors(data_dir, &watched);
+        now.extend(descendants(&now));
+        for p in &now {
+            p.signal(libc::SIGSTOP)?;
         }
-        for &p in &watched {
-            now.extend(descendants(p));
-        }
-        let new: Vec<i32> = now.difference(&watched).copied().collect();
-        for &p in now.iter() {
-            send(p, libc::SIGSTOP)?;
-        }
+        let grew = !now.is_subset(&watched);
         watched.extend(now);
-        if new.is_empty() {
+        if !grew {
             break;
         }
     }
     let mut killed = Vec::new();
-    if let Some(pm) = pm {
-        send(pm, libc::SIGKILL)?;
-        killed.push(pm);
-        watched.insert(pm);
+    if let Some(pm) = pm.filter(Proc::alive) {
+        pm.signal(libc::SIGKILL)?;
+        killed.push(pm.pid);
     }
-    for &p in &watched {
-        if Some(p) != pm && process_alive(p) {
-            send(p, libc::SIGKILL)?;
-            killed.push(p);
+    for p in &watched {
+        if Some(*p) != pm && p.alive() {
+            p.signal(libc::SIGKILL)?;
+            killed.push(p.pid);
         }
     }
     let left = wait_gone(data_dir, &watched, Instant::now() + kill);
     if !left.is_empty() {
         return Err(PgError::FenceUnconfirmed {
             took: t0.elapsed(),
-            survivors: left,
+            survivors: left.iter().map(|p| p.pid).collect(),
         });
     }
     Ok(StopReport {
         how: StopHow::Killed,
         took: t0.elapsed(),
-        postmaster: pm,
+        postmaster: pm.map(|p| p.pid),
         killed,
     })
 }
