@@ -98,8 +98,9 @@ pub struct PgConfig {
 }
 
 /// Credentials in the `primary_conninfo` of replicas and the source of `pg_rewind`.
-/// The role needs REPLICATION and, for `pg_rewind`, superuser or EXECUTE on
-/// `pg_ls_dir`, `pg_stat_file`, `pg_read_binary_file(text, bigint, bigint, boolean)`.
+/// The role needs REPLICATION (and a `replication` line in pg_hba.conf) and,
+/// for rejoin, superuser or the grants of [`REWIND_GRANTS_SQL`] (plus an `all`
+/// line in pg_hba.conf for `postgres.dbname`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
@@ -108,6 +109,17 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub password: Option<String>,
 }
+
+/// What a non-superuser replication role needs for [`Pg::rejoin`]: pg_rewind's
+/// file functions and `CHECKPOINT` (pg_checkpoint, PostgreSQL 15). Replace
+/// `{role}` with the role name and run it on the primary.
+pub const REWIND_GRANTS_SQL: &str = "
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {role};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {role};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {role};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {role};
+GRANT pg_checkpoint TO {role};
+";
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
@@ -249,19 +261,28 @@ impl PgConfig {
             .expect("postgres.data_dir checked by validate()")
     }
 
-    /// The conninfo a replica of the server at `host:port` puts in
-    /// `primary_conninfo`, with this section's replication credentials.
+    /// The conninfo of the leader at `host:port` for the driver's methods,
+    /// with `postgres.replication.user` and no password: the driver adds
+    /// `postgres.replication.password` itself where it is needed (PGPASSWORD
+    /// for pg_basebackup / pg_rewind, so it never shows in `ps`; the
+    /// `primary_conninfo` line, in a file of mode 600).
     pub fn replication_conninfo(&self, host: &str, port: u16, application_name: &str) -> String {
-        let mut s = format!(
+        format!(
             "host={} port={port} user={} application_name={}",
             conninfo_value(host),
             conninfo_value(&self.replication.user),
             conninfo_value(application_name)
-        );
-        if let Some(p) = &self.replication.password {
-            s.push_str(&format!(" password={}", conninfo_value(p)));
+        )
+    }
+
+    /// `conninfo` plus the replication password, unless it carries one.
+    fn with_replication_password(&self, conninfo: &str) -> String {
+        match &self.replication.password {
+            Some(p) if !conninfo.contains("password") => {
+                format!("{conninfo} password={}", conninfo_value(p))
+            }
+            _ => conninfo.to_string(),
         }
-        s
     }
 
     fn secs(v: f64) -> Duration {
@@ -936,7 +957,10 @@ impl Pg {
             .collect();
         text.push_str(&format!(
             "primary_conninfo = '{}'  # managed by leasedog\n",
-            leader_conninfo.replace('\\', "\\\\").replace('\'', "''")
+            self.cfg
+                .with_replication_password(leader_conninfo)
+                .replace('\\', "\\\\")
+                .replace('\'', "''")
         ));
         self.write_owned("postgresql.auto.conf", &text)?;
         self.remove_if_present("recovery.signal")?;
@@ -961,10 +985,14 @@ impl Pg {
             .env("HOME", &self.os_home)
             .env("LC_ALL", "C")
             .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(p) = &self.cfg.replication.password {
+            c.env("PGPASSWORD", p); // tools only talk to the leader
+        }
         Ok(c)
     }
 
@@ -1238,9 +1266,12 @@ impl Pg {
         // CHECKPOINT on a busy source can take a while: bound it like a start.
         let within = PgConfig::secs(self.cfg.start_timeout);
         let what = "checkpointing the rewind source";
-        let cfg: tokio_postgres::Config = source
+        let mut cfg: tokio_postgres::Config = source
             .parse()
             .map_err(|e| PgError::State(format!("leader conninfo is not valid: {e}")))?;
+        if let (None, Some(p)) = (cfg.get_password(), &self.cfg.replication.password) {
+            cfg.password(p.as_bytes());
+        }
         let r = tokio::time::timeout(within, async {
             let (client, conn) = cfg.connect(NoTls).await?;
             let task = tokio::spawn(async move {
@@ -1563,9 +1594,14 @@ mod tests {
     fn conninfo_quotes_what_needs_it() {
         let mut c = PgConfig::with_data_dir("/d");
         c.replication.password = Some("it's secret".into());
+        let info = c.replication_conninfo("10.0.0.1", 5433, "my node");
         assert_eq!(
-            c.replication_conninfo("10.0.0.1", 5433, "pg2"),
-            "host=10.0.0.1 port=5433 user=postgres application_name=pg2 password='it\\'s secret'"
+            info,
+            "host=10.0.0.1 port=5433 user=postgres application_name='my node'"
+        );
+        assert_eq!(
+            c.with_replication_password(&info),
+            format!("{info} password='it\\'s secret'")
         );
     }
 }

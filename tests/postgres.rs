@@ -193,10 +193,20 @@ async fn rejoins_a_diverged_old_primary_with_pg_rewind() {
     let a = PgNode::init(free_port());
     a.start();
     a.sql("CREATE TABLE t (who text)");
+    // Rewind as a non-superuser with the documented grants (CHECKPOINT included).
+    a.sql("CREATE ROLE repl REPLICATION LOGIN PASSWORD 'rpw'");
+    a.sql(
+        leasedog::postgres::REWIND_GRANTS_SQL
+            .replace("{role}", "repl")
+            .as_str(),
+    );
     let b = PgNode::replica_of(&a, free_port());
     a.sql("INSERT INTO t VALUES ('before')");
     assert!(wait_row(&b, "SELECT count(*) FROM t", "1"));
-    let (da, db) = (driver(&a), driver(&b));
+    let mut cfg_a = cfg_for(&a);
+    cfg_a.replication.user = "repl".into();
+    cfg_a.replication.password = Some("rpw".into());
+    let (da, db) = (Pg::new(cfg_a.clone()).unwrap(), driver(&b));
     assert_eq!(db.promote().await.unwrap(), Promotion::Promoted);
     // Divergence: both write after the promotion.
     a.sql("INSERT INTO t SELECT 'a-only' FROM generate_series(1, 1000)");
@@ -205,7 +215,8 @@ async fn rejoins_a_diverged_old_primary_with_pg_rewind() {
     assert_eq!(fence.how, StopHow::Immediate);
 
     let t0 = Instant::now();
-    let report = da.rejoin(&leader_conninfo(&b, "a")).await.unwrap();
+    let info = cfg_a.replication_conninfo("127.0.0.1", b.port, "a");
+    let report = da.rejoin(&info).await.unwrap();
     eprintln!(
         "TIMING rejoin {:?} (crash recovery {:?}, pg_rewind {:?})",
         t0.elapsed(),
@@ -236,13 +247,39 @@ async fn rejoins_a_diverged_old_primary_with_pg_rewind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clones_an_empty_node() {
+async fn clones_an_empty_node_with_replication_credentials() {
     let primary = PgNode::init(free_port());
     primary.start();
+    primary.sql("CREATE ROLE repl REPLICATION LOGIN PASSWORD 'rpw'");
+    // What pg_rewind (and the driver's checkpoint before it) needs; see ReplicationConfig.
+    primary.sql(
+        leasedog::postgres::REWIND_GRANTS_SQL
+            .replace("{role}", "repl")
+            .as_str(),
+    );
     primary.sql("CREATE TABLE t AS SELECT 7 AS v");
     let empty = PgNode::empty(free_port());
-    let d = driver(&empty);
-    let info = leader_conninfo(&primary, "clone");
+    let mut cfg = cfg_for(&empty);
+    cfg.replication.user = "repl".into();
+    cfg.replication.password = Some("wrong".into());
+    let info = cfg.replication_conninfo("127.0.0.1", primary.port, "clone");
+    assert!(!info.contains("password"));
+
+    // A wrong replication password: a clear error, and the dir is left empty.
+    let e = Pg::new(cfg.clone())
+        .unwrap()
+        .clone_from(&info)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("password authentication failed for user \"repl\""),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(empty.data_dir()).unwrap().count(), 0);
+
+    cfg.replication.password = Some("rpw".into());
+    let d = Pg::new(cfg).unwrap();
     let took = d.clone_from(&info).await.unwrap();
     eprintln!("TIMING pg_basebackup: {took:?}");
     // Refuses to clone over a cluster.
@@ -254,6 +291,18 @@ async fn clones_an_empty_node() {
     assert_eq!(d.role().await.unwrap(), Role::Replica);
     primary.sql("INSERT INTO t VALUES (8)");
     assert!(wait_row(&empty, "SELECT sum(v) FROM t", "15"));
+    assert_eq!(
+        primary.sql("SELECT usename FROM pg_stat_replication WHERE application_name = 'clone'"),
+        "repl"
+    );
+
+    // A clean replica on the leader's timeline rejoins without a rewind.
+    d.stop_clean().await.unwrap();
+    let r = d.rejoin(&info).await.unwrap();
+    assert_eq!(r.crash_recovery, None);
+    assert!(!r.rewound, "{r:?}");
+    primary.sql("INSERT INTO t VALUES (9)");
+    assert!(wait_row(&empty, "SELECT sum(v) FROM t", "24"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

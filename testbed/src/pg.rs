@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 pub const OS_USER: &str = "postgres";
 /// Bump when the template's settings change, so a stale cache is not reused.
-const TEMPLATE_VERSION: &str = "v1";
+const TEMPLATE_VERSION: &str = "v2";
 
 const EXTRA_CONF: &str = "
 # leasedog testbed
@@ -37,13 +37,14 @@ logging_collector = off
 wal_receiver_status_interval = '1s'
 ";
 
-/// Tests only: trust for the superuser and replication on loopback; other
-/// roles must give a password (so a wrong one can be tested).
+/// Tests only: trust for the superuser on loopback (also for replication);
+/// other roles must give a password (so a wrong one can be tested).
 const HBA: &str = "
 local   all             all                     trust
 host    all             postgres 127.0.0.1/32   trust
-host    replication     all      127.0.0.1/32   trust
+host    replication     postgres 127.0.0.1/32   trust
 host    all             all      127.0.0.1/32   scram-sha-256
+host    replication     all      127.0.0.1/32   scram-sha-256
 ";
 
 fn bin(name: &str) -> PathBuf {
