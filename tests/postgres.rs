@@ -19,10 +19,6 @@ fn driver(node: &PgNode) -> Pg {
     Pg::new(cfg_for(node)).expect("driver")
 }
 
-fn leader_conninfo(leader: &PgNode, me: &str) -> String {
-    PgConfig::with_data_dir("/unused").replication_conninfo("127.0.0.1", leader.port, me)
-}
-
 async fn client(node: &PgNode) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&node.conninfo(), tokio_postgres::NoTls)
         .await
