@@ -602,16 +602,16 @@ pub fn cluster_processes(data_dir: &Path) -> Vec<i32> {
 }
 
 fn cluster_procs(data_dir: &Path) -> BTreeSet<Proc> {
-    let Ok(want) = data_dir.canonicalize() else {
-        return BTreeSet::new();
-    };
+    let want = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_owned());
+    // A removed directory still holds its processes: the kernel shows it so.
+    let deleted = PathBuf::from(format!("{} (deleted)", want.display()));
     all_pids()
         .into_iter()
         .filter(|&pid| {
             std::fs::read_link(format!("/proc/{pid}/cwd"))
-                .ok()
-                .as_deref()
-                == Some(&want)
+                .is_ok_and(|cwd| cwd == want || cwd == deleted)
                 && std::fs::read_link(format!("/proc/{pid}/exe"))
                     .ok()
                     .and_then(|p| p.file_name()?.to_str().map(|n| n.starts_with("postgres")))
@@ -685,6 +685,18 @@ pub fn stop_fast_fence_blocking(
     kill: Duration,
 ) -> Result<StopReport, PgError> {
     let t0 = Instant::now();
+    // Processes are found by their cwd: a path that cannot be resolved (an I/O
+    // error, a vanished mount) might find none and "confirm" a stop that did
+    // not happen, so say so instead. A missing directory still finds processes
+    // left in it (as "<dir> (deleted)").
+    if let Err(e) = data_dir.canonicalize() {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(io_err(format!(
+                "fence cannot resolve the data directory {} to find PostgreSQL's processes",
+                data_dir.display()
+            ))(e));
+        }
+    }
     let mut watched = cluster_procs(data_dir);
     // A pid file can outlive its server (and the pid be reused): trust it only
     // for a process that runs in this data directory.

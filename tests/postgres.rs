@@ -428,3 +428,18 @@ async fn fence_finds_backends_orphaned_by_a_dead_postmaster() {
     assert!(!process_alive(backend));
     assert!(cluster_processes(&node.data_dir()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_finds_a_cluster_whose_data_dir_was_removed() {
+    let node = PgNode::init(free_port());
+    node.start();
+    let pm = node.postmaster_pid().unwrap();
+    // Removed under a running server (operator error, a lost mount): its
+    // processes keep running in "<dir> (deleted)".
+    std::fs::remove_dir_all(node.data_dir()).unwrap();
+    assert!(process_alive(pm));
+    let report = driver(&node).stop_fast_fence_sync().unwrap();
+    assert_ne!(report.how, StopHow::AlreadyStopped, "{report:?}");
+    assert!(report.killed.contains(&pm), "{report:?}");
+    assert!(!process_alive(pm));
+}

@@ -316,9 +316,9 @@ impl PgNode {
 
 /// Live processes whose cwd is `dir`.
 pub fn processes_in(dir: &Path) -> Vec<i32> {
-    let Ok(want) = dir.canonicalize() else {
-        return Vec::new();
-    };
+    let want = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    // What the kernel shows for a cwd that was removed.
+    let deleted = PathBuf::from(format!("{} (deleted)", want.display()));
     let mut pids = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return pids;
@@ -327,7 +327,7 @@ pub fn processes_in(dir: &Path) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if std::fs::read_link(e.path().join("cwd")).ok().as_deref() != Some(want.as_path()) {
+        if !std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c == want || c == deleted) {
             continue;
         }
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
