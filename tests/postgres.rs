@@ -443,3 +443,22 @@ async fn fence_finds_a_cluster_whose_data_dir_was_removed() {
     assert!(report.killed.contains(&pm), "{report:?}");
     assert!(!process_alive(pm));
 }
+
+/// The agent spawns these on a multi-threaded runtime: they must be Send.
+#[test]
+fn driver_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    let pg = Pg::new(PgConfig::with_data_dir("/nonexistent")).unwrap();
+    send(pg.status());
+    send(pg.health());
+    send(pg.promote());
+    send(pg.stop_fast_fence());
+    send(pg.start_as_replica(""));
+    send(pg.rejoin(""));
+    send(pg.clone_from(""));
+    send(pg.initdb(&[]));
+    send(pg.start_primary());
+    send(pg.stop_clean());
+    fn sync<T: Send + Sync + Clone + 'static>(_: &T) {}
+    sync(&pg);
+}
