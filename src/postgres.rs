@@ -1236,12 +1236,16 @@ impl Pg {
                 .args(["-c", "archive_mode=off", "-c"])
                 .arg(format!("port={}", self.cfg.port))
                 .arg(&self.cfg.dbname);
-            self.run(
-                "postgres --single (crash recovery)",
-                c,
-                PgConfig::secs(self.cfg.start_timeout),
-            )
-            .await?;
+            let r = self
+                .run(
+                    "postgres --single (crash recovery)",
+                    c,
+                    PgConfig::secs(self.cfg.start_timeout),
+                )
+                .await;
+            // Whatever happened, a later start by hand must come up read-only.
+            self.write_owned("standby.signal", "")?;
+            r?;
             crash_recovery = Some(t0.elapsed());
         }
         let source = format!(
@@ -1254,9 +1258,13 @@ impl Pg {
         c.arg("--target-pgdata")
             .arg(self.data_dir())
             .arg(format!("--source-server={source}"));
-        let out = self
+        let r = self
             .run("pg_rewind", c, PgConfig::secs(self.cfg.clone_timeout))
-            .await?;
+            .await;
+        // pg_rewind may drop files the source lacks; a node that fails here
+        // must not start as a primary by hand either.
+        self.write_owned("standby.signal", "")?;
+        let out = r?;
         let rewind = t0.elapsed();
         let rewound = !out.contains("no rewind required");
         self.start_as_replica(leader_conninfo).await?;
