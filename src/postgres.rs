@@ -1289,6 +1289,16 @@ impl Pg {
         let mut cfg: tokio_postgres::Config = source
             .parse()
             .map_err(|e| PgError::State(format!("leader conninfo is not valid: {e}")))?;
+        let leader = cfg
+            .get_hosts()
+            .iter()
+            .zip(cfg.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .map(|(h, port)| match h {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         if let (None, Some(p)) = (cfg.get_password(), &self.cfg.replication.password) {
             cfg.password(p.as_bytes());
         }
@@ -1317,6 +1327,10 @@ impl Pg {
                 } => PgError::Auth {
                     user: format!("{} (replication)", self.cfg.replication.user),
                     sqlstate,
+                    message,
+                },
+                PgError::Connect { message, .. } => PgError::Connect {
+                    target: format!("the leader (rewind source) {leader}"),
                     message,
                 },
                 other => other,

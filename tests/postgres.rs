@@ -462,3 +462,28 @@ fn driver_futures_are_send() {
     fn sync<T: Send + Sync + Clone + 'static>(_: &T) {}
     sync(&pg);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rejoin_leaves_a_node_that_starts_read_only() {
+    let node = PgNode::init(free_port());
+    node.start();
+    let d = driver(&node);
+    d.stop_fast_fence().await.unwrap();
+    let nobody =
+        PgConfig::with_data_dir("/unused").replication_conninfo("127.0.0.1", free_port(), "x");
+    let e = d.rejoin(&nobody).await.unwrap_err();
+    assert!(matches!(&e, PgError::Connect { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("rewind source") && text.contains("Connection refused"),
+        "{e}"
+    );
+    assert!(node.data_dir().join("standby.signal").exists());
+    assert_eq!(
+        d.control_state().await.unwrap(),
+        "shut down",
+        "crash recovery ran"
+    );
+    node.start(); // by hand, as an operator might
+    assert!(node.is_in_recovery());
+}
