@@ -555,6 +555,14 @@ impl Dcs {
     }
 
     /// Writes `members/{node}` under `lease`.
+    /// Another node's member record, if it has one.
+    pub async fn get_member(&mut self, node: &str) -> Result<Option<Vec<u8>>, DcsError> {
+        let mut kv = self.client.kv_client();
+        let key = format!("{}{}", self.members_prefix, node);
+        let r = self.call("get member", kv.get(key, None)).await?;
+        Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
     pub async fn put_member(&mut self, lease: LeaseId, value: &str) -> Result<(), DcsError> {
         let mut kv = self.client.kv_client();
         let key = self.member_key();

@@ -58,6 +58,9 @@ pub enum StepDownReason {
     KeyLost,
     /// Promotion failed; PostgreSQL's state is unknown.
     PromoteFailed,
+    /// The leader's PostgreSQL is down (crashed or stopped behind our back):
+    /// hand the key over rather than lead nothing.
+    PostgresDown,
     /// SIGTERM / SIGINT.
     Shutdown,
 }
@@ -72,7 +75,9 @@ pub enum PgView {
     /// Running and writable.
     Primary,
     /// Running in recovery, streaming from `following` when known.
-    Replica { following: Option<String> },
+    Replica {
+        following: Option<String>,
+    },
     /// A rejoin or clone is in progress.
     Busy,
 }
@@ -175,7 +180,10 @@ pub enum Input {
     /// PostgreSQL's state, observed once per loop.
     Postgres(PgView),
     /// A `Follow` finished (PostgreSQL runs as a replica of `leader`) or failed.
-    Followed { leader: String, ok: bool },
+    Followed {
+        leader: String,
+        ok: bool,
+    },
     /// SIGTERM or SIGINT.
     Shutdown,
 }
@@ -506,6 +514,9 @@ impl Core {
             }
             Input::Postgres(view) => {
                 self.pg = view;
+                if self.role == Role::Leader && self.pg == PgView::Down {
+                    self.step_down(StepDownReason::PostgresDown, &mut out);
+                }
                 self.follow_leader(&mut out);
             }
             Input::Followed { leader, ok } => {
@@ -653,9 +664,7 @@ impl Core {
                     PgView::Unmanaged | PgView::Busy => true,
                     // Writable while another node leads: act now, every time.
                     PgView::Primary => false,
-                    PgView::Replica {
-                        following: Some(f),
-                    } => f == leader,
+                    PgView::Replica { following: Some(f) } => f == leader,
                     PgView::Replica { following: None } | PgView::Down => {
                         self.following.as_ref() == Some(leader)
                     }
@@ -693,6 +702,7 @@ impl Core {
         self.holder = KeyHolder::Us;
         self.key_gone = false;
         self.stopped = false;
+        self.following = None;
         self.role = Role::Arming;
         out.push(Action::Record(Fact::Acquired {
             lease,
@@ -785,7 +795,7 @@ impl Core {
         // on fresh renewals (rule 1) so that a clean handover is not reset.
         if !matches!(
             reason,
-            StepDownReason::Shutdown | StepDownReason::PromoteFailed
+            StepDownReason::Shutdown | StepDownReason::PromoteFailed | StepDownReason::PostgresDown
         ) || self.key_gone
         {
             out.push(Action::Publish(Evidence::None));
@@ -1474,6 +1484,103 @@ mod tests {
         assert!(has(&a, |a| *a == Action::Publish(Evidence::Liveness(t(900)))));
     }
 
+    fn follower_seeing(holder: KeyHolder) -> Core {
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(10),
+            Input::KeySeen {
+                holder,
+                revision: 3,
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn follower_with_a_writable_postgres_follows_the_leader_every_time() {
+        let mut c = follower_seeing(KeyHolder::Other("b".into()));
+        let a = c.handle(t(20), Input::Postgres(PgView::Primary));
+        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+        // Still writable on the next loop (the follow failed): again, at once.
+        let a = c.handle(t(520), Input::Postgres(PgView::Primary));
+        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    }
+
+    #[test]
+    fn follower_asks_once_then_waits_for_the_outcome() {
+        let mut c = follower_seeing(KeyHolder::Other("b".into()));
+        let a = c.handle(t(20), Input::Postgres(PgView::Down));
+        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+        let a = c.handle(t(520), Input::Postgres(PgView::Busy));
+        assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
+        let a = c.handle(t(620), Input::Postgres(PgView::Down));
+        assert!(!has(&a, |a| matches!(a, Action::Follow { .. })), "pending");
+        c.handle(
+            t(700),
+            Input::Followed {
+                leader: "b".into(),
+                ok: false,
+            },
+        );
+        let a = c.handle(t(720), Input::Postgres(PgView::Down));
+        assert!(
+            has(&a, |a| *a == Action::Follow { leader: "b".into() }),
+            "retried after a failure"
+        );
+        let a = c.handle(
+            t(820),
+            Input::Postgres(PgView::Replica {
+                following: Some("b".into()),
+            }),
+        );
+        assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
+        // A new leader: follow it.
+        let a = c.handle(
+            t(900),
+            Input::KeySeen {
+                holder: KeyHolder::Other("c".into()),
+                revision: 9,
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Follow { leader: "c".into() }));
+    }
+
+    #[test]
+    fn writable_postgres_under_an_unknown_owner_is_fenced() {
+        let mut c = follower_seeing(KeyHolder::Garbage);
+        let a = c.handle(t(20), Input::Postgres(PgView::Primary));
+        assert!(has(&a, |a| *a == Action::Fence));
+    }
+
+    #[test]
+    fn leader_whose_postgres_is_down_hands_over() {
+        let mut c = leader(WatchdogMode::Required);
+        let a = c.handle(t(1200), Input::Postgres(PgView::Down));
+        assert!(has(&a, |a| *a
+            == Action::StepDown {
+                reason: StepDownReason::PostgresDown
+            }));
+        assert!(
+            !has(&a, |a| *a == Action::Publish(Evidence::None)),
+            "key still ours: pings go on while it is released"
+        );
+        let a = c.handle(
+            t(1300),
+            Input::SteppedDown {
+                how: "already stopped".into(),
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    }
+
     /// Inputs a fuzzer may throw at the core, with a time step.
     fn any_input() -> impl Strategy<Value = (u64, Input)> {
         let holder = prop_oneof![
@@ -1518,6 +1625,13 @@ mod tests {
             any::<bool>().prop_map(|deleted| Input::Released { deleted }),
             Just(Input::Disarmed),
             Just(Input::Shutdown),
+            prop_oneof![
+                Just(PgView::Down),
+                Just(PgView::Primary),
+                Just(PgView::Replica { following: None }),
+                Just(PgView::Busy)
+            ]
+            .prop_map(Input::Postgres),
         ];
         (0u64..1500, input)
     }

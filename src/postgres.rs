@@ -95,6 +95,11 @@ pub struct PgConfig {
     /// Credentials peers use to stream from (and `pg_rewind` from) this node.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// The address peers use to reach this node's PostgreSQL (published in
+    /// its member record). Default: `host` when it is an address, else
+    /// 127.0.0.1.
+    #[serde(default)]
+    pub advertise_host: Option<String>,
 }
 
 /// Credentials in the `primary_conninfo` of replicas and the source of `pg_rewind`.
@@ -266,6 +271,15 @@ impl PgConfig {
     /// `postgres.replication.password` itself where it is needed (PGPASSWORD
     /// for pg_basebackup / pg_rewind, so it never shows in `ps`; the
     /// `primary_conninfo` line, in a file of mode 600).
+    /// The host peers should connect to (see `advertise_host`).
+    pub fn advertised_host(&self) -> String {
+        match &self.advertise_host {
+            Some(h) => h.clone(),
+            None if self.host.starts_with('/') => "127.0.0.1".into(),
+            None => self.host.clone(),
+        }
+    }
+
     pub fn replication_conninfo(&self, host: &str, port: u16, application_name: &str) -> String {
         format!(
             "host={} port={port} user={} application_name={}",
