@@ -721,7 +721,7 @@ fn package_installs_arms_nothing_and_purge_keeps_the_audit_log() {
     // The agent would write its audit log here (StateDirectory=leasedog).
     let audit_dir = r.join("var/lib/leasedog");
     fs::create_dir_all(&audit_dir).unwrap();
-    let audit = audit_dir.join("0f1e2d3c.audit.jsonl");
+    let audit = audit_dir.join("pg1.audit.jsonl");
     let evidence = "{\"event\":\"armed\",\"device\":\"/dev/watchdog0\",\"w\":5}\n";
     fs::write(&audit, evidence).unwrap();
 
