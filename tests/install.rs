@@ -514,12 +514,14 @@ fn udev_rules_give_watchdogs_to_the_group_and_nothing_else() {
 // ---------------------------------------------------------------- the package
 
 /// Builds the .deb once per test run with `cargo deb --no-build`, packaging
-/// the binary this test run already built (cargo-deb looks for
-/// target/release/leasedog, so a throwaway target dir holds a copy there):
-/// no second compile. The release package is `cargo deb` with no options.
+/// the binary this test run already built: cargo-deb looks for
+/// target/release/leasedog, so a scratch target dir (under cargo's
+/// CARGO_TARGET_TMPDIR, reused by every run, nothing left in /tmp) holds a
+/// link to it there. No second compile; the release package is plain
+/// `cargo deb`.
 fn deb() -> &'static Path {
-    static DEB: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DEB.get_or_init(|| {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let probe = run(Command::new(&cargo).args(["deb", "--version"]));
         assert!(
@@ -527,15 +529,15 @@ fn deb() -> &'static Path {
             "cargo-deb is missing: run `cargo install cargo-deb --locked`\n{}",
             text(&probe)
         );
-        let t = tempdir();
-        let target = t.path().join("target");
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("install-deb");
+        let _ = fs::remove_dir_all(&scratch);
+        let target = scratch.join("target");
         fs::create_dir_all(target.join("release")).unwrap();
-        fs::copy(
-            env!("CARGO_BIN_EXE_leasedog"),
-            target.join("release/leasedog"),
-        )
-        .unwrap();
-        let out_dir = t.path().join("out");
+        let bin = target.join("release/leasedog");
+        fs::hard_link(env!("CARGO_BIN_EXE_leasedog"), &bin)
+            .or_else(|_| fs::copy(env!("CARGO_BIN_EXE_leasedog"), &bin).map(drop))
+            .unwrap();
+        let out_dir = scratch.join("out");
         let started = Instant::now();
         run_ok(
             Command::new(&cargo)
@@ -546,14 +548,14 @@ fn deb() -> &'static Path {
                 .env("CARGO_TARGET_DIR", &target),
         );
         println!("cargo deb --no-build took {:?}", started.elapsed());
+        let _ = fs::remove_dir_all(&target);
         let deb = fs::read_dir(&out_dir)
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
             .expect("cargo deb wrote no .deb");
-        (t, deb)
+        deb
     })
-    .1
 }
 
 fn dpkg_deb() -> PathBuf {
@@ -821,4 +823,44 @@ fn shipped_conffile_refuses_to_run_until_node_and_devices_are_chosen() {
     assert_eq!(cfg.etcd.endpoints, example.etcd.endpoints);
     assert_eq!(cfg.watchdog.devices, example.watchdog.devices);
     assert_eq!(cfg.audit.dir, example.audit.dir);
+}
+
+// ---------------------------------------------------------------- softdog
+
+#[test]
+fn softdog_is_loaded_at_boot_with_options_that_arm_nothing_and_can_disarm() {
+    let active = |rel: &str| -> Vec<String> {
+        read(rel)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        active("systemd/modules-load.d/leasedog-softdog.conf"),
+        ["softdog"]
+    );
+    let lines = active("systemd/modprobe.d/leasedog-softdog.conf");
+    let [line] = lines.as_slice() else {
+        panic!("expected one options line, got {lines:?}")
+    };
+    let mut words = line.split_whitespace();
+    assert_eq!(
+        (words.next(), words.next()),
+        (Some("options"), Some("softdog"))
+    );
+    let opts: BTreeMap<&str, &str> = words.filter_map(|w| w.split_once('=')).collect();
+    // A clean switchover can disarm; expiry really resets; loading arms nothing.
+    assert_eq!(opts.get("nowayout"), Some(&"0"));
+    assert_eq!(opts.get("soft_noboot"), Some(&"0"));
+    assert_eq!(opts.get("soft_panic"), Some(&"0"));
+    assert_eq!(opts.get("soft_active_on_boot"), Some(&"0"));
+    // Before the agent sets W, the margin is no longer than the default W.
+    let margin: u64 = opts["soft_margin"].parse().unwrap();
+    let b = default_config().budget().unwrap();
+    assert!(
+        Duration::from_secs(margin) <= b.ttl - b.margin,
+        "soft_margin {margin} s > default W"
+    );
 }
