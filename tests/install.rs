@@ -9,6 +9,12 @@
 //! and root (mount namespaces, mknod, chgrp). A missing tool fails the test
 //! with the name of what to install: these are the project's install checks,
 //! never silently skipped.
+//!
+//! One test is `#[ignore]`d: `unit_sandbox_works_under_real_systemd` boots the
+//! unit under real systemd in a QEMU guest (~80 s under TCG; qemu-system-x86,
+//! busybox-static, cpio, the `postgres` user, and the lab's kernel cache in
+//! `$LEASEDOG_LAB_CACHE` or `.lab-cache`). Run it with
+//! `cargo test --test install -- --ignored`.
 
 use leasedog::config::{Config, ConfigError, WatchdogMode};
 use std::collections::BTreeMap;
@@ -863,4 +869,284 @@ fn softdog_is_loaded_at_boot_with_options_that_arm_nothing_and_can_disarm() {
         Duration::from_secs(margin) <= b.ttl - b.margin,
         "soft_margin {margin} s > default W"
     );
+}
+
+// ---------------------------------------------------------------- real systemd
+
+/// The lab's kernel cache (`$LEASEDOG_LAB_CACHE`, else `<workspace>/.lab-cache`,
+/// filled by the lab's `Kernel::get`): a `kernel-*/` folder with `vmlinuz` and
+/// `modules/*.ko` of Debian's 6.1 kernel.
+fn lab_kernel() -> PathBuf {
+    let cache = std::env::var_os("LEASEDOG_LAB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo(".lab-cache"));
+    fs::read_dir(&cache)
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("kernel-"))
+                && p.join("vmlinuz").is_file()
+                && p.join("modules/softdog.ko").is_file()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no lab kernel in {}: run the lab tests first (they fetch it) or set LEASEDOG_LAB_CACHE",
+                cache.display()
+            )
+        })
+}
+
+/// Kills QEMU if the test fails half-way.
+struct Qemu(std::process::Child);
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The unit file as shipped, with only ExecStart replaced by a probe, run by
+/// real systemd 252 as PID 1 in a QEMU guest (the host's root over 9p under a
+/// tmpfs overlay, softdog loaded with the package's options, the udev rule
+/// applied by the real udevd). Shows what `verify` and `security` cannot: that
+/// the sandbox still lets the agent do its job (mlockall and SCHED_FIFO without
+/// capabilities, both watchdog nodes opened through the group, SIGKILL of a
+/// PostgreSQL-owned process, sd_notify) and nothing beyond it.
+#[test]
+#[ignore = "boots a QEMU guest with systemd (~90 s under TCG) and needs the lab's kernel cache; run with --ignored"]
+fn unit_sandbox_works_under_real_systemd() {
+    let kernel = lab_kernel();
+    let qemu = tool("qemu-system-x86_64", "the Debian package `qemu-system-x86`");
+    let busybox = tool("busybox", "the Debian package `busybox-static`");
+    let cpio = tool("cpio", "the Debian package `cpio`");
+    let t = tempdir();
+    let d = t.path();
+    let ir = d.join("ir");
+    let inject = ir.join("inject");
+    for sub in [
+        "bin",
+        "mods",
+        "proc",
+        "sys",
+        "dev",
+        "inject/etc/systemd/system/leasedog.service.d",
+        "inject/etc/udev/rules.d",
+        "inject/etc/leasedog",
+        "inject/usr/local/bin",
+    ] {
+        fs::create_dir_all(ir.join(sub)).unwrap();
+    }
+    fs::copy(&busybox, ir.join("bin/busybox")).unwrap();
+    const MODULES: [&str; 13] = [
+        "virtio_ring",
+        "virtio",
+        "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "9pnet",
+        "9pnet_virtio",
+        "netfs",
+        "fscache",
+        "9p",
+        "overlay",
+        "watchdog",
+        "softdog",
+    ];
+    for m in MODULES {
+        fs::copy(
+            kernel.join(format!("modules/{m}.ko")),
+            ir.join(format!("mods/{m}.ko")),
+        )
+        .unwrap_or_else(|e| panic!("module {m}: {e}"));
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    run_ok(
+        Command::new(rustc)
+            .args(["-O", "--edition", "2021", "-o"])
+            .arg(inject.join("usr/local/bin/leasedog-probe"))
+            .arg(repo("tests/install/probe.rs")),
+    );
+    fs::copy(
+        repo(UNIT),
+        inject.join("etc/systemd/system/leasedog.service"),
+    )
+    .unwrap();
+    fs::copy(
+        repo(RULES),
+        inject.join("etc/udev/rules.d/60-leasedog-watchdog.rules"),
+    )
+    .unwrap();
+    fs::copy(repo(CONFFILE), inject.join("etc/leasedog/leasedog.toml")).unwrap();
+    let units = [
+        (
+            "leasedog.service.d/probe.conf",
+            "[Unit]\nWants=sleeper.service\nAfter=sleeper.service\n\
+             [Service]\nExecStart=\nExecStart=/usr/local/bin/leasedog-probe\n\
+             Restart=no\nStandardOutput=journal+console\n",
+        ),
+        (
+            "sleeper.service",
+            // systemd turns $$ into $, so $$$$ reaches sh as its own pid.
+            "[Service]\nUser=postgres\nRuntimeDirectory=leasedog-sleeper\n\
+             ExecStart=/bin/sh -c 'echo $$$$ > /run/leasedog-sleeper/pid; exec sleep 1000'\n",
+        ),
+        (
+            "reporter.service",
+            "[Unit]\nAfter=leasedog.service\n[Service]\nType=oneshot\n\
+             StandardOutput=journal+console\n\
+             ExecStart=/bin/sh -c 'sleep 2; \
+               systemctl show leasedog.service -p Result -p StatusText | sed \"s/^/REPORT /\"; \
+               systemctl show sleeper.service -p ActiveState -p ExecMainStatus | sed \"s/^/REPORT sleeper/\"; \
+               ls -ln /dev/watchdog /dev/watchdog0 | sed \"s/^/REPORT node /\"; \
+               systemctl poweroff -ff'\n",
+        ),
+        (
+            "leasedogtest.target",
+            "[Unit]\nRequires=leasedog.service reporter.service\n\
+             After=leasedog.service reporter.service\n",
+        ),
+    ];
+    for (name, text) in units {
+        fs::write(inject.join("etc/systemd/system").join(name), text).unwrap();
+    }
+    let gid = 990;
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         for m in {mods}; do insmod /mods/$m.ko || echo \"insmod $m failed\"; done\n\
+         insmod /mods/softdog.ko {softdog}\n\
+         mkdir -p /host /rw /newroot\n\
+         i=0; until mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host; do \
+           i=$((i+1)); [ $i -gt 50 ] && break; sleep 0.1; done\n\
+         mount -t tmpfs tmpfs /rw; mkdir -p /rw/upper /rw/work\n\
+         mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot\n\
+         cp -a /inject/. /newroot/\n\
+         echo leasedog:x:{gid}: >> /newroot/etc/group\n\
+         chown 0:{gid} /newroot/etc/leasedog/leasedog.toml; chmod 0640 /newroot/etc/leasedog/leasedog.toml\n\
+         umount /proc /sys\n\
+         mount --move /dev /newroot/dev\n\
+         exec switch_root /newroot /lib/systemd/systemd systemd.unit=leasedogtest.target\n",
+        mods = MODULES[..MODULES.len() - 1].join(" "),
+        // The package's softdog options, as modprobe would pass them.
+        softdog = read("systemd/modprobe.d/leasedog-softdog.conf")
+            .lines()
+            .find_map(|l| l.strip_prefix("options softdog "))
+            .expect("no softdog options line"),
+    );
+    fs::write(ir.join("init"), init).unwrap();
+    fs::set_permissions(ir.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = d.join("initrd.cpio");
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && find . | {} -o -H newc > {} 2>/dev/null",
+        ir.display(),
+        cpio.display(),
+        initrd.display()
+    )));
+
+    let console = d.join("console.log");
+    let started = Instant::now();
+    let child = Command::new(qemu)
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+        ])
+        .arg(kernel.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 systemd.unit=leasedogtest.target",
+        ])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&console).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot start qemu");
+    let mut qemu = Qemu(child);
+    let deadline = Duration::from_secs(480);
+    loop {
+        if qemu.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "the guest did not power off within {deadline:?}:\n{}",
+            fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!("guest ran {:?}", started.elapsed());
+    let log = String::from_utf8_lossy(&fs::read(&console).unwrap()).into_owned();
+    let probes: BTreeMap<String, String> = log
+        .lines()
+        .filter_map(|l| l.split_once("PROBE ")?.1.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for name in [
+        "mlockall",
+        "SCHED_FIFO 10",
+        "open+GETTIMEOUT /dev/watchdog0",
+        "ping+magic close /dev/watchdog0",
+        "open+GETTIMEOUT /dev/watchdog",
+        "ping+magic close /dev/watchdog",
+        "kmsg denied",
+        "boot_id",
+        "sysfs identity",
+        "/etc read-only",
+        "state dir writable",
+        "pid 1 hidden",
+        "spawn /bin/true",
+        "setuid(0) refused",
+        "SIGKILL postgres-owned process",
+        "signal to pid 1 refused",
+        "config readable",
+        "sd_notify",
+    ] {
+        let got = probes
+            .get(name)
+            .unwrap_or_else(|| panic!("probe {name:?} did not report:\n{log}"));
+        assert!(got.starts_with("ok"), "probe {name}: {got}\n{log}");
+    }
+    let postgres_uid = fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .and_then(|l| l.split(':').nth(2).map(str::to_string))
+        .expect("no postgres user on the host (postgresql-15 installs it)");
+    assert_eq!(probes["uid/gid"], format!("ok {postgres_uid} {gid}"));
+    for cap in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        let v = probes
+            .get(&format!("status {cap}"))
+            .unwrap_or_else(|| panic!("no {cap}:\n{log}"));
+        assert_eq!(v, "0000000000000000", "{cap}");
+    }
+    let report = |needle: &str| log.lines().any(|l| l.contains(&format!("REPORT {needle}")));
+    assert!(report("Result=success"), "{log}");
+    assert!(report("StatusText=probe done"), "{log}");
+    assert!(
+        report("sleeperExecMainStatus=9"),
+        "the postgres-owned process was not killed by SIGKILL:\n{log}"
+    );
+    let nodes: Vec<&str> = log.lines().filter(|l| l.contains("REPORT node ")).collect();
+    assert_eq!(nodes.len(), 2, "{log}");
+    for n in nodes {
+        assert!(
+            n.contains("crw-rw----") && n.contains(&format!(" 0 {gid} ")),
+            "udevd did not give the node to the group: {n}"
+        );
+    }
 }
