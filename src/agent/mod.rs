@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
 /// `config_digest` identifies the configuration in the audit's start-up record.
@@ -110,6 +110,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         leader_member: None,
         published: None,
         last_lsn: None,
+        connect_failed_at: None,
         pg_view: PgView::Unmanaged,
         ticks: 0,
     };
@@ -162,6 +163,8 @@ struct Agent {
     leader_member: Option<Member>,
     /// Our last published member record, and the loop it was published at.
     published: Option<(Member, u64)>,
+    /// When the last connection attempt failed (one attempt per loop).
+    connect_failed_at: Option<clock::BootTime>,
     /// Our PostgreSQL's WAL position and state at the last observation.
     last_lsn: Option<u64>,
     pg_view: PgView,
@@ -336,6 +339,23 @@ impl Agent {
             }
             self.drain_pinger();
             let input = tokio::select! {
+                // Signals and the deadline timer first: a busy loop (etcd
+                // down, every tick ready) must not starve them.
+                biased;
+                Some(sig) = sig_rx.recv() => {
+                    info!("signal {sig}: stepping down and exiting");
+                    Input::Shutdown
+                }
+                Some(r) = timer_rx.recv() => match r {
+                    TimerReport::Fenced { s, at, how } => {
+                        warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
+                        Input::FencedByTimer { how }
+                    }
+                    TimerReport::StopFailed { reason, .. } => {
+                        error!("deadline timer could not stop PostgreSQL: {reason}; the watchdog will reset the node");
+                        Input::StepDownFailed { reason }
+                    }
+                },
                 _ = tick.tick() => {
                     // The renewal goes first; PostgreSQL is observed after it.
                     self.ticks += 1;
@@ -353,27 +373,13 @@ impl Agent {
                     }
                     done
                 }
-                Some(sig) = sig_rx.recv() => {
-                    info!("signal {sig}: stepping down and exiting");
-                    Input::Shutdown
-                }
-                Some(r) = timer_rx.recv() => match r {
-                    TimerReport::Fenced { s, at, how } => {
-                        warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
-                        Input::FencedByTimer { how }
-                    }
-                    TimerReport::StopFailed { reason, .. } => {
-                        error!("deadline timer could not stop PostgreSQL: {reason}; the watchdog will reset the node");
-                        Input::StepDownFailed { reason }
-                    }
-                },
                 ev = next_watch(&mut self.watch) => match ev {
                     Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder, self.core.lease()), revision },
                     Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
                     Err(e) => {
                         warn!("leader watch broke: {e}; re-reading");
                         self.watch = None;
-                        Input::KeySeen { holder: KeyHolder::Unknown, revision: 0 }
+                        Input::WatchBroken
                     }
                 },
             };
@@ -439,10 +445,20 @@ impl Agent {
 
     async fn connect(&mut self) -> Result<(), String> {
         if self.dcs.is_none() {
+            // One connection attempt per loop: with etcd down, every action
+            // of a batch would otherwise wait out its own connect timeout.
+            let now = clock::now();
+            if let Some(at) = self.connect_failed_at {
+                if now.saturating_since(at) < self.budget.loop_interval {
+                    return Err("etcd unreachable (retrying next loop)".into());
+                }
+            }
+            self.connect_failed_at = Some(now);
             let d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
                 .await
                 .map_err(|e| e.to_string())?;
             info!(endpoints = ?self.cfg.etcd.endpoints, "connected to etcd");
+            self.connect_failed_at = None;
             self.dcs = Some(d);
         }
         Ok(())
@@ -490,7 +506,11 @@ impl Agent {
                 };
                 let sent = clock::now();
                 match d.renew(LeaseId(lease)).await {
-                    Renewal::Acked { ttl } => Some(Input::Renewed { sent, ttl }),
+                    Renewal::Acked { ttl } => {
+                        let rtt = clock::now().saturating_since(sent);
+                        debug!(rtt_us = rtt.as_micros() as u64, ttl, "renewed");
+                        Some(Input::Renewed { sent, ttl })
+                    }
                     Renewal::Gone => {
                         warn!(lease, "etcd says the lease is gone");
                         Some(Input::LeaseGone)
