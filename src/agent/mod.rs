@@ -11,6 +11,7 @@
 pub mod deadline;
 #[cfg(feature = "testing")]
 pub mod faults;
+mod mirror;
 pub mod pinger;
 pub mod realtime;
 
@@ -19,7 +20,7 @@ use crate::clock;
 use crate::config::{Config, DeviceSpec};
 use crate::dcs::{self, Acquire, Dcs, Holder, LeaseId, Renewal};
 use crate::decide::{
-    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder,
+    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder, Role,
 };
 use crate::timing::Budget;
 use crate::watchdog::{self, SysRoots, Watchdog};
@@ -94,6 +95,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         watch: None,
         stop_fn,
         audit,
+        mirror: None,
     };
     let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx));
     drop(timer);
@@ -132,6 +134,8 @@ struct Agent {
     watch: Option<dcs::LeaderWatch>,
     stop_fn: StopFn,
     audit: AuditLog,
+    /// Lifecycle records to etcd's history; started at the first one.
+    mirror: Option<mirror::Mirror>,
 }
 
 /// Opens the audit log (refusing to run without one: rule 7), warns if the
@@ -541,7 +545,7 @@ impl Agent {
                 None
             }
             Action::Record(fact) => {
-                self.record(&fact);
+                self.record(&fact).await;
                 None
             }
             Action::Exit { .. } => None,
@@ -549,8 +553,10 @@ impl Agent {
     }
 
     /// Logs a fact and appends it to the audit log, durably: the action it
-    /// precedes in the core's list runs only after the fsync.
-    fn record(&mut self, fact: &Fact) {
+    /// precedes in the core's list runs only after the fsync. A lifecycle
+    /// record is then queued for etcd's history (never waited for, except
+    /// at the very end of a shutdown, see [`Agent::mirror`]).
+    async fn record(&mut self, fact: &Fact) {
         match fact {
             Fact::RenewedLate { .. }
             | Fact::LeaseLost { .. }
@@ -562,8 +568,45 @@ impl Agent {
             _ => info!(?fact, "audit"),
         }
         let (rev, ev) = audit_event(fact);
-        if let Err(e) = self.audit.append(rev, ev) {
-            error!("audit log write failed: {e}");
+        match self.audit.append(rev, ev) {
+            Ok(r) => self.mirror(fact, &r).await,
+            Err(e) => error!("audit log write failed: {e}"),
+        }
+    }
+
+    /// Queues a lifecycle record for etcd's history (after the local fsync).
+    /// The writes run in their own task, so fencing never waits on them.
+    /// Once shutting down and no longer leading (PostgreSQL stopped, key
+    /// released, devices disarmed: nothing left to fence), it waits, bounded,
+    /// for the backlog to reach etcd, as the process is about to exit.
+    async fn mirror(&mut self, fact: &Fact, r: &audit::Record) {
+        if !r.event.is_lifecycle() {
+            return;
+        }
+        let m = match &mut self.mirror {
+            Some(m) => {
+                m.push(r);
+                m
+            }
+            // Catches up from the local log, which includes `r`.
+            None => self.mirror.insert(mirror::Mirror::start(
+                &self.cfg.etcd,
+                &self.cfg.scope,
+                &self.cfg.node,
+                self.audit.path(),
+            )),
+        };
+        if matches!(fact, Fact::Shutdown) {
+            m.shutting_down = true;
+        }
+        if m.shutting_down && matches!(self.core.role(), Role::Follower | Role::Exited) {
+            let within = (self.budget.request_timeout * 3).max(Duration::from_secs(1));
+            if !m.flush(within).await {
+                warn!(
+                    pending = m.pending(),
+                    "audit records not mirrored to etcd before exit (the local log has them)"
+                );
+            }
         }
     }
 
