@@ -472,6 +472,70 @@ fn stalled_leader_is_unproven_until_a_reset_is_recorded() {
     eprintln!("test took {:?}", t0.elapsed());
 }
 
+/// A frozen etcd: the leader fences itself on time (its records are fsynced
+/// locally while every etcd write hangs), the mirror logs its failures and
+/// retries, and once etcd answers again the records reach the history, in
+/// order and unchanged.
+#[test]
+fn mirror_retries_after_an_etcd_outage_without_delaying_the_fence() {
+    const SCOPE: &str = "outage";
+    let t0 = Instant::now();
+    let mut etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut n = Node::spawn(SCOPE, "solo", &eps);
+    assert!(wait_until(Duration::from_secs(20), || n.count("promoted") == 1));
+    std::thread::sleep(Duration::from_millis(500));
+    etcd.stop().unwrap();
+    let frozen_at = Instant::now();
+    // T - M = 2 s after the last renewal the node fences itself.
+    let fenced = wait_until(Duration::from_secs(10), || {
+        n.count("step_down_confirmed") == 1
+    });
+    let fenced_after = frozen_at.elapsed();
+    let mirror_failed = n
+        .proc_
+        .wait_log("cannot mirror audit record", Duration::from_secs(10));
+    etcd.resume().unwrap();
+    assert!(
+        fenced,
+        "no step-down while etcd was frozen: {}",
+        n.proc_.log()
+    );
+    assert!(
+        fenced_after < Duration::from_secs(T),
+        "step-down {fenced_after:?} after the freeze"
+    );
+    assert!(mirror_failed, "{}", n.proc_.log());
+    let mirrored = || {
+        etcd_history(&client, SCOPE)
+            .iter()
+            .any(|r| r["event"] == "step_down_confirmed")
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), mirrored),
+        "the backlog never reached etcd: {}",
+        n.proc_.log()
+    );
+    n.stop();
+    let local: Vec<Value> = n.records();
+    let hist: Vec<Value> = etcd_history(&client, SCOPE);
+    let seqs: Vec<u64> = hist.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    assert_eq!(seqs, sorted, "keys of one node sort by seq");
+    for h in &hist {
+        let l = &local[h["seq"].as_u64().unwrap() as usize];
+        assert_eq!(l, h, "the etcd copy is the local record");
+    }
+    eprintln!(
+        "fenced {fenced_after:?} after the freeze; {} of {} records mirrored; test took {:?}",
+        hist.len(),
+        local.len(),
+        t0.elapsed()
+    );
+}
+
 fn etcd_cfg(endpoints: Vec<String>) -> EtcdConfig {
     EtcdConfig {
         endpoints,
