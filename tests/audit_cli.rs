@@ -322,6 +322,21 @@ fn clean_handover_verifies_and_is_fenced_by_step_down() {
         "{out}"
     );
     assert!(out.contains("records removed from the end"), "{out}");
+
+    // The agent itself checks its log against its anchor in etcd at
+    // start-up: cut a's real log the same way and start a again.
+    std::fs::write(a.log(), lines[..=p].join("\n") + "\n").unwrap();
+    a.restart(SCOPE, &eps);
+    assert!(
+        a.proc_.wait_log(
+            "the audit log disagrees with its anchor in etcd",
+            Duration::from_secs(15)
+        ),
+        "{}",
+        a.proc_.log()
+    );
+    assert!(a.proc_.log().contains("records removed from the end"));
+    a.stop();
     eprintln!("test took {:?}", t0.elapsed());
 }
 
