@@ -551,6 +551,54 @@ fn mirror_retries_after_an_etcd_outage_without_delaying_the_fence() {
     );
 }
 
+/// An agent killed with records still unmirrored (etcd frozen while it
+/// fenced itself): its next run back-fills them into etcd after checking its
+/// anchor, so the etcd history still shows the step-down.
+#[test]
+fn an_earlier_runs_unmirrored_records_are_back_filled() {
+    const SCOPE: &str = "backfill";
+    let t0 = Instant::now();
+    let mut etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut n = Node::spawn(SCOPE, "solo", &eps);
+    assert!(wait_until(Duration::from_secs(20), || n.count("promoted") == 1));
+    // Wait for the mirror to catch up before the freeze.
+    assert!(wait_until(Duration::from_secs(10), || etcd_history(
+        &client, SCOPE
+    )
+    .iter()
+    .any(|r| r["event"] == "promoted")));
+    etcd.stop().unwrap();
+    let fenced = wait_until(Duration::from_secs(10), || {
+        n.count("step_down_confirmed") == 1
+    });
+    n.proc_.signal(libc::SIGKILL).unwrap();
+    assert!(n.proc_.wait_exit(Duration::from_secs(10)).is_some());
+    etcd.resume().unwrap();
+    assert!(fenced, "{}", n.proc_.log());
+    let has = |e: &str| etcd_history(&client, SCOPE).iter().any(|r| r["event"] == e);
+    assert!(
+        !has("step_down_confirmed"),
+        "mirrored despite the frozen etcd?"
+    );
+    n.restart(SCOPE, &eps);
+    assert!(
+        wait_until(Duration::from_secs(20), || has("step_down_confirmed")),
+        "not back-filled: {}",
+        n.proc_.log()
+    );
+    assert!(n.proc_.log().contains("an earlier run left unmirrored"));
+    n.stop();
+    let local = n.records();
+    for h in etcd_history(&client, SCOPE) {
+        assert_eq!(local[h["seq"].as_u64().unwrap() as usize], h);
+    }
+    let (code, out, err) = audit(&["verify", s(&n.log())]);
+    assert_eq!(code, 0, "{out}{err}");
+    eprintln!("test took {:?}", t0.elapsed());
+}
+
 fn etcd_cfg(endpoints: Vec<String>) -> EtcdConfig {
     EtcdConfig {
         endpoints,

@@ -9,6 +9,8 @@
 //! main loop only pushes into a small bounded backlog; the task writes it in
 //! order and retries with backoff. If the backlog overflows, the oldest
 //! records are dropped from the mirror (never from the local log) and counted.
+//! Records an earlier run could not mirror (it died with a backlog) are
+//! back-filled at the next start-up, after the anchor check.
 
 use crate::audit::{self, Record};
 use crate::config::EtcdConfig;
@@ -62,12 +64,15 @@ impl Mirror {
     /// record is written before the agent's loop exists).
     pub fn start(etcd: &EtcdConfig, scope: &str, node: &str, log_path: &Path) -> Mirror {
         let shared = Arc::new(Shared::default());
+        // The first seq of this run: records before it are an earlier run's.
+        let mut run_from = None;
         match audit::read_log(log_path) {
             Ok((recs, _)) => {
                 let from = recs
                     .iter()
                     .rposition(|r| matches!(r.event, audit::Event::Startup { .. }))
                     .unwrap_or(0);
+                run_from = recs.get(from).map(|r| r.seq);
                 let mut b = shared.lock();
                 for r in recs[from..].iter().filter(|r| r.event.is_lifecycle()) {
                     push(&mut b, r);
@@ -77,10 +82,13 @@ impl Mirror {
         }
         tokio::spawn(run(
             shared.clone(),
-            etcd.clone(),
-            scope.to_owned(),
-            node.to_owned(),
-            log_path.to_owned(),
+            Target {
+                etcd: etcd.clone(),
+                scope: scope.to_owned(),
+                node: node.to_owned(),
+                log: log_path.to_owned(),
+                run_from,
+            },
         ));
         shared.wake.notify_one();
         Mirror {
@@ -139,7 +147,15 @@ fn push(b: &mut Backlog, r: &Record) {
     b.queue.push_back((r.seq, json));
 }
 
-async fn run(shared: Arc<Shared>, etcd: EtcdConfig, scope: String, node: String, log: PathBuf) {
+struct Target {
+    etcd: EtcdConfig,
+    scope: String,
+    node: String,
+    log: PathBuf,
+    run_from: Option<u64>,
+}
+
+async fn run(shared: Arc<Shared>, t: Target) {
     let mut dcs: Option<Dcs> = None;
     let mut anchored = false;
     let mut backoff = BACKOFF_MIN;
@@ -147,26 +163,41 @@ async fn run(shared: Arc<Shared>, etcd: EtcdConfig, scope: String, node: String,
     loop {
         // Registered before the check, so a push in between is not missed.
         let woken = shared.wake.notified();
-        let front = shared.lock().queue.front().cloned();
-        let Some((seq, json)) = front else {
+        if shared.lock().queue.is_empty() {
             woken.await;
             continue;
-        };
+        }
         let step = async {
             if dcs.is_none() {
-                dcs = Some(Dcs::connect(&etcd, &scope, &node).await?);
+                dcs = Some(Dcs::connect(&t.etcd, &t.scope, &t.node).await?);
             }
             let d = dcs.as_mut().expect("connected above");
             if !anchored {
                 // Before this run's first write, so the newest mirrored
-                // record is the previous run's: the anchor.
-                check_anchor(d, &node, &log).await?;
+                // record is an earlier run's: the anchor.
+                let backfill = check_anchor(d, &t).await?;
+                if !backfill.is_empty() {
+                    info!(
+                        records = backfill.len(),
+                        "mirroring audit records an earlier run left unmirrored"
+                    );
+                }
+                let mut b = shared.lock();
+                for r in backfill.iter().rev() {
+                    if let Ok(j) = serde_json::to_string(r) {
+                        b.queue.push_front((r.seq, j));
+                    }
+                }
                 anchored = true;
             }
-            d.append_history(&json).await
+            let Some((seq, json)) = shared.lock().queue.front().cloned() else {
+                return Ok(None);
+            };
+            d.append_history(&json).await.map(|()| Some(seq))
         };
         match step.await {
-            Ok(()) => {
+            Ok(None) => {}
+            Ok(Some(seq)) => {
                 {
                     let mut b = shared.lock();
                     // The overflow may have dropped it meanwhile.
@@ -182,10 +213,7 @@ async fn run(shared: Arc<Shared>, etcd: EtcdConfig, scope: String, node: String,
                 backoff = BACKOFF_MIN;
             }
             Err(e) => {
-                warn!(
-                    seq,
-                    "cannot mirror audit record {seq} to etcd: {e}; retrying in {backoff:?}"
-                );
+                warn!("cannot mirror audit records to etcd: {e}; retrying in {backoff:?}");
                 failing = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -197,21 +225,37 @@ async fn run(shared: Arc<Shared>, etcd: EtcdConfig, scope: String, node: String,
 /// Compares the local log with the newest record this node mirrored in an
 /// earlier run. A disagreement (records cut off the end, or rewritten) is
 /// logged as an error; the agent runs on (the timeline reports it too).
-async fn check_anchor(d: &mut Dcs, node: &str, log: &Path) -> Result<(), crate::dcs::DcsError> {
-    let Some(v) = d.history_newest(node).await? else {
-        return Ok(());
+/// If they agree, returns the earlier runs' lifecycle records after the
+/// anchor that never reached etcd (at most [`BACKLOG`], the newest).
+async fn check_anchor(d: &mut Dcs, t: &Target) -> Result<Vec<Record>, crate::dcs::DcsError> {
+    let Some(v) = d.history_newest(&t.node).await? else {
+        return Ok(Vec::new());
     };
     let (anchor, bad) = audit::parse_history([v.as_slice()]);
     for b in bad {
         warn!("etcd audit history: {b}");
     }
-    match audit::read_log(log) {
-        Ok((local, _)) => {
-            for what in audit::cross_check(&[local], &anchor) {
-                error!("the audit log disagrees with its anchor in etcd: {what}");
-            }
+    let local = match audit::read_log(&t.log) {
+        Ok((local, _)) => local,
+        Err(e) => {
+            warn!("cannot read the audit log to check its anchor: {e}");
+            return Ok(Vec::new());
         }
-        Err(e) => warn!("cannot read the audit log to check its anchor: {e}"),
+    };
+    let disagreements = audit::cross_check(std::slice::from_ref(&local), &anchor);
+    for what in &disagreements {
+        error!("the audit log disagrees with its anchor in etcd: {what}");
     }
-    Ok(())
+    let (Some(a), true) = (anchor.first(), disagreements.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let end = t.run_from.unwrap_or(u64::MAX);
+    let mut missed: Vec<Record> = local
+        .into_iter()
+        .filter(|r| r.seq > a.seq && r.seq < end && r.event.is_lifecycle())
+        .collect();
+    if missed.len() > BACKLOG {
+        missed.drain(..missed.len() - BACKLOG);
+    }
+    Ok(missed)
 }
