@@ -12,6 +12,7 @@ pub mod deadline;
 #[cfg(feature = "testing")]
 pub mod faults;
 pub mod members;
+mod mirror;
 pub mod pinger;
 pub mod realtime;
 
@@ -21,6 +22,7 @@ use crate::config::{Config, DeviceSpec};
 use crate::dcs::{self, Acquire, Dcs, Holder, LeaseId, Renewal};
 use crate::decide::{
     Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder, PgView,
+    Role,
 };
 use crate::postgres::{self as pgsql, Pg};
 use crate::timing::Budget;
@@ -113,6 +115,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         connect_failed_at: None,
         pg_view: PgView::Unmanaged,
         ticks: 0,
+        mirror: None,
     };
     let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx, follow_rx));
     drop(timer);
@@ -151,6 +154,8 @@ struct Agent {
     watch: Option<dcs::LeaderWatch>,
     stop_fn: StopFn,
     audit: AuditLog,
+    /// Lifecycle records to etcd's history; started at the first one.
+    mirror: Option<mirror::Mirror>,
     pg: Option<Pg>,
     /// Completions of background `Follow`s.
     follow_tx: mpsc::UnboundedSender<Input>,
@@ -651,7 +656,7 @@ impl Agent {
                 None
             }
             Action::Record(fact) => {
-                self.record(&fact);
+                self.record(&fact).await;
                 None
             }
             Action::Exit { .. } => None,
@@ -659,8 +664,10 @@ impl Agent {
     }
 
     /// Logs a fact and appends it to the audit log, durably: the action it
-    /// precedes in the core's list runs only after the fsync.
-    fn record(&mut self, fact: &Fact) {
+    /// precedes in the core's list runs only after the fsync. A lifecycle
+    /// record is then queued for etcd's history (never waited for, except
+    /// at the very end of a shutdown, see [`Agent::mirror`]).
+    async fn record(&mut self, fact: &Fact) {
         match fact {
             Fact::RenewedLate { .. }
             | Fact::LeaseLost { .. }
@@ -672,8 +679,45 @@ impl Agent {
             _ => info!(?fact, "audit"),
         }
         let (rev, ev) = audit_event(fact);
-        if let Err(e) = self.audit.append(rev, ev) {
-            error!("audit log write failed: {e}");
+        match self.audit.append(rev, ev) {
+            Ok(r) => self.mirror(fact, &r).await,
+            Err(e) => error!("audit log write failed: {e}"),
+        }
+    }
+
+    /// Queues a lifecycle record for etcd's history (after the local fsync).
+    /// The writes run in their own task, so fencing never waits on them.
+    /// Once shutting down and no longer leading (PostgreSQL stopped, key
+    /// released, devices disarmed: nothing left to fence), it waits, bounded,
+    /// for the backlog to reach etcd, as the process is about to exit.
+    async fn mirror(&mut self, fact: &Fact, r: &audit::Record) {
+        if !r.event.is_lifecycle() {
+            return;
+        }
+        let m = match &mut self.mirror {
+            Some(m) => {
+                m.push(r);
+                m
+            }
+            // Catches up from the local log, which includes `r`.
+            None => self.mirror.insert(mirror::Mirror::start(
+                &self.cfg.etcd,
+                &self.cfg.scope,
+                &self.cfg.node,
+                self.audit.path(),
+            )),
+        };
+        if matches!(fact, Fact::Shutdown) {
+            m.shutting_down = true;
+        }
+        if m.shutting_down && matches!(self.core.role(), Role::Follower | Role::Exited) {
+            let within = (self.budget.request_timeout * 3).max(Duration::from_secs(1));
+            if !m.flush(within).await {
+                warn!(
+                    pending = m.pending(),
+                    "audit records not mirrored to etcd before exit (the local log has them)"
+                );
+            }
         }
     }
 
