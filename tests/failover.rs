@@ -1,0 +1,336 @@
+//! Failover of real PostgreSQL 15 clusters by real agents against a real etcd,
+//! with fake watchdog devices whose expiry is turned into a "reset" of the
+//! node (SIGKILL of its agent and every PostgreSQL process) by
+//! `leasedog_testbed::fence::FakeWatchdogMonitor`.
+//!
+//! Budget: T = 4 s, M = 2 s, R = 1 s (W = 2 s), loop 0.4 s, request 0.5 s.
+//! Tests run one at a time (a lock): a 2-core machine running several
+//! PostgreSQL clusters and agents at once would stall loops past the budget.
+
+use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdServer, EventKind, KeyWatch};
+use leasedog_testbed::fence::FakeWatchdogMonitor;
+use leasedog_testbed::pg::{free_port, processes_in, PgNode};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Extra `[postgres]` lines (credentials, data dir, bin dir) for bad-input tests.
+#[derive(Default, Clone)]
+struct PgOverrides {
+    data_dir: Option<PathBuf>,
+    bin_dir: Option<String>,
+    extra: String,
+}
+
+fn config(scope: &str, node: &str, eps: &[String], dir: &Path, pg: &PgNode, o: &PgOverrides) -> String {
+    let eps: Vec<String> = eps.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        r#"scope = "{scope}"
+node = "{node}"
+[etcd]
+endpoints = [{eps}]
+request_timeout = 0.5
+[timing]
+ttl = 4
+safety_margin = 2.0
+reset_allowance = 1.0
+loop_interval = 0.4
+[watchdog]
+mode = "required"
+ping_interval = 0.05
+[[watchdog.device]]
+kind = "fake"
+record = "{record}"
+[audit]
+dir = "{audit}"
+[postgres]
+host = "{socket}"
+port = {port}
+data_dir = "{data}"
+bin_dir = "{bin}"
+advertise_host = "127.0.0.1"
+stop_timeout = 1.0
+{extra}
+"#,
+        eps = eps.join(", "),
+        record = dir.join("wd").display(),
+        audit = dir.join("audit").display(),
+        socket = pg.socket_dir().display(),
+        port = pg.port,
+        data = o.data_dir.clone().unwrap_or(pg.data_dir()).display(),
+        bin = o.bin_dir.as_deref().unwrap_or(leasedog_testbed::pg::BIN_DIR),
+        extra = o.extra,
+    )
+}
+
+/// One node: its PostgreSQL, its agent (restartable) and the monitor that
+/// "resets" it when its fake watchdog expires.
+struct Node {
+    name: String,
+    scope: String,
+    eps: Vec<String>,
+    dir: tempfile::TempDir,
+    overrides: PgOverrides,
+    agent_pid: Arc<AtomicI32>,
+    agent: Option<AgentProcess>,
+    // Dropped before `pg` (field order): no kill races the cluster's removal.
+    monitor: FakeWatchdogMonitor,
+    pg: PgNode,
+}
+
+impl Node {
+    fn new(scope: &str, name: &str, eps: &[String], pg: PgNode) -> Node {
+        Node::with(scope, name, eps, pg, PgOverrides::default())
+    }
+
+    fn with(scope: &str, name: &str, eps: &[String], pg: PgNode, overrides: PgOverrides) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("leasedog-fo-{name}-"))
+            .tempdir()
+            .unwrap();
+        let agent_pid = Arc::new(AtomicI32::new(0));
+        let monitor = {
+            let (pid, data) = (agent_pid.clone(), pg.data_dir());
+            FakeWatchdogMonitor::start(dir.path().join("wd"), move || {
+                let mut v = vec![pid.load(Ordering::SeqCst)];
+                v.extend(processes_in(&data));
+                v
+            })
+        };
+        Node {
+            name: name.into(),
+            scope: scope.into(),
+            eps: eps.to_vec(),
+            dir,
+            overrides,
+            agent_pid,
+            agent: None,
+            monitor,
+            pg,
+        }
+    }
+
+    fn start_agent(&mut self) {
+        let cfg = config(&self.scope, &self.name, &self.eps, self.dir.path(), &self.pg, &self.overrides);
+        // The previous run's log is kept next to the new one for post-mortems.
+        if let Some(old) = self.agent.take() {
+            drop(old);
+        }
+        let a = AgentProcess::spawn(Path::new(BIN), &self.name, &cfg, &[]).unwrap();
+        self.agent_pid.store(a.pid() as i32, Ordering::SeqCst);
+        self.agent = Some(a);
+    }
+
+    /// SIGKILL of the agent alone (its PostgreSQL keeps running).
+    fn kill_agent(&mut self) {
+        if let Some(a) = self.agent.as_mut() {
+            a.kill();
+        }
+        self.agent_pid.store(0, Ordering::SeqCst); // reaped: never signal a recycled pid
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    fn log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+
+    /// `Some(true)` writable, `Some(false)` in recovery, `None` not answering.
+    fn writable(&self) -> Option<bool> {
+        self.pg
+            .try_sql("SELECT pg_is_in_recovery()")
+            .ok()
+            .map(|v| v == "f")
+    }
+
+    fn has_row(&self, table: &str, v: i64) -> bool {
+        self.pg
+            .try_sql(&format!("SELECT count(*) FROM {table} WHERE v = {v}"))
+            .is_ok_and(|c| c == "1")
+    }
+
+    fn streaming(&self) -> bool {
+        self.pg
+            .try_sql("SELECT status FROM pg_stat_wal_receiver")
+            .is_ok_and(|s| s == "streaming")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- {} postmaster log (tail) ----", self.name);
+            let log = std::fs::read_to_string(self.pg.data_dir().join("leasedog-postmaster.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn leader_key(scope: &str) -> String {
+    format!("/leasedog/{scope}/leader")
+}
+
+fn holder_name(value: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+    v.get("node")?.as_str().map(String::from)
+}
+
+fn holder(c: &BlockingClient, scope: &str) -> Option<String> {
+    c.get(&leader_key(scope)).ok().flatten().and_then(|v| holder_name(&v))
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn wait_holder(c: &BlockingClient, scope: &str, want: &str, within: Duration) {
+    assert!(
+        wait_until(within, || holder(c, scope).as_deref() == Some(want)),
+        "{want} did not take the key within {within:?} (holder: {:?})",
+        holder(c, scope)
+    );
+}
+
+/// The first PUT of the key by another node after `after_ns`.
+fn takeover(watch: &KeyWatch, after_ns: u64, old: &str, within: Duration) -> (String, u64) {
+    let mut found = None;
+    assert!(
+        wait_until(within, || {
+            found = watch
+                .events()
+                .into_iter()
+                .filter(|e| e.kind == EventKind::Put && e.boottime_ns > after_ns)
+                .find_map(|e| {
+                    let n = holder_name(e.value_str().as_bytes())?;
+                    (n != old).then_some((n, e.boottime_ns))
+                });
+            found.is_some()
+        }),
+        "no takeover from {old} within {within:?}"
+    );
+    found.unwrap()
+}
+
+/// Exactly one node answers `pg_is_in_recovery() = false`, checked `n` times.
+fn assert_one_writable(nodes: &[&Node], n: usize) -> String {
+    let mut writer = String::new();
+    for _ in 0..n {
+        let w: Vec<&str> = nodes
+            .iter()
+            .filter(|x| x.writable() == Some(true))
+            .map(|x| x.name.as_str())
+            .collect();
+        assert_eq!(w.len(), 1, "writable nodes: {w:?}");
+        writer = w[0].to_string();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    writer
+}
+
+/// A primary `a` (running, initdb'd) with its agent holding the key.
+fn bootstrap(scope: &str, eps: &[String], client: &BlockingClient) -> Node {
+    let pg = PgNode::init(free_port());
+    pg.start();
+    pg.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
+    let mut a = Node::new(scope, "a", eps, pg);
+    a.start_agent();
+    wait_holder(client, scope, "a", Duration::from_secs(30));
+    assert!(
+        a.agent().wait_log("Promoted", Duration::from_secs(30)),
+        "a promoted (already primary)"
+    );
+    a
+}
+
+/// Waits until `n` runs as a streaming replica that has the row `v`.
+fn wait_replica_with(n: &Node, v: i64, within: Duration) {
+    assert!(
+        wait_until(within, || n.writable() == Some(false) && n.has_row("t", v)),
+        "{} is not a replica with row {v} within {within:?}; writable={:?}\n{}",
+        n.name,
+        n.writable(),
+        n.log()
+    );
+}
+
+/// Three nodes: bootstrap, a replica made by pg_basebackup and an empty node
+/// the agent clones; steady state; SIGKILL of the leader's agent, the
+/// monitor's "reset" before the key is gone, promotion of another node; the
+/// old leader restarted rejoins the new one and streams.
+#[test]
+fn three_nodes_clone_failover_on_agent_kill_and_rejoin() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "three";
+    let watch = KeyWatch::start(&eps, &leader_key(scope)).unwrap();
+    let mut a = bootstrap(scope, &eps, &client);
+    let mut b = Node::new(scope, "b", &eps, PgNode::replica_of(&a.pg, free_port()));
+    let mut c = Node::new(scope, "c", &eps, PgNode::empty(free_port()));
+    b.start_agent();
+    c.start_agent();
+    a.pg.sql("INSERT INTO t VALUES (1)");
+    wait_replica_with(&b, 1, Duration::from_secs(60));
+    wait_replica_with(&c, 1, Duration::from_secs(90));
+    assert!(c.agent().log().contains("cloned"), "c was cloned:\n{}", c.log());
+    assert_eq!(assert_one_writable(&[&a, &b, &c], 10), "a");
+    assert_eq!(holder(&client, scope).as_deref(), Some("a"));
+    assert!(b.streaming() && c.streaming());
+
+    // SIGKILL a's agent: nothing renews, nothing pings; the monitor resets a.
+    let t_kill = boottime_ns();
+    a.kill_agent();
+    let reset = a
+        .monitor
+        .wait_kill(t_kill, Duration::from_secs(20))
+        .expect("a's watchdog expired");
+    let (new, put_ns) = takeover(&watch, t_kill, "a", Duration::from_secs(30));
+    let deleted = watch.first_delete_after(t_kill).expect("the key expired");
+    eprintln!(
+        "kill at 0: reset {:+.2} s, key deleted {:+.2} s, {new} took it {:+.2} s",
+        (reset.at_ns as f64 - t_kill as f64) / 1e9,
+        (deleted.boottime_ns as f64 - t_kill as f64) / 1e9,
+        (put_ns as f64 - t_kill as f64) / 1e9
+    );
+    assert!(reset.at_ns < deleted.boottime_ns, "a was reset before its key expired");
+    assert!(processes_in(&a.pg.data_dir()).is_empty(), "a's PostgreSQL is dead");
+    let (n1, n2) = if new == "b" { (&b, &c) } else { (&c, &b) };
+    assert!(
+        wait_until(Duration::from_secs(30), || n1.writable() == Some(true)),
+        "{new} promoted:\n{}",
+        n1.log()
+    );
+    n1.pg.sql("INSERT INTO t VALUES (2)");
+    wait_replica_with(n2, 2, Duration::from_secs(60));
+
+    // a comes back: it follows the new leader (rewinding if it must).
+    a.start_agent();
+    wait_replica_with(&a, 2, Duration::from_secs(90));
+    assert_eq!(assert_one_writable(&[&a, &b, &c], 5), new);
+    n1.pg.sql("INSERT INTO t VALUES (3)");
+    wait_replica_with(&a, 3, Duration::from_secs(30));
+    wait_replica_with(n2, 3, Duration::from_secs(30));
+}
