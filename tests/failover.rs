@@ -31,7 +31,14 @@ struct PgOverrides {
     extra: String,
 }
 
-fn config(scope: &str, node: &str, eps: &[String], dir: &Path, pg: &PgNode, o: &PgOverrides) -> String {
+fn config(
+    scope: &str,
+    node: &str,
+    eps: &[String],
+    dir: &Path,
+    pg: &PgNode,
+    o: &PgOverrides,
+) -> String {
     let eps: Vec<String> = eps.iter().map(|e| format!("{e:?}")).collect();
     format!(
         r#"scope = "{scope}"
@@ -67,7 +74,10 @@ stop_timeout = 1.0
         socket = pg.socket_dir().display(),
         port = pg.port,
         data = o.data_dir.clone().unwrap_or(pg.data_dir()).display(),
-        bin = o.bin_dir.as_deref().unwrap_or(leasedog_testbed::pg::BIN_DIR),
+        bin = o
+            .bin_dir
+            .as_deref()
+            .unwrap_or(leasedog_testbed::pg::BIN_DIR),
         extra = o.extra,
     )
 }
@@ -120,7 +130,14 @@ impl Node {
     }
 
     fn start_agent(&mut self) {
-        let cfg = config(&self.scope, &self.name, &self.eps, self.dir.path(), &self.pg, &self.overrides);
+        let cfg = config(
+            &self.scope,
+            &self.name,
+            &self.eps,
+            self.dir.path(),
+            &self.pg,
+            &self.overrides,
+        );
         // The previous run's log is kept next to the new one for post-mortems.
         if let Some(old) = self.agent.take() {
             drop(old);
@@ -143,7 +160,10 @@ impl Node {
     }
 
     fn log(&self) -> String {
-        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+        self.agent
+            .as_ref()
+            .map(|a| brief(&a.log()))
+            .unwrap_or_default()
     }
 
     /// `Some(true)` writable, `Some(false)` in recovery, `None` not answering.
@@ -181,6 +201,14 @@ impl Drop for Node {
     }
 }
 
+/// The agent's log without the transport's DEBUG chatter.
+fn brief(log: &str) -> String {
+    log.lines()
+        .filter(|l| !l.contains("DEBUG"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 fn leader_key(scope: &str) -> String {
     format!("/leasedog/{scope}/leader")
 }
@@ -191,7 +219,10 @@ fn holder_name(value: &[u8]) -> Option<String> {
 }
 
 fn holder(c: &BlockingClient, scope: &str) -> Option<String> {
-    c.get(&leader_key(scope)).ok().flatten().and_then(|v| holder_name(&v))
+    c.get(&leader_key(scope))
+        .ok()
+        .flatten()
+        .and_then(|v| holder_name(&v))
 }
 
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -295,7 +326,7 @@ fn three_nodes_clone_failover_on_agent_kill_and_rejoin() {
     a.pg.sql("INSERT INTO t VALUES (1)");
     wait_replica_with(&b, 1, Duration::from_secs(60));
     wait_replica_with(&c, 1, Duration::from_secs(90));
-    assert!(c.agent().log().contains("cloned"), "c was cloned:\n{}", c.log());
+    assert!(c.log().contains("cloned"), "c was cloned:\n{}", c.log());
     assert_eq!(assert_one_writable(&[&a, &b, &c], 10), "a");
     assert_eq!(holder(&client, scope).as_deref(), Some("a"));
     assert!(b.streaming() && c.streaming());
@@ -315,8 +346,14 @@ fn three_nodes_clone_failover_on_agent_kill_and_rejoin() {
         (deleted.boottime_ns as f64 - t_kill as f64) / 1e9,
         (put_ns as f64 - t_kill as f64) / 1e9
     );
-    assert!(reset.at_ns < deleted.boottime_ns, "a was reset before its key expired");
-    assert!(processes_in(&a.pg.data_dir()).is_empty(), "a's PostgreSQL is dead");
+    assert!(
+        reset.at_ns < deleted.boottime_ns,
+        "a was reset before its key expired"
+    );
+    assert!(
+        processes_in(&a.pg.data_dir()).is_empty(),
+        "a's PostgreSQL is dead"
+    );
     let (n1, n2) = if new == "b" { (&b, &c) } else { (&c, &b) };
     assert!(
         wait_until(Duration::from_secs(30), || n1.writable() == Some(true)),
@@ -333,4 +370,311 @@ fn three_nodes_clone_failover_on_agent_kill_and_rejoin() {
     n1.pg.sql("INSERT INTO t VALUES (3)");
     wait_replica_with(&a, 3, Duration::from_secs(30));
     wait_replica_with(n2, 3, Duration::from_secs(30));
+}
+
+/// Pids of `n`'s PostgreSQL processes whose title contains `what`.
+fn titled(n: &Node, what: &str) -> Vec<i32> {
+    processes_in(&n.pg.data_dir())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(what))
+        })
+        .collect()
+}
+
+fn signal_all(pids: &[i32], sig: i32) {
+    for &p in pids {
+        // SAFETY: plain kill(2) on pids of our own test clusters.
+        unsafe { libc::kill(p, sig) };
+    }
+}
+
+/// A two-node scope: `a` leads, `b` is a replica its agent has taken over.
+fn two_nodes(scope: &str, eps: &[String], client: &BlockingClient, b_extra: &str) -> (Node, Node) {
+    let a = bootstrap(scope, eps, client);
+    let mut b = Node::with(
+        scope,
+        "b",
+        eps,
+        PgNode::replica_of(&a.pg, free_port()),
+        PgOverrides {
+            extra: b_extra.into(),
+            ..Default::default()
+        },
+    );
+    b.start_agent();
+    assert!(
+        b.agent()
+            .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60)),
+        "b follows a:\n{}",
+        b.log()
+    );
+    a.pg.sql("INSERT INTO t VALUES (1)");
+    wait_replica_with(&b, 1, Duration::from_secs(30));
+    (a, b)
+}
+
+/// SIGSTOP of the leader's agent: its pings stop, the monitor resets the
+/// node before the lease expires, b promotes. Rows a acknowledged that b
+/// never received make the timelines diverge: a comes back with pg_rewind.
+#[test]
+fn two_nodes_stalled_agent_is_reset_before_takeover_and_rewinds() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "stall";
+    let watch = KeyWatch::start(&eps, &leader_key(scope)).unwrap();
+    let (mut a, b) = two_nodes(scope, &eps, &client, "");
+    let t_stop = boottime_ns();
+    a.agent().stall().unwrap();
+    // a stops sending (its walsender frozen); still writable until its
+    // reset, it commits rows b never sees.
+    let ws = titled(&a, "walsender");
+    assert!(!ws.is_empty(), "a has a walsender");
+    signal_all(&ws, libc::SIGSTOP);
+    a.pg.sql("INSERT INTO t SELECT generate_series(100, 199)");
+    let reset = a.monitor.wait_kill(t_stop, Duration::from_secs(20));
+    let reset = reset.expect("a's watchdog expired");
+    let (new, put_ns) = takeover(&watch, t_stop, "a", Duration::from_secs(30));
+    assert_eq!(new, "b");
+    let deleted = watch.first_delete_after(t_stop).expect("the key expired");
+    eprintln!(
+        "stall at 0: last ping {:+.2} s, reset {:+.2} s, key deleted {:+.2} s, b took it {:+.2} s",
+        (reset.last_ping_ns as f64 - t_stop as f64) / 1e9,
+        (reset.at_ns as f64 - t_stop as f64) / 1e9,
+        (deleted.boottime_ns as f64 - t_stop as f64) / 1e9,
+        (put_ns as f64 - t_stop as f64) / 1e9
+    );
+    assert!(
+        reset.at_ns < deleted.boottime_ns,
+        "a was reset before its key expired"
+    );
+    assert!(
+        reset.pids.contains(&(a.agent().pid() as i32)),
+        "the reset killed a's agent"
+    );
+    assert!(a
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5))
+        .is_some());
+    assert!(
+        processes_in(&a.pg.data_dir()).is_empty(),
+        "a's PostgreSQL is dead"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || b.writable() == Some(true)),
+        "b promoted:\n{}",
+        b.log()
+    );
+    assert!(!b.has_row("t", 100), "b never received a's last rows");
+    b.pg.sql("INSERT INTO t VALUES (2)");
+    a.start_agent();
+    wait_replica_with(&a, 2, Duration::from_secs(90));
+    assert!(
+        a.log().contains("rewound: true"),
+        "a was rewound:\n{}",
+        a.log()
+    );
+    assert!(!a.has_row("t", 100), "rewind dropped a's unreplicated rows");
+    assert!(a.streaming());
+    assert_eq!(assert_one_writable(&[&a, &b], 5), "b");
+}
+
+/// The leader's postmaster dies (kill -9): the leader steps down and
+/// releases the key without a reset, b promotes, a rejoins. Then SIGTERM of
+/// b hands back cleanly: b stops, releases and disarms (no reset), a promotes.
+#[test]
+fn two_nodes_postgres_crash_then_sigterm_handover() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "crash";
+    let (a, mut b) = two_nodes(scope, &eps, &client, "");
+    let t_crash = boottime_ns();
+    signal_all(&[a.pg.postmaster_pid().unwrap()], libc::SIGKILL);
+    wait_holder(&client, scope, "b", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || b.writable() == Some(true)),
+        "b promoted:\n{}",
+        b.log()
+    );
+    assert!(
+        a.log().contains("PostgresDown"),
+        "a stepped down:\n{}",
+        a.log()
+    );
+    assert!(
+        a.monitor.kills().is_empty(),
+        "a released and disarmed: no reset"
+    );
+    assert!(a.agent.as_ref().map(|x| x.pid()).is_some_and(|p| p > 0));
+    b.pg.sql("INSERT INTO t VALUES (2)");
+    wait_replica_with(&a, 2, Duration::from_secs(90));
+    assert_eq!(assert_one_writable(&[&a, &b], 5), "b");
+    let _ = t_crash;
+
+    // Clean handover: SIGTERM the leader.
+    b.agent().signal(libc::SIGTERM).unwrap();
+    let st = b
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .expect("b exits after SIGTERM");
+    assert!(st.success(), "b exit status {st}:\n{}", b.log());
+    wait_holder(&client, scope, "a", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || a.writable() == Some(true)),
+        "a promoted:\n{}",
+        a.log()
+    );
+    assert!(
+        processes_in(&b.pg.data_dir()).is_empty(),
+        "b's PostgreSQL stopped"
+    );
+    let rec = std::fs::read_to_string(b.monitor.record()).unwrap();
+    assert!(
+        rec.lines().last().unwrap().starts_with("disarm"),
+        "b disarmed last: {rec}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        b.monitor.kills().is_empty(),
+        "no reset after a clean handover"
+    );
+    a.pg.sql("INSERT INTO t VALUES (3)");
+    b.start_agent();
+    wait_replica_with(&b, 3, Duration::from_secs(90));
+}
+
+/// A replica whose lag exceeds `maximum_lag_on_failover` does not race for
+/// the key when the leader dies.
+#[test]
+fn a_replica_too_far_behind_is_not_promoted() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "lag";
+    let (mut a, b) = two_nodes(scope, &eps, &client, "maximum_lag_on_failover = 65536");
+    let wr = titled(&b, "walreceiver");
+    assert!(!wr.is_empty(), "b has a walreceiver");
+    signal_all(&wr, libc::SIGSTOP);
+    a.pg.sql("INSERT INTO t SELECT generate_series(1000, 20999)");
+    let seen = b
+        .agent()
+        .wait_log("not eligible for leadership", Duration::from_secs(30));
+    if !seen {
+        signal_all(&wr, libc::SIGCONT);
+        panic!("b never judged itself too far behind:\n{}", b.log());
+    }
+    let t_kill = boottime_ns();
+    a.kill_agent();
+    let reset = a.monitor.wait_kill(t_kill, Duration::from_secs(20));
+    // Well past the lease's expiry: nobody may have taken the key.
+    std::thread::sleep(Duration::from_secs(8));
+    let h = holder(&client, scope);
+    let b_recovery = b.writable();
+    signal_all(&wr, libc::SIGCONT);
+    assert!(reset.is_some(), "a was reset");
+    assert_eq!(h, None, "no promotion of a lagging replica");
+    assert_eq!(b_recovery, Some(false), "b stays a replica");
+    assert!(!b.log().contains("won the leader key"), "{}", b.log());
+    let line = b
+        .log()
+        .lines()
+        .find(|l| l.contains("not eligible"))
+        .unwrap()
+        .to_string();
+    eprintln!("{line}");
+}
+
+/// Bad input: an agent that cannot see its own PostgreSQL properly never
+/// takes the key (so never promotes, and never fences the running server).
+#[test]
+fn bad_input_is_a_clear_error_and_no_promotion() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let pg = PgNode::init(free_port());
+    pg.start();
+    pg.sql("CREATE ROLE leasedog_agent LOGIN SUPERUSER PASSWORD 'right'");
+    let not_a_cluster = tempfile::tempdir().unwrap();
+    std::fs::write(not_a_cluster.path().join("README"), "not a cluster").unwrap();
+    let cases: Vec<(&str, PgOverrides, &str)> = vec![
+        (
+            "not-installed",
+            PgOverrides {
+                bin_dir: Some("/usr/lib/postgresql/99/bin".into()),
+                ..Default::default()
+            },
+            "/usr/lib/postgresql/99/bin",
+        ),
+        (
+            "wrong-password",
+            PgOverrides {
+                extra: "user = \"leasedog_agent\"\npassword = \"wrong\"".into(),
+                ..Default::default()
+            },
+            "password authentication failed",
+        ),
+        (
+            "wrong-data-dir",
+            PgOverrides {
+                data_dir: Some(not_a_cluster.path().to_owned()),
+                ..Default::default()
+            },
+            "data directory",
+        ),
+    ];
+    for (scope, o, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(scope, "x", &eps, dir.path(), &pg, &o);
+        if scope == "wrong-password" {
+            // Over TCP, where pg_hba.conf asks this role for a password.
+            cfg = cfg.replace(
+                &format!("host = \"{}\"", pg.socket_dir().display()),
+                "host = \"127.0.0.1\"",
+            );
+        }
+        let mut agent = AgentProcess::spawn(Path::new(BIN), scope, &cfg, &[]).unwrap();
+        let seen = agent.wait_log(needle, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_secs(6)); // > T: time enough to have raced
+        let log = brief(&agent.log());
+        assert!(seen, "{scope}: the error names {needle:?}:\n{log}");
+        assert_eq!(
+            holder(&client, scope),
+            None,
+            "{scope}: no key taken:\n{log}"
+        );
+        assert!(!log.contains("won the leader key"), "{scope}:\n{log}");
+        assert!(!log.contains("promoted"), "{scope}:\n{log}");
+        assert_eq!(
+            pg.writable_check(),
+            Some(true),
+            "{scope}: the server was left alone"
+        );
+        if scope == "not-installed" {
+            let st = agent.wait_exit(Duration::from_secs(5)).expect("exits");
+            assert!(!st.success());
+        }
+        drop(agent);
+    }
+}
+
+trait Writable {
+    fn writable_check(&self) -> Option<bool>;
+}
+impl Writable for PgNode {
+    fn writable_check(&self) -> Option<bool> {
+        self.try_sql("SELECT pg_is_in_recovery()")
+            .ok()
+            .map(|v| v == "f")
+    }
 }
