@@ -366,7 +366,11 @@ fn secs_since(t0: u64, t: u64) -> f64 {
 /// connection to a stopped postmaster's backend may go on succeeding for a
 /// while after `t0`).
 fn gap(log: &[Attempt], t0: u64) -> Option<f64> {
-    let before = log.iter().filter(|a| a.acked && a.at_ns < t0).map(|a| a.at_ns).max()?;
+    let before = log
+        .iter()
+        .filter(|a| a.acked && a.at_ns < t0)
+        .map(|a| a.at_ns)
+        .max()?;
     let acks: Vec<u64> = log
         .iter()
         .filter(|a| a.acked && a.at_ns >= before)
@@ -512,7 +516,11 @@ fn trial_inner(
     let was_reset = nodes[0].monitor.wait_kill(t0, Duration::ZERO);
     if let Some(k) = &was_reset {
         t.reset_s = Some(secs_since(t0, k.at_ns));
-        let _ = nodes[0].agent.as_mut().unwrap().wait_exit(Duration::from_secs(5));
+        let _ = nodes[0]
+            .agent
+            .as_mut()
+            .unwrap()
+            .wait_exit(Duration::from_secs(5));
         nodes[0].start_agent(&args.bin, &eps, args.ttl);
     }
     let rejoined = wait_until(Duration::from_secs(90), || {
@@ -530,10 +538,9 @@ fn trial_inner(
     t.key_deleted_s = watch
         .first_delete_after(t0)
         .map(|e| secs_since(t0, e.boottime_ns));
-    let put_b = watch
-        .events()
-        .into_iter()
-        .find(|e| e.kind == EventKind::Put && e.boottime_ns > t0 && e.value_str().contains("\"b\""));
+    let put_b = watch.events().into_iter().find(|e| {
+        e.kind == EventKind::Put && e.boottime_ns > t0 && e.value_str().contains("\"b\"")
+    });
     let promoted_at = probe_rows
         .iter()
         .find(|r| r.0 > t0 && r.2 == Some(true))
@@ -566,7 +573,11 @@ fn trial_inner(
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    let lost = |log: &[Attempt]| log.iter().filter(|a| a.acked && !have.contains(&a.id)).count();
+    let lost = |log: &[Attempt]| {
+        log.iter()
+            .filter(|a| a.acked && !have.contains(&a.id))
+            .count()
+    };
     t.lost_acked_new_conn = lost(&log_new);
     t.lost_acked_kept_conn = lost(&log_kept);
     if !promoted {
@@ -637,7 +648,10 @@ fn print_table(trials: &[Trial], ttl: u64) {
             stats(&ts.iter().filter_map(|t| f(t)).collect::<Vec<_>>())
         };
         println!("  stall {} ({} trials):", stall.name(), ts.len());
-        println!("    time to key deletion      {}", col(&|t| t.key_deleted_s));
+        println!(
+            "    time to key deletion      {}",
+            col(&|t| t.key_deleted_s)
+        );
         println!("    time to promotion         {}", col(&|t| t.promoted_s));
         println!("    time to reset (kill)      {}", col(&|t| t.reset_s));
         for sync in [false, true] {
@@ -650,8 +664,14 @@ fn print_table(trials: &[Trial], ttl: u64) {
                         .collect::<Vec<_>>(),
                 )
             };
-            println!("    [{r}] writer gap, new conn   {}", only(&|t| t.gap_new_conn_s));
-            println!("    [{r}] writer gap, kept conn  {}", only(&|t| t.gap_kept_conn_s));
+            println!(
+                "    [{r}] writer gap, new conn   {}",
+                only(&|t| t.gap_new_conn_s)
+            );
+            println!(
+                "    [{r}] writer gap, kept conn  {}",
+                only(&|t| t.gap_kept_conn_s)
+            );
             println!(
                 "    [{r}] lost acked (new/kept)  {} / {}",
                 only(&|t| Some(t.lost_acked_new_conn as f64)),
@@ -665,12 +685,23 @@ fn print_table(trials: &[Trial], ttl: u64) {
         );
         println!(
             "    reset before promotion    {} of {}",
-            ts.iter().filter(|t| t.reset_before_promotion == Some(true)).count(),
+            ts.iter()
+                .filter(|t| t.reset_before_promotion == Some(true))
+                .count(),
             ts.len()
         );
-        println!("    agent RSS KiB (max)       {}", col(&|t| Some(t.rss_kib_max as f64)));
-        println!("    agent CPU %               {}", col(&|t| Some(t.cpu_percent)));
-        println!("    etcd req/node/loop        {}", col(&|t| t.etcd_req_per_node_per_loop));
+        println!(
+            "    agent RSS KiB (max)       {}",
+            col(&|t| Some(t.rss_kib_max as f64))
+        );
+        println!(
+            "    agent CPU %               {}",
+            col(&|t| Some(t.cpu_percent))
+        );
+        println!(
+            "    etcd req/node/loop        {}",
+            col(&|t| t.etcd_req_per_node_per_loop)
+        );
     }
 }
 
