@@ -614,7 +614,7 @@ fn bad_input_is_a_clear_error_and_no_promotion() {
                 bin_dir: Some("/usr/lib/postgresql/99/bin".into()),
                 ..Default::default()
             },
-            "/usr/lib/postgresql/99/bin",
+            "PostgreSQL is not installed at postgres.bin_dir = /usr/lib/postgresql/99/bin",
         ),
         (
             "wrong-password",
@@ -622,7 +622,7 @@ fn bad_input_is_a_clear_error_and_no_promotion() {
                 extra: "user = \"leasedog_agent\"\npassword = \"wrong\"".into(),
                 ..Default::default()
             },
-            "password authentication failed",
+            "cannot observe PostgreSQL: authentication failed",
         ),
         (
             "wrong-data-dir",
@@ -630,7 +630,7 @@ fn bad_input_is_a_clear_error_and_no_promotion() {
                 data_dir: Some(not_a_cluster.path().to_owned()),
                 ..Default::default()
             },
-            "data directory",
+            "is not a PostgreSQL data directory: the server at",
         ),
     ];
     for (scope, o, needle) in cases {
