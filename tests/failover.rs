@@ -417,7 +417,8 @@ fn two_nodes(scope: &str, eps: &[String], client: &BlockingClient, b_extra: &str
 
 /// SIGSTOP of the leader's agent: its pings stop, the monitor resets the
 /// node before the lease expires, b promotes. Rows a acknowledged that b
-/// never received make the timelines diverge: a comes back with pg_rewind.
+/// never received make the timelines diverge. a's PostgreSQL started by hand
+/// as a primary is fenced by its agent, which then rejoins it with pg_rewind.
 #[test]
 fn two_nodes_stalled_agent_is_reset_before_takeover_and_rewinds() {
     let _g = serial();
@@ -472,7 +473,17 @@ fn two_nodes_stalled_agent_is_reset_before_takeover_and_rewinds() {
     );
     assert!(!b.has_row("t", 100), "b never received a's last rows");
     b.pg.sql("INSERT INTO t VALUES (2)");
+    // The node comes back and someone starts its PostgreSQL by hand, as a
+    // primary, before the agent: two writable nodes until the agent fences it.
+    a.pg.start();
+    assert_eq!(a.writable(), Some(true));
     a.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(30), || a.writable() != Some(true)),
+        "a's agent fenced its writable server:\n{}",
+        a.log()
+    );
+    assert!(a.log().contains("writable while b leads"), "{}", a.log());
     wait_replica_with(&a, 2, Duration::from_secs(90));
     assert!(
         a.log().contains("rewound: true"),
