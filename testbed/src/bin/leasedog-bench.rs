@@ -203,9 +203,9 @@ fn signal(pid: i32, sig: i32) {
     }
 }
 
-/// Sum of `grpc_server_msg_received_total` (every gRPC message etcd received:
-/// unary requests and each keepalive / watch message on streams).
-fn etcd_requests(client_url: &str) -> Option<f64> {
+/// `grpc_server_msg_received_total` per gRPC method (every message etcd
+/// received: unary requests and each keepalive / watch message on streams).
+fn etcd_requests(client_url: &str) -> Option<std::collections::BTreeMap<String, f64>> {
     let addr = client_url.strip_prefix("http://")?;
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -216,12 +216,21 @@ fn etcd_requests(client_url: &str) -> Option<f64> {
     .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    let mut out = std::collections::BTreeMap::new();
+    for l in body
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
+    {
+        let method = l
+            .split("grpc_method=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        if let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *out.entry(method.to_string()).or_insert(0.0) += v;
+        }
+    }
+    Some(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -354,6 +363,8 @@ struct Trial {
     rss_kib_max: u64,
     cpu_percent: f64,
     etcd_req_per_node_per_loop: Option<f64>,
+    /// The same, per gRPC method.
+    etcd_by_method: String,
     error: Option<String>,
 }
 
@@ -472,10 +483,19 @@ fn trial_inner(
         .filter_map(|(a, b)| Some((b.as_ref()? - a.as_ref()?) as f64 / hz / 10.0 * 100.0))
         .collect();
     t.cpu_percent = cpu.iter().cloned().fold(0.0, f64::max);
-    t.etcd_req_per_node_per_loop = match (r0, r1) {
-        (Some(a), Some(b)) => Some((b - a) / 2.0 / loops),
-        _ => None,
-    };
+    if let (Some(a), Some(b)) = (r0, r1) {
+        let per: Vec<(String, f64)> = b
+            .iter()
+            .map(|(m, v)| (m.clone(), (v - a.get(m).unwrap_or(&0.0)) / 2.0 / loops))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        t.etcd_req_per_node_per_loop = Some(per.iter().map(|(_, v)| v).sum());
+        t.etcd_by_method = per
+            .iter()
+            .map(|(m, v)| format!("{m}={v:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
 
     // Stall the leader.
     let leader = &nodes[0];
@@ -702,6 +722,9 @@ fn print_table(trials: &[Trial], ttl: u64) {
             "    etcd req/node/loop        {}",
             col(&|t| t.etcd_req_per_node_per_loop)
         );
+        if let Some(t) = ts.first() {
+            println!("      by method (trial 1)     {}", t.etcd_by_method);
+        }
     }
 }
 
@@ -748,6 +771,7 @@ fn main() {
             "lost_acked_kept_conn": t.lost_acked_kept_conn,
             "agent_rss_kib_max": t.rss_kib_max, "agent_cpu_percent": t.cpu_percent,
             "etcd_requests_per_node_per_loop": t.etcd_req_per_node_per_loop,
+            "etcd_requests_by_method": t.etcd_by_method,
             "error": t.error,
         })).collect::<Vec<_>>(),
     });
