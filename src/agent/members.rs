@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Publish the LSN at most every this many loops when nothing else changed,
 /// keeping steady state near one etcd request per node per loop.
-pub const LSN_EVERY_LOOPS: u64 = 10;
+pub const LSN_EVERY_LOOPS: u64 = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {

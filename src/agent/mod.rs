@@ -336,6 +336,15 @@ impl Agent {
         let mut tick = tokio::time::interval(self.budget.loop_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = VecDeque::from([Input::Start]);
+        if self.pg.is_some() {
+            // Not eligible until PostgreSQL has been observed once: the core
+            // would otherwise race for the key before the first look.
+            self.eligible = Some(false);
+            pending.push_front(Input::Eligibility {
+                eligible: false,
+                reason: "PostgreSQL not observed yet".into(),
+            });
+        }
         loop {
             while let Some(input) = pending.pop_front() {
                 if let Some(code) = self.feed(input).await {
@@ -822,7 +831,7 @@ impl Agent {
         };
         let mut out = Vec::new();
         let (view, eligible) = if self.busy {
-            (PgView::Busy, Err("rejoin in progress".to_string()))
+            (Some(PgView::Busy), Err("rejoin in progress".to_string()))
         } else {
             match pg.status().await {
                 Ok(st) => {
@@ -849,16 +858,21 @@ impl Agent {
                         _ => Ok(()),
                     };
                     self.last_lsn = st.wal.and_then(|w| w.position()).map(|l| l.0);
-                    (view, eligible)
+                    (Some(view), eligible)
                 }
                 Err(e) => {
+                    // A server we cannot query (wrong credentials, another
+                    // data directory) must not be led: the promotion would
+                    // fail and its step-down would fence that server.
                     warn!("cannot observe PostgreSQL: {e}");
-                    return Vec::new();
+                    (None, Err(format!("cannot observe PostgreSQL: {e}")))
                 }
             }
         };
-        self.pg_view = view.clone();
-        out.push(Input::Postgres(view));
+        if let Some(view) = view {
+            self.pg_view = view.clone();
+            out.push(Input::Postgres(view));
+        }
         let now_eligible = eligible.is_ok();
         if self.eligible != Some(now_eligible) {
             let reason = eligible.err().unwrap_or_default();

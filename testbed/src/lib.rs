@@ -3,5 +3,6 @@
 //! watchdogs. Everything started here is stopped when its handle drops.
 pub mod agent;
 pub mod etcd;
+pub mod fence;
 pub mod lab;
 pub mod pg;

@@ -1,0 +1,782 @@
+//! `leasedog-bench failover [--trials N] [--ttl T]`: the failover benchmark.
+//!
+//! Each trial builds a fresh 2-node scope (real PostgreSQL 15, real etcd,
+//! two agents with fake watchdog devices and the monitor that SIGKILLs a node
+//! whose device expires), lets it settle, measures steady state (agent RSS
+//! and CPU, etcd requests per node per loop), then stalls the leader with
+//! SIGSTOP: either its agent and postmaster only (its backends keep serving
+//! the kept connection), or its agent and every PostgreSQL process. The stall
+//! is held until a few seconds after the other node is promoted, then
+//! SIGCONT. Two writers insert a row every 100 ms (one connects per insert
+//! through a multi-host read-write connection string, one keeps its
+//! connection), a probe asks both nodes `pg_is_in_recovery()` every 100 ms
+//! (on a kept connection, which still reaches backends of a stopped
+//! postmaster, and on a new one). Synchronous and asynchronous replication
+//! alternate between trials. After the stall the stopped node's agent is
+//! started again (the node "rebooted") and rejoins.
+//!
+//! Needs the agent built with the `testing` feature (fake devices):
+//! `cargo build --features testing`, or set LEASEDOG_BIN. Writes
+//! target/failover-bench.json.
+
+use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::etcd::{boottime_ns, EtcdServer, EventKind, KeyWatch};
+use leasedog_testbed::fence::FakeWatchdogMonitor;
+use leasedog_testbed::pg::{free_port, processes_in, PgNode};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const HOLD_AFTER_PROMOTION: Duration = Duration::from_secs(3);
+const WRITE_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stall {
+    /// SIGSTOP of the agent and the postmaster only.
+    AgentPostmaster,
+    /// SIGSTOP of the agent and every PostgreSQL process.
+    Everything,
+}
+
+impl Stall {
+    fn name(self) -> &'static str {
+        match self {
+            Stall::AgentPostmaster => "agent+postmaster",
+            Stall::Everything => "agent+all-postgres",
+        }
+    }
+}
+
+struct Args {
+    trials: usize,
+    ttl: u64,
+    bin: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    match it.next().as_deref() {
+        Some("failover") => {}
+        other => {
+            return Err(format!(
+                "usage: leasedog-bench failover [--trials N] [--ttl T] (got {other:?})"
+            ))
+        }
+    }
+    let mut a = Args {
+        trials: 10,
+        ttl: 10,
+        bin: std::env::var_os("LEASEDOG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/leasedog")
+            }),
+    };
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or(format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--trials" => a.trials = v.parse().map_err(|e| format!("--trials: {e}"))?,
+            "--ttl" => a.ttl = v.parse().map_err(|e| format!("--ttl: {e}"))?,
+            _ => return Err(format!("unknown option {k}")),
+        }
+    }
+    if a.ttl < 4 {
+        return Err("--ttl must be at least 4".into());
+    }
+    if !a.bin.exists() {
+        return Err(format!(
+            "no agent binary at {} (cargo build --features testing, or set LEASEDOG_BIN)",
+            a.bin.display()
+        ));
+    }
+    Ok(a)
+}
+
+struct Node {
+    name: &'static str,
+    dir: tempfile::TempDir,
+    agent_pid: Arc<AtomicI32>,
+    agent: Option<AgentProcess>,
+    monitor: FakeWatchdogMonitor,
+    pg: PgNode,
+}
+
+impl Node {
+    fn new(name: &'static str, pg: PgNode) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("leasedog-bench-{name}-"))
+            .tempdir()
+            .unwrap();
+        let agent_pid = Arc::new(AtomicI32::new(0));
+        let monitor = {
+            let (pid, data) = (agent_pid.clone(), pg.data_dir());
+            FakeWatchdogMonitor::start(dir.path().join("wd"), move || {
+                let mut v = vec![pid.load(Ordering::SeqCst)];
+                v.extend(processes_in(&data));
+                v
+            })
+        };
+        Node {
+            name,
+            dir,
+            agent_pid,
+            agent: None,
+            monitor,
+            pg,
+        }
+    }
+
+    fn start_agent(&mut self, bin: &Path, eps: &[String], ttl: u64) {
+        let margin = ttl / 2;
+        let cfg = format!(
+            r#"scope = "bench"
+node = "{name}"
+[etcd]
+endpoints = [{eps}]
+[timing]
+ttl = {ttl}
+safety_margin = {margin}.0
+reset_allowance = 1.0
+loop_interval = 1.0
+[watchdog]
+mode = "required"
+ping_interval = 0.1
+[[watchdog.device]]
+kind = "fake"
+record = "{record}"
+[audit]
+dir = "{audit}"
+[postgres]
+host = "{socket}"
+port = {port}
+data_dir = "{data}"
+advertise_host = "127.0.0.1"
+"#,
+            name = self.name,
+            eps = eps
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            record = self.dir.path().join("wd").display(),
+            audit = self.dir.path().join("audit").display(),
+            socket = self.pg.socket_dir().display(),
+            port = self.pg.port,
+            data = self.pg.data_dir().display(),
+        );
+        self.agent = None;
+        let a = AgentProcess::spawn(bin, self.name, &cfg, &[]).unwrap();
+        self.agent_pid.store(a.pid() as i32, Ordering::SeqCst);
+        self.agent = Some(a);
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().unwrap()
+    }
+
+    /// utime + stime of the agent, in clock ticks.
+    fn cpu_ticks(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.agent().pid())).ok()?;
+        let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    }
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + within;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn signal(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) on processes this benchmark started.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// `grpc_server_msg_received_total` per gRPC method (every message etcd
+/// received: unary requests and each keepalive / watch message on streams).
+fn etcd_requests(client_url: &str) -> Option<std::collections::BTreeMap<String, f64>> {
+    let addr = client_url.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let mut out = std::collections::BTreeMap::new();
+    for l in body
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
+    {
+        let method = l
+            .split("grpc_method=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        if let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *out.entry(method.to_string()).or_insert(0.0) += v;
+        }
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------
+// Writers and the probe (tokio-postgres on a runtime of their own)
+
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    at_ns: u64,
+    id: i64,
+    acked: bool,
+}
+
+async fn connect(conninfo: &str) -> Option<tokio_postgres::Client> {
+    let fut = tokio_postgres::connect(conninfo, tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()?
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(client)
+}
+
+async fn insert(c: &tokio_postgres::Client, id: i64) -> bool {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+    let q = c.execute("INSERT INTO bench (id) VALUES ($1)", &params);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), q).await,
+        Ok(Ok(1))
+    )
+}
+
+/// Inserts ids `base + n` every 100 ms until `stop`; `kept` keeps one
+/// connection (reconnecting only when it breaks).
+async fn writer(conninfo: String, base: i64, kept: bool, stop: Arc<AtomicBool>) -> Vec<Attempt> {
+    let mut log = Vec::new();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut tick = tokio::time::interval(WRITE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        n += 1;
+        let id = base + n;
+        let at_ns = boottime_ns();
+        if client.as_ref().is_none_or(|c| c.is_closed()) || !kept {
+            client = connect(&conninfo).await;
+        }
+        let acked = match &client {
+            Some(c) => insert(c, id).await,
+            None => false,
+        };
+        if !acked && kept {
+            client = None; // unknown state: start over on a fresh connection
+        }
+        log.push(Attempt { at_ns, id, acked });
+    }
+    log
+}
+
+/// Per probe round: (time, writable a, writable b), each Some(true) if any
+/// connection said `pg_is_in_recovery() = false`.
+type ProbeRow = (u64, Option<bool>, Option<bool>);
+
+async fn ask(c: &tokio_postgres::Client) -> Option<bool> {
+    let q = c.query_one("SELECT pg_is_in_recovery()", &[]);
+    let row = tokio::time::timeout(Duration::from_millis(300), q)
+        .await
+        .ok()?
+        .ok()?;
+    Some(!row.get::<_, bool>(0))
+}
+
+async fn probe(ports: [u16; 2], stop: Arc<AtomicBool>) -> Vec<ProbeRow> {
+    let mut kept: [Option<tokio_postgres::Client>; 2] = [None, None];
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(WRITE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let at = boottime_ns();
+        let mut w = [None, None];
+        for i in 0..2 {
+            let ci = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=1",
+                ports[i]
+            );
+            if kept[i].as_ref().is_none_or(|c| c.is_closed()) {
+                kept[i] = connect(&ci).await;
+            }
+            let a = match &kept[i] {
+                Some(c) => ask(c).await,
+                None => None,
+            };
+            if a.is_none() {
+                kept[i] = None;
+            }
+            let fresh = match tokio::time::timeout(Duration::from_millis(300), connect(&ci)).await {
+                Ok(Some(c)) => ask(&c).await,
+                _ => None,
+            };
+            w[i] = match (a, fresh) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (None, None) => None,
+                _ => Some(false),
+            };
+        }
+        out.push((at, w[0], w[1]));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// One trial
+
+#[derive(Debug, Default, Clone)]
+struct Trial {
+    stall: &'static str,
+    sync: bool,
+    key_deleted_s: Option<f64>,
+    promoted_s: Option<f64>,
+    reset_s: Option<f64>,
+    reset_before_promotion: Option<bool>,
+    gap_new_conn_s: Option<f64>,
+    gap_kept_conn_s: Option<f64>,
+    two_writable_intervals: usize,
+    lost_acked_new_conn: usize,
+    lost_acked_kept_conn: usize,
+    rss_kib_max: u64,
+    cpu_percent: f64,
+    etcd_req_per_node_per_loop: Option<f64>,
+    /// The same, per gRPC method.
+    etcd_by_method: String,
+    error: Option<String>,
+}
+
+fn secs_since(t0: u64, t: u64) -> f64 {
+    (t as f64 - t0 as f64) / 1e9
+}
+
+/// The writer's gap: the longest stretch without an acknowledged insert,
+/// from the last acknowledged one before the stall at `t0` on (a kept
+/// connection to a stopped postmaster's backend may go on succeeding for a
+/// while after `t0`).
+fn gap(log: &[Attempt], t0: u64) -> Option<f64> {
+    let before = log
+        .iter()
+        .filter(|a| a.acked && a.at_ns < t0)
+        .map(|a| a.at_ns)
+        .max()?;
+    let acks: Vec<u64> = log
+        .iter()
+        .filter(|a| a.acked && a.at_ns >= before)
+        .map(|a| a.at_ns)
+        .collect();
+    acks.windows(2)
+        .map(|w| (w[1] - w[0]) as f64 / 1e9)
+        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))))
+}
+
+fn run_trial(args: &Args, rt: &tokio::runtime::Runtime, stall: Stall, sync: bool) -> Trial {
+    let mut t = Trial {
+        stall: stall.name(),
+        sync,
+        ..Default::default()
+    };
+    if let Err(e) = trial_inner(args, rt, stall, sync, &mut t) {
+        t.error = Some(e);
+    }
+    t
+}
+
+fn trial_inner(
+    args: &Args,
+    rt: &tokio::runtime::Runtime,
+    stall: Stall,
+    sync: bool,
+    t: &mut Trial,
+) -> Result<(), String> {
+    let etcd = EtcdServer::start().map_err(|e| format!("etcd: {e}"))?;
+    let eps = etcd.endpoints();
+    let watch = KeyWatch::start(&eps, "/leasedog/bench/leader").map_err(|e| e.to_string())?;
+    let pg_a = PgNode::init(free_port());
+    pg_a.start();
+    pg_a.sql("CREATE TABLE bench (id bigint PRIMARY KEY, at timestamptz DEFAULT now())");
+    if sync {
+        // Any one standby must confirm each commit; copied to b by the clone,
+        // kept by pg_rewind: both nodes run with it.
+        pg_a.sql("ALTER SYSTEM SET synchronous_standby_names = '*'");
+        pg_a.sql("SELECT pg_reload_conf()");
+    }
+    let pg_b = PgNode::replica_of(&pg_a, free_port());
+    let ports = [pg_a.port, pg_b.port];
+    let mut nodes = [Node::new("a", pg_a), Node::new("b", pg_b)];
+    nodes[0].start_agent(&args.bin, &eps, args.ttl);
+    if !nodes[0]
+        .agent()
+        .wait_log("Promoted", Duration::from_secs(60))
+    {
+        return Err("a never led".into());
+    }
+    nodes[1].start_agent(&args.bin, &eps, args.ttl);
+    if !nodes[1]
+        .agent()
+        .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60))
+    {
+        return Err("b never followed a".into());
+    }
+    if !wait_until(Duration::from_secs(30), || {
+        nodes[1]
+            .pg
+            .try_sql("SELECT status FROM pg_stat_wal_receiver")
+            .is_ok_and(|s| s == "streaming")
+    }) {
+        return Err("b never streamed".into());
+    }
+
+    // Writers and the probe run from here to the end.
+    let stop = Arc::new(AtomicBool::new(false));
+    let multi = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+         target_session_attrs=read-write connect_timeout=1",
+        ports[0], ports[1]
+    );
+    let w_new = rt.spawn(writer(multi.clone(), 1_000_000_000, false, stop.clone()));
+    let w_kept = rt.spawn(writer(multi, 2_000_000_000, true, stop.clone()));
+    let p = rt.spawn(probe(ports, stop.clone()));
+
+    // Steady state: 10 loops of both agents.
+    std::thread::sleep(Duration::from_secs(2));
+    let loops = 10.0;
+    let r0 = etcd_requests(&etcd.client_url());
+    let c0: Vec<Option<u64>> = nodes.iter().map(|n| n.cpu_ticks()).collect();
+    let mut rss = 0;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        for n in &nodes {
+            rss = rss.max(n.agent().rss_kib().unwrap_or(0));
+        }
+    }
+    let r1 = etcd_requests(&etcd.client_url());
+    let c1: Vec<Option<u64>> = nodes.iter().map(|n| n.cpu_ticks()).collect();
+    t.rss_kib_max = rss;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu: Vec<f64> = c0
+        .iter()
+        .zip(&c1)
+        .filter_map(|(a, b)| Some((b.as_ref()? - a.as_ref()?) as f64 / hz / 10.0 * 100.0))
+        .collect();
+    t.cpu_percent = cpu.iter().cloned().fold(0.0, f64::max);
+    if let (Some(a), Some(b)) = (r0, r1) {
+        let per: Vec<(String, f64)> = b
+            .iter()
+            .map(|(m, v)| (m.clone(), (v - a.get(m).unwrap_or(&0.0)) / 2.0 / loops))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        t.etcd_req_per_node_per_loop = Some(per.iter().map(|(_, v)| v).sum());
+        t.etcd_by_method = per
+            .iter()
+            .map(|(m, v)| format!("{m}={v:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+
+    // Stall the leader.
+    let leader = &nodes[0];
+    let pm = leader.pg.postmaster_pid().ok_or("a has no postmaster")?;
+    let mut stopped = vec![leader.agent().pid() as i32];
+    match stall {
+        Stall::AgentPostmaster => stopped.push(pm),
+        Stall::Everything => {
+            stopped.push(pm);
+            stopped.extend(processes_in(&leader.pg.data_dir()));
+        }
+    }
+    let t0 = boottime_ns();
+    for &pid in &stopped {
+        signal(pid, libc::SIGSTOP);
+    }
+    if stall == Stall::Everything {
+        // Anything forked meanwhile.
+        for pid in processes_in(&leader.pg.data_dir()) {
+            if !stopped.contains(&pid) {
+                signal(pid, libc::SIGSTOP);
+                stopped.push(pid);
+            }
+        }
+    }
+    let promoted = wait_until(Duration::from_secs(args.ttl * 4), || {
+        nodes[1].pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f")
+    });
+    if promoted {
+        std::thread::sleep(HOLD_AFTER_PROMOTION);
+    }
+    for &pid in &stopped {
+        signal(pid, libc::SIGCONT);
+    }
+    // The stalled node was reset (or is resumed): its agent starts again, as
+    // after a reboot, and rejoins.
+    std::thread::sleep(Duration::from_millis(500));
+    let was_reset = nodes[0].monitor.wait_kill(t0, Duration::ZERO);
+    if let Some(k) = &was_reset {
+        t.reset_s = Some(secs_since(t0, k.at_ns));
+        let _ = nodes[0]
+            .agent
+            .as_mut()
+            .unwrap()
+            .wait_exit(Duration::from_secs(5));
+        nodes[0].start_agent(&args.bin, &eps, args.ttl);
+    }
+    let rejoined = wait_until(Duration::from_secs(90), || {
+        nodes[0]
+            .pg
+            .try_sql("SELECT status FROM pg_stat_wal_receiver")
+            .is_ok_and(|s| s == "streaming")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let log_new = rt.block_on(w_new).map_err(|e| e.to_string())?;
+    let log_kept = rt.block_on(w_kept).map_err(|e| e.to_string())?;
+    let probe_rows = rt.block_on(p).map_err(|e| e.to_string())?;
+
+    t.key_deleted_s = watch
+        .first_delete_after(t0)
+        .map(|e| secs_since(t0, e.boottime_ns));
+    let put_b = watch.events().into_iter().find(|e| {
+        e.kind == EventKind::Put && e.boottime_ns > t0 && e.value_str().contains("\"b\"")
+    });
+    let promoted_at = probe_rows
+        .iter()
+        .find(|r| r.0 > t0 && r.2 == Some(true))
+        .map(|r| r.0);
+    t.promoted_s = promoted_at.map(|p| secs_since(t0, p));
+    t.reset_before_promotion = match (&was_reset, promoted_at) {
+        (Some(k), Some(p)) => Some(k.at_ns < p),
+        (None, Some(_)) => Some(false),
+        _ => None,
+    };
+    let _ = put_b;
+    t.gap_new_conn_s = gap(&log_new, t0);
+    t.gap_kept_conn_s = gap(&log_kept, t0);
+    let mut both = false;
+    for r in &probe_rows {
+        let now_both = r.1 == Some(true) && r.2 == Some(true);
+        if now_both && !both {
+            t.two_writable_intervals += 1;
+        }
+        both = now_both;
+    }
+    // Which acknowledged rows the final primary lacks.
+    let primary = nodes
+        .iter()
+        .find(|n| n.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f"))
+        .ok_or("no primary at the end")?;
+    let have: std::collections::HashSet<i64> = primary
+        .pg
+        .sql("SELECT id FROM bench")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let lost = |log: &[Attempt]| {
+        log.iter()
+            .filter(|a| a.acked && !have.contains(&a.id))
+            .count()
+    };
+    t.lost_acked_new_conn = lost(&log_new);
+    t.lost_acked_kept_conn = lost(&log_kept);
+    if !promoted {
+        t.error = Some("b was never promoted".into());
+    } else if !rejoined {
+        t.error = Some("a did not rejoin".into());
+    }
+    drop(nodes);
+    drop(etcd);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+fn stats(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    format!("{med:.2} [{:.2}-{:.2}]", s[0], s[s.len() - 1])
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.2}"))
+}
+
+fn print_table(trials: &[Trial], ttl: u64) {
+    println!(
+        "{:<3} {:<19} {:<5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5} {:>5} {:>6}  {}",
+        "#", "stall", "repl", "keydel", "promo", "reset", "gapNew", "gapKpt", "2W", "lostN", "lostK",
+        "rssKiB", "cpu%", "req/l", "kill<p", "error"
+    );
+    for (i, t) in trials.iter().enumerate() {
+        println!(
+            "{:<3} {:<19} {:<5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5.2} {:>5} {:>6}  {}",
+            i + 1,
+            t.stall,
+            if t.sync { "sync" } else { "async" },
+            opt(t.key_deleted_s),
+            opt(t.promoted_s),
+            opt(t.reset_s),
+            opt(t.gap_new_conn_s),
+            opt(t.gap_kept_conn_s),
+            t.two_writable_intervals,
+            t.lost_acked_new_conn,
+            t.lost_acked_kept_conn,
+            t.rss_kib_max,
+            t.cpu_percent,
+            opt(t.etcd_req_per_node_per_loop),
+            t.reset_before_promotion.map_or("-".into(), |b| b.to_string()),
+            t.error.clone().unwrap_or_default()
+        );
+    }
+    println!("\nsummary, median [min-max] (T = {ttl} s):");
+    for stall in [Stall::AgentPostmaster, Stall::Everything] {
+        let ts: Vec<&Trial> = trials.iter().filter(|t| t.stall == stall.name()).collect();
+        if ts.is_empty() {
+            continue;
+        }
+        let col = |f: &dyn Fn(&Trial) -> Option<f64>| -> String {
+            stats(&ts.iter().filter_map(|t| f(t)).collect::<Vec<_>>())
+        };
+        println!("  stall {} ({} trials):", stall.name(), ts.len());
+        println!(
+            "    time to key deletion      {}",
+            col(&|t| t.key_deleted_s)
+        );
+        println!("    time to promotion         {}", col(&|t| t.promoted_s));
+        println!("    time to reset (kill)      {}", col(&|t| t.reset_s));
+        for sync in [false, true] {
+            let r = if sync { "sync" } else { "async" };
+            let only = |f: &dyn Fn(&Trial) -> Option<f64>| -> String {
+                stats(
+                    &ts.iter()
+                        .filter(|t| t.sync == sync)
+                        .filter_map(|t| f(t))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            println!(
+                "    [{r}] writer gap, new conn   {}",
+                only(&|t| t.gap_new_conn_s)
+            );
+            println!(
+                "    [{r}] writer gap, kept conn  {}",
+                only(&|t| t.gap_kept_conn_s)
+            );
+            println!(
+                "    [{r}] lost acked (new/kept)  {} / {}",
+                only(&|t| Some(t.lost_acked_new_conn as f64)),
+                only(&|t| Some(t.lost_acked_kept_conn as f64))
+            );
+        }
+        println!(
+            "    two-writable intervals    {} (total {})",
+            col(&|t| Some(t.two_writable_intervals as f64)),
+            ts.iter().map(|t| t.two_writable_intervals).sum::<usize>()
+        );
+        println!(
+            "    reset before promotion    {} of {}",
+            ts.iter()
+                .filter(|t| t.reset_before_promotion == Some(true))
+                .count(),
+            ts.len()
+        );
+        println!(
+            "    agent RSS KiB (max)       {}",
+            col(&|t| Some(t.rss_kib_max as f64))
+        );
+        println!(
+            "    agent CPU %               {}",
+            col(&|t| Some(t.cpu_percent))
+        );
+        println!(
+            "    etcd req/node/loop        {}",
+            col(&|t| t.etcd_req_per_node_per_loop)
+        );
+        if let Some(t) = ts.first() {
+            println!("      by method (trial 1)     {}", t.etcd_by_method);
+        }
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("leasedog-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut trials = Vec::new();
+    for i in 0..args.trials {
+        for stall in [Stall::AgentPostmaster, Stall::Everything] {
+            let sync = i % 2 == 0;
+            eprintln!(
+                "trial {}/{}: stall {}, {} replication",
+                i + 1,
+                args.trials,
+                stall.name(),
+                if sync { "sync" } else { "async" }
+            );
+            let t = run_trial(&args, &rt, stall, sync);
+            eprintln!("  {t:?}");
+            trials.push(t);
+        }
+    }
+    print_table(&trials, args.ttl);
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/failover-bench.json");
+    let j = json!({
+        "ttl": args.ttl,
+        "trials": trials.iter().map(|t| json!({
+            "stall": t.stall, "sync": t.sync,
+            "key_deleted_s": t.key_deleted_s, "promoted_s": t.promoted_s,
+            "reset_s": t.reset_s, "reset_before_promotion": t.reset_before_promotion,
+            "gap_new_conn_s": t.gap_new_conn_s, "gap_kept_conn_s": t.gap_kept_conn_s,
+            "two_writable_intervals": t.two_writable_intervals,
+            "lost_acked_new_conn": t.lost_acked_new_conn,
+            "lost_acked_kept_conn": t.lost_acked_kept_conn,
+            "agent_rss_kib_max": t.rss_kib_max, "agent_cpu_percent": t.cpu_percent,
+            "etcd_requests_per_node_per_loop": t.etcd_req_per_node_per_loop,
+            "etcd_requests_by_method": t.etcd_by_method,
+            "error": t.error,
+        })).collect::<Vec<_>>(),
+    });
+    match std::fs::write(&out, serde_json::to_string_pretty(&j).unwrap()) {
+        Ok(()) => println!("\nwrote {}", out.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", out.display()),
+    }
+}

@@ -1,0 +1,691 @@
+//! Failover of real PostgreSQL 15 clusters by real agents against a real etcd,
+//! with fake watchdog devices whose expiry is turned into a "reset" of the
+//! node (SIGKILL of its agent and every PostgreSQL process) by
+//! `leasedog_testbed::fence::FakeWatchdogMonitor`.
+//!
+//! Budget: T = 4 s, M = 2 s, R = 1 s (W = 2 s), loop 0.4 s, request 0.5 s.
+//! Tests run one at a time (a lock): a 2-core machine running several
+//! PostgreSQL clusters and agents at once would stall loops past the budget.
+
+use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdServer, EventKind, KeyWatch};
+use leasedog_testbed::fence::FakeWatchdogMonitor;
+use leasedog_testbed::pg::{free_port, processes_in, PgNode};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Extra `[postgres]` lines (credentials, data dir, bin dir) for bad-input tests.
+#[derive(Default, Clone)]
+struct PgOverrides {
+    data_dir: Option<PathBuf>,
+    bin_dir: Option<String>,
+    extra: String,
+}
+
+fn config(
+    scope: &str,
+    node: &str,
+    eps: &[String],
+    dir: &Path,
+    pg: &PgNode,
+    o: &PgOverrides,
+) -> String {
+    let eps: Vec<String> = eps.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        r#"scope = "{scope}"
+node = "{node}"
+[etcd]
+endpoints = [{eps}]
+request_timeout = 0.5
+[timing]
+ttl = 4
+safety_margin = 2.0
+reset_allowance = 1.0
+loop_interval = 0.4
+[watchdog]
+mode = "required"
+ping_interval = 0.05
+[[watchdog.device]]
+kind = "fake"
+record = "{record}"
+[audit]
+dir = "{audit}"
+[postgres]
+host = "{socket}"
+port = {port}
+data_dir = "{data}"
+bin_dir = "{bin}"
+advertise_host = "127.0.0.1"
+stop_timeout = 1.0
+{extra}
+"#,
+        eps = eps.join(", "),
+        record = dir.join("wd").display(),
+        audit = dir.join("audit").display(),
+        socket = pg.socket_dir().display(),
+        port = pg.port,
+        data = o.data_dir.clone().unwrap_or(pg.data_dir()).display(),
+        bin = o
+            .bin_dir
+            .as_deref()
+            .unwrap_or(leasedog_testbed::pg::BIN_DIR),
+        extra = o.extra,
+    )
+}
+
+/// One node: its PostgreSQL, its agent (restartable) and the monitor that
+/// "resets" it when its fake watchdog expires.
+struct Node {
+    name: String,
+    scope: String,
+    eps: Vec<String>,
+    dir: tempfile::TempDir,
+    overrides: PgOverrides,
+    agent_pid: Arc<AtomicI32>,
+    agent: Option<AgentProcess>,
+    // Dropped before `pg` (field order): no kill races the cluster's removal.
+    monitor: FakeWatchdogMonitor,
+    pg: PgNode,
+}
+
+impl Node {
+    fn new(scope: &str, name: &str, eps: &[String], pg: PgNode) -> Node {
+        Node::with(scope, name, eps, pg, PgOverrides::default())
+    }
+
+    fn with(scope: &str, name: &str, eps: &[String], pg: PgNode, overrides: PgOverrides) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("leasedog-fo-{name}-"))
+            .tempdir()
+            .unwrap();
+        let agent_pid = Arc::new(AtomicI32::new(0));
+        let monitor = {
+            let (pid, data) = (agent_pid.clone(), pg.data_dir());
+            FakeWatchdogMonitor::start(dir.path().join("wd"), move || {
+                let mut v = vec![pid.load(Ordering::SeqCst)];
+                v.extend(processes_in(&data));
+                v
+            })
+        };
+        Node {
+            name: name.into(),
+            scope: scope.into(),
+            eps: eps.to_vec(),
+            dir,
+            overrides,
+            agent_pid,
+            agent: None,
+            monitor,
+            pg,
+        }
+    }
+
+    fn start_agent(&mut self) {
+        let cfg = config(
+            &self.scope,
+            &self.name,
+            &self.eps,
+            self.dir.path(),
+            &self.pg,
+            &self.overrides,
+        );
+        // The previous run's log is kept next to the new one for post-mortems.
+        if let Some(old) = self.agent.take() {
+            drop(old);
+        }
+        let a = AgentProcess::spawn(Path::new(BIN), &self.name, &cfg, &[]).unwrap();
+        self.agent_pid.store(a.pid() as i32, Ordering::SeqCst);
+        self.agent = Some(a);
+    }
+
+    /// SIGKILL of the agent alone (its PostgreSQL keeps running).
+    fn kill_agent(&mut self) {
+        if let Some(a) = self.agent.as_mut() {
+            a.kill();
+        }
+        self.agent_pid.store(0, Ordering::SeqCst); // reaped: never signal a recycled pid
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    fn log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|a| brief(&a.log()))
+            .unwrap_or_default()
+    }
+
+    /// `Some(true)` writable, `Some(false)` in recovery, `None` not answering.
+    fn writable(&self) -> Option<bool> {
+        self.pg
+            .try_sql("SELECT pg_is_in_recovery()")
+            .ok()
+            .map(|v| v == "f")
+    }
+
+    fn has_row(&self, table: &str, v: i64) -> bool {
+        self.pg
+            .try_sql(&format!("SELECT count(*) FROM {table} WHERE v = {v}"))
+            .is_ok_and(|c| c == "1")
+    }
+
+    fn streaming(&self) -> bool {
+        self.pg
+            .try_sql("SELECT status FROM pg_stat_wal_receiver")
+            .is_ok_and(|s| s == "streaming")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- {} postmaster log (tail) ----", self.name);
+            let log = std::fs::read_to_string(self.pg.data_dir().join("leasedog-postmaster.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The agent's log without the transport's DEBUG chatter.
+fn brief(log: &str) -> String {
+    log.lines()
+        .filter(|l| !l.contains("DEBUG"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn leader_key(scope: &str) -> String {
+    format!("/leasedog/{scope}/leader")
+}
+
+fn holder_name(value: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+    v.get("node")?.as_str().map(String::from)
+}
+
+fn holder(c: &BlockingClient, scope: &str) -> Option<String> {
+    c.get(&leader_key(scope))
+        .ok()
+        .flatten()
+        .and_then(|v| holder_name(&v))
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn wait_holder(c: &BlockingClient, scope: &str, want: &str, within: Duration) {
+    assert!(
+        wait_until(within, || holder(c, scope).as_deref() == Some(want)),
+        "{want} did not take the key within {within:?} (holder: {:?})",
+        holder(c, scope)
+    );
+}
+
+/// The first PUT of the key by another node after `after_ns`.
+fn takeover(watch: &KeyWatch, after_ns: u64, old: &str, within: Duration) -> (String, u64) {
+    let mut found = None;
+    assert!(
+        wait_until(within, || {
+            found = watch
+                .events()
+                .into_iter()
+                .filter(|e| e.kind == EventKind::Put && e.boottime_ns > after_ns)
+                .find_map(|e| {
+                    let n = holder_name(e.value_str().as_bytes())?;
+                    (n != old).then_some((n, e.boottime_ns))
+                });
+            found.is_some()
+        }),
+        "no takeover from {old} within {within:?}"
+    );
+    found.unwrap()
+}
+
+/// Exactly one node answers `pg_is_in_recovery() = false`, checked `n` times.
+fn assert_one_writable(nodes: &[&Node], n: usize) -> String {
+    let mut writer = String::new();
+    for _ in 0..n {
+        let w: Vec<&str> = nodes
+            .iter()
+            .filter(|x| x.writable() == Some(true))
+            .map(|x| x.name.as_str())
+            .collect();
+        assert_eq!(w.len(), 1, "writable nodes: {w:?}");
+        writer = w[0].to_string();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    writer
+}
+
+/// A primary `a` (running, initdb'd) with its agent holding the key.
+fn bootstrap(scope: &str, eps: &[String], client: &BlockingClient) -> Node {
+    let pg = PgNode::init(free_port());
+    pg.start();
+    pg.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
+    let mut a = Node::new(scope, "a", eps, pg);
+    a.start_agent();
+    wait_holder(client, scope, "a", Duration::from_secs(30));
+    assert!(
+        a.agent().wait_log("Promoted", Duration::from_secs(30)),
+        "a promoted (already primary)"
+    );
+    a
+}
+
+/// Waits until `n` runs as a streaming replica that has the row `v`.
+fn wait_replica_with(n: &Node, v: i64, within: Duration) {
+    assert!(
+        wait_until(within, || n.writable() == Some(false) && n.has_row("t", v)),
+        "{} is not a replica with row {v} within {within:?}; writable={:?}\n{}",
+        n.name,
+        n.writable(),
+        n.log()
+    );
+}
+
+/// Three nodes: bootstrap, a replica made by pg_basebackup and an empty node
+/// the agent clones; steady state; SIGKILL of the leader's agent, the
+/// monitor's "reset" before the key is gone, promotion of another node; the
+/// old leader restarted rejoins the new one and streams.
+#[test]
+fn three_nodes_clone_failover_on_agent_kill_and_rejoin() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "three";
+    let watch = KeyWatch::start(&eps, &leader_key(scope)).unwrap();
+    let mut a = bootstrap(scope, &eps, &client);
+    let mut b = Node::new(scope, "b", &eps, PgNode::replica_of(&a.pg, free_port()));
+    let mut c = Node::new(scope, "c", &eps, PgNode::empty(free_port()));
+    b.start_agent();
+    c.start_agent();
+    a.pg.sql("INSERT INTO t VALUES (1)");
+    wait_replica_with(&b, 1, Duration::from_secs(60));
+    wait_replica_with(&c, 1, Duration::from_secs(90));
+    assert!(c.log().contains("cloned"), "c was cloned:\n{}", c.log());
+    assert_eq!(assert_one_writable(&[&a, &b, &c], 10), "a");
+    assert_eq!(holder(&client, scope).as_deref(), Some("a"));
+    assert!(b.streaming() && c.streaming());
+
+    // SIGKILL a's agent: nothing renews, nothing pings; the monitor resets a.
+    let t_kill = boottime_ns();
+    a.kill_agent();
+    let reset = a
+        .monitor
+        .wait_kill(t_kill, Duration::from_secs(20))
+        .expect("a's watchdog expired");
+    let (new, put_ns) = takeover(&watch, t_kill, "a", Duration::from_secs(30));
+    let deleted = watch.first_delete_after(t_kill).expect("the key expired");
+    eprintln!(
+        "kill at 0: reset {:+.2} s, key deleted {:+.2} s, {new} took it {:+.2} s",
+        (reset.at_ns as f64 - t_kill as f64) / 1e9,
+        (deleted.boottime_ns as f64 - t_kill as f64) / 1e9,
+        (put_ns as f64 - t_kill as f64) / 1e9
+    );
+    assert!(
+        reset.at_ns < deleted.boottime_ns,
+        "a was reset before its key expired"
+    );
+    assert!(
+        processes_in(&a.pg.data_dir()).is_empty(),
+        "a's PostgreSQL is dead"
+    );
+    let (n1, n2) = if new == "b" { (&b, &c) } else { (&c, &b) };
+    assert!(
+        wait_until(Duration::from_secs(30), || n1.writable() == Some(true)),
+        "{new} promoted:\n{}",
+        n1.log()
+    );
+    n1.pg.sql("INSERT INTO t VALUES (2)");
+    wait_replica_with(n2, 2, Duration::from_secs(60));
+
+    // a comes back: it follows the new leader (rewinding if it must).
+    a.start_agent();
+    wait_replica_with(&a, 2, Duration::from_secs(90));
+    assert_eq!(assert_one_writable(&[&a, &b, &c], 5), new);
+    n1.pg.sql("INSERT INTO t VALUES (3)");
+    wait_replica_with(&a, 3, Duration::from_secs(30));
+    wait_replica_with(n2, 3, Duration::from_secs(30));
+}
+
+/// Pids of `n`'s PostgreSQL processes whose title contains `what`.
+fn titled(n: &Node, what: &str) -> Vec<i32> {
+    processes_in(&n.pg.data_dir())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(what))
+        })
+        .collect()
+}
+
+fn signal_all(pids: &[i32], sig: i32) {
+    for &p in pids {
+        // SAFETY: plain kill(2) on pids of our own test clusters.
+        unsafe { libc::kill(p, sig) };
+    }
+}
+
+/// A two-node scope: `a` leads, `b` is a replica its agent has taken over.
+fn two_nodes(scope: &str, eps: &[String], client: &BlockingClient, b_extra: &str) -> (Node, Node) {
+    let a = bootstrap(scope, eps, client);
+    let mut b = Node::with(
+        scope,
+        "b",
+        eps,
+        PgNode::replica_of(&a.pg, free_port()),
+        PgOverrides {
+            extra: b_extra.into(),
+            ..Default::default()
+        },
+    );
+    b.start_agent();
+    assert!(
+        b.agent()
+            .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60)),
+        "b follows a:\n{}",
+        b.log()
+    );
+    a.pg.sql("INSERT INTO t VALUES (1)");
+    wait_replica_with(&b, 1, Duration::from_secs(30));
+    (a, b)
+}
+
+/// SIGSTOP of the leader's agent: its pings stop, the monitor resets the
+/// node before the lease expires, b promotes. Rows a acknowledged that b
+/// never received make the timelines diverge. a's PostgreSQL started by hand
+/// as a primary is fenced by its agent, which then rejoins it with pg_rewind.
+#[test]
+fn two_nodes_stalled_agent_is_reset_before_takeover_and_rewinds() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "stall";
+    let watch = KeyWatch::start(&eps, &leader_key(scope)).unwrap();
+    let (mut a, b) = two_nodes(scope, &eps, &client, "");
+    let t_stop = boottime_ns();
+    a.agent().stall().unwrap();
+    // a stops sending (its walsender frozen); still writable until its
+    // reset, it commits rows b never sees.
+    let ws = titled(&a, "walsender");
+    assert!(!ws.is_empty(), "a has a walsender");
+    signal_all(&ws, libc::SIGSTOP);
+    a.pg.sql("INSERT INTO t SELECT generate_series(100, 199)");
+    let reset = a.monitor.wait_kill(t_stop, Duration::from_secs(20));
+    let reset = reset.expect("a's watchdog expired");
+    let (new, put_ns) = takeover(&watch, t_stop, "a", Duration::from_secs(30));
+    assert_eq!(new, "b");
+    let deleted = watch.first_delete_after(t_stop).expect("the key expired");
+    eprintln!(
+        "stall at 0: last ping {:+.2} s, reset {:+.2} s, key deleted {:+.2} s, b took it {:+.2} s",
+        (reset.last_ping_ns as f64 - t_stop as f64) / 1e9,
+        (reset.at_ns as f64 - t_stop as f64) / 1e9,
+        (deleted.boottime_ns as f64 - t_stop as f64) / 1e9,
+        (put_ns as f64 - t_stop as f64) / 1e9
+    );
+    assert!(
+        reset.at_ns < deleted.boottime_ns,
+        "a was reset before its key expired"
+    );
+    assert!(
+        reset.pids.contains(&(a.agent().pid() as i32)),
+        "the reset killed a's agent"
+    );
+    assert!(a
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(5))
+        .is_some());
+    assert!(
+        processes_in(&a.pg.data_dir()).is_empty(),
+        "a's PostgreSQL is dead"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || b.writable() == Some(true)),
+        "b promoted:\n{}",
+        b.log()
+    );
+    assert!(!b.has_row("t", 100), "b never received a's last rows");
+    b.pg.sql("INSERT INTO t VALUES (2)");
+    // The node comes back and someone starts its PostgreSQL by hand, as a
+    // primary, before the agent: two writable nodes until the agent fences it.
+    a.pg.start();
+    assert_eq!(a.writable(), Some(true));
+    a.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(30), || a.writable() != Some(true)),
+        "a's agent fenced its writable server:\n{}",
+        a.log()
+    );
+    assert!(a.log().contains("writable while b leads"), "{}", a.log());
+    wait_replica_with(&a, 2, Duration::from_secs(90));
+    assert!(
+        a.log().contains("rewound: true"),
+        "a was rewound:\n{}",
+        a.log()
+    );
+    assert!(!a.has_row("t", 100), "rewind dropped a's unreplicated rows");
+    assert!(a.streaming());
+    assert_eq!(assert_one_writable(&[&a, &b], 5), "b");
+}
+
+/// The leader's postmaster dies (kill -9): the leader steps down and
+/// releases the key without a reset, b promotes, a rejoins. Then SIGTERM of
+/// b hands back cleanly: b stops, releases and disarms (no reset), a promotes.
+#[test]
+fn two_nodes_postgres_crash_then_sigterm_handover() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "crash";
+    let (a, mut b) = two_nodes(scope, &eps, &client, "");
+    let t_crash = boottime_ns();
+    signal_all(&[a.pg.postmaster_pid().unwrap()], libc::SIGKILL);
+    wait_holder(&client, scope, "b", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || b.writable() == Some(true)),
+        "b promoted:\n{}",
+        b.log()
+    );
+    assert!(
+        a.log().contains("PostgresDown"),
+        "a stepped down:\n{}",
+        a.log()
+    );
+    assert!(
+        a.monitor.kills().is_empty(),
+        "a released and disarmed: no reset"
+    );
+    assert!(a.agent.as_ref().map(|x| x.pid()).is_some_and(|p| p > 0));
+    b.pg.sql("INSERT INTO t VALUES (2)");
+    wait_replica_with(&a, 2, Duration::from_secs(90));
+    assert_eq!(assert_one_writable(&[&a, &b], 5), "b");
+    let _ = t_crash;
+
+    // Clean handover: SIGTERM the leader.
+    b.agent().signal(libc::SIGTERM).unwrap();
+    let st = b
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .expect("b exits after SIGTERM");
+    assert!(st.success(), "b exit status {st}:\n{}", b.log());
+    wait_holder(&client, scope, "a", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || a.writable() == Some(true)),
+        "a promoted:\n{}",
+        a.log()
+    );
+    assert!(
+        processes_in(&b.pg.data_dir()).is_empty(),
+        "b's PostgreSQL stopped"
+    );
+    let rec = std::fs::read_to_string(b.monitor.record()).unwrap();
+    assert!(
+        rec.lines().last().unwrap().starts_with("disarm"),
+        "b disarmed last: {rec}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        b.monitor.kills().is_empty(),
+        "no reset after a clean handover"
+    );
+    a.pg.sql("INSERT INTO t VALUES (3)");
+    b.start_agent();
+    wait_replica_with(&b, 3, Duration::from_secs(90));
+}
+
+/// A replica whose lag exceeds `maximum_lag_on_failover` does not race for
+/// the key when the leader dies.
+#[test]
+fn a_replica_too_far_behind_is_not_promoted() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "lag";
+    let (mut a, b) = two_nodes(scope, &eps, &client, "maximum_lag_on_failover = 65536");
+    let wr = titled(&b, "walreceiver");
+    assert!(!wr.is_empty(), "b has a walreceiver");
+    signal_all(&wr, libc::SIGSTOP);
+    a.pg.sql("INSERT INTO t SELECT generate_series(1000, 20999)");
+    let seen = b
+        .agent()
+        .wait_log("not eligible for leadership", Duration::from_secs(30));
+    if !seen {
+        signal_all(&wr, libc::SIGCONT);
+        panic!("b never judged itself too far behind:\n{}", b.log());
+    }
+    let t_kill = boottime_ns();
+    a.kill_agent();
+    let reset = a.monitor.wait_kill(t_kill, Duration::from_secs(20));
+    // Well past the lease's expiry: nobody may have taken the key.
+    std::thread::sleep(Duration::from_secs(8));
+    let h = holder(&client, scope);
+    let b_recovery = b.writable();
+    signal_all(&wr, libc::SIGCONT);
+    assert!(reset.is_some(), "a was reset");
+    assert_eq!(h, None, "no promotion of a lagging replica");
+    assert_eq!(b_recovery, Some(false), "b stays a replica");
+    assert!(!b.log().contains("won the leader key"), "{}", b.log());
+    let line = b
+        .log()
+        .lines()
+        .find(|l| l.contains("not eligible"))
+        .unwrap()
+        .to_string();
+    eprintln!("{line}");
+}
+
+/// Bad input: an agent that cannot see its own PostgreSQL properly never
+/// takes the key (so never promotes, and never fences the running server).
+#[test]
+fn bad_input_is_a_clear_error_and_no_promotion() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let pg = PgNode::init(free_port());
+    pg.start();
+    pg.sql("CREATE ROLE leasedog_agent LOGIN SUPERUSER PASSWORD 'right'");
+    let not_a_cluster = tempfile::tempdir().unwrap();
+    std::fs::write(not_a_cluster.path().join("README"), "not a cluster").unwrap();
+    let cases: Vec<(&str, PgOverrides, &str)> = vec![
+        (
+            "not-installed",
+            PgOverrides {
+                bin_dir: Some("/usr/lib/postgresql/99/bin".into()),
+                ..Default::default()
+            },
+            "PostgreSQL is not installed at postgres.bin_dir = /usr/lib/postgresql/99/bin",
+        ),
+        (
+            "wrong-password",
+            PgOverrides {
+                extra: "user = \"leasedog_agent\"\npassword = \"wrong\"".into(),
+                ..Default::default()
+            },
+            "cannot observe PostgreSQL: authentication failed",
+        ),
+        (
+            "wrong-data-dir",
+            PgOverrides {
+                data_dir: Some(not_a_cluster.path().to_owned()),
+                ..Default::default()
+            },
+            "is not a PostgreSQL data directory: the server at",
+        ),
+    ];
+    for (scope, o, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(scope, "x", &eps, dir.path(), &pg, &o);
+        if scope == "wrong-password" {
+            // Over TCP, where pg_hba.conf asks this role for a password.
+            cfg = cfg.replace(
+                &format!("host = \"{}\"", pg.socket_dir().display()),
+                "host = \"127.0.0.1\"",
+            );
+        }
+        let mut agent = AgentProcess::spawn(Path::new(BIN), scope, &cfg, &[]).unwrap();
+        let seen = agent.wait_log(needle, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_secs(6)); // > T: time enough to have raced
+        let log = brief(&agent.log());
+        assert!(seen, "{scope}: the error names {needle:?}:\n{log}");
+        assert_eq!(
+            holder(&client, scope),
+            None,
+            "{scope}: no key taken:\n{log}"
+        );
+        assert!(!log.contains("won the leader key"), "{scope}:\n{log}");
+        assert!(!log.contains("promoted"), "{scope}:\n{log}");
+        assert_eq!(
+            pg.writable_check(),
+            Some(true),
+            "{scope}: the server was left alone"
+        );
+        if scope == "not-installed" {
+            let st = agent.wait_exit(Duration::from_secs(5)).expect("exits");
+            assert!(!st.success());
+        }
+        drop(agent);
+    }
+}
+
+trait Writable {
+    fn writable_check(&self) -> Option<bool>;
+}
+impl Writable for PgNode {
+    fn writable_check(&self) -> Option<bool> {
+        self.try_sql("SELECT pg_is_in_recovery()")
+            .ok()
+            .map(|v| v == "f")
+    }
+}
