@@ -39,6 +39,6 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "setup: installing cargo-deb"
-  cargo install cargo-deb --locked --quiet
+  cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 echo "setup: ok"
