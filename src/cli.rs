@@ -381,7 +381,7 @@ fn check(cfg: &Config, samples: u32) -> i32 {
         }
     };
     let (rtts, etcd_error) = measure_etcd(cfg, samples);
-    let roots = crate::watchdog::SysRoots::real();
+    let roots = sysroots();
     let devices: Vec<(String, Result<String, String>)> = cfg
         .watchdog
         .devices
@@ -482,8 +482,23 @@ fn measure_etcd(cfg: &Config, samples: u32) -> (Vec<Duration>, Option<String>) {
     })
 }
 
+/// The sysfs, /dev and /proc that `check` and `query-watchdog` read. Test
+/// builds may point them at a fake tree (`$LEASEDOG_SYSROOT/{sys,dev,proc}`).
+fn sysroots() -> crate::watchdog::SysRoots {
+    #[cfg(feature = "testing")]
+    if let Some(root) = std::env::var_os("LEASEDOG_SYSROOT") {
+        let root = PathBuf::from(root);
+        return crate::watchdog::SysRoots {
+            sys: root.join("sys"),
+            dev: root.join("dev"),
+            proc: root.join("proc"),
+        };
+    }
+    crate::watchdog::SysRoots::real()
+}
+
 fn query_watchdog(open: Option<PathBuf>, force: bool, json: bool) -> i32 {
-    let roots = crate::watchdog::SysRoots::real();
+    let roots = sysroots();
     let reports = match open {
         None => crate::watchdog::query(&roots),
         Some(path) => {

@@ -505,3 +505,108 @@ fn fake_spec_refused_without_the_testing_feature() {
     assert!(matches!(e, ArmError::FakeNotAllowed), "{e}");
     assert!(!rec.exists());
 }
+
+/// `leasedog query-watchdog` and `leasedog check`, the binaries themselves,
+/// against a fake tree (test builds read `LEASEDOG_SYSROOT`) and a real etcd.
+#[cfg(feature = "testing")]
+mod cli {
+    use super::*;
+
+    const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
+
+    fn sysroot(t: &Tree) -> PathBuf {
+        t.roots.sys.parent().unwrap().to_owned()
+    }
+
+    fn run(t: &Tree, args: &[&str]) -> (i32, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("LEASEDOG_SYSROOT", sysroot(t))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    #[test]
+    fn query_watchdog_lists_the_fake_tree_without_opening() {
+        let t = Tree::new();
+        let hw0 = t.add(hw(0));
+        t.add(soft(1));
+        t.holder(1, "systemd", "/sbin/init", &hw0);
+        let (code, out) = run(&t, &["query-watchdog", "--json"]);
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let devs = v.as_array().unwrap();
+        assert_eq!(devs.len(), 2);
+        assert!(out.contains("i6300ESB timer") && out.contains("Software Watchdog"));
+        assert!(
+            out.contains("systemd"),
+            "the holder of watchdog0 is named: {out}"
+        );
+        let (code, table) = run(&t, &["query-watchdog"]);
+        assert_eq!(code, 0);
+        assert!(table.contains("watchdog1"), "{table}");
+    }
+
+    #[test]
+    fn check_is_safe_or_unsafe_with_the_reason() {
+        let etcd = leasedog_testbed::etcd::EtcdServer::start().unwrap();
+        let t = Tree::new();
+        let hw0 = t.add(hw(0));
+        t.add(soft(1));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        let write = |devices: &str| {
+            fs::write(
+                &cfg,
+                format!(
+                    "node = 'a'\n[etcd]\nendpoints = ['{}']\n[watchdog]\nmode = 'required'\n{devices}",
+                    etcd.client_url()
+                ),
+            )
+            .unwrap()
+        };
+        write(&format!(
+            "[[watchdog.device]]\nkind = 'device'\npath = '{}'\n[[watchdog.device]]\nkind = 'softdog'\n",
+            hw0.display()
+        ));
+        let (code, out) = run(
+            &t,
+            &["check", "--config", cfg.to_str().unwrap(), "--samples", "3"],
+        );
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("verdict: SAFE"), "{out}");
+        assert!(
+            out.contains("W (watchdog timeout)") && out.contains("round trips"),
+            "{out}"
+        );
+        // systemd holds the hardware device: UNSAFE, naming it and the fix.
+        t.holder(1, "systemd", "/sbin/init", &hw0);
+        let (code, out) = run(
+            &t,
+            &["check", "--config", cfg.to_str().unwrap(), "--samples", "3"],
+        );
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("verdict: UNSAFE") && out.contains("systemd"),
+            "{out}"
+        );
+        assert!(
+            out.contains("RuntimeWatchdogSec"),
+            "the fix is named: {out}"
+        );
+        // Nothing listening: UNSAFE, etcd unreachable.
+        drop(etcd);
+        let (code, out) = run(
+            &t,
+            &["check", "--config", cfg.to_str().unwrap(), "--samples", "1"],
+        );
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("unreachable") || out.contains("timed out"),
+            "{out}"
+        );
+    }
+}
