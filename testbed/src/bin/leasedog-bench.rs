@@ -633,9 +633,9 @@ fn opt(v: Option<f64>) -> String {
 
 fn print_table(trials: &[Trial], ttl: u64) {
     println!(
-        "{:<3} {:<19} {:<5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5} {:>5} {:>6}  {}",
+        "{:<3} {:<19} {:<5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5} {:>5} {:>6}  error",
         "#", "stall", "repl", "keydel", "promo", "reset", "gapNew", "gapKpt", "2W", "lostN", "lostK",
-        "rssKiB", "cpu%", "req/l", "kill<p", "error"
+        "rssKiB", "cpu%", "req/l", "kill<p"
     );
     for (i, t) in trials.iter().enumerate() {
         println!(
