@@ -286,6 +286,18 @@ impl Dcs {
             requests: None,
         };
         dcs.probe(connect_timeout).await.map_err(|e| match e {
+            // Under TLS 1.3 the client finishes its handshake before the
+            // server checks the client certificate; a rejected one shows as
+            // a connection etcd closes at once.
+            DcsError::Unreachable {
+                endpoints, cause, ..
+            } if cfg.tls() && cause.contains("connection closed") => DcsError::Tls {
+                endpoints,
+                cause: format!(
+                    "{cause} right after the handshake: etcd most likely rejected the client \
+                     certificate (missing, or not signed by etcd's --trusted-ca-file)"
+                ),
+            },
             DcsError::Unreachable {
                 endpoints, cause, ..
             }

@@ -10,6 +10,10 @@
 //! and `RLIMIT_RTPRIO` to the pinger's priority (so its threads can take
 //! SCHED_FIFO without CAP_SYS_NICE). Watchdog devices are opened later, at
 //! arming, but root owns them, so no capability is needed for that.
+//! When a limit cannot be raised (no CAP_SYS_RESOURCE, as in some
+//! containers), the capability it would have replaced is kept instead:
+//! CAP_IPC_LOCK (else thread creation fails once locked memory reaches the
+//! limit) or CAP_SYS_NICE (else the pinger cannot be real-time).
 //!
 //! Kept:
 //! - nothing, without `[postgres]`;
@@ -32,6 +36,8 @@ pub const CAP_KILL: u32 = 5;
 pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
 pub const CAP_SETPCAP: u32 = 8;
+pub const CAP_IPC_LOCK: u32 = 14;
+pub const CAP_SYS_NICE: u32 = 23;
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -183,11 +189,18 @@ pub fn drop_privileges(keep: CapSet, rt_priority: i32) -> Result<Dropped, String
     // Limits first, while CAP_SYS_RESOURCE may still be held; failures here
     // are reported but not fatal (the unit sets both limits itself).
     let mut notes = Vec::new();
+    let mut keep = keep;
     if let Err(e) = raise_limit(libc::RLIMIT_MEMLOCK, libc::RLIM_INFINITY) {
-        notes.push(format!("RLIMIT_MEMLOCK: {e}"));
+        notes.push(format!(
+            "cannot raise RLIMIT_MEMLOCK ({e}): keeping CAP_IPC_LOCK (set LimitMEMLOCK=infinity)"
+        ));
+        keep.0 |= 1 << CAP_IPC_LOCK;
     }
     if let Err(e) = raise_limit(libc::RLIMIT_RTPRIO, rt_priority as libc::rlim_t) {
-        notes.push(format!("RLIMIT_RTPRIO: {e}"));
+        notes.push(format!(
+            "cannot raise RLIMIT_RTPRIO ({e}): keeping CAP_SYS_NICE (set LimitRTPRIO={rt_priority})"
+        ));
+        keep.0 |= 1 << CAP_SYS_NICE;
     }
     // SAFETY: prctl with integer arguments only.
     unsafe {
@@ -247,7 +260,9 @@ fn set_no_new_privs() -> Result<(), String> {
 
 /// The names of the capabilities in `s` (for logs).
 pub fn names(s: CapSet) -> Vec<String> {
-    const KNOWN: [(u32, &str); 7] = [
+    const KNOWN: [(u32, &str); 9] = [
+        (CAP_IPC_LOCK, "CAP_IPC_LOCK"),
+        (CAP_SYS_NICE, "CAP_SYS_NICE"),
         (CAP_CHOWN, "CAP_CHOWN"),
         (CAP_DAC_OVERRIDE, "CAP_DAC_OVERRIDE"),
         (CAP_FOWNER, "CAP_FOWNER"),
