@@ -262,8 +262,8 @@ pub fn status_table(r: &StatusReport) -> String {
             let _ = writeln!(o, "leader   {}", r.leader.as_deref().unwrap_or("(none)"));
             let _ = writeln!(
                 o,
-                "\n{:<16} {:<13} {:<10} {:<22} {:>14} {}",
-                "MEMBER", "ROLE", "POSTGRES", "ADDRESS", "LSN", "WATCHDOG"
+                "\n{:<16} {:<13} {:<10} {:<22} {:>14} WATCHDOG",
+                "MEMBER", "ROLE", "POSTGRES", "ADDRESS", "LSN"
             );
             for m in &r.members {
                 let f = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();

@@ -395,8 +395,12 @@ pub fn serve(listen: &str, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
         .stack_size(128 * 1024)
         .spawn(move || {
             for conn in listener.incoming() {
-                if let Ok(c) = conn {
-                    let _ = handle(c, &metrics);
+                match conn {
+                    Ok(c) => {
+                        let _ = handle(c, &metrics);
+                    }
+                    // e.g. out of descriptors: do not spin.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             }
         })?;
