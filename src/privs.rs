@@ -182,8 +182,9 @@ pub enum Dropped {
 pub fn drop_privileges(keep: CapSet, rt_priority: i32) -> Result<Dropped, String> {
     let (eff, prm, _inh) = capget().map_err(|e| format!("capget: {e}"))?;
     if prm.is_empty() && eff.is_empty() {
-        // Still refuse to gain any through exec.
-        set_no_new_privs()?;
+        // Still refuse to gain any through exec (best effort: the unit
+        // sets NoNewPrivileges= itself).
+        let _ = set_no_new_privs();
         return Ok(Dropped::Nothing);
     }
     // Limits first, while CAP_SYS_RESOURCE may still be held; failures here
