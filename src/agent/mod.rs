@@ -50,6 +50,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         Ok(()) => info!("memory locked (mlockall)"),
         Err(e) => warn!("memory NOT locked: {e}; the pinger may be paged out under pressure"),
     }
+    ops::startup_conflicts(&cfg);
     // Before any thread starts: threads inherit the reduced set.
     match crate::privs::drop_privileges(
         crate::privs::needed(cfg.postgres.is_some()),

@@ -11,6 +11,37 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tracing::{info, warn};
 
+/// Start-up check, made while the agent still has the privileges to see
+/// every process (the holder scan reads other processes' `/proc/PID/fd`):
+/// warns, with the fix, about each configured device another process holds
+/// open (systemd's RuntimeWatchdogSec, the watchdog daemon, sbd, corosync).
+/// Arming refuses such a device later anyway; after the capability drop the
+/// scan there may no longer see a privileged holder, so it is named here.
+pub fn startup_conflicts(cfg: &Config) -> Vec<String> {
+    use crate::config::DeviceSpec;
+    use crate::watchdog::{self, SysRoots};
+    let roots = SysRoots::real();
+    let mut out = Vec::new();
+    for spec in &cfg.watchdog.devices {
+        let resolved = match spec {
+            DeviceSpec::Device { path } => watchdog::resolve_path(path, &roots),
+            DeviceSpec::Softdog => watchdog::resolve_softdog(&roots),
+            DeviceSpec::Fake { .. } => continue,
+        };
+        let Ok(dev) = resolved else { continue };
+        for h in watchdog::sysfs::holders(&dev.aliases(&roots), &roots) {
+            let msg = format!(
+                "watchdog {} is held open by {h}: {}; arming it will fail",
+                dev.path.display(),
+                h.fix()
+            );
+            warn!("{msg}");
+            out.push(msg);
+        }
+    }
+    out
+}
+
 pub struct Ops {
     pub metrics: Arc<Metrics>,
     notify: Notifier,
