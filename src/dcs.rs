@@ -330,6 +330,9 @@ impl Dcs {
             match tokio::time::timeout(attempt, kv.get(key, None)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => last = Some(self.error("connect", e)),
+                // An attempt cut short by the window's end says less than
+                // the error before it (e.g. a TLS failure): keep that one.
+                Err(_) if attempt < self.request_timeout && last.is_some() => {}
                 Err(_) => {
                     last = Some(DcsError::Timeout {
                         op: "connect",
