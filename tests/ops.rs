@@ -628,42 +628,14 @@ fn root_agent_drops_every_capability() {
     let log = n.proc_.log();
     assert!(log.contains("pinger runs at SCHED_FIFO"), "{log}");
     assert!(!log.contains("deadline timer NOT real-time"), "{log}");
-    // What this (root) test process may do decides what the agent keeps.
-    let own = fs::read_to_string("/proc/self/status").unwrap();
-    let own_prm = own
-        .lines()
-        .find_map(|l| l.strip_prefix("CapPrm:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-        .unwrap();
-    let want = if own_prm & (1 << 24) != 0 {
-        "0000000000000000".to_string()
+    // Where root cannot raise limits, CAP_IPC_LOCK and CAP_SYS_NICE stay.
+    let fallback = if own_prm() & (1 << 24) != 0 {
+        0
     } else {
         assert!(log.contains("keeping CAP_IPC_LOCK"), "{log}");
-        format!("{:016x}", own_prm & ((1 << 14) | (1 << 23)))
+        (1 << 14) | (1 << 23)
     };
-    eprintln!("expected capabilities: {want}");
-    let pid = n.proc_.pid();
-    let tasks: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        tasks.len() >= 4,
-        "pinger, timer, signals, metrics: {tasks:?}"
-    );
-    for t in &tasks {
-        let caps = cap_lines(pid, t);
-        eprintln!("task {t}: {caps:?}");
-        for (k, v) in &caps {
-            match k.as_str() {
-                "CapInh" | "CapAmb" => assert_eq!(v, "0000000000000000", "task {t} {k}"),
-                "CapPrm" | "CapEff" | "CapBnd" => assert_eq!(v, &want, "task {t} {k}"),
-                "NoNewPrivs" => assert_eq!(v, "1", "task {t}"),
-                _ => {}
-            }
-        }
-        assert_eq!(caps.len(), 6, "{caps:?}");
-    }
+    assert_task_caps(n.proc_.pid(), own_prm() & fallback);
     // The packaged config is 0640; the harness writes 0644: warned.
     assert!(log.contains("readable by every user"), "{log}");
 }
@@ -678,4 +650,96 @@ fn world_readable_config_is_flagged() {
     assert!(leasedog::cli::warn_if_world_readable(&p));
     fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
     assert!(!leasedog::cli::warn_if_world_readable(&p));
+}
+
+/// The permitted capabilities of this test process.
+fn own_prm() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapPrm:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap()
+}
+
+/// Every thread of `pid` has exactly `want` in its permitted, effective
+/// and bounding sets, nothing inheritable or ambient, and no_new_privs.
+fn assert_task_caps(pid: u32, want: u64) {
+    let want = format!("{want:016x}");
+    eprintln!("expected capabilities: {want}");
+    let tasks: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tasks.len() >= 3, "pinger, timer, signals: {tasks:?}");
+    for t in &tasks {
+        let caps = cap_lines(pid, t);
+        eprintln!("task {t}: {caps:?}");
+        for (k, v) in &caps {
+            match k.as_str() {
+                "CapInh" | "CapAmb" => assert_eq!(v, "0000000000000000", "task {t} {k}"),
+                "CapPrm" | "CapEff" | "CapBnd" => assert_eq!(v, &want, "task {t} {k}"),
+                "NoNewPrivs" => assert_eq!(v, "1", "task {t}"),
+                _ => {}
+            }
+        }
+        assert_eq!(caps.len(), 6, "{caps:?}");
+    }
+}
+
+/// With `[postgres]`, a root agent keeps exactly what managing PostgreSQL as
+/// its os_user needs: CAP_KILL, CAP_SETUID, CAP_SETGID, CAP_CHOWN,
+/// CAP_FOWNER, CAP_DAC_OVERRIDE (plus the limit fallbacks). PostgreSQL is
+/// not running (the data directory does not exist): the agent stays a
+/// follower, which is all this needs.
+#[test]
+fn root_agent_with_postgres_keeps_only_what_postgres_needs() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    if !Path::new("/usr/lib/postgresql/15/bin/pg_ctl").exists() {
+        eprintln!("skipped: needs postgresql-15");
+        return;
+    }
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "{}[postgres]\nhost = \"127.0.0.1\"\nport = {}\ndata_dir = \"{}\"\n",
+        agent_config("capspg", "pg", &etcd.endpoints(), dir.path(), &addr),
+        free_port(),
+        dir.path().join("pgdata").display()
+    );
+    let p = AgentProcess::spawn(Path::new(BIN), "pg", &cfg, &[]).unwrap();
+    assert!(
+        p.wait_log("capabilities dropped", Duration::from_secs(20)),
+        "{}",
+        p.log()
+    );
+    // Let the main loop run a little (it observes PostgreSQL as down).
+    assert!(
+        wait_until(Duration::from_secs(20), || metrics::get(
+            &addr,
+            "/metrics",
+            Duration::from_secs(2)
+        )
+        .ok()
+        .and_then(|t| metrics::sample(&t, "leasedog_loops_total"))
+        .unwrap_or(0.0)
+            >= 3.0),
+        "{}",
+        p.log()
+    );
+    let log = p.log();
+    let fallback = if own_prm() & (1 << 24) != 0 {
+        0
+    } else {
+        (1 << 14) | (1 << 23)
+    };
+    // KILL 5, SETUID 7, SETGID 6, CHOWN 0, FOWNER 3, DAC_OVERRIDE 1.
+    let pg: u64 = (1 << 5) | (1 << 7) | (1 << 6) | 1 | (1 << 3) | (1 << 1);
+    assert!(log.contains("CAP_KILL"), "{log}");
+    assert_task_caps(p.pid(), own_prm() & (pg | fallback));
 }
