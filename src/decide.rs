@@ -184,6 +184,8 @@ pub enum Input {
         leader: String,
         ok: bool,
     },
+    /// The leader watch broke: who holds the key is unknown until re-read.
+    WatchBroken,
     /// SIGTERM or SIGINT.
     Shutdown,
 }
@@ -511,6 +513,14 @@ impl Core {
             Input::Eligibility { eligible, .. } => {
                 self.eligible = eligible;
                 self.maybe_acquire(now, &mut out);
+            }
+            Input::WatchBroken => {
+                // Not evidence of a lost key: a leader keeps leading on its
+                // renewals (rule 1 still rules the pings) and re-reads.
+                if !self.leading() {
+                    self.holder = KeyHolder::Unknown;
+                }
+                out.push(Action::ReadKey);
             }
             Input::Postgres(view) => {
                 self.pg = view;
@@ -1554,6 +1564,22 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_watch_is_not_a_lost_key() {
+        let mut c = leader(WatchdogMode::Required);
+        let a = c.handle(t(1200), Input::WatchBroken);
+        assert_eq!(a, vec![Action::ReadKey]);
+        assert_eq!(c.role(), &Role::Leader);
+        let a = c.handle(
+            t(1300),
+            Input::Renewed {
+                sent: t(1250),
+                ttl: 5,
+            },
+        );
+        assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1250))));
+    }
+
+    #[test]
     fn writable_postgres_under_an_unknown_owner_is_fenced() {
         let mut c = follower_seeing(KeyHolder::Garbage);
         let a = c.handle(t(20), Input::Postgres(PgView::Primary));
@@ -1625,6 +1651,7 @@ mod tests {
             any::<bool>().prop_map(|deleted| Input::Released { deleted }),
             Just(Input::Disarmed),
             Just(Input::Shutdown),
+            Just(Input::WatchBroken),
             prop_oneof![
                 Just(PgView::Down),
                 Just(PgView::Primary),

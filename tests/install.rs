@@ -10,11 +10,9 @@
 //! with the name of what to install: these are the project's install checks,
 //! never silently skipped.
 //!
-//! One test is `#[ignore]`d: `unit_sandbox_works_under_real_systemd` boots the
-//! unit under real systemd in a QEMU guest (~80 s under TCG; qemu-system-x86,
-//! busybox-static, cpio, the `postgres` user, and the lab's kernel cache in
-//! `$LEASEDOG_LAB_CACHE` or `.lab-cache`). Run it with
-//! `cargo test --test install -- --ignored`.
+//! `unit_sandbox_works_under_real_systemd` boots the unit under real systemd in
+//! a QEMU guest (~80 s under TCG; qemu-system-x86, busybox-static, cpio, the
+//! `postgres` user, and the lab's kernel, fetched into its cache on first use).
 
 use leasedog::config::{Config, ConfigError, WatchdogMode};
 use std::collections::BTreeMap;
@@ -877,27 +875,10 @@ fn softdog_is_loaded_at_boot_with_options_that_arm_nothing_and_can_disarm() {
 /// filled by the lab's `Kernel::get`): a `kernel-*/` folder with `vmlinuz` and
 /// `modules/*.ko` of Debian's 6.1 kernel.
 fn lab_kernel() -> PathBuf {
-    let cache = std::env::var_os("LEASEDOG_LAB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo(".lab-cache"));
-    fs::read_dir(&cache)
-        .ok()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("kernel-"))
-                && p.join("vmlinuz").is_file()
-                && p.join("modules/softdog.ko").is_file()
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no lab kernel in {}: run the lab tests first (they fetch it) or set LEASEDOG_LAB_CACHE",
-                cache.display()
-            )
-        })
+    // The lab's kernel cache (fetched and unpacked on first use).
+    let k = leasedog_testbed::lab::Kernel::get().unwrap_or_else(|e| panic!("lab kernel: {e}"));
+    assert!(k.dir.join("vmlinuz").is_file() && k.module_path("softdog").is_file());
+    k.dir.clone()
 }
 
 /// Kills QEMU if the test fails half-way.
@@ -917,7 +898,6 @@ impl Drop for Qemu {
 /// capabilities, both watchdog nodes opened through the group, SIGKILL of a
 /// PostgreSQL-owned process, sd_notify) and nothing beyond it.
 #[test]
-#[ignore = "boots a QEMU guest with systemd (~90 s under TCG) and needs the lab's kernel cache; run with --ignored"]
 fn unit_sandbox_works_under_real_systemd() {
     let kernel = lab_kernel();
     let qemu = tool("qemu-system-x86_64", "the Debian package `qemu-system-x86`");

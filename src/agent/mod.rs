@@ -12,6 +12,7 @@ pub mod deadline;
 #[cfg(feature = "testing")]
 pub mod faults;
 pub mod members;
+mod mirror;
 pub mod ops;
 pub mod pinger;
 pub mod realtime;
@@ -22,6 +23,7 @@ use crate::config::{Config, DeviceSpec};
 use crate::dcs::{self, Acquire, Dcs, Holder, LeaseId, Renewal};
 use crate::decide::{
     Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder, PgView,
+    Role,
 };
 use crate::postgres::{self as pgsql, Pg};
 use crate::timing::Budget;
@@ -33,7 +35,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
 /// `config_digest` identifies the configuration in the audit's start-up record.
@@ -125,8 +127,10 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         leader_member: None,
         published: None,
         last_lsn: None,
+        connect_failed_at: None,
         pg_view: PgView::Unmanaged,
         ticks: 0,
+        mirror: None,
         ops,
     };
     let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx, follow_rx));
@@ -166,6 +170,8 @@ struct Agent {
     watch: Option<dcs::LeaderWatch>,
     stop_fn: StopFn,
     audit: AuditLog,
+    /// Lifecycle records to etcd's history; started at the first one.
+    mirror: Option<mirror::Mirror>,
     pg: Option<Pg>,
     /// Completions of background `Follow`s.
     follow_tx: mpsc::UnboundedSender<Input>,
@@ -178,6 +184,8 @@ struct Agent {
     leader_member: Option<Member>,
     /// Our last published member record, and the loop it was published at.
     published: Option<(Member, u64)>,
+    /// When the last connection attempt failed (one attempt per loop).
+    connect_failed_at: Option<clock::BootTime>,
     /// Our PostgreSQL's WAL position and state at the last observation.
     last_lsn: Option<u64>,
     pg_view: PgView,
@@ -355,6 +363,24 @@ impl Agent {
             self.drain_pinger();
             self.ops.after(&self.core, false);
             let input = tokio::select! {
+                // Signals and the deadline timer first: a busy loop (etcd
+                // down, every tick ready) must not starve them.
+                biased;
+                Some(sig) = sig_rx.recv() => {
+                    info!("signal {sig}: stepping down and exiting");
+                    self.ops.stopping();
+                    Input::Shutdown
+                }
+                Some(r) = timer_rx.recv() => match r {
+                    TimerReport::Fenced { s, at, how } => {
+                        warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
+                        Input::FencedByTimer { how }
+                    }
+                    TimerReport::StopFailed { reason, .. } => {
+                        error!("deadline timer could not stop PostgreSQL: {reason}; the watchdog will reset the node");
+                        Input::StepDownFailed { reason }
+                    }
+                },
                 _ = tick.tick() => {
                     // The renewal goes first; PostgreSQL is observed after it.
                     self.ticks += 1;
@@ -373,28 +399,13 @@ impl Agent {
                     }
                     done
                 }
-                Some(sig) = sig_rx.recv() => {
-                    info!("signal {sig}: stepping down and exiting");
-                    self.ops.stopping();
-                    Input::Shutdown
-                }
-                Some(r) = timer_rx.recv() => match r {
-                    TimerReport::Fenced { s, at, how } => {
-                        warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
-                        Input::FencedByTimer { how }
-                    }
-                    TimerReport::StopFailed { reason, .. } => {
-                        error!("deadline timer could not stop PostgreSQL: {reason}; the watchdog will reset the node");
-                        Input::StepDownFailed { reason }
-                    }
-                },
                 ev = next_watch(&mut self.watch) => match ev {
                     Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder, self.core.lease()), revision },
                     Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
                     Err(e) => {
                         warn!("leader watch broke: {e}; re-reading");
                         self.watch = None;
-                        Input::KeySeen { holder: KeyHolder::Unknown, revision: 0 }
+                        Input::WatchBroken
                     }
                 },
             };
@@ -461,11 +472,21 @@ impl Agent {
 
     async fn connect(&mut self) -> Result<(), String> {
         if self.dcs.is_none() {
+            // One connection attempt per loop: with etcd down, every action
+            // of a batch would otherwise wait out its own connect timeout.
+            let now = clock::now();
+            if let Some(at) = self.connect_failed_at {
+                if now.saturating_since(at) < self.budget.loop_interval {
+                    return Err("etcd unreachable (retrying next loop)".into());
+                }
+            }
+            self.connect_failed_at = Some(now);
             let mut d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
                 .await
                 .map_err(|e| e.to_string())?;
             d.count_requests(self.ops.metrics.etcd_requests.clone());
             info!(endpoints = ?self.cfg.etcd.endpoints, "connected to etcd");
+            self.connect_failed_at = None;
             self.dcs = Some(d);
         }
         Ok(())
@@ -513,7 +534,11 @@ impl Agent {
                 };
                 let sent = clock::now();
                 match d.renew(LeaseId(lease)).await {
-                    Renewal::Acked { ttl } => Some(Input::Renewed { sent, ttl }),
+                    Renewal::Acked { ttl } => {
+                        let rtt = clock::now().saturating_since(sent);
+                        debug!(rtt_us = rtt.as_micros() as u64, ttl, "renewed");
+                        Some(Input::Renewed { sent, ttl })
+                    }
                     Renewal::Gone => {
                         warn!(lease, "etcd says the lease is gone");
                         Some(Input::LeaseGone)
@@ -654,7 +679,7 @@ impl Agent {
                 None
             }
             Action::Record(fact) => {
-                self.record(&fact);
+                self.record(&fact).await;
                 None
             }
             Action::Exit { .. } => None,
@@ -662,8 +687,10 @@ impl Agent {
     }
 
     /// Logs a fact and appends it to the audit log, durably: the action it
-    /// precedes in the core's list runs only after the fsync.
-    fn record(&mut self, fact: &Fact) {
+    /// precedes in the core's list runs only after the fsync. A lifecycle
+    /// record is then queued for etcd's history (never waited for, except
+    /// at the very end of a shutdown, see [`Agent::mirror`]).
+    async fn record(&mut self, fact: &Fact) {
         match fact {
             Fact::RenewedLate { .. }
             | Fact::LeaseLost { .. }
@@ -676,8 +703,45 @@ impl Agent {
         }
         self.ops.fact(fact);
         let (rev, ev) = audit_event(fact);
-        if let Err(e) = self.audit.append(rev, ev) {
-            error!("audit log write failed: {e}");
+        match self.audit.append(rev, ev) {
+            Ok(r) => self.mirror(fact, &r).await,
+            Err(e) => error!("audit log write failed: {e}"),
+        }
+    }
+
+    /// Queues a lifecycle record for etcd's history (after the local fsync).
+    /// The writes run in their own task, so fencing never waits on them.
+    /// Once shutting down and no longer leading (PostgreSQL stopped, key
+    /// released, devices disarmed: nothing left to fence), it waits, bounded,
+    /// for the backlog to reach etcd, as the process is about to exit.
+    async fn mirror(&mut self, fact: &Fact, r: &audit::Record) {
+        if !r.event.is_lifecycle() {
+            return;
+        }
+        let m = match &mut self.mirror {
+            Some(m) => {
+                m.push(r);
+                m
+            }
+            // Catches up from the local log, which includes `r`.
+            None => self.mirror.insert(mirror::Mirror::start(
+                &self.cfg.etcd,
+                &self.cfg.scope,
+                &self.cfg.node,
+                self.audit.path(),
+            )),
+        };
+        if matches!(fact, Fact::Shutdown) {
+            m.shutting_down = true;
+        }
+        if m.shutting_down && matches!(self.core.role(), Role::Follower | Role::Exited) {
+            let within = (self.budget.request_timeout * 3).max(Duration::from_secs(1));
+            if !m.flush(within).await {
+                warn!(
+                    pending = m.pending(),
+                    "audit records not mirrored to etcd before exit (the local log has them)"
+                );
+            }
         }
     }
 
