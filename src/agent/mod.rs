@@ -729,6 +729,7 @@ impl Agent {
                 &self.cfg.scope,
                 &self.cfg.node,
                 self.audit.path(),
+                Some(self.ops.metrics.etcd_requests.clone()),
             )),
         };
         if matches!(fact, Fact::Shutdown) {
