@@ -21,7 +21,9 @@
 //!   processes), CAP_SETUID + CAP_SETGID (pg_ctl, pg_rewind, pg_basebackup
 //!   run as `postgres.os_user`), CAP_CHOWN + CAP_FOWNER + CAP_DAC_OVERRIDE
 //!   (creating, writing and chowning files in the os_user's mode-0700 data
-//!   directory).
+//!   directory), CAP_SYS_PTRACE (the fence finds a cluster's processes by
+//!   readlink of `/proc/PID/cwd` and `exe`, which the kernel allows across
+//!   users only with it). Running as the os_user (the unit) needs none.
 //!
 //! Everything else leaves the effective, permitted, inheritable, ambient and
 //! bounding sets, and `no_new_privs` is set, so neither this process nor a
@@ -37,6 +39,7 @@ pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
 pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_IPC_LOCK: u32 = 14;
+pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_NICE: u32 = 23;
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -81,6 +84,7 @@ pub fn needed(manages_postgres: bool) -> CapSet {
             CAP_CHOWN,
             CAP_FOWNER,
             CAP_DAC_OVERRIDE,
+            CAP_SYS_PTRACE,
         ])
     } else {
         CapSet::default()
@@ -261,7 +265,8 @@ fn set_no_new_privs() -> Result<(), String> {
 
 /// The names of the capabilities in `s` (for logs).
 pub fn names(s: CapSet) -> Vec<String> {
-    const KNOWN: [(u32, &str); 9] = [
+    const KNOWN: [(u32, &str); 10] = [
+        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
         (CAP_IPC_LOCK, "CAP_IPC_LOCK"),
         (CAP_SYS_NICE, "CAP_SYS_NICE"),
         (CAP_CHOWN, "CAP_CHOWN"),
@@ -298,6 +303,7 @@ mod tests {
             CAP_CHOWN,
             CAP_FOWNER,
             CAP_DAC_OVERRIDE,
+            CAP_SYS_PTRACE,
         ] {
             assert!(pg.has(c));
         }

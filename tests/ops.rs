@@ -689,7 +689,7 @@ fn assert_task_caps(pid: u32, want: u64) {
 
 /// With `[postgres]`, a root agent keeps exactly what managing PostgreSQL as
 /// its os_user needs: CAP_KILL, CAP_SETUID, CAP_SETGID, CAP_CHOWN,
-/// CAP_FOWNER, CAP_DAC_OVERRIDE (plus the limit fallbacks). PostgreSQL is
+/// CAP_FOWNER, CAP_DAC_OVERRIDE, CAP_SYS_PTRACE (plus the limit fallbacks). PostgreSQL is
 /// not running (the data directory does not exist): the agent stays a
 /// follower, which is all this needs.
 #[test]
@@ -738,8 +738,9 @@ fn root_agent_with_postgres_keeps_only_what_postgres_needs() {
     } else {
         (1 << 14) | (1 << 23)
     };
-    // KILL 5, SETUID 7, SETGID 6, CHOWN 0, FOWNER 3, DAC_OVERRIDE 1.
-    let pg: u64 = (1 << 5) | (1 << 7) | (1 << 6) | 1 | (1 << 3) | (1 << 1);
+    // KILL 5, SETUID 7, SETGID 6, CHOWN 0, FOWNER 3, DAC_OVERRIDE 1,
+    // SYS_PTRACE 19.
+    let pg: u64 = (1 << 5) | (1 << 7) | (1 << 6) | 1 | (1 << 3) | (1 << 1) | (1 << 19);
     assert!(log.contains("CAP_KILL"), "{log}");
     assert_task_caps(p.pid(), own_prm() & (pg | fallback));
 }
