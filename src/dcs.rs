@@ -221,6 +221,15 @@ fn secure(cfg: &EtcdConfig, mut options: ConnectOptions) -> Result<ConnectOption
     Ok(options)
 }
 
+/// How a connection etcd drops right after the TLS handshake reads (the
+/// wording depends on which side of h2 notices first).
+fn closed_at_once(cause: &str) -> bool {
+    let c = cause.to_lowercase();
+    ["connection closed", "broken pipe", "connection reset"]
+        .iter()
+        .any(|w| c.contains(w))
+}
+
 /// Tells authentication and TLS failures from plain unreachability, so
 /// the operator reads which setting to fix.
 fn reclassify(endpoints: String, cause: String) -> DcsError {
@@ -319,10 +328,10 @@ impl Dcs {
             // a connection etcd closes at once.
             DcsError::Unreachable {
                 endpoints, cause, ..
-            } if cfg.tls() && cause.contains("connection closed") => DcsError::Tls {
+            } if cfg.tls() && closed_at_once(&cause) => DcsError::Tls {
                 endpoints,
                 cause: format!(
-                    "{cause} right after the handshake: etcd most likely rejected the client \
+                    "{cause} at once after the handshake: etcd most likely rejected the client \
                      certificate (missing, or not signed by etcd's --trusted-ca-file)"
                 ),
             },
