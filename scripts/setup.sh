@@ -12,6 +12,7 @@ need_pkgs=(
   systemd udev                 # systemd-analyze / udevadm checks of the unit and rules
   iproute2 procps psmisc       # ip, ps/pgrep, fuser
   dpkg-dev                     # dpkg-deb checks of the package
+  openssl                      # certificates for the etcd TLS tests (tests/ops.rs)
 )
 
 missing=()

@@ -26,6 +26,22 @@ pub struct Config {
     /// key and arms the watchdogs (useful to test a node's fencing alone).
     #[serde(default)]
     pub postgres: Option<crate::postgres::PgConfig>,
+    /// The Prometheus `/metrics` and JSON `/status` endpoint (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: an HTTP endpoint for Prometheus and `leasedog status`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` to listen on, e.g. `127.0.0.1:9187`. Absent: no endpoint.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Allow a non-loopback `listen` address. The endpoint has no
+    /// authentication; it reveals the cluster's topology.
+    #[serde(default)]
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +60,27 @@ pub struct EtcdConfig {
     /// Deadline to establish a connection, seconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: f64,
+    /// PEM CA bundle that signed etcd's server certificate (https:// endpoints).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and its key, for etcd's `--client-cert-auth`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// etcd user and password (etcd `auth enable`). The config file then
+    /// holds a secret: keep it mode 0640, group leasedog.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl EtcdConfig {
+    /// Whether any TLS option is set (every endpoint must then be https://).
+    pub fn tls(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +203,11 @@ impl Default for EtcdConfig {
             prefix: default_prefix(),
             request_timeout: default_request_timeout(),
             connect_timeout: default_connect_timeout(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password: None,
         }
     }
 }
@@ -303,6 +345,48 @@ impl Config {
                 ));
             }
         }
+        if self.etcd.tls() {
+            if let Some(ep) = self
+                .etcd
+                .endpoints
+                .iter()
+                .find(|e| e.starts_with("http://"))
+            {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{ep:?}: TLS options (ca_file, cert_file, key_file) need https:// endpoints"),
+                ));
+            }
+        }
+        if self.etcd.cert_file.is_some() != self.etcd.key_file.is_some() {
+            return Err(invalid(
+                "etcd.cert_file",
+                "cert_file and key_file go together (the client certificate and its key)",
+            ));
+        }
+        if self.etcd.username.is_some() != self.etcd.password.is_some() {
+            return Err(invalid(
+                "etcd.username",
+                "username and password go together",
+            ));
+        }
+        if let Some(l) = &self.metrics.listen {
+            let addr: std::net::SocketAddr = l.parse().map_err(|e| {
+                invalid(
+                    "metrics.listen",
+                    format!("{l:?} is not an IP:PORT address: {e}"),
+                )
+            })?;
+            if !addr.ip().is_loopback() && !self.metrics.allow_remote {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!(
+                        "{l:?} is not a loopback address; the endpoint has no authentication \
+                         (set metrics.allow_remote = true to expose it anyway)"
+                    ),
+                ));
+            }
+        }
         if !self.etcd.prefix.starts_with('/') {
             return Err(invalid("etcd.prefix", "must start with '/'"));
         }
@@ -420,6 +504,35 @@ mod tests {
     fn missing_node_is_a_parse_error_naming_it() {
         let e = Config::parse("scope = \"x\"").unwrap_err();
         assert!(e.to_string().contains("node"), "{e}");
+    }
+
+    #[test]
+    fn metrics_must_be_loopback_unless_allowed() {
+        let c = Config::parse("node='a'").unwrap();
+        assert!(c.metrics.listen.is_none(), "off by default");
+        Config::parse("node='a'\n[metrics]\nlisten='127.0.0.1:9187'").unwrap();
+        Config::parse("node='a'\n[metrics]\nlisten='[::1]:9187'").unwrap();
+        let e = Config::parse("node='a'\n[metrics]\nlisten='0.0.0.0:9187'").unwrap_err();
+        assert_eq!(key_of(e), "metrics.listen");
+        Config::parse("node='a'\n[metrics]\nlisten='0.0.0.0:9187'\nallow_remote=true").unwrap();
+        let e = Config::parse("node='a'\n[metrics]\nlisten='localhost'").unwrap_err();
+        assert_eq!(key_of(e), "metrics.listen");
+    }
+
+    #[test]
+    fn tls_and_auth_options_are_checked() {
+        let e = Config::parse("node='a'\n[etcd]\nca_file='/x/ca.pem'").unwrap_err();
+        assert_eq!(key_of(e), "etcd.endpoints", "TLS with http:// endpoints");
+        let c = Config::parse(
+            "node='a'\n[etcd]\nendpoints=['https://127.0.0.1:2379']\nca_file='/x/ca.pem'",
+        )
+        .unwrap();
+        assert!(c.etcd.tls());
+        let e = Config::parse("node='a'\n[etcd]\nendpoints=['https://h:1']\ncert_file='/x/c.pem'")
+            .unwrap_err();
+        assert_eq!(key_of(e), "etcd.cert_file");
+        let e = Config::parse("node='a'\n[etcd]\nusername='root'").unwrap_err();
+        assert_eq!(key_of(e), "etcd.username");
     }
 
     #[test]

@@ -118,6 +118,14 @@ pub enum DcsError {
     },
     #[error("invalid etcd configuration: {0}")]
     Config(String),
+    /// etcd refused the configured username/password (or auth is off and a
+    /// user was configured, or auth is on and none was).
+    #[error("etcd at {endpoints}: authentication failed: {cause}")]
+    Auth { endpoints: String, cause: String },
+    /// The TLS handshake failed: wrong CA, a rejected or missing client
+    /// certificate, or a server name that does not match.
+    #[error("etcd at {endpoints}: TLS handshake failed: {cause} (check etcd.ca_file, cert_file, key_file)")]
+    Tls { endpoints: String, cause: String },
 }
 
 impl DcsError {
@@ -162,6 +170,8 @@ pub struct Dcs {
     /// `history_trim_every` (so also on the first).
     history_appends: u64,
     history_trim_due: bool,
+    /// Counts every request made through this connection (metrics).
+    requests: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 fn secs(key: &str, v: f64) -> Result<Duration, DcsError> {
@@ -187,6 +197,74 @@ fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// Adds TLS (CA, client identity) and user/password to `options`.
+fn secure(cfg: &EtcdConfig, mut options: ConnectOptions) -> Result<ConnectOptions, DcsError> {
+    let read = |key: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| DcsError::Config(format!("etcd.{key} {}: {e}", p.display())))
+    };
+    if cfg.tls() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &cfg.ca_file {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read("ca_file", ca)?));
+        }
+        if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read("cert_file", c)?,
+                read("key_file", k)?,
+            ));
+        }
+        options = options.with_tls(tls);
+    }
+    if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+        options = options.with_user(u.clone(), p.clone());
+    }
+    Ok(options)
+}
+
+/// How a connection etcd drops right after the TLS handshake reads (the
+/// wording depends on which side of h2 notices first).
+fn closed_at_once(cause: &str) -> bool {
+    let c = cause.to_lowercase();
+    ["connection closed", "broken pipe", "connection reset"]
+        .iter()
+        .any(|w| c.contains(w))
+}
+
+/// Tells authentication and TLS failures from plain unreachability, so
+/// the operator reads which setting to fix.
+fn reclassify(endpoints: String, cause: String) -> DcsError {
+    let lower = cause.to_lowercase();
+    if lower.contains("authentication failed")
+        || lower.contains("user name is empty")
+        || lower.contains("invalid auth token")
+        || lower.contains("permission denied")
+        || lower.contains("authentication is not enabled")
+    {
+        DcsError::Auth { endpoints, cause }
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("alert")
+    {
+        DcsError::Tls { endpoints, cause }
+    } else {
+        DcsError::Unreachable {
+            op: "connect",
+            endpoints,
+            cause,
+        }
+    }
+}
+
+fn classify_connect(endpoints: &str, e: etcd_client::Error) -> DcsError {
+    match &e {
+        etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
+            DcsError::Config(format!("etcd.endpoints {endpoints}: {e}"))
+        }
+        _ => reclassify(endpoints.to_string(), cause_chain(&e)),
+    }
+}
+
 impl Dcs {
     /// Connects and proves it with one read of the leader key, all within
     /// `connect_timeout`. Endpoints are used as given, never synced.
@@ -210,9 +288,24 @@ impl Dcs {
                 request_timeout.max(Duration::from_secs(1)),
             )
             .with_keep_alive_while_idle(false);
-        let client = Client::connect(&cfg.endpoints, Some(options))
-            .await
-            .map_err(|e| DcsError::Config(format!("etcd.endpoints {endpoints}: {e}")))?;
+        let options = secure(cfg, options)?;
+        // With a user, connect() authenticates at once (one request); bound it.
+        let client = match tokio::time::timeout(
+            connect_timeout,
+            Client::connect(&cfg.endpoints, Some(options)),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(classify_connect(&endpoints, e)),
+            Err(_) => {
+                return Err(DcsError::Timeout {
+                    op: "connect",
+                    after: connect_timeout,
+                    endpoints,
+                })
+            }
+        };
         let prefix = cfg.prefix.trim_end_matches('/');
         let mut dcs = Dcs {
             client,
@@ -227,8 +320,29 @@ impl Dcs {
             history_trim_every: HISTORY_TRIM_EVERY,
             history_appends: 0,
             history_trim_due: true,
+            requests: None,
         };
-        dcs.probe(connect_timeout).await?;
+        dcs.probe(connect_timeout).await.map_err(|e| match e {
+            // Under TLS 1.3 the client finishes its handshake before the
+            // server checks the client certificate; a rejected one shows as
+            // a connection etcd closes at once.
+            DcsError::Unreachable {
+                endpoints, cause, ..
+            } if cfg.tls() && closed_at_once(&cause) => DcsError::Tls {
+                endpoints,
+                cause: format!(
+                    "{cause} at once after the handshake: etcd most likely rejected the client \
+                     certificate (missing, or not signed by etcd's --trusted-ca-file)"
+                ),
+            },
+            DcsError::Unreachable {
+                endpoints, cause, ..
+            }
+            | DcsError::Failed {
+                endpoints, cause, ..
+            } => reclassify(endpoints, cause),
+            other => other,
+        })?;
         Ok(dcs)
     }
 
@@ -253,6 +367,9 @@ impl Dcs {
             match tokio::time::timeout(attempt, kv.get(key, None)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => last = Some(self.error("connect", e)),
+                // An attempt cut short by the window's end says less than
+                // the error before it (e.g. a TLS failure): keep that one.
+                Err(_) if attempt < self.request_timeout && last.is_some() => {}
                 Err(_) => {
                     last = Some(DcsError::Timeout {
                         op: "connect",
@@ -263,6 +380,38 @@ impl Dcs {
             }
             tokio::time::sleep(Duration::from_millis(100).min(left)).await;
         }
+    }
+
+    /// Adds every later request (one per call: a renewal, a read, a
+    /// transaction; `release` makes two, its delete and the revoke) to `c`.
+    pub fn count_requests(&mut self, c: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.requests = Some(c);
+    }
+
+    fn count(&self) {
+        if let Some(c) = &self.requests {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Every member record of the scope, as (node, value), in key order.
+    pub async fn members(&mut self) -> Result<Vec<(String, Vec<u8>)>, DcsError> {
+        let mut kv = self.client.kv_client();
+        let opts = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+        let prefix = self.members_prefix.clone();
+        let r = self
+            .call("get members", kv.get(prefix.clone(), Some(opts)))
+            .await?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let node = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
+                (node, kv.value().to_vec())
+            })
+            .collect())
     }
 
     pub fn leader_key(&self) -> &str {
@@ -345,6 +494,7 @@ impl Dcs {
         op: &'static str,
         f: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, DcsError> {
+        self.count();
         match tokio::time::timeout(self.request_timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.error(op, e)),
@@ -378,6 +528,7 @@ impl Dcs {
     /// broke is dropped (a late reply on it must never be taken for the
     /// answer to a later keepalive) and reopened on the next call.
     pub async fn renew(&mut self, lease: LeaseId) -> Renewal {
+        self.count();
         if self.keepalive.as_ref().is_some_and(|k| k.lease != lease) {
             self.keepalive = None;
         }

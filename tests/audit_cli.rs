@@ -605,6 +605,7 @@ fn etcd_cfg(endpoints: Vec<String>) -> EtcdConfig {
         prefix: "/leasedog".into(),
         request_timeout: 2.0,
         connect_timeout: 5.0,
+        ..EtcdConfig::default()
     }
 }
 

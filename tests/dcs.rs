@@ -13,6 +13,7 @@ fn cfg(endpoints: Vec<String>, request_timeout: f64) -> EtcdConfig {
         prefix: "/leasedog".into(),
         request_timeout,
         connect_timeout: 2.0,
+        ..EtcdConfig::default()
     }
 }
 

@@ -62,7 +62,14 @@ impl Mirror {
     /// with the lifecycle records this run has already written to the local
     /// log at `log_path`, from its last `startup` record on (the start-up
     /// record is written before the agent's loop exists).
-    pub fn start(etcd: &EtcdConfig, scope: &str, node: &str, log_path: &Path) -> Mirror {
+    /// `requests` counts its etcd requests (metrics).
+    pub fn start(
+        etcd: &EtcdConfig,
+        scope: &str,
+        node: &str,
+        log_path: &Path,
+        requests: Option<Arc<std::sync::atomic::AtomicU64>>,
+    ) -> Mirror {
         let shared = Arc::new(Shared::default());
         // The first seq of this run: records before it are an earlier run's.
         let mut run_from = None;
@@ -88,6 +95,7 @@ impl Mirror {
                 node: node.to_owned(),
                 log: log_path.to_owned(),
                 run_from,
+                requests,
             },
         ));
         shared.wake.notify_one();
@@ -153,6 +161,7 @@ struct Target {
     node: String,
     log: PathBuf,
     run_from: Option<u64>,
+    requests: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 async fn run(shared: Arc<Shared>, t: Target) {
@@ -169,7 +178,11 @@ async fn run(shared: Arc<Shared>, t: Target) {
         }
         let step = async {
             if dcs.is_none() {
-                dcs = Some(Dcs::connect(&t.etcd, &t.scope, &t.node).await?);
+                let mut d = Dcs::connect(&t.etcd, &t.scope, &t.node).await?;
+                if let Some(c) = &t.requests {
+                    d.count_requests(c.clone());
+                }
+                dcs = Some(d);
             }
             let d = dcs.as_mut().expect("connected above");
             if !anchored {

@@ -13,6 +13,7 @@ pub mod deadline;
 pub mod faults;
 pub mod members;
 mod mirror;
+pub mod ops;
 pub mod pinger;
 pub mod realtime;
 
@@ -51,6 +52,19 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         Ok(()) => info!("memory locked (mlockall)"),
         Err(e) => warn!("memory NOT locked: {e}; the pinger may be paged out under pressure"),
     }
+    ops::startup_conflicts(&cfg);
+    // Before any thread starts: threads inherit the reduced set.
+    match crate::privs::drop_privileges(
+        crate::privs::needed(cfg.postgres.is_some()),
+        realtime::RT_PRIORITY,
+    ) {
+        Ok(crate::privs::Dropped::To { kept, .. }) => {
+            info!(kept = ?crate::privs::names(kept), "capabilities dropped")
+        }
+        Ok(crate::privs::Dropped::Nothing) => {}
+        Err(e) => return Err(format!("cannot drop capabilities: {e}")),
+    }
+    let ops = ops::Ops::start(&cfg, &budget)?;
     let cell = Arc::new(EvidenceCell::default());
     let (pinger, rt) = Pinger::start(cell.clone(), budget, cfg.ping_interval(), true)
         .map_err(|e| format!("cannot start the pinger thread: {e}"))?;
@@ -61,6 +75,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         ),
         Err(e) => warn!("pinger NOT real-time: {e}"),
     }
+    ops.metrics.attach(pinger.stats.clone(), cell.clone());
     let pg = match &cfg.postgres {
         Some(pc) => Some(Pg::new(pc.clone()).map_err(|e| format!("postgres: {e}"))?),
         None => None,
@@ -116,6 +131,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         pg_view: PgView::Unmanaged,
         ticks: 0,
         mirror: None,
+        ops,
     };
     let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx, follow_rx));
     drop(timer);
@@ -174,6 +190,8 @@ struct Agent {
     last_lsn: Option<u64>,
     pg_view: PgView,
     ticks: u64,
+    /// sd_notify and the metrics endpoint.
+    ops: ops::Ops,
 }
 
 /// The step-down that both the main loop and the deadline timer run: a fence
@@ -352,12 +370,14 @@ impl Agent {
                 }
             }
             self.drain_pinger();
+            self.ops.after(&self.core, false);
             let input = tokio::select! {
                 // Signals and the deadline timer first: a busy loop (etcd
                 // down, every tick ready) must not starve them.
                 biased;
                 Some(sig) = sig_rx.recv() => {
                     info!("signal {sig}: stepping down and exiting");
+                    self.ops.stopping();
                     Input::Shutdown
                 }
                 Some(r) = timer_rx.recv() => match r {
@@ -378,6 +398,7 @@ impl Agent {
                     }
                     pending.extend(self.observe_postgres().await);
                     self.publish_member().await;
+                    self.ops.after(&self.core, true);
                     continue;
                 }
                 Some(done) = follow_rx.recv() => {
@@ -409,6 +430,7 @@ impl Agent {
                 return Some(code);
             }
             if let Some(next) = self.execute(action).await {
+                self.ops.input(&next);
                 let more = self.core.handle(clock::now(), next);
                 for a in more.into_iter().rev() {
                     queue.push_front(a);
@@ -468,9 +490,10 @@ impl Agent {
                 }
             }
             self.connect_failed_at = Some(now);
-            let d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
+            let mut d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
                 .await
                 .map_err(|e| e.to_string())?;
+            d.count_requests(self.ops.metrics.etcd_requests.clone());
             info!(endpoints = ?self.cfg.etcd.endpoints, "connected to etcd");
             self.connect_failed_at = None;
             self.dcs = Some(d);
@@ -687,6 +710,7 @@ impl Agent {
             | Fact::NowayoutKeptArmed { .. } => warn!(?fact, "audit"),
             _ => info!(?fact, "audit"),
         }
+        self.ops.fact(fact);
         let (rev, ev) = audit_event(fact);
         match self.audit.append(rev, ev) {
             Ok(r) => self.mirror(fact, &r).await,
@@ -714,6 +738,7 @@ impl Agent {
                 &self.cfg.scope,
                 &self.cfg.node,
                 self.audit.path(),
+                Some(self.ops.metrics.etcd_requests.clone()),
             )),
         };
         if matches!(fact, Fact::Shutdown) {

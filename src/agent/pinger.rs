@@ -92,6 +92,8 @@ pub struct PingStats {
     /// [2^i, 2^(i+1)) microseconds (bucket 0 also holds < 1 µs).
     pub lateness_us_log2: [AtomicU64; 24],
     pub max_lateness_ns: AtomicU64,
+    /// Sum of all lateness, for the Prometheus histogram's `_sum`.
+    pub lateness_sum_ns: AtomicU64,
 }
 
 impl PingStats {
@@ -105,6 +107,8 @@ impl PingStats {
         self.lateness_us_log2[bucket.min(23)].fetch_add(1, Ordering::Relaxed);
         self.max_lateness_ns
             .fetch_max(late.as_nanos() as u64, Ordering::Relaxed);
+        self.lateness_sum_ns
+            .fetch_add(late.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Approximate lateness quantile (upper bound of the bucket holding it).
