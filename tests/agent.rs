@@ -63,12 +63,24 @@ fn spawn_with(
     mode: &str,
     env: &[(&str, &str)],
 ) -> Node {
+    spawn_edited(scope, name, endpoints, mode, env, |c| c)
+}
+
+/// Like `spawn_with`, with the config text passed through `edit`.
+fn spawn_edited(
+    scope: &str,
+    name: &str,
+    endpoints: &[String],
+    mode: &str,
+    env: &[(&str, &str)],
+    edit: impl Fn(String) -> String,
+) -> Node {
     let dir = tempfile::tempdir().unwrap().keep();
     let record = dir.join(format!("{name}.wd"));
     let proc_ = AgentProcess::spawn(
         Path::new(BIN),
         name,
-        &config(scope, name, endpoints, &record, mode),
+        &edit(config(scope, name, endpoints, &record, mode)),
         env,
     )
     .unwrap();
@@ -283,18 +295,32 @@ fn frozen_etcd_stops_pings_within_m_minus_r() {
 
 /// A change of etcd leader (3 members, the leader SIGKILLed) only extends
 /// leases: the key survives on the same lease and the pings go on.
+///
+/// An election takes 1-2 s here, longer than this file's 1 s ping window
+/// (M - R): with that budget a leader rightly steps down. This test uses the
+/// default budget (T = 10, M = 5, R = 1: a 4 s window), the one an etcd
+/// cluster with default election settings calls for, and waits past T, so
+/// a lease that was not renewed would be gone.
 #[test]
 fn etcd_leader_change_keeps_the_key_and_the_pings() {
+    const T10: u64 = 10;
     let mut cluster = EtcdCluster::start(3).unwrap();
     let eps = cluster.endpoints();
     let client = BlockingClient::connect(&eps).unwrap();
-    let n = spawn("elect", "solo", &eps);
+    let n = spawn_edited("elect", "solo", &eps, "required", &[], |c| {
+        c.replace(
+            "ttl = 4\nsafety_margin = 2.0",
+            &format!("ttl = {T10}\nsafety_margin = 5.0"),
+        )
+        .replace("loop_interval = 0.4", "loop_interval = 1.0")
+    });
     wait_holder(&client, "elect", Duration::from_secs(30));
+    assert!(n.proc_.log().contains("ttl=10s"), "{}", n.proc_.log());
     let before = client.get_kv(&leader_key("elect")).unwrap().unwrap();
     let li = cluster.leader_index(Duration::from_secs(10)).unwrap();
     let t_kill = boottime_ns();
     cluster.kill(li);
-    std::thread::sleep(Duration::from_secs(T + 3));
+    std::thread::sleep(Duration::from_secs(T10 + 2));
     let survivors: Vec<String> = (0..3)
         .filter(|i| *i != li)
         .map(|i| cluster.client_url(i))
@@ -312,7 +338,7 @@ fn etcd_leader_change_keeps_the_key_and_the_pings() {
     let late: Vec<u64> = n
         .pings()
         .into_iter()
-        .filter(|p| *p > t_kill + (T + 1) * 1_000_000_000)
+        .filter(|p| *p > t_kill + T10 * 1_000_000_000)
         .collect();
     assert!(
         !late.is_empty(),
