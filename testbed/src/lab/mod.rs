@@ -55,6 +55,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod proc;
 pub mod qmp;
+pub mod scenario;
 
 pub use guest::{
     shell_quote, Effect, Guest, GuestSpec, GuestWatchdog, RunOutput, SoftdogOpts, Spawned,
