@@ -657,11 +657,27 @@ pub fn run_trial(lab: &Lab, fault: Fault, dog: Dog, reboot: bool) -> Result<Tria
     let new_leader = put_by(&st.watch, HOST_NODE, fault_at, Duration::from_secs(30));
     let (mut step_down, mut step_down_deadline) = (None, None);
     if fault == Fault::NetCut {
-        if let Some((at, s)) = parse_timer_fence(&st.node.agent_log()) {
-            step_down = g.guest_to_host(at);
-            step_down_deadline = g.guest_to_host(s + T - M);
+        // The main loop's own deadline check (rule 3 inside the loop) or
+        // the independent deadline timer, whichever acted: the audit's
+        // step_down_begun record (its boot clock) has the moment and s+T-M.
+        let recs = st.node.audit();
+        if let Some(r) = recs.iter().rev().find(|r| r["event"] == "step_down_begun") {
+            step_down = r["boot_ns"].as_u64().and_then(|n| g.guest_to_host(from_ns(n)));
+            step_down_deadline = r["deadline_ns"]
+                .as_u64()
+                .filter(|n| *n > 0)
+                .and_then(|n| g.guest_to_host(from_ns(n)));
+            notes.push(format!("step-down reason {}", r["reason"]));
         } else {
-            notes.push("the agent's log has no deadline-timer fence".into());
+            notes.push("the audit has no step_down_begun record".into());
+        }
+        if let Some((at, s)) = parse_timer_fence(&st.node.agent_log()) {
+            notes.push("the deadline timer fenced".into());
+            let at = g.guest_to_host(at);
+            if step_down.is_none() || at < step_down {
+                step_down = at;
+                step_down_deadline = g.guest_to_host(s + T - M);
+            }
         }
     }
     if let Some(r) = &reset {
