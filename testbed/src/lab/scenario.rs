@@ -353,7 +353,7 @@ impl Node {
 
     /// The agent's stderr so far (read on the host).
     pub fn agent_log(&self) -> String {
-        fs::read_to_string(self.share.join("agent.log")).unwrap_or_default()
+        strip_ansi(&fs::read_to_string(self.share.join("agent.log")).unwrap_or_default())
     }
 
     /// The agent's audit log on the host.
@@ -757,4 +757,43 @@ pub fn audit_timeline(
         text.push_str(&err);
     }
     Ok((out.status.code().unwrap_or(-1), text))
+}
+
+/// The text without ANSI escape sequences (the agent colours its log).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' && it.peek() == Some(&'[') {
+            it.next();
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_fence_is_parsed_from_a_coloured_log() {
+        let log = "\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m deadline timer fenced the node: nothing \
+                   \u{1b}[3ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m10.5 \u{1b}[3mat\u{1b}[0m\u{1b}[2m=\u{1b}[0m13.6";
+        let (at, s) = parse_timer_fence(&strip_ansi(log)).unwrap();
+        assert_eq!(at, Duration::from_secs_f64(13.6));
+        assert_eq!(s, Duration::from_secs_f64(10.5));
+    }
+
+    #[test]
+    fn config_fits_the_lab_budget() {
+        let c = config("s", "n", "http://10.0.2.2:1", "refuse", "", "/x");
+        assert!(c.contains("ttl = 5") && c.contains("safety_margin = 2.0"));
+    }
 }
