@@ -90,7 +90,9 @@ fn s2_stuck_renewals_with_a_live_pinger_reset_before_expiry() {
     assert!(t.reset.as_ref().unwrap().0.starts_with("SHUTDOWN"), "{t:?}");
     // The agent was running (not stopped) during the fault.
     assert!(
-        t.notes.iter().any(|n| n.contains("State:") && !n.contains("stopped")),
+        t.notes
+            .iter()
+            .any(|n| n.contains("State:") && !n.contains("stopped")),
         "{:?}",
         t.notes
     );
@@ -114,12 +116,17 @@ fn s3_network_cut_steps_down_by_its_deadline_timer() {
     );
     let deleted = t.key_deleted.expect("key deleted");
     let slack = t.slack().unwrap();
-    assert!(slack > R.as_secs_f64(), "slack {slack} ({sd:?} vs {deleted:?})");
+    assert!(
+        slack > R.as_secs_f64(),
+        "slack {slack} ({sd:?} vs {deleted:?})"
+    );
     eprintln!(
         "scenario 3: reset {}",
-        t.reset
-            .as_ref()
-            .map_or("none".into(), |r| format!("{} at +{:.3} s", r.0, r.1.as_secs_f64() - t.fault_at.as_secs_f64()))
+        t.reset.as_ref().map_or("none".into(), |r| format!(
+            "{} at +{:.3} s",
+            r.0,
+            r.1.as_secs_f64() - t.fault_at.as_secs_f64()
+        ))
     );
     if let Some((_, r)) = &t.reset {
         assert!(*r < deleted, "reset after the key's deletion: {t:?}");
@@ -160,7 +167,10 @@ fn s5_clean_handover_releases_disarms_and_does_not_reset() {
     let del = st
         .watch
         .wait_for(
-            |e| e.kind == leasedog_testbed::etcd::EventKind::Delete && e.boottime_ns >= term.as_nanos() as u64,
+            |e| {
+                e.kind == leasedog_testbed::etcd::EventKind::Delete
+                    && e.boottime_ns >= term.as_nanos() as u64
+            },
             Duration::from_secs(10),
         )
         .expect("key released");
@@ -170,7 +180,8 @@ fn s5_clean_handover_releases_disarms_and_does_not_reset() {
         "released {released_after:.3} s after SIGTERM: that is lease expiry, not a release"
     );
     assert!(
-        st.node.wait_log("disarmed (magic close)", Duration::from_secs(10)),
+        st.node
+            .wait_log("disarmed (magic close)", Duration::from_secs(10)),
         "{}",
         st.node.agent_log()
     );
@@ -200,7 +211,10 @@ fn s5_clean_handover_releases_disarms_and_does_not_reset() {
         .expect("the host replica took the key");
     let recs = st.node.audit();
     let pos = |e: &str| recs.iter().position(|r| r["event"] == e);
-    let (rel, dis) = (pos("released").expect("released"), pos("disarmed").expect("disarmed"));
+    let (rel, dis) = (
+        pos("released").expect("released"),
+        pos("disarmed").expect("disarmed"),
+    );
     assert!(rel < dis, "disarmed before releasing: {recs:#?}");
     eprintln!(
         "scenario 5: released {released_after:.3} s after SIGTERM, new leader +{:.3} s, no reset in {} s",
@@ -224,11 +238,18 @@ fn s6_softdog_and_i6300esb_together() {
         .map(|r| format!("{} w={}", r["identity"].as_str().unwrap_or(""), r["w_s"]))
         .collect();
     assert!(armed.iter().any(|a| a.starts_with("i6300ESB")), "{armed:?}");
-    assert!(armed.iter().any(|a| a.starts_with("Software Watchdog")), "{armed:?}");
+    assert!(
+        armed.iter().any(|a| a.starts_with("Software Watchdog")),
+        "{armed:?}"
+    );
     assert!(armed.iter().all(|a| a.ends_with("w=3")), "{armed:?}");
     // Healthy for longer than W after arming: neither fired, so both were pinged.
     std::thread::sleep(scenario::W);
-    assert!(st.node.guest.reset_time().is_none(), "{:?}", st.node.guest.reset_time());
+    assert!(
+        st.node.guest.reset_time().is_none(),
+        "{:?}",
+        st.node.guest.reset_time()
+    );
     let state = st
         .node
         .guest
@@ -239,16 +260,27 @@ fn s6_softdog_and_i6300esb_together() {
         .unwrap();
     assert_eq!(state.matches("active 3").count(), 2, "{state}");
     let stall = scenario::apply_fault(&st.node, Fault::Stall).unwrap();
-    let reset = st.node.guest.wait_reset(Duration::from_secs(30)).expect("a reset");
+    let reset = st
+        .node
+        .guest
+        .wait_reset(Duration::from_secs(30))
+        .expect("a reset");
     let deleted = st
         .watch
         .wait_for(
-            |e| e.kind == leasedog_testbed::etcd::EventKind::Delete && e.boottime_ns >= stall.as_nanos() as u64,
+            |e| {
+                e.kind == leasedog_testbed::etcd::EventKind::Delete
+                    && e.boottime_ns >= stall.as_nanos() as u64
+            },
             Duration::from_secs(30),
         )
         .expect("key deleted");
     let slack = deleted.boottime_ns as f64 / 1e9 - reset.boottime.as_secs_f64();
-    let which = if reset.name == "WATCHDOG" { "i6300esb" } else { "softdog" };
+    let which = if reset.name == "WATCHDOG" {
+        "i6300esb"
+    } else {
+        "softdog"
+    };
     eprintln!(
         "scenario 6: {state}  fired first: {which} ({} {}) {:.3} s after the stall; slack {slack:.3} s",
         reset.name,
@@ -292,7 +324,10 @@ fn s7_nowayout_refused_or_kept_armed_as_the_log_says() {
     std::thread::sleep(Duration::from_secs(4));
     let recs = node.audit();
     let failed = first_event(&recs, "arm_failed").unwrap();
-    assert!(failed["reason"].as_str().unwrap().contains("nowayout"), "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("nowayout"),
+        "{failed}"
+    );
     assert!(first_event(&recs, "armed").is_none(), "{recs:#?}");
     assert!(first_event(&recs, "promoted").is_none(), "{recs:#?}");
     assert!(!node.agent_log().contains("promoted (leader)"));
@@ -309,7 +344,10 @@ fn s7_nowayout_refused_or_kept_armed_as_the_log_says() {
         .guest
         .run(&format!("kill -0 {pid}"), Duration::from_secs(10))
         .is_ok_and(|r| !r.ok())));
-    assert!(node.guest.reset_time().is_none(), "the refused device was never opened");
+    assert!(
+        node.guest.reset_time().is_none(),
+        "the refused device was never opened"
+    );
 
     let cfg = lab.guest_config(&scope, &node, "keep-pinging").unwrap();
     let log_before = node.agent_log().len();
@@ -333,15 +371,23 @@ fn s7_nowayout_refused_or_kept_armed_as_the_log_says() {
         .expect("nowayout: the guest resets after the agent exits");
     let after = reset.boottime.as_secs_f64() - term.host.as_secs_f64();
     let log = node.agent_log()[log_before..].to_string();
-    eprintln!("scenario 7 (keep-pinging): reset {after:.3} s after SIGTERM ({})", reset.name);
+    eprintln!(
+        "scenario 7 (keep-pinging): reset {after:.3} s after SIGTERM ({})",
+        reset.name
+    );
     assert!(log.contains("nowayout: cannot disarm"), "{log}");
     assert!(
-        node.audit().iter().any(|r| r["event"] == "nowayout_kept_armed"),
+        node.audit()
+            .iter()
+            .any(|r| r["event"] == "nowayout_kept_armed"),
         "no nowayout_kept_armed record"
     );
     // The last ping was at most shortly before SIGTERM, and the agent exits
     // within about a second after it.
-    assert!(after > 1.0 && after < scenario::W.as_secs_f64() + 4.0, "{after}");
+    assert!(
+        after > 1.0 && after < scenario::W.as_secs_f64() + 4.0,
+        "{after}"
+    );
     let _ = watch;
 }
 

@@ -130,7 +130,11 @@ fn bench(args: &[String]) -> ExitCode {
         let mut done = Vec::new();
         let mut errors = Vec::new();
         for i in 0..trials {
-            let dog = if i % 2 == 0 { Dog::I6300esb } else { Dog::Softdog };
+            let dog = if i % 2 == 0 {
+                Dog::I6300esb
+            } else {
+                Dog::Softdog
+            };
             match run_trial(&lab, f, dog, false) {
                 Ok(t) => {
                     eprintln!("[{}/{trials}] {}", i + 1, t.summary());
@@ -139,7 +143,12 @@ fn bench(args: &[String]) -> ExitCode {
                 }
                 Err(e) => {
                     let first = e.lines().next().unwrap_or("").to_string();
-                    eprintln!("[{}/{trials}] scenario {} ({}) FAILED: {first}", i + 1, f.number(), dog.name());
+                    eprintln!(
+                        "[{}/{trials}] scenario {} ({}) FAILED: {first}",
+                        i + 1,
+                        f.number(),
+                        dog.name()
+                    );
                     all.push(json!({"scenario": f.number(), "watchdog": dog.name(), "error": e}));
                     errors.push(e);
                 }
@@ -155,7 +164,17 @@ fn bench(args: &[String]) -> ExitCode {
         let wall: Vec<f64> = done.iter().map(|t| t.wall.as_secs_f64()).collect();
         let resets = done.iter().filter(|t| t.reset.is_some()).count();
         bad |= unfenced > 0 || !errors.is_empty();
-        rows.push((f, done.len(), errors.len(), slack, unfenced, failover, boot, wall, resets));
+        rows.push((
+            f,
+            done.len(),
+            errors.len(),
+            slack,
+            unfenced,
+            failover,
+            boot,
+            wall,
+            resets,
+        ));
     }
     let total = started.elapsed();
     println!();
@@ -166,14 +185,25 @@ fn bench(args: &[String]) -> ExitCode {
     );
     println!(
         "{:<34} {:>6} {:>20} {:>9} {:>20} {:>7} {:>18} {:>18}",
-        "scenario", "trials", "slack", "slack<=R", "fault->new leader", "resets", "guest boot", "wall per trial"
+        "scenario",
+        "trials",
+        "slack",
+        "slack<=R",
+        "fault->new leader",
+        "resets",
+        "guest boot",
+        "wall per trial"
     );
     let mut summary = Vec::new();
     for (f, n, errs, slack, unfenced, failover, boot, wall, resets) in &rows {
         println!(
             "{:<34} {:>6} {:>20} {:>9} {:>20} {:>7} {:>18} {:>18}",
             format!("{} {}", f.number(), f.title()),
-            if *errs > 0 { format!("{n}+{errs}err") } else { n.to_string() },
+            if *errs > 0 {
+                format!("{n}+{errs}err")
+            } else {
+                n.to_string()
+            },
             fmt_stats(slack),
             unfenced,
             fmt_stats(failover),
@@ -231,7 +261,11 @@ fn run_demo() -> Result<bool, String> {
     println!("running leasedog with an emulated Intel 6300ESB hardware watchdog each.");
     println!("Budget: T = 5 s lease, M = 2 s margin, R = 1 s reset allowance, W = T - M = 3 s.\n");
     let k = Kernel::get()?;
-    println!("kernel {} ready ({:.1} s)", k.release, k.fetch_time.as_secs_f64());
+    println!(
+        "kernel {} ready ({:.1} s)",
+        k.release,
+        k.fetch_time.as_secs_f64()
+    );
     let lab = Lab::start(&bin)?;
     println!("etcd listening on {}", lab.etcd.client_url());
     let scope = lab.new_scope();
@@ -268,7 +302,14 @@ fn run_demo() -> Result<bool, String> {
         .audit()
         .iter()
         .filter(|r| r["event"] == "armed")
-        .map(|r| format!("{} ({}) W = {} s", r["device"].as_str().unwrap_or("?"), r["identity"].as_str().unwrap_or("?"), r["w_s"]))
+        .map(|r| {
+            format!(
+                "{} ({}) W = {} s",
+                r["device"].as_str().unwrap_or("?"),
+                r["identity"].as_str().unwrap_or("?"),
+                r["w_s"]
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     println!("pg1 holds the leader key and armed {armed}; pg2 is a replica.");
@@ -295,7 +336,10 @@ fn run_demo() -> Result<bool, String> {
         rel(won.boottime_ns)
     );
     println!("  {:>+8.3}  pg1's agent stalled (SIGSTOP took effect)", 0.0);
-    println!("  {:>8}  last ping: at the stall at the latest (the pinger is frozen with the agent)", "<= 0.000");
+    println!(
+        "  {:>8}  last ping: at the stall at the latest (the pinger is frozen with the agent)",
+        "<= 0.000"
+    );
     match &reset {
         Some(r) => println!(
             "  {:>+8.3}  pg1 RESET by its watchdog (QMP {} {})",

@@ -317,8 +317,7 @@ impl Guest {
                 "local,path={h},mount_tag=rw{i},security_model=none,multidevs=remap"
             ));
         }
-        cmd
-        .args([
+        cmd.args([
             "-m",
             &spec.mem_mb.to_string(),
             "-smp",

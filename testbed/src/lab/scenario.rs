@@ -157,7 +157,8 @@ impl Lab {
             ));
         }
         let etcd = EtcdServer::start().map_err(|e| format!("etcd: {e}"))?;
-        let client = BlockingClient::connect(&etcd.endpoints()).map_err(|e| format!("etcd: {e}"))?;
+        let client =
+            BlockingClient::connect(&etcd.endpoints()).map_err(|e| format!("etcd: {e}"))?;
         // Short and comma-free: the guests' shares live under it.
         let work = tempfile::Builder::new()
             .prefix("ldlab-")
@@ -474,7 +475,9 @@ impl Trial {
     /// One line for logs.
     pub fn summary(&self) -> String {
         let rel = |d: Option<Duration>| {
-            d.map_or("-".to_string(), |d| format!("{:+.3}", diff(d, self.fault_at)))
+            d.map_or("-".to_string(), |d| {
+                format!("{:+.3}", diff(d, self.fault_at))
+            })
         };
         format!(
             "scenario {} ({}, {}): reset {} {}, step-down {}, key deleted {}, new leader {} \
@@ -487,8 +490,7 @@ impl Trial {
             rel(self.step_down),
             rel(self.key_deleted),
             rel(self.new_leader),
-            self.slack()
-                .map_or("-".into(), |s| format!("{s:.3} s")),
+            self.slack().map_or("-".into(), |s| format!("{s:.3} s")),
             secs_f(self.boot),
             secs_f(self.wall),
         )
@@ -559,11 +561,17 @@ pub fn setup_leader(lab: &Lab, opts: &NodeOpts) -> Result<Setup, String> {
     if !wait_until(Duration::from_secs(20), || {
         replica.log().contains("connected to etcd")
     }) {
-        return Err(format!("the host replica did not connect:\n{}", replica.log()));
+        return Err(format!(
+            "the host replica did not connect:\n{}",
+            replica.log()
+        ));
     }
     std::thread::sleep(Duration::from_secs(1));
     if let Some(r) = node.guest.reset_time() {
-        return Err(format!("the guest reset while healthy: {r:?}\n{}", node.agent_log()));
+        return Err(format!(
+            "the guest reset while healthy: {r:?}\n{}",
+            node.agent_log()
+        ));
     }
     Ok(Setup {
         scope,
@@ -638,10 +646,9 @@ pub fn run_trial(lab: &Lab, fault: Fault, dog: Dog, reboot: bool) -> Result<Tria
             &format!("grep State /proc/{}/status", st.node.pid()?),
             Duration::from_secs(10),
         ) {
-            Ok(r) if g.reset_time().is_none() => notes.push(format!(
-                "agent during the fault: {}",
-                r.output.trim()
-            )),
+            Ok(r) if g.reset_time().is_none() => {
+                notes.push(format!("agent during the fault: {}", r.output.trim()))
+            }
             _ => {}
         }
     }
@@ -662,7 +669,9 @@ pub fn run_trial(lab: &Lab, fault: Fault, dog: Dog, reboot: bool) -> Result<Tria
         // step_down_begun record (its boot clock) has the moment and s+T-M.
         let recs = st.node.audit();
         if let Some(r) = recs.iter().rev().find(|r| r["event"] == "step_down_begun") {
-            step_down = r["boot_ns"].as_u64().and_then(|n| g.guest_to_host(from_ns(n)));
+            step_down = r["boot_ns"]
+                .as_u64()
+                .and_then(|n| g.guest_to_host(from_ns(n)));
             step_down_deadline = r["deadline_ns"]
                 .as_u64()
                 .filter(|n| *n > 0)
@@ -709,14 +718,20 @@ pub fn run_trial(lab: &Lab, fault: Fault, dog: Dog, reboot: bool) -> Result<Tria
     };
     if reboot && trial.reset.is_some() {
         let after = st.node.guest.wait_rebooted(Duration::from_secs(120))?;
-        trial
-            .notes
-            .push(format!("rebooted: control shell {:.1} s after the reset", secs_f(after)));
+        trial.notes.push(format!(
+            "rebooted: control shell {:.1} s after the reset",
+            secs_f(after)
+        ));
         let before = st.node.audit().len();
-        let cfg = fs::read_to_string(st.node.share.join("leasedog.toml")).map_err(|e| e.to_string())?;
+        let cfg =
+            fs::read_to_string(st.node.share.join("leasedog.toml")).map_err(|e| e.to_string())?;
         st.node.start_agent(&lab.bin, &cfg)?;
         if !wait_until(Duration::from_secs(30), || {
-            st.node.audit().iter().skip(before).any(|r| r["event"] == "startup")
+            st.node
+                .audit()
+                .iter()
+                .skip(before)
+                .any(|r| r["event"] == "startup")
         }) {
             return Err(format!(
                 "no start-up record after the reboot; agent log:\n{}",
@@ -727,7 +742,10 @@ pub fn run_trial(lab: &Lab, fault: Fault, dog: Dog, reboot: bool) -> Result<Tria
         std::thread::sleep(Duration::from_secs(2));
         trial.audit_timeline = Some(audit_timeline(
             &lab.bin,
-            &[st.node.audit_path(), lab.replica_audit(&st.scope, HOST_NODE)],
+            &[
+                st.node.audit_path(),
+                lab.replica_audit(&st.scope, HOST_NODE),
+            ],
             Some(&st.replica.dir().join("leasedog.toml")),
         )?);
     }
