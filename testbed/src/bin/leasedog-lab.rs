@@ -270,7 +270,13 @@ fn run_demo() -> Result<bool, String> {
     println!("etcd listening on {}", lab.etcd.client_url());
     let scope = lab.new_scope();
     let watch = lab.watch(&scope)?;
-    let opts = NodeOpts::new(Dog::I6300esb);
+    // The same QEMU reboots pg1 after its reset, so its agent can start
+    // again on its (host-shared) audit folder: the audit then proves the
+    // fence on its own.
+    let opts = NodeOpts {
+        reboot: true,
+        ..NodeOpts::new(Dog::I6300esb)
+    };
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| lab.boot_node("pg1", &opts));
         let b = s.spawn(|| lab.boot_node("pg2", &opts));
@@ -386,7 +392,55 @@ fn run_demo() -> Result<bool, String> {
     if ok && newl.is_none() {
         println!("(but pg2 did not take over: its log)\n{}", pg2.agent_log());
     }
+    if ok && reset.is_some() {
+        println!("\npg1 reboots (the same QEMU); its agent starts again on the same audit log...");
+        match audit_after_reboot(&lab, &mut pg1, &pg2) {
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("(audit after the reboot unavailable: {e})"),
+        }
+    }
     println!("demo took {:.0} s", t0.elapsed().as_secs_f64());
-    let _ = scenario::T;
     Ok(ok && newl.is_some())
+}
+
+/// After pg1's reset: waits for its reboot, starts its agent again, and
+/// runs `leasedog audit timeline` over both nodes' logs.
+fn audit_after_reboot(
+    lab: &Lab,
+    pg1: &mut scenario::Node,
+    pg2: &scenario::Node,
+) -> Result<String, String> {
+    let up = pg1.guest.wait_rebooted(Duration::from_secs(90))?;
+    let before = pg1.audit().len();
+    let cfg =
+        std::fs::read_to_string(pg1.share.join("leasedog.toml")).map_err(|e| e.to_string())?;
+    pg1.start_agent(&lab.bin, &cfg)?;
+    let t = Instant::now();
+    let start = loop {
+        if let Some(r) = pg1
+            .audit()
+            .into_iter()
+            .skip(before)
+            .find(|r| r["event"] == "startup")
+        {
+            break r;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("no start-up record:\n{}", pg1.agent_log()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "pg1 back {:.1} s after the reset; its agent's start-up record: boot {}, previous boot {}, \
+         watchdog reset reported by a device: {}",
+        up.as_secs_f64(),
+        start["boot_id"].as_str().unwrap_or("?"),
+        start["previous_boot_id"].as_str().unwrap_or("none"),
+        start["previous_boot_reset"]
+    );
+    let (code, text) =
+        scenario::audit_timeline(&lab.bin, &[pg1.audit_path(), pg2.audit_path()], None)?;
+    Ok(format!(
+        "\n$ leasedog audit timeline --no-etcd pg1.audit.jsonl pg2.audit.jsonl   (exit {code})\n{text}"
+    ))
 }
