@@ -25,10 +25,16 @@ fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LEASEDOG_BIN") {
         return PathBuf::from(p);
     }
-    std::env::current_exe()
+    // Next to this binary (same profile), else the workspace's debug build
+    // (`cargo build --features testing`, as scripts/demo.sh does).
+    let sibling = std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("leasedog")))
-        .unwrap_or_else(|| PathBuf::from("target/debug/leasedog"))
+        .and_then(|p| p.parent().map(|d| d.join("leasedog")));
+    let debug = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/leasedog");
+    match sibling {
+        Some(s) if s.is_file() && scenario::check_testing_build(&s).is_ok() => s,
+        _ => debug,
+    }
 }
 
 fn usage() -> ExitCode {
@@ -102,6 +108,7 @@ fn bench(args: &[String]) -> ExitCode {
         }
     };
     let bin = agent_bin();
+    eprintln!("agent: {}", bin.display());
     let k = match Kernel::get() {
         Ok(k) => k,
         Err(e) => {

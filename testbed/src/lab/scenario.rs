@@ -119,6 +119,45 @@ pub struct Lab {
     seq: std::sync::atomic::AtomicU32,
 }
 
+/// Refuses a leasedog binary built without `--features testing`: the
+/// host replica's fake device and scenario 2's fault hook need it.
+pub fn check_testing_build(bin: &Path) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let cfg = dir.path().join("probe.toml");
+    let devices = format!(
+        "[[watchdog.device]]\nkind = \"fake\"\nrecord = \"{}\"\n",
+        dir.path().join("fake.wd").display()
+    );
+    let text = config(
+        "probe",
+        "probe",
+        "http://127.0.0.1:1",
+        "refuse",
+        &devices,
+        "/nonexistent",
+    )
+    .replace("connect_timeout = 0.5", "connect_timeout = 0.1");
+    fs::write(&cfg, text).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(bin)
+        .args(["check", "--samples", "1", "--config"])
+        .arg(&cfg)
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if all.contains("only in test builds") {
+        return Err(format!(
+            "{} was built without the test hooks: build it with \
+             `cargo build --features testing` (or point LEASEDOG_BIN at such a build)",
+            bin.display()
+        ));
+    }
+    Ok(())
+}
+
 /// The leader key's holder, from its JSON value.
 pub fn holder(value: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(value).ok()?;
@@ -156,6 +195,7 @@ impl Lab {
                 bin.display()
             ));
         }
+        check_testing_build(bin)?;
         let etcd = EtcdServer::start().map_err(|e| format!("etcd: {e}"))?;
         let client =
             BlockingClient::connect(&etcd.endpoints()).map_err(|e| format!("etcd: {e}"))?;
