@@ -108,10 +108,10 @@ fn s3_network_cut_steps_down_by_its_deadline_timer() {
     let sd = t.step_down.expect("the deadline timer fenced (agent log)");
     let deadline = t.step_down_deadline.unwrap();
     assert!(sd > t.fault_at, "{t:?}");
-    // It acts at s + T - M, polled every ping interval (0.1 s); the guest
-    // clock mapping is good to a few tens of ms.
+    // It acts once past s + T - M: the timer polls every ping interval
+    // (0.1 s), the loop checks every tick (0.5 s); generous for a busy host.
     assert!(
-        sd.as_secs_f64() - deadline.as_secs_f64() < 0.5,
+        sd.as_secs_f64() - deadline.as_secs_f64() < 1.0,
         "step-down {sd:?} long after its deadline {deadline:?}"
     );
     let deleted = t.key_deleted.expect("key deleted");
