@@ -303,7 +303,7 @@ fn run_demo() -> Result<bool, String> {
             Duration::from_secs(60),
         )
         .ok_or_else(|| format!("pg1 did not win the key:\n{}", pg1.agent_log()))?;
-    if !pg1.wait_log("promoted (leader)", Duration::from_secs(30)) {
+    if !pg1.wait_log("promoted (leader", Duration::from_secs(30)) {
         return Err(format!("pg1 did not promote:\n{}", pg1.agent_log()));
     }
     let cfg2 = lab.guest_config(&scope, &pg2, "keep-pinging")?;

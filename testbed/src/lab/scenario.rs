@@ -590,7 +590,7 @@ pub fn setup_leader(lab: &Lab, opts: &NodeOpts) -> Result<Setup, String> {
                 node.agent_log()
             )
         })?;
-    if !node.wait_log("promoted (leader)", Duration::from_secs(30)) {
+    if !node.wait_log("promoted (leader", Duration::from_secs(30)) {
         return Err(format!(
             "the guest's agent won but did not promote; its log:\n{}",
             node.agent_log()
