@@ -22,6 +22,10 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The PostgreSQL this agent manages. Without it the agent only holds the
+    /// key and arms the watchdogs (useful to test a node's fencing alone).
+    #[serde(default)]
+    pub postgres: Option<crate::postgres::PgConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -331,6 +335,9 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if let Some(pg) = &self.postgres {
+            pg.validate()?;
         }
         let mut seen = Vec::new();
         for d in &self.watchdog.devices {

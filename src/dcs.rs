@@ -10,11 +10,21 @@
 //! - `leader`: `{"node": NAME, "lease": "HEX", "agent": "leasedog/VERSION"}`,
 //!   attached to the holder's lease, created only if absent.
 //! - `members/{node}`: free-form, attached to the member's lease.
+//! - `history/{node}/{seq:020}-{hash[..16]}`: one mirrored audit record
+//!   (FENCING.md rule 7), the record's JSON unchanged. No lease: the history
+//!   must outlive the node. Its order across nodes is etcd's own: the create
+//!   revision of each key (the revision of the put), which is how
+//!   [`Dcs::history`] reads it and how trimming picks the oldest
+//!   (`etcdctl get --prefix --sort-by=CREATE` shows the same order). Within
+//!   one node the key order is the node's `seq` order too. The newest
+//!   [`HISTORY_KEEP`] are kept; every [`HISTORY_TRIM_EVERY`] appends (and on
+//!   a connection's first) the oldest beyond that are deleted.
 
 use crate::config::EtcdConfig;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, KeyValue, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions, WatchStream,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -24,6 +34,14 @@ use std::time::Duration;
 
 /// What the agent writes into the leader key's `agent` field.
 pub const AGENT: &str = concat!("leasedog/", env!("CARGO_PKG_VERSION"));
+
+/// How many mirrored audit records the history keeps (newest first).
+pub const HISTORY_KEEP: usize = 1000;
+/// Trim the history on every this many appends (one keys-only read then).
+pub const HISTORY_TRIM_EVERY: u64 = 100;
+/// Most deletions in one trimming transaction (etcd's default
+/// `--max-txn-ops` is 128).
+const TRIM_TXN_OPS: usize = 64;
 
 /// An etcd lease id (printed in hex, as etcdctl does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,6 +156,12 @@ pub struct Dcs {
     history_prefix: String,
     request_timeout: Duration,
     keepalive: Option<KeepAlive>,
+    history_keep: usize,
+    history_trim_every: u64,
+    /// Appends by this connection; a trim is due when it is a multiple of
+    /// `history_trim_every` (so also on the first).
+    history_appends: u64,
+    history_trim_due: bool,
 }
 
 fn secs(key: &str, v: f64) -> Result<Duration, DcsError> {
@@ -199,6 +223,10 @@ impl Dcs {
             history_prefix: format!("{prefix}/{scope}/history/"),
             request_timeout,
             keepalive: None,
+            history_keep: HISTORY_KEEP,
+            history_trim_every: HISTORY_TRIM_EVERY,
+            history_appends: 0,
+            history_trim_due: true,
         };
         dcs.probe(connect_timeout).await?;
         Ok(dcs)
@@ -451,15 +479,14 @@ impl Dcs {
         Ok(Acquire::Held { holder, revision })
     }
 
-    /// The leader key's holder and the store revision it was read at (pass
-    /// that to [`watch_leader`](Self::watch_leader) to miss no change).
-    /// Every value under the scope's `history/` prefix, in key order
-    /// (mirrored lifecycle records of the nodes' audit logs).
+    /// Every value under the scope's `history/` prefix (mirrored lifecycle
+    /// records of the nodes' audit logs), oldest first in etcd's order: by
+    /// the revision that created each key.
     pub async fn history(&mut self) -> Result<Vec<Vec<u8>>, DcsError> {
         let mut kv = self.client.kv_client();
-        let opts = etcd_client::GetOptions::new()
+        let opts = GetOptions::new()
             .with_prefix()
-            .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
         let r = self
             .call(
                 "get history",
@@ -469,6 +496,125 @@ impl Dcs {
         Ok(r.kvs().iter().map(|kv| kv.value().to_vec()).collect())
     }
 
+    /// The newest record `node` mirrored (its anchor: the last `seq` and
+    /// `hash` of its local log that etcd holds), if any.
+    pub async fn history_newest(&mut self, node: &str) -> Result<Option<Vec<u8>>, DcsError> {
+        let mut kv = self.client.kv_client();
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(1);
+        let key = format!("{}{node}/", self.history_prefix);
+        let r = self.call("get history", kv.get(key, Some(opts))).await?;
+        Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    pub fn history_prefix(&self) -> &str {
+        &self.history_prefix
+    }
+
+    /// Keep the newest `keep` history records, trimming every `trim_every`
+    /// appends (defaults [`HISTORY_KEEP`], [`HISTORY_TRIM_EVERY`]).
+    pub fn set_history_bound(&mut self, keep: usize, trim_every: u64) {
+        self.history_keep = keep;
+        self.history_trim_every = trim_every.max(1);
+    }
+
+    /// Mirrors one audit record (its JSON, unchanged, so its hash still
+    /// holds) under `history/{node}/{seq:020}-{hash[..16]}`, with no lease.
+    /// Rewriting the same record is harmless (same key, same value). One put
+    /// under the request deadline; when a trim is due it follows the put,
+    /// and its failure only postpones it to the next append (it is logged,
+    /// the append still succeeded).
+    pub async fn append_history(&mut self, record_json: &str) -> Result<(), DcsError> {
+        let key = self.history_key(record_json)?;
+        let mut kv = self.client.kv_client();
+        self.call("append history", kv.put(key, record_json, None))
+            .await?;
+        if self.history_appends % self.history_trim_every == 0 {
+            self.history_trim_due = true;
+        }
+        self.history_appends += 1;
+        if self.history_trim_due {
+            match self.trim_history().await {
+                Ok(_) => self.history_trim_due = false,
+                Err(e) => tracing::warn!(
+                    "cannot trim the audit history in etcd: {e}; retried at the next append"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn history_key(&self, record_json: &str) -> Result<String, DcsError> {
+        let bad = |why: &str| DcsError::Failed {
+            op: "append history",
+            endpoints: self.endpoints.clone(),
+            cause: format!("not an audit record ({why})"),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(record_json).map_err(|e| bad(&e.to_string()))?;
+        let seq = v
+            .get("seq")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| bad("no seq"))?;
+        let hash = v
+            .get("hash")
+            .and_then(|h| h.as_str())
+            .filter(|h| h.len() >= 16 && h.is_ascii())
+            .ok_or_else(|| bad("no hash"))?;
+        let node = v.get("node").and_then(|n| n.as_str()).unwrap_or(&self.node);
+        Ok(format!(
+            "{}{node}/{seq:020}-{}",
+            self.history_prefix,
+            &hash[..16]
+        ))
+    }
+
+    /// Deletes the oldest history records (by create revision) beyond the
+    /// bound. Costs a count, then (only if over the bound) a keys-only read
+    /// of the excess and batched deletes. Returns how many it deleted.
+    /// Concurrent trims by several nodes are harmless: deleting a key twice
+    /// deletes nothing the second time.
+    pub async fn trim_history(&mut self) -> Result<usize, DcsError> {
+        let mut kv = self.client.kv_client();
+        let prefix = self.history_prefix.clone();
+        let count = self
+            .call(
+                "count history",
+                kv.get(
+                    prefix.clone(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                ),
+            )
+            .await?
+            .count();
+        let excess = count - self.history_keep as i64;
+        if excess <= 0 {
+            return Ok(0);
+        }
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(excess);
+        let r = self
+            .call("list old history", kv.get(prefix, Some(opts)))
+            .await?;
+        let keys: Vec<Vec<u8>> = r.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+        for chunk in keys.chunks(TRIM_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::delete(k.clone(), None))
+                .collect();
+            self.call("trim history", kv.txn(Txn::new().and_then(ops)))
+                .await?;
+        }
+        Ok(keys.len())
+    }
+
+    /// The leader key's holder and the store revision it was read at (pass
+    /// that to [`watch_leader`](Self::watch_leader) to miss no change).
     pub async fn leader(&mut self) -> Result<(Holder, i64), DcsError> {
         let mut kv = self.client.kv_client();
         let key = self.leader_key.clone();
@@ -555,6 +701,14 @@ impl Dcs {
     }
 
     /// Writes `members/{node}` under `lease`.
+    /// Another node's member record, if it has one.
+    pub async fn get_member(&mut self, node: &str) -> Result<Option<Vec<u8>>, DcsError> {
+        let mut kv = self.client.kv_client();
+        let key = format!("{}{}", self.members_prefix, node);
+        let r = self.call("get member", kv.get(key, None)).await?;
+        Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
     pub async fn put_member(&mut self, lease: LeaseId, value: &str) -> Result<(), DcsError> {
         let mut kv = self.client.kv_client();
         let key = self.member_key();

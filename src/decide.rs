@@ -58,8 +58,28 @@ pub enum StepDownReason {
     KeyLost,
     /// Promotion failed; PostgreSQL's state is unknown.
     PromoteFailed,
+    /// The leader's PostgreSQL is down (crashed or stopped behind our back):
+    /// hand the key over rather than lead nothing.
+    PostgresDown,
     /// SIGTERM / SIGINT.
     Shutdown,
+}
+
+/// PostgreSQL as the driver last observed it (`Unmanaged` when the agent
+/// runs without a `[postgres]` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgView {
+    Unmanaged,
+    /// Not running (stopped, fenced, crashed, or never started).
+    Down,
+    /// Running and writable.
+    Primary,
+    /// Running in recovery, streaming from `following` when known.
+    Replica {
+        following: Option<String>,
+    },
+    /// A rejoin or clone is in progress.
+    Busy,
 }
 
 /// Outcome of arming every configured device.
@@ -157,6 +177,15 @@ pub enum Input {
         eligible: bool,
         reason: String,
     },
+    /// PostgreSQL's state, observed once per loop.
+    Postgres(PgView),
+    /// A `Follow` finished (PostgreSQL runs as a replica of `leader`) or failed.
+    Followed {
+        leader: String,
+        ok: bool,
+    },
+    /// The leader watch broke: who holds the key is unknown until re-read.
+    WatchBroken,
     /// SIGTERM or SIGINT.
     Shutdown,
 }
@@ -234,6 +263,14 @@ pub enum Action {
     Promote,
     StepDown {
         reason: StepDownReason,
+    },
+    /// Not leading and PostgreSQL is writable while an unknown owner holds
+    /// the key: stop it at once (immediate stop, SIGKILL if needed).
+    Fence,
+    /// Run PostgreSQL as a replica of `leader`: fence it first if it is
+    /// writable, then rewind or clone as needed. Runs in the background.
+    Follow {
+        leader: String,
     },
     Release {
         lease: i64,
@@ -314,6 +351,9 @@ pub struct Core {
     /// The key we held is released or expired.
     key_gone: bool,
     eligible: bool,
+    pg: PgView,
+    /// The leader a `Follow` was last asked for (not repeated while pending).
+    following: Option<String>,
     /// Do not race for the key before this instant (after a failed arm).
     backoff_until: BootTime,
     shutting_down: bool,
@@ -333,6 +373,8 @@ impl Core {
             stopped: true,
             key_gone: true,
             eligible: true,
+            pg: PgView::Unmanaged,
+            following: None,
             backoff_until: BootTime::ZERO,
             shutting_down: false,
             granting: false,
@@ -472,6 +514,26 @@ impl Core {
                 self.eligible = eligible;
                 self.maybe_acquire(now, &mut out);
             }
+            Input::WatchBroken => {
+                // Not evidence of a lost key: a leader keeps leading on its
+                // renewals (rule 1 still rules the pings) and re-reads.
+                if !self.leading() {
+                    self.holder = KeyHolder::Unknown;
+                }
+                out.push(Action::ReadKey);
+            }
+            Input::Postgres(view) => {
+                self.pg = view;
+                if self.role == Role::Leader && self.pg == PgView::Down {
+                    self.step_down(StepDownReason::PostgresDown, &mut out);
+                }
+                self.follow_leader(&mut out);
+            }
+            Input::Followed { leader, ok } => {
+                if !ok && self.following.as_deref() == Some(leader.as_str()) {
+                    self.following = None; // asked again on a later loop
+                }
+            }
             Input::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -596,7 +658,37 @@ impl Core {
             }));
         }
         self.after_fenced(now, out);
+        self.follow_leader(out);
         self.maybe_acquire(now, out);
+    }
+
+    /// A follower's PostgreSQL must never be writable while another node (or
+    /// an unknown owner) holds the key, and should replicate from the leader.
+    fn follow_leader(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Follower || self.shutting_down {
+            return;
+        }
+        match &self.holder {
+            KeyHolder::Other(leader) => {
+                let settled = match &self.pg {
+                    PgView::Unmanaged | PgView::Busy => true,
+                    // Writable while another node leads: act now, every time.
+                    PgView::Primary => false,
+                    PgView::Replica { following: Some(f) } => f == leader,
+                    PgView::Replica { following: None } | PgView::Down => {
+                        self.following.as_ref() == Some(leader)
+                    }
+                };
+                if !settled {
+                    self.following = Some(leader.clone());
+                    out.push(Action::Follow {
+                        leader: leader.clone(),
+                    });
+                }
+            }
+            KeyHolder::Garbage if self.pg == PgView::Primary => out.push(Action::Fence),
+            _ => {}
+        }
     }
 
     fn maybe_acquire(&mut self, now: BootTime, out: &mut Vec<Action>) {
@@ -620,6 +712,7 @@ impl Core {
         self.holder = KeyHolder::Us;
         self.key_gone = false;
         self.stopped = false;
+        self.following = None;
         self.role = Role::Arming;
         out.push(Action::Record(Fact::Acquired {
             lease,
@@ -712,7 +805,7 @@ impl Core {
         // on fresh renewals (rule 1) so that a clean handover is not reset.
         if !matches!(
             reason,
-            StepDownReason::Shutdown | StepDownReason::PromoteFailed
+            StepDownReason::Shutdown | StepDownReason::PromoteFailed | StepDownReason::PostgresDown
         ) || self.key_gone
         {
             out.push(Action::Publish(Evidence::None));
@@ -1401,6 +1494,119 @@ mod tests {
         assert!(has(&a, |a| *a == Action::Publish(Evidence::Liveness(t(900)))));
     }
 
+    fn follower_seeing(holder: KeyHolder) -> Core {
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(10),
+            Input::KeySeen {
+                holder,
+                revision: 3,
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn follower_with_a_writable_postgres_follows_the_leader_every_time() {
+        let mut c = follower_seeing(KeyHolder::Other("b".into()));
+        let a = c.handle(t(20), Input::Postgres(PgView::Primary));
+        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+        // Still writable on the next loop (the follow failed): again, at once.
+        let a = c.handle(t(520), Input::Postgres(PgView::Primary));
+        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    }
+
+    #[test]
+    fn follower_asks_once_then_waits_for_the_outcome() {
+        let mut c = follower_seeing(KeyHolder::Other("b".into()));
+        let a = c.handle(t(20), Input::Postgres(PgView::Down));
+        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+        let a = c.handle(t(520), Input::Postgres(PgView::Busy));
+        assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
+        let a = c.handle(t(620), Input::Postgres(PgView::Down));
+        assert!(!has(&a, |a| matches!(a, Action::Follow { .. })), "pending");
+        c.handle(
+            t(700),
+            Input::Followed {
+                leader: "b".into(),
+                ok: false,
+            },
+        );
+        let a = c.handle(t(720), Input::Postgres(PgView::Down));
+        assert!(
+            has(&a, |a| *a == Action::Follow { leader: "b".into() }),
+            "retried after a failure"
+        );
+        let a = c.handle(
+            t(820),
+            Input::Postgres(PgView::Replica {
+                following: Some("b".into()),
+            }),
+        );
+        assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
+        // A new leader: follow it.
+        let a = c.handle(
+            t(900),
+            Input::KeySeen {
+                holder: KeyHolder::Other("c".into()),
+                revision: 9,
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Follow { leader: "c".into() }));
+    }
+
+    #[test]
+    fn a_broken_watch_is_not_a_lost_key() {
+        let mut c = leader(WatchdogMode::Required);
+        let a = c.handle(t(1200), Input::WatchBroken);
+        assert_eq!(a, vec![Action::ReadKey]);
+        assert_eq!(c.role(), &Role::Leader);
+        let a = c.handle(
+            t(1300),
+            Input::Renewed {
+                sent: t(1250),
+                ttl: 5,
+            },
+        );
+        assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1250))));
+    }
+
+    #[test]
+    fn writable_postgres_under_an_unknown_owner_is_fenced() {
+        let mut c = follower_seeing(KeyHolder::Garbage);
+        let a = c.handle(t(20), Input::Postgres(PgView::Primary));
+        assert!(has(&a, |a| *a == Action::Fence));
+    }
+
+    #[test]
+    fn leader_whose_postgres_is_down_hands_over() {
+        let mut c = leader(WatchdogMode::Required);
+        let a = c.handle(t(1200), Input::Postgres(PgView::Down));
+        assert!(has(&a, |a| *a
+            == Action::StepDown {
+                reason: StepDownReason::PostgresDown
+            }));
+        assert!(
+            !has(&a, |a| *a == Action::Publish(Evidence::None)),
+            "key still ours: pings go on while it is released"
+        );
+        let a = c.handle(
+            t(1300),
+            Input::SteppedDown {
+                how: "already stopped".into(),
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    }
+
     /// Inputs a fuzzer may throw at the core, with a time step.
     fn any_input() -> impl Strategy<Value = (u64, Input)> {
         let holder = prop_oneof![
@@ -1445,6 +1651,14 @@ mod tests {
             any::<bool>().prop_map(|deleted| Input::Released { deleted }),
             Just(Input::Disarmed),
             Just(Input::Shutdown),
+            Just(Input::WatchBroken),
+            prop_oneof![
+                Just(PgView::Down),
+                Just(PgView::Primary),
+                Just(PgView::Replica { following: None }),
+                Just(PgView::Busy)
+            ]
+            .prop_map(Input::Postgres),
         ];
         (0u64..1500, input)
     }

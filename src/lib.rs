@@ -9,5 +9,6 @@ pub mod clock;
 pub mod config;
 pub mod dcs;
 pub mod decide;
+pub mod postgres;
 pub mod timing;
 pub mod watchdog;

@@ -11,6 +11,8 @@
 pub mod deadline;
 #[cfg(feature = "testing")]
 pub mod faults;
+pub mod members;
+mod mirror;
 pub mod pinger;
 pub mod realtime;
 
@@ -19,17 +21,20 @@ use crate::clock;
 use crate::config::{Config, DeviceSpec};
 use crate::dcs::{self, Acquire, Dcs, Holder, LeaseId, Renewal};
 use crate::decide::{
-    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder,
+    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder, PgView,
+    Role,
 };
+use crate::postgres::{self as pgsql, Pg};
 use crate::timing::Budget;
 use crate::watchdog::{self, SysRoots, Watchdog};
 use deadline::{DeadlineTimer, StopFn, TimerReport};
+use members::Member;
 use pinger::{EvidenceCell, Pinger};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
 /// `config_digest` identifies the configuration in the audit's start-up record.
@@ -56,8 +61,12 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         ),
         Err(e) => warn!("pinger NOT real-time: {e}"),
     }
+    let pg = match &cfg.postgres {
+        Some(pc) => Some(Pg::new(pc.clone()).map_err(|e| format!("postgres: {e}"))?),
+        None => None,
+    };
     let (timer_tx, timer_rx) = mpsc::unbounded_channel();
-    let stop_fn: StopFn = Arc::new(|| Ok("nothing to stop: no PostgreSQL configured".into()));
+    let stop_fn = stop_fn(pg.clone());
     let (timer, rt) = DeadlineTimer::start(
         cell.clone(),
         budget,
@@ -74,6 +83,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     }
     let (sig_tx, sig_rx) = mpsc::unbounded_channel();
     spawn_signal_thread(sig_tx)?;
+    let (follow_tx, follow_rx) = mpsc::unbounded_channel();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -94,8 +104,20 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         watch: None,
         stop_fn,
         audit,
+        pg,
+        follow_tx,
+        busy: false,
+        following_pg: None,
+        eligible: None,
+        leader_member: None,
+        published: None,
+        last_lsn: None,
+        connect_failed_at: None,
+        pg_view: PgView::Unmanaged,
+        ticks: 0,
+        mirror: None,
     };
-    let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx));
+    let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx, follow_rx));
     drop(timer);
     let Agent { pinger, .. } = agent;
     // Devices still held here were not disarmed by the core (nowayout, or an
@@ -132,6 +154,39 @@ struct Agent {
     watch: Option<dcs::LeaderWatch>,
     stop_fn: StopFn,
     audit: AuditLog,
+    /// Lifecycle records to etcd's history; started at the first one.
+    mirror: Option<mirror::Mirror>,
+    pg: Option<Pg>,
+    /// Completions of background `Follow`s.
+    follow_tx: mpsc::UnboundedSender<Input>,
+    /// A `Follow` (rejoin or clone) is running.
+    busy: bool,
+    /// The leader our PostgreSQL streams from, as arranged by the last `Follow`.
+    following_pg: Option<String>,
+    eligible: Option<bool>,
+    /// The current (or last) leader's member record.
+    leader_member: Option<Member>,
+    /// Our last published member record, and the loop it was published at.
+    published: Option<(Member, u64)>,
+    /// When the last connection attempt failed (one attempt per loop).
+    connect_failed_at: Option<clock::BootTime>,
+    /// Our PostgreSQL's WAL position and state at the last observation.
+    last_lsn: Option<u64>,
+    pg_view: PgView,
+    ticks: u64,
+}
+
+/// The step-down that both the main loop and the deadline timer run: a fence
+/// of PostgreSQL that needs no runtime (rule 3).
+fn stop_fn(pg: Option<Pg>) -> StopFn {
+    match pg {
+        None => Arc::new(|| Ok("nothing to stop: no PostgreSQL configured".into())),
+        Some(pg) => Arc::new(move || {
+            pg.stop_fast_fence_sync()
+                .map(|r| format!("PostgreSQL stopped ({:?}) in {:?}", r.how, r.took))
+                .map_err(|e| e.to_string())
+        }),
+    }
 }
 
 /// Opens the audit log (refusing to run without one: rule 7), warns if the
@@ -276,6 +331,7 @@ impl Agent {
         &mut self,
         mut timer_rx: mpsc::UnboundedReceiver<TimerReport>,
         mut sig_rx: mpsc::UnboundedReceiver<i32>,
+        mut follow_rx: mpsc::UnboundedReceiver<Input>,
     ) -> i32 {
         let mut tick = tokio::time::interval(self.budget.loop_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -288,7 +344,9 @@ impl Agent {
             }
             self.drain_pinger();
             let input = tokio::select! {
-                _ = tick.tick() => Input::Tick,
+                // Signals and the deadline timer first: a busy loop (etcd
+                // down, every tick ready) must not starve them.
+                biased;
                 Some(sig) = sig_rx.recv() => {
                     info!("signal {sig}: stepping down and exiting");
                     Input::Shutdown
@@ -303,13 +361,30 @@ impl Agent {
                         Input::StepDownFailed { reason }
                     }
                 },
+                _ = tick.tick() => {
+                    // The renewal goes first; PostgreSQL is observed after it.
+                    self.ticks += 1;
+                    if let Some(code) = self.feed(Input::Tick).await {
+                        return code;
+                    }
+                    pending.extend(self.observe_postgres().await);
+                    self.publish_member().await;
+                    continue;
+                }
+                Some(done) = follow_rx.recv() => {
+                    self.busy = false;
+                    if let Input::Followed { leader, ok: true } = &done {
+                        self.following_pg = Some(leader.clone());
+                    }
+                    done
+                }
                 ev = next_watch(&mut self.watch) => match ev {
                     Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder, self.core.lease()), revision },
                     Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
                     Err(e) => {
                         warn!("leader watch broke: {e}; re-reading");
                         self.watch = None;
-                        Input::KeySeen { holder: KeyHolder::Unknown, revision: 0 }
+                        Input::WatchBroken
                     }
                 },
             };
@@ -375,10 +450,20 @@ impl Agent {
 
     async fn connect(&mut self) -> Result<(), String> {
         if self.dcs.is_none() {
+            // One connection attempt per loop: with etcd down, every action
+            // of a batch would otherwise wait out its own connect timeout.
+            let now = clock::now();
+            if let Some(at) = self.connect_failed_at {
+                if now.saturating_since(at) < self.budget.loop_interval {
+                    return Err("etcd unreachable (retrying next loop)".into());
+                }
+            }
+            self.connect_failed_at = Some(now);
             let d = Dcs::connect(&self.cfg.etcd, &self.cfg.scope, &self.cfg.node)
                 .await
                 .map_err(|e| e.to_string())?;
             info!(endpoints = ?self.cfg.etcd.endpoints, "connected to etcd");
+            self.connect_failed_at = None;
             self.dcs = Some(d);
         }
         Ok(())
@@ -426,7 +511,11 @@ impl Agent {
                 };
                 let sent = clock::now();
                 match d.renew(LeaseId(lease)).await {
-                    Renewal::Acked { ttl } => Some(Input::Renewed { sent, ttl }),
+                    Renewal::Acked { ttl } => {
+                        let rtt = clock::now().saturating_since(sent);
+                        debug!(rtt_us = rtt.as_micros() as u64, ttl, "renewed");
+                        Some(Input::Renewed { sent, ttl })
+                    }
                     Renewal::Gone => {
                         warn!(lease, "etcd says the lease is gone");
                         Some(Input::LeaseGone)
@@ -485,10 +574,36 @@ impl Agent {
                 }
             }
             Action::Arm { not_after } => Some(self.arm(not_after).await),
-            Action::Promote => {
-                info!("promoted (leader)");
-                Some(Input::Promoted)
+            Action::Promote => match &self.pg {
+                None => {
+                    info!("promoted (leader; no PostgreSQL configured)");
+                    Some(Input::Promoted)
+                }
+                Some(pg) => match pg.promote().await {
+                    Ok(how) => {
+                        info!(?how, "promoted (leader): PostgreSQL is primary");
+                        self.following_pg = None;
+                        Some(Input::Promoted)
+                    }
+                    Err(e) => {
+                        error!("promotion failed: {e}");
+                        Some(Input::PromoteFailed {
+                            reason: e.to_string(),
+                        })
+                    }
+                },
+            },
+            Action::Fence => {
+                warn!("PostgreSQL is writable while the key is not ours: fencing it");
+                let stop = self.stop_fn.clone();
+                match tokio::task::spawn_blocking(move || stop()).await {
+                    Ok(Ok(how)) => info!("{how}"),
+                    Ok(Err(e)) => error!("fence failed: {e}"),
+                    Err(e) => error!("fence task failed: {e}"),
+                }
+                None
             }
+            Action::Follow { leader } => self.follow(leader).await,
             Action::StepDown { reason } => {
                 warn!(?reason, "stepping down");
                 let stop = self.stop_fn.clone();
@@ -541,7 +656,7 @@ impl Agent {
                 None
             }
             Action::Record(fact) => {
-                self.record(&fact);
+                self.record(&fact).await;
                 None
             }
             Action::Exit { .. } => None,
@@ -549,8 +664,10 @@ impl Agent {
     }
 
     /// Logs a fact and appends it to the audit log, durably: the action it
-    /// precedes in the core's list runs only after the fsync.
-    fn record(&mut self, fact: &Fact) {
+    /// precedes in the core's list runs only after the fsync. A lifecycle
+    /// record is then queued for etcd's history (never waited for, except
+    /// at the very end of a shutdown, see [`Agent::mirror`]).
+    async fn record(&mut self, fact: &Fact) {
         match fact {
             Fact::RenewedLate { .. }
             | Fact::LeaseLost { .. }
@@ -562,8 +679,45 @@ impl Agent {
             _ => info!(?fact, "audit"),
         }
         let (rev, ev) = audit_event(fact);
-        if let Err(e) = self.audit.append(rev, ev) {
-            error!("audit log write failed: {e}");
+        match self.audit.append(rev, ev) {
+            Ok(r) => self.mirror(fact, &r).await,
+            Err(e) => error!("audit log write failed: {e}"),
+        }
+    }
+
+    /// Queues a lifecycle record for etcd's history (after the local fsync).
+    /// The writes run in their own task, so fencing never waits on them.
+    /// Once shutting down and no longer leading (PostgreSQL stopped, key
+    /// released, devices disarmed: nothing left to fence), it waits, bounded,
+    /// for the backlog to reach etcd, as the process is about to exit.
+    async fn mirror(&mut self, fact: &Fact, r: &audit::Record) {
+        if !r.event.is_lifecycle() {
+            return;
+        }
+        let m = match &mut self.mirror {
+            Some(m) => {
+                m.push(r);
+                m
+            }
+            // Catches up from the local log, which includes `r`.
+            None => self.mirror.insert(mirror::Mirror::start(
+                &self.cfg.etcd,
+                &self.cfg.scope,
+                &self.cfg.node,
+                self.audit.path(),
+            )),
+        };
+        if matches!(fact, Fact::Shutdown) {
+            m.shutting_down = true;
+        }
+        if m.shutting_down && matches!(self.core.role(), Role::Follower | Role::Exited) {
+            let within = (self.budget.request_timeout * 3).max(Duration::from_secs(1));
+            if !m.flush(within).await {
+                warn!(
+                    pending = m.pending(),
+                    "audit records not mirrored to etcd before exit (the local log has them)"
+                );
+            }
         }
     }
 
@@ -655,5 +809,225 @@ pub fn evidence_kind(cell: &EvidenceCell) -> &'static str {
         Evidence::None => "none",
         Evidence::Lease(_) => "lease",
         Evidence::Liveness(_) => "liveness",
+    }
+}
+
+/// PostgreSQL: observation, member records, following the leader.
+impl Agent {
+    /// Observes PostgreSQL once per loop; returns the core's inputs (the view
+    /// always, eligibility when it changed).
+    async fn observe_postgres(&mut self) -> Vec<Input> {
+        let Some(pg) = self.pg.clone() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let (view, eligible) = if self.busy {
+            (PgView::Busy, Err("rejoin in progress".to_string()))
+        } else {
+            match pg.status().await {
+                Ok(st) => {
+                    let view = match st.role {
+                        pgsql::Role::Primary => PgView::Primary,
+                        pgsql::Role::Replica => PgView::Replica {
+                            following: self.following_pg.clone(),
+                        },
+                        pgsql::Role::Down => PgView::Down,
+                    };
+                    let eligible = match (&view, st.wal) {
+                        (PgView::Down, _) => Err("PostgreSQL is down".to_string()),
+                        (PgView::Replica { .. }, Some(wal)) => {
+                            match self.leader_member.as_ref().and_then(|m| m.lsn) {
+                                Some(lsn) => pgsql::eligible(
+                                    &wal,
+                                    pgsql::Lsn(lsn),
+                                    pg.config().maximum_lag_on_failover,
+                                )
+                                .map_err(|e| e.to_string()),
+                                None => Ok(()),
+                            }
+                        }
+                        _ => Ok(()),
+                    };
+                    self.last_lsn = st.wal.and_then(|w| w.position()).map(|l| l.0);
+                    (view, eligible)
+                }
+                Err(e) => {
+                    warn!("cannot observe PostgreSQL: {e}");
+                    return Vec::new();
+                }
+            }
+        };
+        self.pg_view = view.clone();
+        out.push(Input::Postgres(view));
+        let now_eligible = eligible.is_ok();
+        if self.eligible != Some(now_eligible) {
+            let reason = eligible.err().unwrap_or_default();
+            if now_eligible {
+                info!("eligible for leadership");
+            } else {
+                info!("not eligible for leadership: {reason}");
+            }
+            self.eligible = Some(now_eligible);
+            out.push(Input::Eligibility {
+                eligible: now_eligible,
+                reason,
+            });
+        }
+        out
+    }
+
+    /// Publishes this node's member record on its lease when it changed, and
+    /// its LSN at most every `LSN_EVERY_LOOPS` loops; followers refresh the
+    /// leader's record at the same rate.
+    async fn publish_member(&mut self) {
+        let Some(lease) = self.core.lease() else {
+            return;
+        };
+        let (host, port) = match &self.pg {
+            Some(pg) => (Some(pg.config().advertised_host()), Some(pg.config().port)),
+            None => (None, None),
+        };
+        let me = Member {
+            node: self.cfg.node.clone(),
+            role: format!("{:?}", self.core.role()),
+            postgres: self.pg_word(),
+            host,
+            port,
+            lsn: self.last_lsn,
+            watchdog: format!("{:?}", self.cfg.watchdog.mode).to_lowercase(),
+        };
+        let due = match &self.published {
+            None => true,
+            Some((old, at)) => {
+                me.changed_besides_lsn(old)
+                    || (me.lsn != old.lsn && self.ticks >= at + members::LSN_EVERY_LOOPS)
+            }
+        };
+        if due {
+            let json = serde_json::to_string(&me).expect("member serializes");
+            if let Ok(d) = self.dcs().await {
+                match d.put_member(LeaseId(lease), &json).await {
+                    Ok(()) => self.published = Some((me, self.ticks)),
+                    Err(e) => warn!("cannot publish the member record: {e}"),
+                }
+            }
+        }
+        if let KeyHolder::Other(leader) = self.core.holder().clone() {
+            if self.ticks % members::LSN_EVERY_LOOPS == 0
+                || self.leader_member.as_ref().map(|m| &m.node) != Some(&leader)
+            {
+                self.refresh_leader_member(&leader).await;
+            }
+        }
+    }
+
+    fn pg_word(&self) -> String {
+        match &self.pg_view {
+            PgView::Unmanaged => "unmanaged",
+            PgView::Down => "down",
+            PgView::Primary => "primary",
+            PgView::Replica { .. } => "replica",
+            PgView::Busy => "busy",
+        }
+        .into()
+    }
+
+    async fn refresh_leader_member(&mut self, leader: &str) {
+        let Ok(d) = self.dcs().await else { return };
+        match d.get_member(leader).await {
+            Ok(Some(raw)) => match serde_json::from_slice::<Member>(&raw) {
+                Ok(m) => self.leader_member = Some(m),
+                Err(e) => warn!(%leader, "unreadable member record: {e}"),
+            },
+            Ok(None) => {} // gone with its lease: keep the last one seen
+            Err(e) => warn!(%leader, "cannot read the leader's member record: {e}"),
+        }
+    }
+
+    /// Runs PostgreSQL as a replica of `leader`: fences a writable server at
+    /// once (inline), then stops, rewinds or clones and restarts it in the
+    /// background, reporting `Followed`.
+    async fn follow(&mut self, leader: String) -> Option<Input> {
+        let pg = self.pg.clone()?;
+        if self.busy {
+            return None;
+        }
+        if matches!(pg.role().await, Ok(pgsql::Role::Primary) | Err(_))
+            && pg.live_postmaster().is_some()
+        {
+            warn!(%leader, "PostgreSQL is writable while {leader} leads: fencing it");
+            let stop = self.stop_fn.clone();
+            match tokio::task::spawn_blocking(move || stop()).await {
+                Ok(Ok(how)) => info!("{how}"),
+                Ok(Err(e)) => {
+                    error!("fence failed: {e}");
+                    return Some(Input::Followed { leader, ok: false });
+                }
+                Err(e) => {
+                    error!("fence task failed: {e}");
+                    return Some(Input::Followed { leader, ok: false });
+                }
+            }
+        }
+        if self.leader_member.as_ref().map(|m| &m.node) != Some(&leader) {
+            self.refresh_leader_member(&leader).await;
+        }
+        let Some((host, port)) = self
+            .leader_member
+            .as_ref()
+            .filter(|m| m.node == leader)
+            .and_then(|m| Some((m.host.clone()?, m.port?)))
+        else {
+            warn!(%leader, "the leader has published no PostgreSQL address yet");
+            return Some(Input::Followed { leader, ok: false });
+        };
+        let conninfo = pg
+            .config()
+            .replication_conninfo(&host, port, &self.cfg.node);
+        self.busy = true;
+        let tx = self.follow_tx.clone();
+        info!(%leader, %host, port, "following the leader");
+        tokio::spawn(async move {
+            let r = follow_leader(&pg, &conninfo).await;
+            let ok = match r {
+                Ok(how) => {
+                    info!(%leader, "PostgreSQL runs as a replica of {leader} ({how})");
+                    true
+                }
+                Err(e) => {
+                    error!(%leader, "cannot follow {leader}: {e}");
+                    false
+                }
+            };
+            let _ = tx.send(Input::Followed { leader, ok });
+        });
+        None
+    }
+}
+
+/// Stops a running replica cleanly, then clones an empty data directory or
+/// rewinds an existing one, and starts it as a standby of `conninfo`.
+async fn follow_leader(pg: &Pg, conninfo: &str) -> Result<String, String> {
+    if pg.live_postmaster().is_some() {
+        pg.stop_clean().await.map_err(|e| format!("stop: {e}"))?;
+    }
+    match pg.data_dir_state().map_err(|e| e.to_string())? {
+        pgsql::DataDirState::Missing | pgsql::DataDirState::Empty => {
+            let took = pg
+                .clone_from(conninfo)
+                .await
+                .map_err(|e| format!("clone: {e}"))?;
+            pg.start_as_replica(conninfo)
+                .await
+                .map_err(|e| format!("start: {e}"))?;
+            Ok(format!("cloned in {took:?}"))
+        }
+        _ => {
+            let r = pg
+                .rejoin(conninfo)
+                .await
+                .map_err(|e| format!("rejoin: {e}"))?;
+            Ok(format!("{r:?}"))
+        }
     }
 }

@@ -4,3 +4,4 @@
 pub mod agent;
 pub mod etcd;
 pub mod lab;
+pub mod pg;

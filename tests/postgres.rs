@@ -1,0 +1,489 @@
+//! The PostgreSQL driver against real PostgreSQL 15 clusters (testbed::pg).
+
+use leasedog::postgres::{
+    cluster_processes, process_alive, stop_fast_fence_blocking, NotEligible, Pg, PgConfig, PgError,
+    Promotion, Role, StopHow,
+};
+use leasedog_testbed::pg::{free_port, PgNode};
+use std::time::{Duration, Instant};
+
+fn cfg_for(node: &PgNode) -> PgConfig {
+    let mut c = PgConfig::with_data_dir(node.data_dir());
+    c.host = node.socket_dir().display().to_string();
+    c.port = node.port;
+    c.log_file = Some(node.log_file());
+    c
+}
+
+fn driver(node: &PgNode) -> Pg {
+    Pg::new(cfg_for(node)).expect("driver")
+}
+
+async fn client(node: &PgNode) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(&node.conninfo(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+fn wait_row(node: &PgNode, query: &str, want: &str) -> bool {
+    PgNode::wait_until(Duration::from_secs(30), || {
+        node.try_sql(query).as_deref() == Ok(want)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observes_primary_and_replica() {
+    let primary = PgNode::init(free_port());
+    primary.start();
+    primary.sql("CREATE TABLE t (v int)");
+    let replica = PgNode::replica_of(&primary, free_port());
+    let (p, r) = (driver(&primary), driver(&replica));
+
+    let ps = p.status().await.unwrap();
+    assert_eq!(ps.role, Role::Primary);
+    let pw = ps.wal.unwrap();
+    assert_eq!(pw.timeline, 1);
+    assert!(pw.receive.is_none() && pw.replay.is_none());
+    let psql_lsn: leasedog::postgres::Lsn =
+        primary.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    assert!(pw.current.unwrap() <= psql_lsn);
+
+    primary.sql("INSERT INTO t SELECT generate_series(1, 1000)");
+    let target: leasedog::postgres::Lsn =
+        primary.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    assert!(wait_row(&replica, "SELECT count(*) FROM t", "1000"));
+    let rs = r.status().await.unwrap();
+    assert_eq!(rs.role, Role::Replica);
+    let rw = rs.wal.unwrap();
+    assert!(rw.current.is_none());
+    assert!(rw.replay.unwrap() >= target, "{rw:?} vs {target}");
+    assert_eq!(rw.timeline, 1);
+    r.eligible(target)
+        .await
+        .expect("a caught-up replica is eligible");
+
+    let h = p.health().await;
+    assert!(h.postmaster_alive && h.accepts_connections, "{h:?}");
+    assert_eq!(h.postmaster_pid, primary.postmaster_pid());
+
+    primary.stop();
+    assert_eq!(p.role().await.unwrap(), Role::Down);
+    let h = p.health().await;
+    assert!(
+        !h.postmaster_alive && !h.accepts_connections && h.problem.is_some(),
+        "{h:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotes_a_replica_and_promote_on_primary_is_ok() {
+    let primary = PgNode::init(free_port());
+    primary.start();
+    let replica = PgNode::replica_of(&primary, free_port());
+    let r = driver(&replica);
+    let t0 = Instant::now();
+    assert_eq!(r.promote().await.unwrap(), Promotion::Promoted);
+    eprintln!("TIMING promote: {:?}", t0.elapsed());
+    let st = r.status().await.unwrap();
+    assert_eq!(st.role, Role::Primary);
+    assert_eq!(
+        st.wal.unwrap().timeline,
+        2,
+        "promotion starts a new timeline"
+    );
+    replica.sql("CREATE TABLE now_writable (v int)");
+    // 55000 "recovery is not in progress" is success.
+    assert_eq!(r.promote().await.unwrap(), Promotion::AlreadyPrimary);
+    assert_eq!(
+        driver(&primary).promote().await.unwrap(),
+        Promotion::AlreadyPrimary
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_stops_immediately_and_an_open_connection_cannot_commit() {
+    let node = PgNode::init(free_port());
+    node.start();
+    node.sql("CREATE TABLE t (v int)");
+    let c = client(&node).await;
+    c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    let pm = node.postmaster_pid().unwrap();
+    let report = driver(&node).stop_fast_fence().await.unwrap();
+    eprintln!("TIMING immediate stop: {:?}", report.took);
+    assert_eq!(report.how, StopHow::Immediate);
+    assert_eq!(report.postmaster, Some(pm));
+    assert!(!process_alive(pm));
+    assert!(cluster_processes(&node.data_dir()).is_empty());
+    assert!(c.execute("INSERT INTO t VALUES (2)", &[]).await.is_err());
+    // Idempotent: a second fence finds nothing to stop.
+    let again = stop_fast_fence_blocking(
+        &node.data_dir(),
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    assert_eq!(again.how, StopHow::AlreadyStopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_kills_a_sigstopped_postmaster_and_all_its_backends() {
+    let node = PgNode::init(free_port());
+    node.start();
+    node.sql("CREATE TABLE t (v int)");
+    let c = client(&node).await;
+    let pm = node.postmaster_pid().unwrap();
+    // SAFETY: signalling our own test server.
+    assert_eq!(unsafe { libc::kill(pm, libc::SIGSTOP) }, 0);
+    // A stalled postmaster does not stop its backends: this one still commits.
+    c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    // Observing a stalled server ends at the deadline, as an error, not "down".
+    let mut cfg = cfg_for(&node);
+    cfg.connect_timeout = 0.5;
+    let stalled = Pg::new(cfg).unwrap();
+    let t0 = Instant::now();
+    let e = stalled.status().await.unwrap_err();
+    assert!(matches!(e, PgError::Timeout { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let h = stalled.health().await;
+    assert!(h.postmaster_alive && !h.accepts_connections, "{h:?}");
+
+    let data = node.data_dir();
+    // From a plain thread, no tokio: as the deadline timer calls it.
+    let report = std::thread::spawn(move || {
+        stop_fast_fence_blocking(&data, Duration::from_millis(500), Duration::from_secs(5))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    eprintln!("TIMING fence of a stopped postmaster: {:?}", report.took);
+    assert_eq!(report.how, StopHow::Killed);
+    assert!(report.killed.contains(&pm));
+    assert!(
+        report.killed.len() > 3,
+        "backends and auxiliaries too: {:?}",
+        report.killed
+    );
+    assert!(!process_alive(pm));
+    assert!(cluster_processes(&node.data_dir()).is_empty());
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.execute("INSERT INTO t VALUES (2)", &[]),
+    )
+    .await;
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "the kept-open backend must be dead: {r:?}"
+    );
+    // The killed cluster starts again (crash recovery) and kept the committed row.
+    let d = driver(&node);
+    d.start_primary()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    assert_eq!(node.sql("SELECT count(*) FROM t"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoins_a_diverged_old_primary_with_pg_rewind() {
+    let a = PgNode::init(free_port());
+    a.start();
+    a.sql("CREATE TABLE t (who text)");
+    // Rewind as a non-superuser with the documented grants (CHECKPOINT included).
+    a.sql("CREATE ROLE repl REPLICATION LOGIN PASSWORD 'rpw'");
+    a.sql(
+        leasedog::postgres::REWIND_GRANTS_SQL
+            .replace("{role}", "repl")
+            .as_str(),
+    );
+    let b = PgNode::replica_of(&a, free_port());
+    a.sql("INSERT INTO t VALUES ('before')");
+    assert!(wait_row(&b, "SELECT count(*) FROM t", "1"));
+    let mut cfg_a = cfg_for(&a);
+    cfg_a.replication.user = "repl".into();
+    cfg_a.replication.password = Some("rpw".into());
+    let (da, db) = (Pg::new(cfg_a.clone()).unwrap(), driver(&b));
+    assert_eq!(db.promote().await.unwrap(), Promotion::Promoted);
+    // Divergence: both write after the promotion.
+    a.sql("INSERT INTO t SELECT 'a-only' FROM generate_series(1, 1000)");
+    b.sql("INSERT INTO t VALUES ('b-after')");
+    let fence = da.stop_fast_fence().await.unwrap();
+    assert_eq!(fence.how, StopHow::Immediate);
+
+    let t0 = Instant::now();
+    let info = cfg_a.replication_conninfo("127.0.0.1", b.port, "a");
+    let report = da.rejoin(&info).await.unwrap();
+    eprintln!(
+        "TIMING rejoin {:?} (crash recovery {:?}, pg_rewind {:?})",
+        t0.elapsed(),
+        report.crash_recovery,
+        report.rewind
+    );
+    assert!(
+        report.crash_recovery.is_some(),
+        "an immediate stop is not a clean shutdown"
+    );
+    assert!(
+        report.rewound,
+        "timelines diverged: pg_rewind must have copied"
+    );
+    assert_eq!(da.role().await.unwrap(), Role::Replica);
+    b.sql("INSERT INTO t VALUES ('b-later')");
+    assert!(wait_row(
+        &a,
+        "SELECT string_agg(who, ',' ORDER BY who) FROM t",
+        "b-after,b-later,before"
+    ));
+    let st = da.status().await.unwrap();
+    assert_eq!(st.wal.unwrap().timeline, 2);
+    assert_eq!(
+        b.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'a'"),
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_an_empty_node_with_replication_credentials() {
+    let primary = PgNode::init(free_port());
+    primary.start();
+    primary.sql("CREATE ROLE repl REPLICATION LOGIN PASSWORD 'rpw'");
+    // What pg_rewind (and the driver's checkpoint before it) needs; see ReplicationConfig.
+    primary.sql(
+        leasedog::postgres::REWIND_GRANTS_SQL
+            .replace("{role}", "repl")
+            .as_str(),
+    );
+    primary.sql("CREATE TABLE t AS SELECT 7 AS v");
+    let empty = PgNode::empty(free_port());
+    let mut cfg = cfg_for(&empty);
+    cfg.replication.user = "repl".into();
+    cfg.replication.password = Some("wrong".into());
+    let info = cfg.replication_conninfo("127.0.0.1", primary.port, "clone");
+    assert!(!info.contains("password"));
+
+    // A wrong replication password: a clear error, and the dir is left empty.
+    let e = Pg::new(cfg.clone())
+        .unwrap()
+        .clone_from(&info)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("password authentication failed for user \"repl\""),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(empty.data_dir()).unwrap().count(), 0);
+
+    cfg.replication.password = Some("rpw".into());
+    let d = Pg::new(cfg).unwrap();
+    let took = d.clone_from(&info).await.unwrap();
+    eprintln!("TIMING pg_basebackup: {took:?}");
+    // Refuses to clone over a cluster.
+    assert!(matches!(
+        d.clone_from(&info).await,
+        Err(PgError::WrongDataDir { .. })
+    ));
+    d.start_as_replica(&info).await.unwrap();
+    assert_eq!(d.role().await.unwrap(), Role::Replica);
+    primary.sql("INSERT INTO t VALUES (8)");
+    assert!(wait_row(&empty, "SELECT sum(v) FROM t", "15"));
+    assert_eq!(
+        primary.sql("SELECT usename FROM pg_stat_replication WHERE application_name = 'clone'"),
+        "repl"
+    );
+
+    // A clean replica on the leader's timeline rejoins without a rewind.
+    d.stop_clean().await.unwrap();
+    let r = d.rejoin(&info).await.unwrap();
+    assert_eq!(r.crash_recovery, None);
+    assert!(!r.rewound, "{r:?}");
+    primary.sql("INSERT INTO t VALUES (9)");
+    assert!(wait_row(&empty, "SELECT sum(v) FROM t", "24"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gives_clear_errors() {
+    let node = PgNode::init(free_port());
+    node.start();
+    node.sql("CREATE ROLE app LOGIN PASSWORD 'right'");
+
+    // Wrong password (TCP, where pg_hba asks for scram-sha-256).
+    let mut c = cfg_for(&node);
+    c.host = "127.0.0.1".into();
+    c.user = "app".into();
+    c.password = Some("wrong".into());
+    let e = Pg::new(c).unwrap().status().await.unwrap_err();
+    assert!(
+        matches!(&e, PgError::Auth { sqlstate, .. } if sqlstate == "28P01"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("authentication failed for user \"app\""),
+        "{e}"
+    );
+
+    // A directory without PG_VERSION.
+    let mut c = cfg_for(&node);
+    c.data_dir = Some(node.root().to_path_buf());
+    let e = Pg::new(c).unwrap().start_primary().await.unwrap_err();
+    assert!(matches!(e, PgError::WrongDataDir { .. }), "{e}");
+    assert!(e.to_string().contains("no PG_VERSION"), "{e}");
+
+    // A server that answers at host:port from another data directory.
+    let other = PgNode::init(free_port());
+    let mut c = cfg_for(&node);
+    c.data_dir = Some(other.data_dir());
+    let e = Pg::new(c).unwrap().status().await.unwrap_err();
+    assert!(matches!(e, PgError::WrongDataDir { .. }), "{e}");
+    assert!(e.to_string().contains("runs on data directory"), "{e}");
+
+    // A data directory of another major version.
+    let old = PgNode::empty(free_port());
+    std::fs::write(old.data_dir().join("PG_VERSION"), "14\n").unwrap();
+    let e = driver(&old).start_primary().await.unwrap_err();
+    assert!(e.to_string().contains("holds PostgreSQL 14"), "{e}");
+
+    // bin_dir without pg_ctl.
+    let mut c = cfg_for(&node);
+    c.bin_dir = "/usr/bin".into();
+    let e = Pg::new(c).unwrap_err();
+    assert!(matches!(e, PgError::NotInstalled { .. }), "{e}");
+    assert!(e.to_string().contains("no executable pg_ctl"), "{e}");
+
+    // A replica cut off from its primary falls behind and is not eligible.
+    let replica = PgNode::replica_of(&node, free_port());
+    replica.sql("ALTER SYSTEM SET primary_conninfo = ''");
+    replica.sql("SELECT pg_reload_conf()");
+    assert!(wait_row(
+        &replica,
+        "SELECT count(*) FROM pg_stat_wal_receiver",
+        "0"
+    ));
+    node.sql("CREATE TABLE big AS SELECT repeat('x', 1000) AS v FROM generate_series(1, 5000)");
+    let leader = driver(&node).wal_position().await.unwrap().current.unwrap();
+    let e = driver(&replica).eligible(leader).await.unwrap_err();
+    match &e {
+        PgError::NotEligible(NotEligible::Lagging { lag_bytes, max, .. }) => {
+            assert!(lag_bytes > max, "{e}")
+        }
+        other => panic!("expected Lagging, got {other}"),
+    }
+    assert!(e.to_string().contains("maximum_lag_on_failover"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initdb_then_start_and_stop_a_first_primary() {
+    let node = PgNode::empty(free_port());
+    let d = driver(&node);
+    assert!(matches!(
+        d.start_primary().await,
+        Err(PgError::WrongDataDir { .. })
+    ));
+    d.initdb(&["-U", "postgres", "--auth=trust", "-N"])
+        .await
+        .unwrap();
+    d.start_primary().await.unwrap();
+    assert_eq!(d.role().await.unwrap(), Role::Primary);
+    assert!(matches!(
+        d.initdb(&[]).await,
+        Err(PgError::WrongDataDir { .. })
+    ));
+    d.stop_clean().await.unwrap();
+    assert_eq!(d.role().await.unwrap(), Role::Down);
+    assert_eq!(d.control_state().await.unwrap(), "shut down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_finds_backends_orphaned_by_a_dead_postmaster() {
+    let node = PgNode::init(free_port());
+    node.start();
+    node.sql("CREATE TABLE t (v int)");
+    let c = client(&node).await;
+    let backend: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pm = node.postmaster_pid().unwrap();
+    // SAFETY: signalling our own test server. The stopped backend cannot
+    // notice its postmaster's death, as one busy in a long query would not.
+    unsafe {
+        assert_eq!(libc::kill(backend, libc::SIGSTOP), 0);
+        assert_eq!(libc::kill(pm, libc::SIGKILL), 0);
+    }
+    assert!(PgNode::wait_until(Duration::from_secs(10), || {
+        !process_alive(pm)
+    }));
+    assert!(process_alive(backend));
+    let d = driver(&node);
+    assert_eq!(d.live_postmaster(), None);
+    let report = std::thread::spawn(move || d.stop_fast_fence_sync())
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.how, StopHow::Killed);
+    assert_eq!(report.postmaster, None);
+    assert!(report.killed.contains(&backend), "{report:?}");
+    assert!(!process_alive(backend));
+    assert!(cluster_processes(&node.data_dir()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_finds_a_cluster_whose_data_dir_was_removed() {
+    let node = PgNode::init(free_port());
+    node.start();
+    let pm = node.postmaster_pid().unwrap();
+    // Removed under a running server (operator error, a lost mount): its
+    // processes keep running in "<dir> (deleted)".
+    std::fs::remove_dir_all(node.data_dir()).unwrap();
+    assert!(process_alive(pm));
+    let report = driver(&node).stop_fast_fence_sync().unwrap();
+    assert_ne!(report.how, StopHow::AlreadyStopped, "{report:?}");
+    assert!(report.killed.contains(&pm), "{report:?}");
+    assert!(!process_alive(pm));
+}
+
+/// The agent spawns these on a multi-threaded runtime: they must be Send.
+#[test]
+fn driver_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    let pg = Pg::new(PgConfig::with_data_dir("/nonexistent")).unwrap();
+    send(pg.status());
+    send(pg.health());
+    send(pg.promote());
+    send(pg.stop_fast_fence());
+    send(pg.start_as_replica(""));
+    send(pg.rejoin(""));
+    send(pg.clone_from(""));
+    send(pg.initdb(&[]));
+    send(pg.start_primary());
+    send(pg.stop_clean());
+    fn sync<T: Send + Sync + Clone + 'static>(_: &T) {}
+    sync(&pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rejoin_leaves_a_node_that_starts_read_only() {
+    let node = PgNode::init(free_port());
+    node.start();
+    let d = driver(&node);
+    d.stop_fast_fence().await.unwrap();
+    let nobody =
+        PgConfig::with_data_dir("/unused").replication_conninfo("127.0.0.1", free_port(), "x");
+    let e = d.rejoin(&nobody).await.unwrap_err();
+    assert!(matches!(&e, PgError::Connect { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("rewind source") && text.contains("Connection refused"),
+        "{e}"
+    );
+    assert!(node.data_dir().join("standby.signal").exists());
+    assert_eq!(
+        d.control_state().await.unwrap(),
+        "shut down",
+        "crash recovery ran"
+    );
+    node.start(); // by hand, as an operator might
+    assert!(node.is_in_recovery());
+}
