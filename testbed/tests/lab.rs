@@ -250,17 +250,20 @@ fn guest_reaches_host_loopback_and_runs_host_binaries() {
     assert!(v.contains("etcdctl version"), "{v}");
 
     // A guest etcdctl writes into a host etcd on loopback.
-    let etcd = MiniEtcd::start();
+    let etcd = leasedog_testbed::etcd::EtcdServer::start().expect("etcd");
     g.run_ok(
         &format!(
             "etcdctl --endpoints=http://10.0.2.2:{} --dial-timeout=5s put /lab/{nonce} from-guest",
-            etcd.port
+            etcd.client_port()
         ),
         T,
     )
     .unwrap();
     let got = std::process::Command::new("etcdctl")
-        .arg(format!("--endpoints=http://127.0.0.1:{}", etcd.port))
+        .arg(format!(
+            "--endpoints=http://127.0.0.1:{}",
+            etcd.client_port()
+        ))
         .args(["get", "--print-value-only", &format!("/lab/{nonce}")])
         .output()
         .unwrap();
@@ -270,7 +273,7 @@ fn guest_reaches_host_loopback_and_runs_host_binaries() {
     let get = format!(
         "etcdctl --endpoints=http://10.0.2.2:{} --dial-timeout=2s --command-timeout=3s \
          get --print-value-only /lab/{nonce}",
-        etcd.port
+        etcd.client_port()
     );
     g.set_link(false).unwrap();
     let r = g.run(&get, T).unwrap();
@@ -443,64 +446,4 @@ fn magic_close_disarms_without_nowayout_and_a_held_open_softdog_fires() {
         "[magic] held-open softdog: lateness vs margin {:+.3} s",
         secs(reset.boottime) - secs(ping_host + margin)
     );
-}
-
-/// A bare single-member etcd on host loopback, only for the connectivity
-/// check above. TODO: replace with `leasedog_testbed::etcd::EtcdServer` once
-/// that module is merged.
-struct MiniEtcd {
-    port: u16,
-    _child: leasedog_testbed::lab::ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-impl MiniEtcd {
-    fn start() -> MiniEtcd {
-        let free = || {
-            TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (port, peer) = (free(), free());
-        let dir = tempfile::Builder::new()
-            .prefix("leasedog-lab-etcd-")
-            .tempdir_in("/dev/shm")
-            .or_else(|_| tempfile::tempdir())
-            .unwrap();
-        let mut cmd = std::process::Command::new("/usr/bin/etcd");
-        cmd.arg("--data-dir")
-            .arg(dir.path())
-            .args([
-                &format!("--listen-client-urls=http://127.0.0.1:{port}"),
-                &format!("--advertise-client-urls=http://127.0.0.1:{port}"),
-                &format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
-                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
-                &format!("--initial-cluster=default=http://127.0.0.1:{peer}"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let child = leasedog_testbed::lab::ChildGuard::new(
-            leasedog_testbed::lab::spawn_tied(cmd).expect("start /usr/bin/etcd"),
-        );
-        let deadline = Instant::now() + T;
-        loop {
-            let ok = std::process::Command::new("etcdctl")
-                .arg(format!("--endpoints=http://127.0.0.1:{port}"))
-                .args(["endpoint", "health"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "etcd did not become healthy");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        MiniEtcd {
-            port,
-            _child: child,
-            _dir: dir,
-        }
-    }
 }

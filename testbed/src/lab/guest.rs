@@ -66,6 +66,13 @@ pub struct GuestSpec {
     pub extra_qemu_args: Vec<String>,
     /// A name for logs and the temp folder.
     pub name: String,
+    /// Host folders shared read-write with the guest, mounted (9p) at the
+    /// given guest path at boot and again after each reboot: what the guest
+    /// writes there survives its reset and is readable on the host.
+    pub rw_shares: Vec<(PathBuf, String)>,
+    /// Let the same QEMU reboot the guest after a reset (no `-no-reboot`):
+    /// see [`Guest::wait_rebooted`]. Off: QEMU exits at the first reset.
+    pub reboot: bool,
 }
 
 impl Default for GuestSpec {
@@ -80,6 +87,8 @@ impl Default for GuestSpec {
             extra_append: String::new(),
             extra_qemu_args: Vec::new(),
             name: "guest".into(),
+            rw_shares: Vec::new(),
+            reboot: false,
         }
     }
 }
@@ -295,15 +304,20 @@ impl Guest {
         }
 
         let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none"]);
+        if !spec.reboot {
+            cmd.arg("-no-reboot");
+        }
+        for (i, (host, _)) in spec.rw_shares.iter().enumerate() {
+            let h = host.to_string_lossy();
+            if h.contains(',') {
+                return Err(format!("share {h} has a comma (QEMU options)"));
+            }
+            cmd.arg("-virtfs").arg(format!(
+                "local,path={h},mount_tag=rw{i},security_model=none,multidevs=remap"
+            ));
+        }
         cmd.args([
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
             "-m",
             &spec.mem_mb.to_string(),
             "-smp",
@@ -424,8 +438,58 @@ impl Guest {
         if let Some(up) = secs(&ready) {
             g.note_offset(ready_at, up);
         }
+        g.mount_shares()?;
         g.watchdogs = g.read_watchdogs()?;
         Ok(g)
+    }
+
+    fn mount_shares(&self) -> Result<(), String> {
+        for (i, (_, guest)) in self.spec.rw_shares.iter().enumerate() {
+            let q = shell_quote(guest);
+            self.run_ok(
+                &format!(
+                    "mkdir -p {q} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 rw{i} {q}"
+                ),
+                Duration::from_secs(30),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// After a reset of a guest booted with [`GuestSpec::reboot`]: waits up
+    /// to `timeout` for the rebooted guest's control shell, then mounts the
+    /// shares again and re-reads the watchdogs. Returns the new boot time
+    /// (host boottime from the reset event to the control shell).
+    pub fn wait_rebooted(&mut self, timeout: Duration) -> Result<Duration, String> {
+        let reset = self
+            .reset_time()
+            .map(|e| e.boottime)
+            .unwrap_or_else(host_boottime);
+        let deadline = Instant::now() + timeout;
+        let ready = {
+            let mut ctl = self.ctl.lock().unwrap();
+            loop {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "{}: no control shell within {timeout:?} of the reboot",
+                        self.spec.name
+                    ));
+                }
+                if let Some(l) = read_line(&mut ctl, Duration::from_millis(200))? {
+                    if let Some(rest) = l.strip_prefix("<<LD-READY ") {
+                        break rest.trim_end_matches(">>").to_string();
+                    }
+                }
+            }
+        };
+        let at = host_boottime();
+        self.offset.lock().unwrap().clear();
+        if let Some(up) = secs(&ready) {
+            self.note_offset(at, up);
+        }
+        self.mount_shares()?;
+        self.watchdogs = self.read_watchdogs()?;
+        Ok(at.saturating_sub(reset))
     }
 
     fn read_watchdogs(&self) -> Result<Vec<GuestWatchdog>, String> {

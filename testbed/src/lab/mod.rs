@@ -28,6 +28,12 @@
 //!   [`Guest::console_log`] for `softdog: Initiating system reboot`.
 //! - Host times are CLOCK_BOOTTIME as `Duration` ([`host_boottime`]); guest
 //!   times are converted with [`Guest::guest_to_host`].
+//! - [`scenario`] runs leasedog itself in guests against a host etcd and
+//!   measures each fencing scenario on the host clock (reset, key deletion,
+//!   new leader); `tests/lab_scenarios.rs` and the `leasedog-lab` binary
+//!   (`bench`, `demo`) use it. [`GuestSpec::rw_shares`] keeps a guest's
+//!   audit folder on the host across its reset; [`GuestSpec::reboot`] with
+//!   [`Guest::wait_rebooted`] lets the same QEMU boot it again.
 //! - Dropping a [`Guest`] kills QEMU's process group; QEMU also gets SIGKILL
 //!   if the test process dies. `LEASEDOG_LAB_KEEP=1` keeps the guest's temp
 //!   folder (console.log, qemu.log).
@@ -55,6 +61,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod proc;
 pub mod qmp;
+pub mod scenario;
 
 pub use guest::{
     shell_quote, Effect, Guest, GuestSpec, GuestWatchdog, RunOutput, SoftdogOpts, Spawned,

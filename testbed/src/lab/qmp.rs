@@ -33,11 +33,12 @@ impl QmpEvent {
 
     /// A watchdog reset as QEMU reports it: a `WATCHDOG` event (i6300esb
     /// expiry) or `SHUTDOWN` with `guest: true, reason: "guest-reset"` (the
-    /// guest kernel restarting, e.g. softdog; with `-no-reboot` QEMU exits).
+    /// guest kernel restarting, e.g. softdog; with `-no-reboot` QEMU exits;
+    /// without it, the same restart is a `RESET` event and the guest reboots).
     /// A kernel panic with `panic=-1` looks the same: check the console.
     pub fn is_reset(&self) -> bool {
         self.name == "WATCHDOG"
-            || (self.name == "SHUTDOWN"
+            || ((self.name == "SHUTDOWN" || self.name == "RESET")
                 && self.data["guest"] == json!(true)
                 && self.data["reason"] == json!("guest-reset"))
     }

@@ -1,0 +1,453 @@
+//! The watchdog lab's command line.
+//!
+//! - `leasedog-lab bench [--trials N] [--scenarios 1,2,3,4] [--json PATH]`:
+//!   runs each fencing scenario N times (a fresh guest per trial, the
+//!   watchdog alternating between the i6300esb and softdog) and prints the
+//!   fencing slack (key deleted - reset, or - step-down for the network cut)
+//!   as median [min-max], the trials with slack <= R (must be 0), the
+//!   failover time and the lab's own costs.
+//! - `leasedog-lab demo`: an etcd on the host and two guests running
+//!   leasedog; the leader is stalled, its watchdog resets it, the other
+//!   guest takes the key; prints a host-clock timeline and the verdict.
+//!
+//! The agent is `$LEASEDOG_BIN`, else `leasedog` next to this binary; it
+//! must be built with `--features testing` (scenario 2's fault hook).
+
+use leasedog_testbed::etcd::EventKind;
+use leasedog_testbed::lab::scenario::{self, holder, run_trial, Dog, Fault, Lab, NodeOpts, R};
+use leasedog_testbed::lab::Kernel;
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LEASEDOG_BIN") {
+        return PathBuf::from(p);
+    }
+    // Next to this binary (same profile), else the workspace's debug build
+    // (`cargo build --features testing`, as scripts/demo.sh does).
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("leasedog")));
+    let debug = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/leasedog");
+    match sibling {
+        Some(s) if s.is_file() && scenario::check_testing_build(&s).is_ok() => s,
+        _ => debug,
+    }
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4] [--json PATH]\n       \
+         leasedog-lab demo"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => bench(&args[1..]),
+        Some("demo") => demo(),
+        _ => usage(),
+    }
+}
+
+fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = s.len();
+    let med = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Some((med, s[0], s[n - 1]))
+}
+
+fn fmt_stats(v: &[f64]) -> String {
+    stats(v).map_or("-".into(), |(m, lo, hi)| {
+        format!("{m:.2} [{lo:.2}-{hi:.2}]")
+    })
+}
+
+fn bench(args: &[String]) -> ExitCode {
+    let mut trials = 20usize;
+    let mut scenarios = vec![1u8, 2, 3, 4];
+    let mut json_path = PathBuf::from("target/lab-bench.json");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--trials" => match it.next().and_then(|v| v.parse().ok()) {
+                Some(n) => trials = n,
+                None => return usage(),
+            },
+            "--scenarios" => {
+                let Some(v) = it.next() else { return usage() };
+                scenarios = match v.split(',').map(|x| x.trim().parse()).collect() {
+                    Ok(s) => s,
+                    Err(_) => return usage(),
+                };
+            }
+            "--json" => match it.next() {
+                Some(p) => json_path = PathBuf::from(p),
+                None => return usage(),
+            },
+            _ => return usage(),
+        }
+    }
+    let faults: Vec<Fault> = match scenarios.iter().map(|&n| Fault::from_number(n)).collect() {
+        Some(f) => f,
+        None => {
+            eprintln!("leasedog-lab: scenarios are 1-4");
+            return ExitCode::from(2);
+        }
+    };
+    let bin = agent_bin();
+    eprintln!("agent: {}", bin.display());
+    let k = match Kernel::get() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("leasedog-lab: kernel: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "kernel {} ({} cache, {:.1} s)",
+        k.release,
+        if k.fetched_cold { "cold" } else { "warm" },
+        k.fetch_time.as_secs_f64()
+    );
+    let lab = match Lab::start(&bin) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("leasedog-lab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let mut rows = Vec::new();
+    let mut bad = false;
+    for &f in &faults {
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        for i in 0..trials {
+            let dog = if i % 2 == 0 {
+                Dog::I6300esb
+            } else {
+                Dog::Softdog
+            };
+            match run_trial(&lab, f, dog, false) {
+                Ok(t) => {
+                    eprintln!("[{}/{trials}] {}", i + 1, t.summary());
+                    all.push(t.to_json());
+                    done.push(t);
+                }
+                Err(e) => {
+                    let first = e.lines().next().unwrap_or("").to_string();
+                    eprintln!(
+                        "[{}/{trials}] scenario {} ({}) FAILED: {first}",
+                        i + 1,
+                        f.number(),
+                        dog.name()
+                    );
+                    all.push(json!({"scenario": f.number(), "watchdog": dog.name(), "error": e}));
+                    errors.push(e);
+                }
+            }
+        }
+        let slack: Vec<f64> = done.iter().filter_map(|t| t.slack()).collect();
+        let unfenced = done
+            .iter()
+            .filter(|t| t.slack().is_none_or(|s| s <= R.as_secs_f64()))
+            .count();
+        let failover: Vec<f64> = done.iter().filter_map(|t| t.failover()).collect();
+        let boot: Vec<f64> = done.iter().map(|t| t.boot.as_secs_f64()).collect();
+        let wall: Vec<f64> = done.iter().map(|t| t.wall.as_secs_f64()).collect();
+        let resets = done.iter().filter(|t| t.reset.is_some()).count();
+        bad |= unfenced > 0 || !errors.is_empty();
+        rows.push((
+            f,
+            done.len(),
+            errors.len(),
+            slack,
+            unfenced,
+            failover,
+            boot,
+            wall,
+            resets,
+        ));
+    }
+    let total = started.elapsed();
+    println!();
+    println!(
+        "fencing slack = key deleted - reset (scenario 3: - step-down), host CLOCK_BOOTTIME; \
+         T = 5 s, M = 2 s, R = {} s, W = 3 s; seconds, median [min-max]",
+        R.as_secs()
+    );
+    println!(
+        "{:<34} {:>6} {:>20} {:>9} {:>20} {:>7} {:>18} {:>18}",
+        "scenario",
+        "trials",
+        "slack",
+        "slack<=R",
+        "fault->new leader",
+        "resets",
+        "guest boot",
+        "wall per trial"
+    );
+    let mut summary = Vec::new();
+    for (f, n, errs, slack, unfenced, failover, boot, wall, resets) in &rows {
+        println!(
+            "{:<34} {:>6} {:>20} {:>9} {:>20} {:>7} {:>18} {:>18}",
+            format!("{} {}", f.number(), f.title()),
+            if *errs > 0 {
+                format!("{n}+{errs}err")
+            } else {
+                n.to_string()
+            },
+            fmt_stats(slack),
+            unfenced,
+            fmt_stats(failover),
+            resets,
+            fmt_stats(boot),
+            fmt_stats(wall),
+        );
+        summary.push(json!({
+            "scenario": f.number(), "title": f.title(), "trials": n, "errors": errs,
+            "slack_s": stats(slack).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+            "slack_le_r": unfenced,
+            "failover_s": stats(failover).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+            "resets": resets,
+            "boot_s": stats(boot).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+            "wall_s": stats(wall).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+        }));
+    }
+    println!("total wall time {:.0} s", total.as_secs_f64());
+    let doc = json!({
+        "budget": {"ttl_s": 5, "margin_s": 2, "reset_allowance_s": R.as_secs(), "w_s": 3},
+        "kernel": k.release,
+        "total_wall_s": total.as_secs_f64(),
+        "summary": summary,
+        "trials": all,
+    });
+    if let Some(d) = json_path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    match std::fs::write(&json_path, serde_json::to_string_pretty(&doc).unwrap()) {
+        Ok(()) => println!("wrote {}", json_path.display()),
+        Err(e) => eprintln!("leasedog-lab: {}: {e}", json_path.display()),
+    }
+    if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn demo() -> ExitCode {
+    match run_demo() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("leasedog-lab demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_demo() -> Result<bool, String> {
+    let t0 = Instant::now();
+    let bin = agent_bin();
+    println!("leasedog demo: an etcd on this machine's loopback, two QEMU guests (pg1, pg2)");
+    println!("running leasedog with an emulated Intel 6300ESB hardware watchdog each.");
+    println!("Budget: T = 5 s lease, M = 2 s margin, R = 1 s reset allowance, W = T - M = 3 s.\n");
+    let k = Kernel::get()?;
+    println!(
+        "kernel {} ready ({:.1} s)",
+        k.release,
+        k.fetch_time.as_secs_f64()
+    );
+    let lab = Lab::start(&bin)?;
+    println!("etcd listening on {}", lab.etcd.client_url());
+    let scope = lab.new_scope();
+    let watch = lab.watch(&scope)?;
+    // The same QEMU reboots pg1 after its reset, so its agent can start
+    // again on its (host-shared) audit folder: the audit then proves the
+    // fence on its own.
+    let opts = NodeOpts {
+        reboot: true,
+        ..NodeOpts::new(Dog::I6300esb)
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| lab.boot_node("pg1", &opts));
+        let b = s.spawn(|| lab.boot_node("pg2", &opts));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (mut pg1, mut pg2) = (a?, b?);
+    println!(
+        "guests booted: pg1 in {:.1} s, pg2 in {:.1} s (software emulation)",
+        pg1.guest.boot_time().as_secs_f64(),
+        pg2.guest.boot_time().as_secs_f64()
+    );
+    let cfg1 = lab.guest_config(&scope, &pg1, "keep-pinging")?;
+    pg1.start_agent(&lab.bin, &cfg1)?;
+    let won = watch
+        .wait_for(
+            |e| e.kind == EventKind::Put && holder(&e.value).as_deref() == Some("pg1"),
+            Duration::from_secs(60),
+        )
+        .ok_or_else(|| format!("pg1 did not win the key:\n{}", pg1.agent_log()))?;
+    if !pg1.wait_log("promoted (leader", Duration::from_secs(30)) {
+        return Err(format!("pg1 did not promote:\n{}", pg1.agent_log()));
+    }
+    let cfg2 = lab.guest_config(&scope, &pg2, "keep-pinging")?;
+    pg2.start_agent(&lab.bin, &cfg2)?;
+    if !pg2.wait_log("connected to etcd", Duration::from_secs(30)) {
+        return Err(format!("pg2's agent did not connect:\n{}", pg2.agent_log()));
+    }
+    let armed = pg1
+        .audit()
+        .iter()
+        .filter(|r| r["event"] == "armed")
+        .map(|r| {
+            format!(
+                "{} ({}) W = {} s",
+                r["device"].as_str().unwrap_or("?"),
+                r["identity"].as_str().unwrap_or("?"),
+                r["w_s"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("pg1 holds the leader key and armed {armed}; pg2 is a replica.");
+    std::thread::sleep(Duration::from_secs(2));
+    println!("\nStalling pg1's agent (kill -STOP inside the guest)...");
+    let stall = pg1.guest.kill(pg1.pid()?, "STOP")?.host;
+    let reset = pg1.guest.wait_reset(Duration::from_secs(30));
+    let deleted = watch.wait_for(
+        |e| e.kind == EventKind::Delete && e.boottime_ns >= stall.as_nanos() as u64,
+        Duration::from_secs(30),
+    );
+    let newl = watch.wait_for(
+        |e| {
+            e.kind == EventKind::Put
+                && e.boottime_ns >= stall.as_nanos() as u64
+                && holder(&e.value).as_deref() == Some("pg2")
+        },
+        Duration::from_secs(30),
+    );
+    let rel = |ns: u64| ns as f64 / 1e9 - stall.as_secs_f64();
+    println!("\nTimeline (host CLOCK_BOOTTIME, seconds after the stall):");
+    println!(
+        "  {:>+8.3}  pg1 won the leader key (etcd watch)",
+        rel(won.boottime_ns)
+    );
+    println!("  {:>+8.3}  pg1's agent stalled (SIGSTOP took effect)", 0.0);
+    println!(
+        "  {:>8}  last ping: at the stall at the latest (the pinger is frozen with the agent)",
+        "<= 0.000"
+    );
+    match &reset {
+        Some(r) => println!(
+            "  {:>+8.3}  pg1 RESET by its watchdog (QMP {} {})",
+            rel(r.boottime_ns()),
+            r.name,
+            r.data
+        ),
+        None => println!("  (no reset within 30 s)"),
+    }
+    match &deleted {
+        Some(d) => println!(
+            "  {:>+8.3}  etcd deleted the leader key (pg1's lease expired)",
+            rel(d.boottime_ns)
+        ),
+        None => println!("  (the key was not deleted within 30 s)"),
+    }
+    match &newl {
+        Some(n) => println!("  {:>+8.3}  pg2 took the leader key", rel(n.boottime_ns)),
+        None => println!("  (pg2 did not take the key within 30 s)"),
+    }
+    println!();
+    let ok = match (&reset, &deleted) {
+        (Some(r), Some(d)) => {
+            let slack = (d.boottime_ns as f64 - r.boottime_ns() as f64) / 1e9;
+            if slack > R.as_secs_f64() {
+                println!(
+                    "FENCED: pg1 was reset {slack:.3} s before its lease expired (> R = {} s).",
+                    R.as_secs()
+                );
+                true
+            } else {
+                println!(
+                    "NOT FENCED IN TIME: slack {slack:.3} s <= R = {} s.",
+                    R.as_secs()
+                );
+                false
+            }
+        }
+        _ => {
+            println!("NOT PROVEN: missing reset or key deletion.");
+            false
+        }
+    };
+    if ok && newl.is_none() {
+        println!("(but pg2 did not take over: its log)\n{}", pg2.agent_log());
+    }
+    if ok && reset.is_some() {
+        println!("\npg1 reboots (the same QEMU); its agent starts again on the same audit log...");
+        match audit_after_reboot(&lab, &mut pg1, &pg2) {
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("(audit after the reboot unavailable: {e})"),
+        }
+    }
+    println!("demo took {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(ok && newl.is_some())
+}
+
+/// After pg1's reset: waits for its reboot, starts its agent again, and
+/// runs `leasedog audit timeline` over both nodes' logs.
+fn audit_after_reboot(
+    lab: &Lab,
+    pg1: &mut scenario::Node,
+    pg2: &scenario::Node,
+) -> Result<String, String> {
+    let up = pg1.guest.wait_rebooted(Duration::from_secs(90))?;
+    let before = pg1.audit().len();
+    let cfg =
+        std::fs::read_to_string(pg1.share.join("leasedog.toml")).map_err(|e| e.to_string())?;
+    pg1.start_agent(&lab.bin, &cfg)?;
+    let t = Instant::now();
+    let start = loop {
+        if let Some(r) = pg1
+            .audit()
+            .into_iter()
+            .skip(before)
+            .find(|r| r["event"] == "startup")
+        {
+            break r;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("no start-up record:\n{}", pg1.agent_log()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "pg1 back {:.1} s after the reset; its agent's start-up record: boot {}, previous boot {}, \
+         watchdog reset reported by a device: {}",
+        up.as_secs_f64(),
+        start["boot_id"].as_str().unwrap_or("?"),
+        start["previous_boot_id"].as_str().unwrap_or("none"),
+        start["previous_boot_reset"]
+    );
+    let (code, text) =
+        scenario::audit_timeline(&lab.bin, &[pg1.audit_path(), pg2.audit_path()], None)?;
+    Ok(format!(
+        "\n$ leasedog audit timeline --no-etcd pg1.audit.jsonl pg2.audit.jsonl   (exit {code})\n{text}"
+    ))
+}
