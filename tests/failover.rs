@@ -326,7 +326,13 @@ fn three_nodes_clone_failover_on_agent_kill_and_rejoin() {
     a.pg.sql("INSERT INTO t VALUES (1)");
     wait_replica_with(&b, 1, Duration::from_secs(60));
     wait_replica_with(&c, 1, Duration::from_secs(90));
-    assert!(c.log().contains("cloned"), "c was cloned:\n{}", c.log());
+    // The agent logs the clone once `pg_ctl start` returned, which can be
+    // after the first rows streamed: wait for the line, don't race it.
+    assert!(
+        wait_until(Duration::from_secs(30), || c.log().contains("cloned")),
+        "c was cloned:\n{}",
+        c.log()
+    );
     assert_eq!(assert_one_writable(&[&a, &b, &c], 10), "a");
     assert_eq!(holder(&client, scope).as_deref(), Some("a"));
     assert!(b.streaming() && c.streaming());
@@ -486,7 +492,9 @@ fn two_nodes_stalled_agent_is_reset_before_takeover_and_rewinds() {
     assert!(a.log().contains("writable while b leads"), "{}", a.log());
     wait_replica_with(&a, 2, Duration::from_secs(90));
     assert!(
-        a.log().contains("rewound: true"),
+        wait_until(Duration::from_secs(30), || a
+            .log()
+            .contains("rewound: true")),
         "a was rewound:\n{}",
         a.log()
     );
