@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --workspace --features testing --quiet
-cargo test --workspace --features testing -- --test-threads=2
+cargo test --workspace --features testing --no-fail-fast -- --test-threads=2
