@@ -5,7 +5,7 @@
 //! Budget: T = 4 s, M = 2 s, R = 1 s (W = 2 s), loop 0.4 s, request 0.5 s.
 
 use leasedog::watchdog::{read_fake_record, FakeOp};
-use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{
     boottime_ns, BlockingClient, EtcdCluster, EtcdServer, EventKind, KeyWatch,
 };
@@ -19,31 +19,8 @@ const M_MINUS_R_NS: u64 = 1_000_000_000;
 const R_NS: u64 = 1_000_000_000;
 
 fn config(scope: &str, node: &str, endpoints: &[String], record: &Path, mode: &str) -> String {
-    let eps: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
-    format!(
-        r#"scope = "{scope}"
-node = "{node}"
-[etcd]
-endpoints = [{eps}]
-request_timeout = 0.5
-[timing]
-ttl = {T}
-safety_margin = 2.0
-reset_allowance = 1.0
-loop_interval = 0.4
-[watchdog]
-mode = "{mode}"
-ping_interval = 0.05
-[[watchdog.device]]
-kind = "fake"
-record = "{record}"
-[audit]
-dir = "{audit}"
-"#,
-        eps = eps.join(", "),
-        record = record.display(),
-        audit = record.parent().unwrap().join("audit").display()
-    )
+    let audit = record.parent().unwrap().join("audit");
+    fake_device_config(scope, node, endpoints, mode, record, &audit)
 }
 
 struct Node {

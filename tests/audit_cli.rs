@@ -9,7 +9,7 @@
 use leasedog::config::EtcdConfig;
 use leasedog::dcs::Dcs;
 use leasedog::watchdog::{read_fake_record, FakeOp};
-use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdServer, EventKind, KeyWatch};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -23,31 +23,8 @@ const R_NS: u64 = 1_000_000_000;
 const M_MINUS_R_NS: u64 = 1_000_000_000;
 
 fn config(scope: &str, node: &str, endpoints: &[String], record: &Path) -> String {
-    let eps: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
-    format!(
-        r#"scope = "{scope}"
-node = "{node}"
-[etcd]
-endpoints = [{eps}]
-request_timeout = 0.5
-[timing]
-ttl = {T}
-safety_margin = 2.0
-reset_allowance = 1.0
-loop_interval = 0.4
-[watchdog]
-mode = "required"
-ping_interval = 0.05
-[[watchdog.device]]
-kind = "fake"
-record = "{record}"
-[audit]
-dir = "{audit}"
-"#,
-        eps = eps.join(", "),
-        record = record.display(),
-        audit = record.parent().unwrap().join("audit").display()
-    )
+    let audit = record.parent().unwrap().join("audit");
+    fake_device_config(scope, node, endpoints, "required", record, &audit)
 }
 
 /// One node: its fake device record and audit log live in `dir`, which

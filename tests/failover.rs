@@ -7,7 +7,7 @@
 //! Tests run one at a time (a lock): a 2-core machine running several
 //! PostgreSQL clusters and agents at once would stall loops past the budget.
 
-use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdServer, EventKind, KeyWatch};
 use leasedog_testbed::fence::FakeWatchdogMonitor;
 use leasedog_testbed::pg::{free_port, processes_in, PgNode};
@@ -39,27 +39,16 @@ fn config(
     pg: &PgNode,
     o: &PgOverrides,
 ) -> String {
-    let eps: Vec<String> = eps.iter().map(|e| format!("{e:?}")).collect();
+    let base = fake_device_config(
+        scope,
+        node,
+        eps,
+        "required",
+        &dir.join("wd"),
+        &dir.join("audit"),
+    );
     format!(
-        r#"scope = "{scope}"
-node = "{node}"
-[etcd]
-endpoints = [{eps}]
-request_timeout = 0.5
-[timing]
-ttl = 4
-safety_margin = 2.0
-reset_allowance = 1.0
-loop_interval = 0.4
-[watchdog]
-mode = "required"
-ping_interval = 0.05
-[[watchdog.device]]
-kind = "fake"
-record = "{record}"
-[audit]
-dir = "{audit}"
-[postgres]
+        r#"{base}[postgres]
 host = "{socket}"
 port = {port}
 data_dir = "{data}"
@@ -68,9 +57,6 @@ advertise_host = "127.0.0.1"
 stop_timeout = 1.0
 {extra}
 "#,
-        eps = eps.join(", "),
-        record = dir.join("wd").display(),
-        audit = dir.join("audit").display(),
         socket = pg.socket_dir().display(),
         port = pg.port,
         data = o.data_dir.clone().unwrap_or(pg.data_dir()).display(),

@@ -7,7 +7,7 @@
 use leasedog::config::EtcdConfig;
 use leasedog::dcs::{Dcs, DcsError, LeaseId, Renewal};
 use leasedog::metrics;
-use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{BlockingClient, EtcdServer};
 use std::fs;
 use std::os::unix::net::UnixDatagram;
@@ -316,33 +316,9 @@ fn etcd_password_auth() {
 }
 
 fn agent_config(scope: &str, node: &str, eps: &[String], dir: &Path, listen: &str) -> String {
-    let eps: Vec<String> = eps.iter().map(|e| format!("{e:?}")).collect();
-    format!(
-        r#"scope = "{scope}"
-node = "{node}"
-[etcd]
-endpoints = [{eps}]
-request_timeout = 0.5
-[timing]
-ttl = 4
-safety_margin = 2.0
-reset_allowance = 1.0
-loop_interval = 0.4
-[watchdog]
-mode = "required"
-ping_interval = 0.05
-[[watchdog.device]]
-kind = "fake"
-record = "{record}"
-[audit]
-dir = "{audit}"
-[metrics]
-listen = "{listen}"
-"#,
-        eps = eps.join(", "),
-        record = dir.join(format!("{node}.wd")).display(),
-        audit = dir.join("audit").display(),
-    )
+    let record = dir.join(format!("{node}.wd"));
+    let base = fake_device_config(scope, node, eps, "required", &record, &dir.join("audit"));
+    format!("{base}[metrics]\nlisten = \"{listen}\"\n")
 }
 
 struct Node {

@@ -147,3 +147,46 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+/// The budget the process-level tests use: T = 4 s, M = 2 s, R = 1 s (so
+/// W = 2 s and the ping window M - R = 1 s), loop 0.4 s, requests 0.5 s,
+/// pings every 50 ms.
+pub const TEST_TTL_SECS: u64 = 4;
+
+/// An agent configuration with the test budget, one fake watchdog device
+/// recording into `record` (test builds only), and the audit log in `audit`.
+/// Tests append further sections (`[postgres]`, `[metrics]`) to the text.
+pub fn fake_device_config(
+    scope: &str,
+    node: &str,
+    endpoints: &[String],
+    mode: &str,
+    record: &Path,
+    audit: &Path,
+) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        r#"scope = "{scope}"
+node = "{node}"
+[etcd]
+endpoints = [{eps}]
+request_timeout = 0.5
+[timing]
+ttl = {TEST_TTL_SECS}
+safety_margin = 2.0
+reset_allowance = 1.0
+loop_interval = 0.4
+[watchdog]
+mode = "{mode}"
+ping_interval = 0.05
+[[watchdog.device]]
+kind = "fake"
+record = "{record}"
+[audit]
+dir = "{audit}"
+"#,
+        eps = eps.join(", "),
+        record = record.display(),
+        audit = audit.display()
+    )
+}
