@@ -622,7 +622,9 @@ impl Agent {
                         // A fresh primary has no standby yet: drop a copied
                         // setting at once, or every commit would wait.
                         self.sync_names = None;
-                        self.apply_sync(pg.clone()).await;
+                        if pg.config().synchronous_mode {
+                            self.apply_sync(pg.clone()).await;
+                        }
                         Some(Input::Promoted)
                     }
                     Err(e) => {
