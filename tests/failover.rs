@@ -726,7 +726,9 @@ fn synchronous_mode_names_the_replica_and_drops_it_when_it_dies() {
         wait_until(Duration::from_secs(60), || {
             sync_names(&a).as_deref() == Ok(r#"FIRST 1 ("b")"#)
                 && a.pg
-                    .try_sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'b'")
+                    .try_sql(
+                        "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'b'",
+                    )
                     .is_ok_and(|s| s == "sync")
         }),
         "a never made b its synchronous standby ({:?})\n{}\n{}",
@@ -734,7 +736,11 @@ fn synchronous_mode_names_the_replica_and_drops_it_when_it_dies() {
         a.log(),
         b.log()
     );
-    assert_eq!(sync_names(&b).as_deref(), Ok(""), "a follower leaves its own alone");
+    assert_eq!(
+        sync_names(&b).as_deref(),
+        Ok(""),
+        "a follower leaves its own alone"
+    );
     a.pg.sql("INSERT INTO t VALUES (1)");
     wait_replica_with(&b, 1, Duration::from_secs(30));
 
@@ -742,12 +748,16 @@ fn synchronous_mode_names_the_replica_and_drops_it_when_it_dies() {
     b.kill_agent();
     signal_all(&processes_in(&b.pg.data_dir()), libc::SIGKILL);
     assert!(
-        wait_until(Duration::from_secs(30), || sync_names(&a).as_deref() == Ok("")),
+        wait_until(Duration::from_secs(30), || sync_names(&a).as_deref()
+            == Ok("")),
         "a kept naming a dead standby ({:?})\n{}",
         sync_names(&a),
         a.log()
     );
-    eprintln!("TIMING sync names cleared {:?} after the replica died", t0.elapsed());
+    eprintln!(
+        "TIMING sync names cleared {:?} after the replica died",
+        t0.elapsed()
+    );
     // A commit must not wait for the dead standby: run it where a hang
     // cannot hold the test.
     let (tx, rx) = std::sync::mpsc::channel();

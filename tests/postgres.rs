@@ -501,7 +501,9 @@ async fn synchronous_standby_names_and_the_standby_config_coexist() {
     let (da, db) = (driver(&a), driver(&b));
     // pg_basebackup -R names no application: the walreceiver default.
     assert!(PgNode::wait_until(Duration::from_secs(30), || {
-        b.try_sql("SELECT status FROM pg_stat_wal_receiver").as_deref() == Ok("streaming")
+        b.try_sql("SELECT status FROM pg_stat_wal_receiver")
+            .as_deref()
+            == Ok("streaming")
     }));
     assert_eq!(da.streaming_standbys().await.unwrap(), vec!["walreceiver"]);
     assert_eq!(db.streaming_standbys().await.unwrap(), Vec::<String>::new());
@@ -538,7 +540,11 @@ async fn synchronous_standby_names_and_the_standby_config_coexist() {
     assert!(auto.contains("primary_conninfo"), "{auto}");
     b.stop();
     b.start();
-    assert_eq!(names().await, vec![odd], "b still streams after ALTER SYSTEM");
+    assert_eq!(
+        names().await,
+        vec![odd],
+        "b still streams after ALTER SYSTEM"
+    );
 
     // On the primary: name b; a commit now waits for it.
     let want = synchronous_standby_names_for(&da.streaming_standbys().await.unwrap());
