@@ -399,8 +399,14 @@ impl Agent {
                     if let Some(code) = self.feed(Input::Tick).await {
                         return code;
                     }
-                    pending.extend(self.observe_postgres().await);
-                    self.manage_sync().await;
+                    let observed = self.observe_postgres().await;
+                    // Only after a successful look: a hung server must not
+                    // hold the loop (and the next renewal) any longer.
+                    let answered = observed.iter().any(|i| matches!(i, Input::Postgres(_)));
+                    pending.extend(observed);
+                    if answered {
+                        self.manage_sync().await;
+                    }
                     self.publish_member().await;
                     self.ops.after(&self.core, true);
                     continue;
@@ -944,7 +950,19 @@ impl Agent {
         self.apply_sync(pg).await;
     }
 
+    /// Both queries together under one `postgres.query_timeout`: this runs
+    /// in the loop that renews the lease.
     async fn apply_sync(&mut self, pg: Pg) {
+        let within = Duration::from_secs_f64(pg.config().query_timeout);
+        if tokio::time::timeout(within, self.apply_sync_inner(pg))
+            .await
+            .is_err()
+        {
+            warn!("synchronous mode: synchronous_standby_names not updated within {within:?}");
+        }
+    }
+
+    async fn apply_sync_inner(&mut self, pg: Pg) {
         let standbys = match pg.streaming_standbys().await {
             // pg_basebackup's WAL stream is no replica to wait for.
             Ok(s) => s
