@@ -31,6 +31,19 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
+/// The non-strict synchronous-mode setting for these standbys: `FIRST 1
+/// ("a", "b")` (names quoted as identifiers), or '' when there are none.
+pub fn synchronous_standby_names_for(standbys: &[String]) -> String {
+    if standbys.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = standbys
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace('"', "\"\"")))
+        .collect();
+    format!("FIRST 1 ({})", names.join(", "))
+}
+
 // ---------------------------------------------------------------------------
 // Configuration
 
@@ -100,6 +113,13 @@ pub struct PgConfig {
     /// 127.0.0.1.
     #[serde(default)]
     pub advertise_host: Option<String>,
+    /// The leader names its streaming standbys in `synchronous_standby_names`
+    /// (`FIRST 1 (...)`) so a commit is acknowledged only once a standby has
+    /// it, and sets it to '' while none streams (non-strict: a lone primary
+    /// keeps accepting writes, unprotected). Trades commit latency for no
+    /// lost acknowledged commits at failover.
+    #[serde(default)]
+    pub synchronous_mode: bool,
 }
 
 /// Credentials in the `primary_conninfo` of replicas and the source of `pg_rewind`.
@@ -1560,6 +1580,49 @@ impl Pg {
         eligible(&wal, leader_lsn, self.cfg.maximum_lag_on_failover).map_err(PgError::NotEligible)
     }
 
+    /// The `application_name` of every `pg_stat_replication` row in state
+    /// `streaming`, sorted (a stable order keeps the derived setting stable).
+    pub async fn streaming_standbys(&self) -> Result<Vec<String>, PgError> {
+        const Q: &str = "SELECT application_name FROM pg_stat_replication \
+                         WHERE state = 'streaming' ORDER BY application_name";
+        let within = PgConfig::secs(self.cfg.query_timeout);
+        let rows = self
+            .with_client("pg_stat_replication", within, |c| {
+                Box::pin(async move { c.query(Q, &[]).await })
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .collect())
+    }
+
+    /// Sets `synchronous_standby_names` with `ALTER SYSTEM` (it persists in
+    /// `postgresql.auto.conf`) and reloads, only when the running value
+    /// differs. Returns whether it changed.
+    pub async fn set_synchronous_standby_names(&self, value: &str) -> Result<bool, PgError> {
+        let within = PgConfig::secs(self.cfg.query_timeout);
+        // ALTER SYSTEM takes no bind parameters: an escape-string literal is
+        // safe whatever standard_conforming_strings says.
+        let alter = format!(
+            "ALTER SYSTEM SET synchronous_standby_names = E'{}'",
+            value.replace('\\', "\\\\").replace('\'', "''")
+        );
+        let value = value.to_owned();
+        self.with_client("setting synchronous_standby_names", within, |c| {
+            Box::pin(async move {
+                let row = c.query_one("SHOW synchronous_standby_names", &[]).await?;
+                if row.get::<_, String>(0) == value {
+                    return Ok(false);
+                }
+                c.batch_execute(&alter).await?;
+                c.batch_execute("SELECT pg_reload_conf()").await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
     // --- actions ----------------------------------------------------------
 
     /// `pg_promote(true, N)` under `postgres.promote_timeout`. Already a
@@ -1636,6 +1699,16 @@ mod tests {
             "postgres.query_timeout"
         );
         assert!(toml::from_str::<PgConfig>("data_dir = \"/d\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn synchronous_names_quote_identifiers() {
+        assert_eq!(synchronous_standby_names_for(&[]), "");
+        let names = ["b".to_string(), "my \"odd\" node".to_string()];
+        assert_eq!(
+            synchronous_standby_names_for(&names),
+            r#"FIRST 1 ("b", "my ""odd"" node")"#
+        );
     }
 
     #[test]

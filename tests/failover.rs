@@ -683,3 +683,99 @@ impl Writable for PgNode {
             .map(|v| v == "f")
     }
 }
+
+fn sync_names(n: &Node) -> Result<String, String> {
+    n.pg.try_sql("SHOW synchronous_standby_names")
+}
+
+/// Synchronous mode on a 2-node scope: the leader names the replica while it
+/// streams; once the replica's agent and PostgreSQL are killed, the leader
+/// sets '' and commits go on (non-strict).
+#[test]
+fn synchronous_mode_names_the_replica_and_drops_it_when_it_dies() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "sync";
+    let sync = PgOverrides {
+        extra: "synchronous_mode = true".into(),
+        ..Default::default()
+    };
+    let pg = PgNode::init(free_port());
+    pg.start();
+    pg.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
+    let mut a = Node::with(scope, "a", &eps, pg, sync.clone());
+    a.start_agent();
+    wait_holder(&client, scope, "a", Duration::from_secs(30));
+    let mut b = Node::with(
+        scope,
+        "b",
+        &eps,
+        PgNode::replica_of(&a.pg, free_port()),
+        sync,
+    );
+    b.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            sync_names(&a).as_deref() == Ok(r#"FIRST 1 ("b")"#)
+                && a.pg
+                    .try_sql(
+                        "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'b'",
+                    )
+                    .is_ok_and(|s| s == "sync")
+        }),
+        "a never made b its synchronous standby ({:?})\n{}\n{}",
+        sync_names(&a),
+        a.log(),
+        b.log()
+    );
+    assert_eq!(
+        sync_names(&b).as_deref(),
+        Ok(""),
+        "a follower leaves its own alone"
+    );
+    a.pg.sql("INSERT INTO t VALUES (1)");
+    wait_replica_with(&b, 1, Duration::from_secs(30));
+
+    let t0 = Instant::now();
+    b.kill_agent();
+    signal_all(&processes_in(&b.pg.data_dir()), libc::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(30), || sync_names(&a).as_deref()
+            == Ok("")),
+        "a kept naming a dead standby ({:?})\n{}",
+        sync_names(&a),
+        a.log()
+    );
+    eprintln!(
+        "TIMING sync names cleared {:?} after the replica died",
+        t0.elapsed()
+    );
+    // A commit must not wait for the dead standby: run it where a hang
+    // cannot hold the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (sock, port) = (a.pg.socket_dir(), a.pg.port);
+    std::thread::spawn(move || {
+        let ok = std::process::Command::new(format!("{}/psql", leasedog_testbed::pg::BIN_DIR))
+            .arg("-h")
+            .arg(sock)
+            .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .args(["-X", "-q", "-c", "INSERT INTO t VALUES (2)"])
+            .status()
+            .is_ok_and(|s| s.success());
+        let _ = tx.send(ok);
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)),
+        Ok(true),
+        "a commit on the lone leader went through"
+    );
+    assert!(a.has_row("t", 2));
+    assert_eq!(holder(&client, scope).as_deref(), Some("a"));
+    let log = a.log();
+    assert!(
+        log.contains("synchronous_standby_names set"),
+        "each change is logged:\n{log}"
+    );
+}

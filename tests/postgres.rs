@@ -487,3 +487,96 @@ async fn a_failed_rejoin_leaves_a_node_that_starts_read_only() {
     node.start(); // by hand, as an operator might
     assert!(node.is_in_recovery());
 }
+
+/// Synchronous mode's driver calls, and that ALTER SYSTEM (which rewrites
+/// postgresql.auto.conf) and `write_standby_config` (which rewrites its
+/// primary_conninfo line) keep each other's lines, in both orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_standby_names_and_the_standby_config_coexist() {
+    use leasedog::postgres::synchronous_standby_names_for;
+    let a = PgNode::init(free_port());
+    a.start();
+    a.sql("CREATE TABLE t (v int)");
+    let b = PgNode::replica_of(&a, free_port());
+    let (da, db) = (driver(&a), driver(&b));
+    // pg_basebackup -R names no application: the walreceiver default.
+    assert!(PgNode::wait_until(Duration::from_secs(30), || {
+        b.try_sql("SELECT status FROM pg_stat_wal_receiver")
+            .as_deref()
+            == Ok("streaming")
+    }));
+    assert_eq!(da.streaming_standbys().await.unwrap(), vec!["walreceiver"]);
+    assert_eq!(db.streaming_standbys().await.unwrap(), Vec::<String>::new());
+
+    // On the standby: ALTER SYSTEM first, then the standby config with an
+    // odd application name (quotes in it), then a restart.
+    let odd = r#"node "b" it's"#;
+    let quirky = r#"FIRST 1 ("x\y", "it's")"#; // a literal quote and backslash survive
+    assert!(db.set_synchronous_standby_names(quirky).await.unwrap());
+    assert!(wait_row(&b, "SHOW synchronous_standby_names", quirky));
+    assert!(!db.set_synchronous_standby_names(quirky).await.unwrap());
+    let info = cfg_for(&b).replication_conninfo("127.0.0.1", a.port, odd);
+    db.write_standby_config(&info).unwrap();
+    b.stop();
+    b.start();
+    assert!(wait_row(&b, "SHOW synchronous_standby_names", quirky));
+    let names = || async {
+        let mut got = Vec::new();
+        for _ in 0..300 {
+            got = da.streaming_standbys().await.unwrap();
+            if got == [odd] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        got
+    };
+    assert_eq!(names().await, vec![odd], "b streams under its new name");
+
+    // Then ALTER SYSTEM again on the standby: primary_conninfo survives it
+    // (and a restart).
+    assert!(db.set_synchronous_standby_names("").await.unwrap());
+    let auto = std::fs::read_to_string(b.data_dir().join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("primary_conninfo"), "{auto}");
+    b.stop();
+    b.start();
+    assert_eq!(
+        names().await,
+        vec![odd],
+        "b still streams after ALTER SYSTEM"
+    );
+
+    // On the primary: name b; a commit now waits for it.
+    let want = synchronous_standby_names_for(&da.streaming_standbys().await.unwrap());
+    assert_eq!(want, r#"FIRST 1 ("node ""b"" it's")"#);
+    assert!(da.set_synchronous_standby_names(&want).await.unwrap());
+    assert!(wait_row(
+        &a,
+        "SELECT sync_state FROM pg_stat_replication",
+        "sync"
+    ));
+    a.sql("INSERT INTO t VALUES (1)");
+    assert!(wait_row(&b, "SELECT count(*) FROM t", "1"));
+
+    // b gone: commits would block until the setting is cleared.
+    b.stop();
+    assert!(da.set_synchronous_standby_names("").await.unwrap());
+    assert!(wait_row(&a, "SHOW synchronous_standby_names", ""));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let port = a.port;
+    let sock = a.socket_dir();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new(format!("{}/psql", leasedog_testbed::pg::BIN_DIR))
+            .arg("-h")
+            .arg(sock)
+            .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .args(["-X", "-q", "-c", "INSERT INTO t VALUES (2)"])
+            .status();
+        let _ = tx.send(out.map(|s| s.success()));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(20));
+    assert!(
+        matches!(r, Ok(Ok(true))),
+        "a commit with no standby and '' must not wait: {r:?}"
+    );
+}

@@ -129,6 +129,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         last_lsn: None,
         connect_failed_at: None,
         pg_view: PgView::Unmanaged,
+        sync_names: None,
         ticks: 0,
         mirror: None,
         ops,
@@ -189,6 +190,8 @@ struct Agent {
     /// Our PostgreSQL's WAL position and state at the last observation.
     last_lsn: Option<u64>,
     pg_view: PgView,
+    /// `synchronous_standby_names` as this agent last set or saw it (synchronous mode).
+    sync_names: Option<String>,
     ticks: u64,
     /// sd_notify and the metrics endpoint.
     ops: ops::Ops,
@@ -396,7 +399,14 @@ impl Agent {
                     if let Some(code) = self.feed(Input::Tick).await {
                         return code;
                     }
-                    pending.extend(self.observe_postgres().await);
+                    let observed = self.observe_postgres().await;
+                    // Only after a successful look: a hung server must not
+                    // hold the loop (and the next renewal) any longer.
+                    let answered = observed.iter().any(|i| matches!(i, Input::Postgres(_)));
+                    pending.extend(observed);
+                    if answered {
+                        self.manage_sync().await;
+                    }
                     self.publish_member().await;
                     self.ops.after(&self.core, true);
                     continue;
@@ -606,7 +616,7 @@ impl Agent {
                 }
             }
             Action::Arm { not_after } => Some(self.arm(not_after).await),
-            Action::Promote => match &self.pg {
+            Action::Promote => match self.pg.clone() {
                 None => {
                     info!("promoted (leader; no PostgreSQL configured)");
                     Some(Input::Promoted)
@@ -615,6 +625,12 @@ impl Agent {
                     Ok(how) => {
                         info!(?how, "promoted (leader): PostgreSQL is primary");
                         self.following_pg = None;
+                        // A fresh primary has no standby yet: drop a copied
+                        // setting at once, or every commit would wait.
+                        self.sync_names = None;
+                        if pg.config().synchronous_mode {
+                            self.apply_sync(pg.clone()).await;
+                        }
                         Some(Input::Promoted)
                     }
                     Err(e) => {
@@ -913,6 +929,64 @@ impl Agent {
             });
         }
         out
+    }
+
+    /// Synchronous mode: as leader of a primary, keeps
+    /// `synchronous_standby_names` naming the streaming standbys ('' when
+    /// none stream). Anything else leaves the setting alone.
+    async fn manage_sync(&mut self) {
+        let Some(pg) = self.pg.clone() else { return };
+        if !pg.config().synchronous_mode {
+            return;
+        }
+        if *self.core.role() != Role::Leader || self.pg_view != PgView::Primary {
+            self.sync_names = None;
+            return;
+        }
+        // Re-read the server's value now and then, in case someone changed it.
+        if self.ticks % members::LSN_EVERY_LOOPS == 0 {
+            self.sync_names = None;
+        }
+        self.apply_sync(pg).await;
+    }
+
+    /// Both queries together under one `postgres.query_timeout`: this runs
+    /// in the loop that renews the lease.
+    async fn apply_sync(&mut self, pg: Pg) {
+        let within = Duration::from_secs_f64(pg.config().query_timeout);
+        if tokio::time::timeout(within, self.apply_sync_inner(pg))
+            .await
+            .is_err()
+        {
+            warn!("synchronous mode: synchronous_standby_names not updated within {within:?}");
+        }
+    }
+
+    async fn apply_sync_inner(&mut self, pg: Pg) {
+        let standbys = match pg.streaming_standbys().await {
+            // pg_basebackup's WAL stream is no replica to wait for.
+            Ok(s) => s
+                .into_iter()
+                .filter(|n| !n.is_empty() && n != "pg_basebackup")
+                .collect::<Vec<_>>(),
+            Err(e) => {
+                warn!("synchronous mode: cannot list the streaming standbys: {e}");
+                return;
+            }
+        };
+        let want = pgsql::synchronous_standby_names_for(&standbys);
+        if self.sync_names.as_ref() == Some(&want) {
+            return;
+        }
+        match pg.set_synchronous_standby_names(&want).await {
+            Ok(changed) => {
+                if changed {
+                    info!(value = %want, "synchronous mode: synchronous_standby_names set");
+                }
+                self.sync_names = Some(want);
+            }
+            Err(e) => warn!("synchronous mode: cannot set synchronous_standby_names: {e}"),
+        }
     }
 
     /// Publishes this node's member record on its lease when it changed, and

@@ -129,7 +129,7 @@ impl Node {
         }
     }
 
-    fn start_agent(&mut self, bin: &Path, eps: &[String], ttl: u64) {
+    fn start_agent(&mut self, bin: &Path, eps: &[String], ttl: u64, sync: bool) {
         let margin = ttl / 2;
         let cfg = format!(
             r#"scope = "bench"
@@ -154,6 +154,7 @@ host = "{socket}"
 port = {port}
 data_dir = "{data}"
 advertise_host = "127.0.0.1"
+synchronous_mode = {sync}
 "#,
             name = self.name,
             eps = eps
@@ -417,23 +418,19 @@ fn trial_inner(
     let pg_a = PgNode::init(free_port());
     pg_a.start();
     pg_a.sql("CREATE TABLE bench (id bigint PRIMARY KEY, at timestamptz DEFAULT now())");
-    if sync {
-        // Any one standby must confirm each commit; copied to b by the clone,
-        // kept by pg_rewind: both nodes run with it.
-        pg_a.sql("ALTER SYSTEM SET synchronous_standby_names = '*'");
-        pg_a.sql("SELECT pg_reload_conf()");
-    }
+    // Synchronous trials: the agents run with postgres.synchronous_mode, the
+    // leader naming its streaming standby in synchronous_standby_names.
     let pg_b = PgNode::replica_of(&pg_a, free_port());
     let ports = [pg_a.port, pg_b.port];
     let mut nodes = [Node::new("a", pg_a), Node::new("b", pg_b)];
-    nodes[0].start_agent(&args.bin, &eps, args.ttl);
+    nodes[0].start_agent(&args.bin, &eps, args.ttl, sync);
     if !nodes[0]
         .agent()
         .wait_log("Promoted", Duration::from_secs(60))
     {
         return Err("a never led".into());
     }
-    nodes[1].start_agent(&args.bin, &eps, args.ttl);
+    nodes[1].start_agent(&args.bin, &eps, args.ttl, sync);
     if !nodes[1]
         .agent()
         .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60))
@@ -447,6 +444,16 @@ fn trial_inner(
             .is_ok_and(|s| s == "streaming")
     }) {
         return Err("b never streamed".into());
+    }
+    if sync
+        && !wait_until(Duration::from_secs(30), || {
+            nodes[0]
+                .pg
+                .try_sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'b'")
+                .is_ok_and(|s| s == "sync")
+        })
+    {
+        return Err("a's agent never made b a synchronous standby".into());
     }
 
     // Writers and the probe run from here to the end.
@@ -541,7 +548,7 @@ fn trial_inner(
             .as_mut()
             .unwrap()
             .wait_exit(Duration::from_secs(5));
-        nodes[0].start_agent(&args.bin, &eps, args.ttl);
+        nodes[0].start_agent(&args.bin, &eps, args.ttl, sync);
     }
     let rejoined = wait_until(Duration::from_secs(90), || {
         nodes[0]
