@@ -451,6 +451,10 @@ mod tests {
         while p.events.dropped() == 0 && t0.elapsed() < Duration::from_secs(20) {
             thread::sleep(Duration::from_millis(20));
         }
+        // No evidence, no refusals: the queue holds still while it is drained
+        // (otherwise the 1 ms pinger refills slots as they free up).
+        cell.store(Evidence::None);
+        thread::sleep(Duration::from_millis(50));
         let events = drain(&p);
         assert_eq!(events.len(), EVENT_QUEUE);
         assert!(p.events.dropped() > 0, "drops are counted");
