@@ -9,6 +9,7 @@ use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{
     boottime_ns, BlockingClient, EtcdCluster, EtcdServer, EventKind, KeyWatch,
 };
+use leasedog_testbed::wait_until;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -101,17 +102,6 @@ fn leader_key(scope: &str) -> String {
 fn holder_name(value: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(value).ok()?;
     v.get("node")?.as_str().map(String::from)
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 fn wait_holder(client: &BlockingClient, scope: &str, timeout: Duration) -> String {

@@ -11,6 +11,7 @@ use leasedog::dcs::Dcs;
 use leasedog::watchdog::{read_fake_record, FakeOp};
 use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdServer, EventKind, KeyWatch};
+use leasedog_testbed::wait_until;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,17 +116,6 @@ fn leader_key(scope: &str) -> String {
 fn holder(client: &BlockingClient, scope: &str) -> Option<String> {
     let v: Value = serde_json::from_slice(&client.get(&leader_key(scope)).ok()??).ok()?;
     v["node"].as_str().map(String::from)
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// Runs `leasedog audit ...`; returns (exit status, stdout, stderr).

@@ -11,6 +11,7 @@ use leasedog_testbed::agent::{fake_device_config, AgentProcess};
 use leasedog_testbed::etcd::{boottime_ns, BlockingClient, EtcdServer, EventKind, KeyWatch};
 use leasedog_testbed::fence::FakeWatchdogMonitor;
 use leasedog_testbed::pg::{free_port, processes_in, PgNode};
+use leasedog_testbed::wait_until;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,14 +95,8 @@ impl Node {
             .tempdir()
             .unwrap();
         let agent_pid = Arc::new(AtomicI32::new(0));
-        let monitor = {
-            let (pid, data) = (agent_pid.clone(), pg.data_dir());
-            FakeWatchdogMonitor::start(dir.path().join("wd"), move || {
-                let mut v = vec![pid.load(Ordering::SeqCst)];
-                v.extend(processes_in(&data));
-                v
-            })
-        };
+        let monitor =
+            FakeWatchdogMonitor::for_node(dir.path().join("wd"), agent_pid.clone(), pg.data_dir());
         Node {
             name: name.into(),
             scope: scope.into(),
@@ -209,17 +204,6 @@ fn holder(c: &BlockingClient, scope: &str) -> Option<String> {
         .ok()
         .flatten()
         .and_then(|v| holder_name(&v))
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 fn wait_holder(c: &BlockingClient, scope: &str, want: &str, within: Duration) {

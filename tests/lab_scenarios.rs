@@ -9,8 +9,9 @@ use leasedog_testbed::lab::scenario::{
     GUEST_NODE, HOST_NODE, R,
 };
 use leasedog_testbed::lab::{Guest, GuestSpec, SoftdogOpts, Watchdogs};
+use leasedog_testbed::wait_until;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
 
@@ -156,19 +157,6 @@ fn s3_network_cut_steps_down_by_its_deadline_timer() {
 fn s4_crash_leaves_the_device_armed_and_the_guest_resets() {
     let (_lab, t) = trial(Fault::Crash, Dog::I6300esb, false);
     assert_fenced(&t);
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if t0.elapsed() >= timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Scenario 5: SIGTERM: the leader releases the key, disarms its device

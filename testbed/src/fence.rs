@@ -86,6 +86,21 @@ pub struct FakeWatchdogMonitor {
 const POLL: Duration = Duration::from_millis(10);
 
 impl FakeWatchdogMonitor {
+    /// The reset stand-in for one node: on expiry, kills the agent whose pid
+    /// `agent_pid` holds (0 = none yet) and every process of the PostgreSQL
+    /// running in `data_dir`.
+    pub fn for_node(
+        record: impl Into<PathBuf>,
+        agent_pid: std::sync::Arc<std::sync::atomic::AtomicI32>,
+        data_dir: PathBuf,
+    ) -> FakeWatchdogMonitor {
+        FakeWatchdogMonitor::start(record, move || {
+            let mut v = vec![agent_pid.load(std::sync::atomic::Ordering::SeqCst)];
+            v.extend(crate::pg::processes_in(&data_dir));
+            v
+        })
+    }
+
     /// Watches `record`; on expiry SIGKILLs every pid `victims()` returns
     /// (called at that moment, so it can name a restarted agent).
     pub fn start(

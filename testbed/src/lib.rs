@@ -6,3 +6,20 @@ pub mod etcd;
 pub mod fence;
 pub mod lab;
 pub mod pg;
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 50 ms until it holds (true) or `within` passes (false).
+/// The one wait of the tests, benchmarks and lab.
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

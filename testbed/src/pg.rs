@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 pub const OS_USER: &str = "postgres";
@@ -300,17 +300,8 @@ impl PgNode {
     }
 
     /// Polls `f` every 50 ms until it holds or `within` passes.
-    pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-        let end = Instant::now() + within;
-        loop {
-            if f() {
-                return true;
-            }
-            if Instant::now() > end {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_until(within: Duration, f: impl FnMut() -> bool) -> bool {
+        crate::wait_until(within, f)
     }
 }
 

@@ -23,6 +23,7 @@ use leasedog_testbed::agent::AgentProcess;
 use leasedog_testbed::etcd::{boottime_ns, EtcdServer, EventKind, KeyWatch};
 use leasedog_testbed::fence::FakeWatchdogMonitor;
 use leasedog_testbed::pg::{free_port, processes_in, PgNode};
+use leasedog_testbed::wait_until;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -111,14 +112,8 @@ impl Node {
             .tempdir()
             .unwrap();
         let agent_pid = Arc::new(AtomicI32::new(0));
-        let monitor = {
-            let (pid, data) = (agent_pid.clone(), pg.data_dir());
-            FakeWatchdogMonitor::start(dir.path().join("wd"), move || {
-                let mut v = vec![pid.load(Ordering::SeqCst)];
-                v.extend(processes_in(&data));
-                v
-            })
-        };
+        let monitor =
+            FakeWatchdogMonitor::for_node(dir.path().join("wd"), agent_pid.clone(), pg.data_dir());
         Node {
             name,
             dir,
@@ -184,17 +179,6 @@ synchronous_mode = {sync}
         let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
         Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
     }
-}
-
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + within;
-    while std::time::Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 fn signal(pid: i32, sig: i32) {

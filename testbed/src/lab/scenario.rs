@@ -15,6 +15,7 @@
 use super::{host_boottime, Guest, GuestSpec, QmpEvent, SoftdogOpts, WatchdogAction, Watchdogs};
 use crate::agent::AgentProcess;
 use crate::etcd::{BlockingClient, EtcdServer, EventKind, KeyWatch, WatchEvent};
+use crate::wait_until;
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -170,19 +171,6 @@ fn ns(d: Duration) -> u64 {
 
 fn from_ns(n: u64) -> Duration {
     Duration::from_nanos(n)
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if t0.elapsed() >= timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 impl Lab {
