@@ -125,17 +125,18 @@ impl Node {
     }
 
     fn start_agent(&mut self, bin: &Path, eps: &[String], ttl: u64, sync: bool) {
-        let margin = ttl / 2;
+        let b = BenchBudget::for_ttl(ttl);
         let cfg = format!(
             r#"scope = "bench"
 node = "{name}"
 [etcd]
 endpoints = [{eps}]
+request_timeout = {request_timeout}
 [timing]
 ttl = {ttl}
-safety_margin = {margin}.0
-reset_allowance = 1.0
-loop_interval = 1.0
+safety_margin = {margin}
+reset_allowance = {reset_allowance}
+loop_interval = {loop_interval}
 [watchdog]
 mode = "required"
 ping_interval = 0.1
@@ -152,6 +153,10 @@ advertise_host = "127.0.0.1"
 synchronous_mode = {sync}
 "#,
             name = self.name,
+            margin = b.margin,
+            reset_allowance = b.reset_allowance,
+            loop_interval = b.loop_interval,
+            request_timeout = b.request_timeout,
             eps = eps
                 .iter()
                 .map(|e| format!("{e:?}"))
@@ -179,6 +184,46 @@ synchronous_mode = {sync}
         let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
         Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
     }
+}
+
+/// A budget the agent's own validation accepts for `T = ttl`: `M = T / 2`
+/// (whole seconds), `R = 1`, and the loop's work (one loop interval plus one
+/// etcd request timeout) inside `M - R`, capped at the defaults of 1 s each.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BenchBudget {
+    margin: f64,
+    reset_allowance: f64,
+    loop_interval: f64,
+    request_timeout: f64,
+}
+
+impl BenchBudget {
+    fn for_ttl(ttl: u64) -> BenchBudget {
+        let margin = (ttl / 2) as f64;
+        let reset_allowance = 1.0;
+        let room = margin - reset_allowance;
+        let loop_interval = (room / 2.0).min(1.0);
+        let request_timeout = (room - loop_interval - 0.1).min(1.0);
+        BenchBudget {
+            margin,
+            reset_allowance,
+            loop_interval,
+            request_timeout,
+        }
+    }
+}
+
+/// The agent's log when it did not reach `what`: its own error (a refused
+/// budget, an unreachable etcd) says why, which a bare "never led" hides.
+fn agent_failed(node: &Node, what: &str) -> String {
+    let log = node.agent().log();
+    let tail: Vec<&str> = log.lines().rev().take(8).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    format!(
+        "{what}; agent {} log tail:\n  {}",
+        node.name,
+        tail.join("\n  ")
+    )
 }
 
 fn signal(pid: i32, sig: i32) {
@@ -412,14 +457,14 @@ fn trial_inner(
         .agent()
         .wait_log("Promoted", Duration::from_secs(60))
     {
-        return Err("a never led".into());
+        return Err(agent_failed(&nodes[0], "a never led"));
     }
     nodes[1].start_agent(&args.bin, &eps, args.ttl, sync);
     if !nodes[1]
         .agent()
         .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60))
     {
-        return Err("b never followed a".into());
+        return Err(agent_failed(&nodes[1], "b never followed a"));
     }
     if !wait_until(Duration::from_secs(30), || {
         nodes[1]
@@ -769,5 +814,34 @@ fn main() {
     match std::fs::write(&out, serde_json::to_string_pretty(&j).unwrap()) {
         Ok(()) => println!("\nwrote {}", out.display()),
         Err(e) => eprintln!("cannot write {}: {e}", out.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BenchBudget;
+    use std::time::Duration;
+
+    fn secs(v: f64) -> Duration {
+        Duration::from_secs_f64(v)
+    }
+
+    /// Every `--ttl` the benchmark accepts yields a budget the agent starts
+    /// with (it refused `--ttl 5` when the loop stayed at 1 s).
+    #[test]
+    fn derived_budget_is_accepted_by_the_agent_for_every_ttl() {
+        for ttl in 4..=60u64 {
+            let b = BenchBudget::for_ttl(ttl);
+            leasedog::timing::Budget::new(
+                Duration::from_secs(ttl),
+                secs(b.margin),
+                secs(b.reset_allowance),
+                secs(b.loop_interval),
+                secs(b.request_timeout),
+            )
+            .unwrap_or_else(|e| panic!("--ttl {ttl}: {b:?} refused: {e}"));
+        }
+        let b = BenchBudget::for_ttl(10);
+        assert_eq!((b.loop_interval, b.request_timeout), (1.0, 1.0));
     }
 }
