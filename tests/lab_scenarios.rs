@@ -452,3 +452,21 @@ fn test_watchdog_resets_the_guest_i6300esb() {
 fn test_watchdog_resets_the_guest_softdog() {
     test_watchdog_resets(Dog::Softdog);
 }
+
+/// A VM paused for 2T (issue 10 item 12, a limit of any lease): the replica
+/// takes the key during the pause; the resumed guest believed its evidence
+/// fresh, and must give up leading as soon as etcd answers it: within one
+/// loop and one request timeout of the resume, with generous slack for TCG.
+#[test]
+fn vm_paused_for_2t_steps_down_once_it_hears_from_etcd() {
+    let lab = lab();
+    let t = scenario::pause_trial(&lab, Dog::I6300esb, 2 * scenario::T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{t:?}");
+    let new = t
+        .new_leader
+        .expect("the replica took the key during the pause");
+    assert!(new > t.stopped_at && new < t.resumed_at, "{t:?}");
+    let believed = t.believed_leader_for().expect("a step-down after resume");
+    assert!(believed < Duration::from_secs(5), "{t:?}");
+}

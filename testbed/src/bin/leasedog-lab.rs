@@ -6,6 +6,11 @@
 //!   fencing slack (key deleted - reset, or - step-down for the network cut)
 //!   as median [min-max], the trials with slack <= R (must be 0), the
 //!   failover time and the lab's own costs.
+//! - `leasedog-lab pause [--trials N] [--seconds P]`: freezes the leader
+//!   guest (QMP `stop`) for P seconds (default 2T = 10), resumes it, and
+//!   prints how long it went on believing it led after the resume, the
+//!   overlap with the replica's leadership (its pings stop before its
+//!   step-down) and whether its watchdog fired (a VM pause is a limit of any lease).
 //! - `leasedog-lab demo`: an etcd on the host and two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
 //!   guest takes the key; prints a host-clock timeline and the verdict.
@@ -40,6 +45,7 @@ fn agent_bin() -> PathBuf {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4] [--json PATH]\n       \
+         leasedog-lab pause [--trials N] [--seconds P]\n       \
          leasedog-lab demo"
     );
     ExitCode::from(2)
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(),
+        Some("pause") => pause(&args[1..]),
         _ => usage(),
     }
 }
@@ -244,6 +251,75 @@ fn bench(args: &[String]) -> ExitCode {
         Err(e) => eprintln!("leasedog-lab: {}: {e}", json_path.display()),
     }
     if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn pause(args: &[String]) -> ExitCode {
+    let mut trials = 5usize;
+    let mut secs = 2 * scenario::T.as_secs();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().and_then(|v| v.parse::<u64>().ok());
+        match (a.as_str(), v) {
+            ("--trials", Some(n)) => trials = n as usize,
+            ("--seconds", Some(n)) => secs = n,
+            _ => return usage(),
+        }
+    }
+    let bin = agent_bin();
+    let lab = match Lab::start(&bin) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("leasedog-lab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (mut believed, mut overlap, mut resets, mut errors) =
+        (Vec::new(), Vec::new(), 0usize, 0usize);
+    for i in 0..trials {
+        let dog = if i % 2 == 0 {
+            Dog::I6300esb
+        } else {
+            Dog::Softdog
+        };
+        match scenario::pause_trial(&lab, dog, Duration::from_secs(secs)) {
+            Ok(t) => {
+                let b = t.believed_leader_for().map(|d| d.as_secs_f64());
+                let o = t.overlap().map(|d| d.as_secs_f64());
+                eprintln!(
+                    "trial {i} ({}): believed it led {b:?} s after resume, overlap {o:?} s, \
+                     reason {:?}, reset after resume {}, wall {:.1} s",
+                    dog.name(),
+                    t.step_down_reason,
+                    t.reset_after_resume.is_some(),
+                    t.wall.as_secs_f64()
+                );
+                believed.extend(b);
+                overlap.extend(o);
+                resets += usize::from(t.reset_after_resume.is_some());
+            }
+            Err(e) => {
+                eprintln!("trial {i}: {e}");
+                errors += 1;
+            }
+        }
+    }
+    println!(
+        "\nVM pause for {secs} s at T = {} s, {trials} trials ({errors} failed):",
+        scenario::T.as_secs()
+    );
+    println!("| resume -> old leader steps down | overlap with the new leader | watchdog reset after resume |");
+    println!("|---|---|---|");
+    println!(
+        "| {} | {} | {resets} of {} |",
+        fmt_stats(&believed),
+        fmt_stats(&overlap),
+        trials - errors
+    );
+    if errors > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

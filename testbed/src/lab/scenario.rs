@@ -843,3 +843,94 @@ mod tests {
         assert!(c.contains("ttl = 5") && c.contains("safety_margin = 2.0"));
     }
 }
+
+/// One VM-pause trial (issue 10 item 12: a limit of any lease, measured, not
+/// fixed): the leader guest is frozen with QMP `stop` for `pause`, while the
+/// host replica takes the key after the lease expires; then `cont`. The
+/// guest's clocks and its emulated watchdog stood still, so on resuming it
+/// believes its evidence fresh until etcd tells it otherwise.
+#[derive(Debug, Clone)]
+pub struct PauseTrial {
+    pub dog: Dog,
+    pub pause: Duration,
+    /// Host instants: QMP `stop`, the replica's key, QMP `cont`.
+    pub stopped_at: Duration,
+    pub new_leader: Option<Duration>,
+    pub resumed_at: Duration,
+    /// The old leader's `step_down_begun`, mapped to the host clock with an
+    /// offset taken after resume. Its pings stopped before it (the core
+    /// publishes "no evidence" before the record), so pings after the resume
+    /// are bounded by this window; the pinger's summaries are too coarse
+    /// (every 10 s, counting pings from before the pause) to count them.
+    pub step_down: Option<Duration>,
+    pub step_down_reason: Option<String>,
+    /// QEMU's reset event after the resume, if the watchdog fired.
+    pub reset_after_resume: Option<Duration>,
+    pub wall: Duration,
+}
+
+impl PauseTrial {
+    /// How long after `cont` the old leader still believed it led.
+    pub fn believed_leader_for(&self) -> Option<Duration> {
+        self.step_down.map(|s| s.saturating_sub(self.resumed_at))
+    }
+
+    /// How long two nodes believed they led: from the replica's key (or
+    /// the resume, whichever is later) to the old leader's step-down.
+    pub fn overlap(&self) -> Option<Duration> {
+        let from = self.new_leader?.max(self.resumed_at);
+        self.step_down.map(|s| s.saturating_sub(from))
+    }
+}
+
+/// Freezes the leader guest for `pause`, resumes it, and measures how long it
+/// goes on believing it leads (see [`PauseTrial`]).
+pub fn pause_trial(lab: &Lab, dog: Dog, pause: Duration) -> Result<PauseTrial, String> {
+    let st = setup_leader(lab, &NodeOpts::new(dog))?;
+    let g = &st.node.guest;
+    let before = g.probe_clock()?;
+    let stopped_at = host_boottime();
+    g.pause()?;
+    // The guest's clock stands still from here: a record stamped later than
+    // this guest instant was written after the resume.
+    let guest_frozen = stopped_at.saturating_sub(before);
+    std::thread::sleep(pause);
+    let new_leader =
+        put_by(&st.watch, HOST_NODE, stopped_at, Duration::ZERO).map(|e| from_ns(e.boottime_ns));
+    let resumed_at = host_boottime();
+    g.resume()?;
+    g.probe_clock()?;
+    let stepped = wait_until(Duration::from_secs(20), || {
+        st.node.audit().iter().any(|r| {
+            r["event"] == "step_down_begun" && r["boot_ns"].as_u64() > Some(ns(guest_frozen))
+        })
+    });
+    // Long enough for a reset to show if the device was left to fire.
+    let reset_after_resume = g.wait_reset(W + Duration::from_secs(2)).map(|e| e.boottime);
+    let recs = st.node.audit();
+    let after = |r: &&Value| r["boot_ns"].as_u64() > Some(ns(guest_frozen));
+    let down = recs
+        .iter()
+        .filter(after)
+        .find(|r| r["event"] == "step_down_begun");
+    let step_down = down
+        .and_then(|r| r["boot_ns"].as_u64())
+        .and_then(|n| g.guest_to_host(from_ns(n)));
+    if !stepped {
+        return Err(format!(
+            "the resumed leader never stepped down; its log:\n{}",
+            st.node.agent_log()
+        ));
+    }
+    Ok(PauseTrial {
+        dog,
+        pause,
+        stopped_at,
+        new_leader,
+        resumed_at,
+        step_down,
+        step_down_reason: down.map(|r| r["reason"].to_string()),
+        reset_after_resume,
+        wall: st.t0.elapsed(),
+    })
+}
