@@ -1,6 +1,6 @@
 //! The watchdog lab's command line.
 //!
-//! - `leasedog-lab bench [--trials N] [--scenarios 1,2,3,4] [--json PATH]`:
+//! - `leasedog-lab bench [--trials N] [--scenarios 1,2,3,4,5] [--json PATH]`:
 //!   runs each fencing scenario N times (a fresh guest per trial, the
 //!   watchdog alternating between the i6300esb and softdog) and prints the
 //!   fencing slack (key deleted - reset, or - step-down for the network cut)
@@ -44,7 +44,7 @@ fn agent_bin() -> PathBuf {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4] [--json PATH]\n       \
+        "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4,5] [--json PATH]\n       \
          leasedog-lab pause [--trials N] [--seconds P]\n       \
          leasedog-lab demo"
     );
@@ -110,7 +110,7 @@ fn bench(args: &[String]) -> ExitCode {
     let faults: Vec<Fault> = match scenarios.iter().map(|&n| Fault::from_number(n)).collect() {
         Some(f) => f,
         None => {
-            eprintln!("leasedog-lab: scenarios are 1-4");
+            eprintln!("leasedog-lab: scenarios are 1-5");
             return ExitCode::from(2);
         }
     };

@@ -60,7 +60,16 @@ pub enum Fault {
     NetCut,
     /// 4: SIGKILL of the agent.
     Crash,
+    /// 5: SIGSTOP of the agent, then SIGKILL [`KILL_AFTER_STALL`] later (the
+    /// OOM killer or an operator's `kill -9` of a hung agent). The close of
+    /// the running device by the kernel pings it once, so the reset comes
+    /// `W` after the kill, not after the last permitted ping.
+    StallThenKill,
 }
+
+/// Scenario 5's delay between the stall and the kill (the lab measurement
+/// that found the late reset used 2.56 s at `T = 5`, `W = 3`).
+pub const KILL_AFTER_STALL: Duration = Duration::from_millis(2560);
 
 impl Fault {
     pub fn number(self) -> u8 {
@@ -69,6 +78,7 @@ impl Fault {
             Fault::StuckRenewals => 2,
             Fault::NetCut => 3,
             Fault::Crash => 4,
+            Fault::StallThenKill => 5,
         }
     }
     pub fn from_number(n: u8) -> Option<Fault> {
@@ -77,6 +87,7 @@ impl Fault {
             2 => Fault::StuckRenewals,
             3 => Fault::NetCut,
             4 => Fault::Crash,
+            5 => Fault::StallThenKill,
             _ => return None,
         })
     }
@@ -86,6 +97,7 @@ impl Fault {
             Fault::StuckRenewals => "stalled renewals, live pinger",
             Fault::NetCut => "network cut (set_link off)",
             Fault::Crash => "crash (SIGKILL)",
+            Fault::StallThenKill => "stalled, then killed (SIGSTOP, SIGKILL)",
         }
     }
 }
@@ -635,6 +647,12 @@ pub fn apply_fault(node: &Node, fault: Fault) -> Result<Duration, String> {
     Ok(match fault {
         Fault::Stall => node.guest.kill(pid, "STOP")?.host,
         Fault::Crash => node.guest.kill(pid, "KILL")?.host,
+        Fault::StallThenKill => {
+            let at = node.guest.kill(pid, "STOP")?.host;
+            std::thread::sleep(KILL_AFTER_STALL.saturating_sub(host_boottime().saturating_sub(at)));
+            node.guest.kill(pid, "KILL")?;
+            at
+        }
         Fault::StuckRenewals => {
             node.guest
                 .act(&format!("touch {FAULT_DIR}/block-renewals"))?
