@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod etcd;
 pub mod fence;
+pub mod history;
 pub mod lab;
 pub mod pg;
 

@@ -22,6 +22,8 @@
 use leasedog_testbed::agent::AgentProcess;
 use leasedog_testbed::etcd::{boottime_ns, EtcdServer, EventKind, KeyWatch};
 use leasedog_testbed::fence::FakeWatchdogMonitor;
+use leasedog_testbed::history::{self, History, Kind, Obs, Outcome};
+use leasedog_testbed::lab::scenario::holder;
 use leasedog_testbed::pg::{free_port, processes_in, PgNode};
 use leasedog_testbed::wait_until;
 use serde_json::json;
@@ -269,9 +271,20 @@ fn etcd_requests(client_url: &str) -> Option<std::collections::BTreeMap<String, 
 #[derive(Clone, Copy, Debug)]
 struct Attempt {
     at_ns: u64,
+    done_ns: u64,
     id: i64,
-    acked: bool,
+    outcome: Outcome,
+    /// The node (index into the ports) that acknowledged it.
+    node: Option<usize>,
 }
+
+impl Attempt {
+    fn acked(&self) -> bool {
+        self.outcome == Outcome::Ok
+    }
+}
+
+const NAMES: [&str; 2] = ["a", "b"];
 
 async fn connect(conninfo: &str) -> Option<tokio_postgres::Client> {
     let fut = tokio_postgres::connect(conninfo, tokio_postgres::NoTls);
@@ -285,18 +298,39 @@ async fn connect(conninfo: &str) -> Option<tokio_postgres::Client> {
     Some(client)
 }
 
-async fn insert(c: &tokio_postgres::Client, id: i64) -> bool {
+/// Inserts `id`; the outcome and the port of the server that committed it.
+/// A refusal by the server (read-only, duplicate) is a failure; a timeout or
+/// a broken connection after sending may have committed: unknown.
+async fn insert(c: &tokio_postgres::Client, id: i64) -> (Outcome, Option<u16>) {
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-    let q = c.execute("INSERT INTO bench (id) VALUES ($1)", &params);
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), q).await,
-        Ok(Ok(1))
-    )
+    let q = c.query_one(
+        "INSERT INTO bench (id) VALUES ($1) RETURNING inet_server_port()",
+        &params,
+    );
+    match tokio::time::timeout(Duration::from_secs(2), q).await {
+        Ok(Ok(row)) => (Outcome::Ok, row.get::<_, Option<i32>>(0).map(|p| p as u16)),
+        Ok(Err(e)) => match e.code() {
+            Some(c)
+                if *c == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION
+                    || *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION =>
+            {
+                (Outcome::Fail, None)
+            }
+            _ => (Outcome::Unknown, None),
+        },
+        Err(_) => (Outcome::Unknown, None),
+    }
 }
 
 /// Inserts ids `base + n` every 100 ms until `stop`; `kept` keeps one
 /// connection (reconnecting only when it breaks).
-async fn writer(conninfo: String, base: i64, kept: bool, stop: Arc<AtomicBool>) -> Vec<Attempt> {
+async fn writer(
+    conninfo: String,
+    ports: [u16; 2],
+    base: i64,
+    kept: bool,
+    stop: Arc<AtomicBool>,
+) -> Vec<Attempt> {
     let mut log = Vec::new();
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(WRITE_EVERY);
@@ -310,14 +344,20 @@ async fn writer(conninfo: String, base: i64, kept: bool, stop: Arc<AtomicBool>) 
         if client.as_ref().is_none_or(|c| c.is_closed()) || !kept {
             client = connect(&conninfo).await;
         }
-        let acked = match &client {
+        let (outcome, port) = match &client {
             Some(c) => insert(c, id).await,
-            None => false,
+            None => (Outcome::Fail, None),
         };
-        if !acked && kept {
+        if outcome != Outcome::Ok && kept {
             client = None; // unknown state: start over on a fresh connection
         }
-        log.push(Attempt { at_ns, id, acked });
+        log.push(Attempt {
+            at_ns,
+            done_ns: boottime_ns(),
+            id,
+            outcome,
+            node: port.and_then(|p| ports.iter().position(|q| *q == p)),
+        });
     }
     log
 }
@@ -325,6 +365,9 @@ async fn writer(conninfo: String, base: i64, kept: bool, stop: Arc<AtomicBool>) 
 /// Per probe round: (time, writable a, writable b), each Some(true) if any
 /// connection said `pg_is_in_recovery() = false`.
 type ProbeRow = (u64, Option<bool>, Option<bool>);
+
+/// Every single question of the probe, for the history checker.
+type ProbeObs = Vec<Obs>;
 
 async fn ask(c: &tokio_postgres::Client) -> Option<bool> {
     let q = c.query_one("SELECT pg_is_in_recovery()", &[]);
@@ -335,9 +378,19 @@ async fn ask(c: &tokio_postgres::Client) -> Option<bool> {
     Some(!row.get::<_, bool>(0))
 }
 
-async fn probe(ports: [u16; 2], stop: Arc<AtomicBool>) -> Vec<ProbeRow> {
+async fn probe(ports: [u16; 2], stop: Arc<AtomicBool>) -> (Vec<ProbeRow>, ProbeObs) {
     let mut kept: [Option<tokio_postgres::Client>; 2] = [None, None];
     let mut out = Vec::new();
+    let mut obs = Vec::new();
+    let mut note = |i: usize, client: &str, invoke_ns: u64, writable: Option<bool>| {
+        obs.push(Obs {
+            node: Some(NAMES[i].to_string()),
+            client: client.into(),
+            invoke_ns,
+            complete_ns: boottime_ns(),
+            kind: Kind::Probe { writable },
+        })
+    };
     let mut tick = tokio::time::interval(WRITE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
@@ -352,17 +405,21 @@ async fn probe(ports: [u16; 2], stop: Arc<AtomicBool>) -> Vec<ProbeRow> {
             if kept[i].as_ref().is_none_or(|c| c.is_closed()) {
                 kept[i] = connect(&ci).await;
             }
+            let asked = boottime_ns();
             let a = match &kept[i] {
                 Some(c) => ask(c).await,
                 None => None,
             };
+            note(i, "probe-kept", asked, a);
             if a.is_none() {
                 kept[i] = None;
             }
+            let asked = boottime_ns();
             let fresh = match tokio::time::timeout(Duration::from_millis(300), connect(&ci)).await {
                 Ok(Some(c)) => ask(&c).await,
                 _ => None,
             };
+            note(i, "probe-new", asked, fresh);
             w[i] = match (a, fresh) {
                 (Some(true), _) | (_, Some(true)) => Some(true),
                 (None, None) => None,
@@ -371,7 +428,7 @@ async fn probe(ports: [u16; 2], stop: Arc<AtomicBool>) -> Vec<ProbeRow> {
         }
         out.push((at, w[0], w[1]));
     }
-    out
+    (out, obs)
 }
 
 // ---------------------------------------------------------------------------
@@ -388,6 +445,9 @@ struct Trial {
     gap_new_conn_s: Option<f64>,
     gap_kept_conn_s: Option<f64>,
     two_writable_intervals: usize,
+    /// The history checker's verdict (testbed::history).
+    double_writable: usize,
+    verdict: Option<serde_json::Value>,
     lost_acked_new_conn: usize,
     lost_acked_kept_conn: usize,
     rss_kib_max: u64,
@@ -409,12 +469,12 @@ fn secs_since(t0: u64, t: u64) -> f64 {
 fn gap(log: &[Attempt], t0: u64) -> Option<f64> {
     let before = log
         .iter()
-        .filter(|a| a.acked && a.at_ns < t0)
+        .filter(|a| a.acked() && a.at_ns < t0)
         .map(|a| a.at_ns)
         .max()?;
     let acks: Vec<u64> = log
         .iter()
-        .filter(|a| a.acked && a.at_ns >= before)
+        .filter(|a| a.acked() && a.at_ns >= before)
         .map(|a| a.at_ns)
         .collect();
     acks.windows(2)
@@ -492,8 +552,14 @@ fn trial_inner(
          target_session_attrs=read-write connect_timeout=1",
         ports[0], ports[1]
     );
-    let w_new = rt.spawn(writer(multi.clone(), 1_000_000_000, false, stop.clone()));
-    let w_kept = rt.spawn(writer(multi, 2_000_000_000, true, stop.clone()));
+    let w_new = rt.spawn(writer(
+        multi.clone(),
+        ports,
+        1_000_000_000,
+        false,
+        stop.clone(),
+    ));
+    let w_kept = rt.spawn(writer(multi, ports, 2_000_000_000, true, stop.clone()));
     let p = rt.spawn(probe(ports, stop.clone()));
 
     // Steady state: 10 loops of both agents.
@@ -589,7 +655,7 @@ fn trial_inner(
     stop.store(true, Ordering::Relaxed);
     let log_new = rt.block_on(w_new).map_err(|e| e.to_string())?;
     let log_kept = rt.block_on(w_kept).map_err(|e| e.to_string())?;
-    let probe_rows = rt.block_on(p).map_err(|e| e.to_string())?;
+    let (probe_rows, probe_obs) = rt.block_on(p).map_err(|e| e.to_string())?;
 
     t.key_deleted_s = watch
         .first_delete_after(t0)
@@ -629,9 +695,39 @@ fn trial_inner(
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
+    // The history checker: writes, probes, the key's terms, the final rows.
+    let mut obs = probe_obs;
+    for (client, log) in [("writer-new", &log_new), ("writer-kept", &log_kept)] {
+        obs.extend(log.iter().map(|a| Obs {
+            node: a.node.map(|i| NAMES[i].to_string()),
+            client: client.into(),
+            invoke_ns: a.at_ns,
+            complete_ns: a.done_ns,
+            kind: Kind::Write {
+                id: a.id,
+                outcome: a.outcome,
+            },
+        }));
+    }
+    let key_events: Vec<(u64, Option<String>)> = watch
+        .events()
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::Put => (e.boottime_ns, holder(&e.value)),
+            EventKind::Delete => (e.boottime_ns, None),
+        })
+        .collect();
+    let verdict = history::check(&History {
+        obs,
+        terms: history::terms(&key_events),
+        final_rows: Some(have.iter().copied().collect()),
+        slack_ns: 50_000_000,
+    });
+    t.double_writable = verdict.double_writable();
+    t.verdict = Some(verdict.to_json());
     let lost = |log: &[Attempt]| {
         log.iter()
-            .filter(|a| a.acked && !have.contains(&a.id))
+            .filter(|a| verdict.lost_acked.binary_search(&a.id).is_ok())
             .count()
     };
     t.lost_acked_new_conn = lost(&log_new);
@@ -740,6 +836,11 @@ fn print_table(trials: &[Trial], ttl: u64) {
             ts.iter().map(|t| t.two_writable_intervals).sum::<usize>()
         );
         println!(
+            "    double-writable (checker) {} (total {})",
+            col(&|t| Some(t.double_writable as f64)),
+            ts.iter().map(|t| t.double_writable).sum::<usize>()
+        );
+        println!(
             "    reset before promotion    {} of {}",
             ts.iter()
                 .filter(|t| t.reset_before_promotion == Some(true))
@@ -803,6 +904,8 @@ fn main() {
             "reset_s": t.reset_s, "reset_before_promotion": t.reset_before_promotion,
             "gap_new_conn_s": t.gap_new_conn_s, "gap_kept_conn_s": t.gap_kept_conn_s,
             "two_writable_intervals": t.two_writable_intervals,
+            "double_writable": t.double_writable,
+            "verdict": t.verdict,
             "lost_acked_new_conn": t.lost_acked_new_conn,
             "lost_acked_kept_conn": t.lost_acked_kept_conn,
             "agent_rss_kib_max": t.rss_kib_max, "agent_cpu_percent": t.cpu_percent,
