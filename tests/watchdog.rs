@@ -30,6 +30,8 @@ struct Dev<'a> {
     driver: Option<&'a str>,
     nowayout: Option<&'a str>,
     bootstatus: &'a str,
+    /// sysfs `options` (hex), if the kernel shows it.
+    options: Option<&'a str>,
 }
 
 impl Tree {
@@ -63,6 +65,9 @@ impl Tree {
         if let Some(n) = d.nowayout {
             fs::write(dir.join("nowayout"), format!("{n}\n")).unwrap();
         }
+        if let Some(o) = d.options {
+            fs::write(dir.join("options"), format!("{o}\n")).unwrap();
+        }
         if let Some(drv) = d.driver {
             let drvdir = self.roots.sys.join("bus/pci/drivers").join(drv);
             fs::create_dir_all(&drvdir).unwrap();
@@ -94,6 +99,7 @@ fn hw(index: u32) -> Dev<'static> {
         driver: Some("i6300ESB timer"),
         nowayout: Some("0"),
         bootstatus: "0",
+        options: None,
     }
 }
 
@@ -104,6 +110,7 @@ fn soft(index: u32) -> Dev<'static> {
         driver: None,
         nowayout: Some("0"),
         bootstatus: "0",
+        options: None,
     }
 }
 
@@ -450,6 +457,63 @@ fn query_open_refuses_nowayout_unless_forced_and_closes_after() {
     let e = query_open(&node, &t.roots, true).unwrap_err();
     assert!(e.to_string().contains("ENOTTY"), "{e}");
     assert_eq!(fs::read(&node).unwrap(), b"V");
+}
+
+/// A device without WDIOF_MAGICCLOSE stops on ANY close when nowayout is off:
+/// a crash of the agent would disarm it. Refused before opening unless
+/// nowayout is set; `query-watchdog` and `check` say so.
+#[test]
+fn device_without_magic_close_is_refused_unless_nowayout() {
+    let t = Tree::new();
+    // SETTIMEOUT | KEEPALIVEPING, no MAGICCLOSE.
+    let node = t.add(Dev {
+        options: Some("0x8080"),
+        ..hw(0)
+    });
+    for policy in [NowayoutPolicy::Refuse, NowayoutPolicy::KeepPinging] {
+        let e = arm(device(&node), policy, &t.roots).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ArmError::NoMagicClose { .. }), "{msg}");
+        assert!(
+            msg.contains("MAGICCLOSE") && msg.contains("NOT opened"),
+            "{msg}"
+        );
+        assert_eq!(fs::read(&node).unwrap(), b"", "never opened: {msg}");
+    }
+    let e = watchdog::inspect(&device(&node), NowayoutPolicy::KeepPinging, &t.roots)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MAGICCLOSE"), "{e}");
+    let r = query(&t.roots);
+    assert_eq!(r[0].magic_close, Some(false));
+    let table = render_table(&r);
+    assert!(
+        table.contains("no WDIOF_MAGICCLOSE") && table.contains("refuses"),
+        "{table}"
+    );
+
+    // With nowayout set, any close leaves it running: accepted (and here
+    // refused only after opening, by the regular file's ENOTTY).
+    let t = Tree::new();
+    let node = t.add(Dev {
+        options: Some("0x8080"),
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    assert!(matches!(e, ArmError::Refused { .. }), "{e}");
+    let ok = watchdog::inspect(&device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap();
+    assert!(ok.contains("magic close no"), "{ok}");
+
+    // A device that has it is described as such.
+    let t = Tree::new();
+    let node = t.add(Dev {
+        options: Some("0x8180"),
+        ..hw(0)
+    });
+    let ok = watchdog::inspect(&device(&node), NowayoutPolicy::Refuse, &t.roots).unwrap();
+    assert!(ok.contains("magic close yes"), "{ok}");
+    assert_eq!(query(&t.roots)[0].magic_close, Some(true));
 }
 
 #[test]

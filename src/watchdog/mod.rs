@@ -99,6 +99,15 @@ pub enum ArmError {
         /// Which setting refused it.
         why: &'static str,
     },
+    #[error("watchdog device {} has no magic close (sysfs `options` {options} lacks WDIOF_MAGICCLOSE): \
+        with nowayout {} ANY close stops its timer, so a crash or kill of the agent would disarm it; \
+        it is only safe with nowayout set (module parameter nowayout=1); the device was NOT opened",
+        path.display(), if *nowayout_unreadable { "unreadable" } else { "off" })]
+    NoMagicClose {
+        path: PathBuf,
+        options: WdFlags,
+        nowayout_unreadable: bool,
+    },
     #[error("cannot open watchdog device {}: {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
     #[error("watchdog device {} refused after opening: {problem}; {closed}", path.display())]
@@ -138,6 +147,11 @@ pub enum Problem {
     Timeout { settable: bool, budget: BudgetError },
     #[error("first ping failed: {0}")]
     Ping(io::Error),
+    #[error(
+        "it has no magic close (no WDIOF_MAGICCLOSE) and nowayout is not known to be set: \
+         ANY close stops its timer, so a crash of the agent would disarm it"
+    )]
+    NoMagicClose,
 }
 
 /// The state a refused device was left in.
@@ -310,6 +324,28 @@ fn preflight(
     Ok((nowayout, assumed))
 }
 
+/// A device without WDIOF_MAGICCLOSE stops on any close unless nowayout is
+/// set (FENCING.md, Facts): an agent that crashes would disarm it. Refused
+/// before opening when sysfs shows the options (newer kernels); otherwise
+/// [`configure`] refuses it after opening, from WDIOC_GETSUPPORT.
+fn refuse_without_magic_close(
+    dev: &Resolved,
+    nowayout: bool,
+    assumed: bool,
+) -> Result<(), ArmError> {
+    let nowayout_known_set = nowayout && !assumed;
+    match dev.entry.as_ref().and_then(|e| e.options) {
+        Some(options) if !options.contains(flags::WDIOF_MAGICCLOSE) && !nowayout_known_set => {
+            Err(ArmError::NoMagicClose {
+                path: dev.path.clone(),
+                options,
+                nowayout_unreadable: assumed,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Opens a node; EBUSY becomes [`ArmError::Busy`] with a fresh holder scan.
 fn open(dev: &Resolved, roots: &SysRoots) -> Result<DeviceFile, ArmError> {
     DeviceFile::open(&dev.path).map_err(|e| {
@@ -359,7 +395,8 @@ impl DriverOps for DeviceFile {
 /// time) when a driver rounds the request up past `T - M`.
 const SHORTER_ASKS: u32 = 3;
 
-/// Rule 5 on an open device: refuse alarm-only; set the timeout to
+/// Rule 5 on an open device: refuse alarm-only, and a device without magic
+/// close unless `nowayout_set` (known, not assumed); set the timeout to
 /// `T - M` if the driver can (asking for less if it rounds up); read back `W` (the value in force, whatever was
 /// asked) and check it against the budget; ping once. Returns the support
 /// info, `W` and the boot status (the driver's, else sysfs's).
@@ -367,10 +404,14 @@ pub(crate) fn configure(
     d: &mut impl DriverOps,
     budget: &Budget,
     sysfs_bootstatus: Option<BootStatus>,
+    nowayout_set: bool,
 ) -> Result<(dev::Support, u32, Option<BootStatus>), Problem> {
     let support = d.get_support().map_err(Problem::Ioctl)?;
     if support.options.contains(flags::WDIOF_ALARMONLY) {
         return Err(Problem::AlarmOnly);
+    }
+    if !support.options.contains(flags::WDIOF_MAGICCLOSE) && !nowayout_set {
+        return Err(Problem::NoMagicClose);
     }
     let settable = support.options.contains(flags::WDIOF_SETTIMEOUT);
     let target = timing::target_timeout(budget);
@@ -424,9 +465,10 @@ pub fn inspect(
         return Ok("fake device (test builds only)".into());
     };
     let (nowayout, assumed) = preflight(&dev, refusal(policy), roots)?;
+    refuse_without_magic_close(&dev, nowayout, assumed)?;
     let e = dev.entry.as_ref();
     Ok(format!(
-        "{} identity {:?}, current timeout {}, nowayout {}{}; free",
+        "{} identity {:?}, current timeout {}, nowayout {}{}, magic close {}; free",
         dev.path.display(),
         e.and_then(|e| e.identity.clone()).unwrap_or_default(),
         e.and_then(|e| e.timeout)
@@ -436,6 +478,11 @@ pub fn inspect(
             " (assumed: unreadable)"
         } else {
             ""
+        },
+        match e.and_then(|e| e.options) {
+            Some(o) if o.contains(flags::WDIOF_MAGICCLOSE) => "yes",
+            Some(_) => "no (safe only because nowayout is set)",
+            None => "unknown (checked from the driver when arming)",
         },
     ))
 }
@@ -455,8 +502,10 @@ pub fn same_device(spec: &DeviceSpec, armed: &ArmedInfo, roots: &SysRoots) -> bo
 /// FENCING.md rules 2 and 5: arm one device for a leader with budget `budget`.
 ///
 /// Before opening: refuse a missing or busy device (naming the holder and the
-/// fix) and, under [`NowayoutPolicy::Refuse`], a nowayout device (unreadable
-/// counts as set). After opening: refuse an alarm-only device, set the timeout
+/// fix), under [`NowayoutPolicy::Refuse`] a nowayout device (unreadable
+/// counts as set), and a device whose sysfs `options` lack WDIOF_MAGICCLOSE
+/// unless nowayout is known set. After opening: refuse an alarm-only device
+/// and one without magic close (same rule, from the driver), set the timeout
 /// to [`timing::target_timeout`] when the driver can, read back `W` and
 /// [`timing::check_readback`] it, ping once. A refusal after opening disarms
 /// the device (we are not leader yet) unless nowayout makes that impossible,
@@ -482,10 +531,16 @@ pub fn arm(
         }
     };
     let (nowayout, assumed) = preflight(&dev, refusal(policy), roots)?;
+    refuse_without_magic_close(&dev, nowayout, assumed)?;
     let mut file = open(&dev, roots)?;
     let entry = dev.entry.as_ref();
 
-    let configured = configure(&mut file, budget, entry.and_then(|e| e.bootstatus));
+    let configured = configure(
+        &mut file,
+        budget,
+        entry.and_then(|e| e.bootstatus),
+        nowayout && !assumed,
+    );
 
     match configured {
         Ok((support, w_secs, bootstatus)) => Ok(Box::new(LinuxWatchdog {
@@ -620,7 +675,7 @@ mod tests {
     fn sets_reads_back_then_pings() {
         let mut d = Scripted::new(STD, 30);
         let boot = Some(BootStatus::from_raw(WDIOF_CARDRESET));
-        let (s, w, b) = configure(&mut d, &budget(), boot).unwrap();
+        let (s, w, b) = configure(&mut d, &budget(), boot, false).unwrap();
         assert_eq!(w, 3);
         assert_eq!(s.identity, "scripted");
         assert_eq!(b, boot, "falls back to sysfs bootstatus");
@@ -632,12 +687,12 @@ mod tests {
         // Rounds down: W = 2 still fits T - M = 3.
         let mut d = Scripted::new(STD, 30);
         d.round = |x| x - 1;
-        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 2);
+        assert_eq!(configure(&mut d, &budget(), None, false).unwrap().1, 2);
         // Rounds up: asked 3, W = 4 would reset after the lease expires, so
         // it asks for 2 and gets 3.
         let mut d = Scripted::new(STD, 30);
         d.round = |x| x + 1;
-        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 3);
+        assert_eq!(configure(&mut d, &budget(), None, false).unwrap().1, 3);
         assert_eq!(
             d.calls(),
             ["support", "set 3", "get", "set 2", "get", "ping"]
@@ -645,7 +700,7 @@ mod tests {
         // A driver with a 10 s step never fits: refused after a few asks.
         let mut d = Scripted::new(STD, 30);
         d.round = |_| 10;
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(matches!(e, Problem::Timeout { settable: true, .. }), "{e}");
         assert!(e.to_string().contains("W = 10"), "{e}");
         let asks = d.calls().iter().filter(|c| c.starts_with("set")).count();
@@ -659,10 +714,10 @@ mod tests {
     #[test]
     fn fixed_timeout_only_if_it_fits() {
         let mut d = Scripted::new(WDIOF_MAGICCLOSE, 2);
-        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 2);
+        assert_eq!(configure(&mut d, &budget(), None, false).unwrap().1, 2);
         assert_eq!(d.calls(), ["support", "get", "ping"], "never SETTIMEOUT");
         let mut d = Scripted::new(WDIOF_MAGICCLOSE, 60);
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(e.to_string().contains("cannot be set"), "{e}");
         assert!(e.to_string().contains("W = 60"), "{e}");
     }
@@ -670,7 +725,7 @@ mod tests {
     #[test]
     fn alarm_only_and_failed_ping_are_refused() {
         let mut d = Scripted::new(STD | WDIOF_ALARMONLY, 3);
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(matches!(e, Problem::AlarmOnly));
         assert_eq!(
             d.calls(),
@@ -679,8 +734,22 @@ mod tests {
         );
         let mut d = Scripted::new(STD, 3);
         d.fail_ping = true;
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(matches!(e, Problem::Ping(_)), "{e}");
+    }
+
+    /// Without WDIOF_MAGICCLOSE any close stops the timer (nowayout off), so a
+    /// crash would disarm: refused after opening, before touching the timeout,
+    /// unless nowayout is known to be set.
+    #[test]
+    fn no_magic_close_is_refused_unless_nowayout_is_set() {
+        let mut d = Scripted::new(WDIOF_SETTIMEOUT | WDIOF_KEEPALIVEPING, 30);
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
+        assert!(matches!(e, Problem::NoMagicClose), "{e}");
+        assert!(e.to_string().contains("MAGICCLOSE"), "{e}");
+        assert_eq!(d.calls(), ["support"]);
+        let mut d = Scripted::new(WDIOF_SETTIMEOUT | WDIOF_KEEPALIVEPING, 30);
+        assert_eq!(configure(&mut d, &budget(), None, true).unwrap().1, 3);
     }
 
     #[test]
