@@ -84,9 +84,10 @@ pub enum Command {
 /// Ping counts and lateness, readable by anyone at any time.
 #[derive(Debug, Default)]
 pub struct PingStats {
+    /// Rounds in which every device was written.
     pub pings: AtomicU64,
     pub refused: AtomicU64,
-    /// BOOTTIME of the last successful ping round.
+    /// BOOTTIME at which the last successful device write returned.
     pub last_ping_ns: AtomicU64,
     /// Lateness histogram of tick wake-ups, bucket i counts lateness in
     /// [2^i, 2^(i+1)) microseconds (bucket 0 also holds < 1 µs).
@@ -222,15 +223,17 @@ pub fn permits(ev: Evidence, now: BootTime, budget: &Budget) -> bool {
 /// What the pinger has pinged since its last summary.
 #[derive(Default)]
 struct Summary {
+    /// Rounds in which at least one device was written.
     pings: u64,
+    /// Over every device write: the time the write returned minus `s`.
     max_k_minus_s: Duration,
     last_s: Option<BootTime>,
     since: Option<BootTime>,
 }
 
 impl Summary {
-    fn note(&mut self, k: BootTime, s: BootTime) {
-        self.pings += 1;
+    /// One device write that returned at `k` on evidence `s`.
+    fn note_write(&mut self, k: BootTime, s: BootTime) {
         self.max_k_minus_s = self.max_k_minus_s.max(k.saturating_since(s));
         self.last_s = Some(s);
         self.since.get_or_insert(k);
@@ -248,6 +251,72 @@ impl Summary {
                 last_s_ns: self.last_s.map_or(0, BootTime::as_nanos),
             });
             *self = Summary::default();
+        }
+    }
+}
+
+/// One tick: pings every device, each only if the evidence, read together
+/// with the clock immediately before that device's write, permits it (rule 1
+/// per write: a slow write to one device cannot carry stale evidence to the
+/// next). A ping is recorded at the time its write returned, not at the time
+/// it was checked, so a write that landed late shows in the summary as a
+/// `k - s` beyond `M - R`. The first refusal ends the round.
+fn ping_round(
+    devices: &mut [Box<dyn Watchdog>],
+    cell: &EvidenceCell,
+    budget: &Budget,
+    events: &audit::Sender,
+    stats: &PingStats,
+    summary: &mut Summary,
+) {
+    let mut written = 0;
+    let mut failed = false;
+    let mut refused = None;
+    for d in devices.iter_mut() {
+        let ev = cell.load();
+        let k = clock::now();
+        let s = match ev {
+            Evidence::Lease(s) | Evidence::Liveness(s) if permits(ev, k, budget) => s,
+            _ => {
+                refused = Some((ev, k));
+                break;
+            }
+        };
+        match d.ping() {
+            Ok(()) => {
+                let landed = clock::now();
+                written += 1;
+                summary.note_write(landed, s);
+                stats
+                    .last_ping_ns
+                    .store(landed.as_nanos(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                failed = true;
+                events.try_push(Event::PingFailed {
+                    device: d.info().path.display().to_string(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    if written > 0 {
+        summary.pings += 1;
+        if !failed && refused.is_none() {
+            stats.pings.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    match refused {
+        None => summary.flush(clock::now(), false, events),
+        Some((ev, k)) => {
+            summary.flush(k, true, events);
+            if let Evidence::Lease(s) = ev {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                events.try_push(Event::PingRefused {
+                    k_minus_s_ns: k.saturating_since(s).as_nanos() as u64,
+                    s_ns: s.as_nanos(),
+                });
+            }
         }
     }
 }
@@ -278,38 +347,8 @@ fn run(
                 Err(TryRecvError::Empty) => break,
             }
         }
-        let now = clock::now();
-        let ev = cell.load();
         if !devices.is_empty() {
-            if permits(ev, now, budget) {
-                let mut ok = true;
-                for d in devices.iter_mut() {
-                    if let Err(e) = d.ping() {
-                        ok = false;
-                        events.try_push(Event::PingFailed {
-                            device: d.info().path.display().to_string(),
-                            error: e.to_string(),
-                        });
-                    }
-                }
-                if ok {
-                    stats.pings.fetch_add(1, Ordering::Relaxed);
-                    stats.last_ping_ns.store(now.as_nanos(), Ordering::Relaxed);
-                    if let Evidence::Lease(s) | Evidence::Liveness(s) = ev {
-                        summary.note(now, s);
-                    }
-                }
-                summary.flush(now, false, &events);
-            } else {
-                summary.flush(now, true, &events);
-                if let Evidence::Lease(s) = ev {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    events.try_push(Event::PingRefused {
-                        k_minus_s_ns: now.saturating_since(s).as_nanos() as u64,
-                        s_ns: s.as_nanos(),
-                    });
-                }
-            }
+            ping_round(&mut devices, cell, budget, &events, stats, &mut summary);
         }
         // Sleep to the next tick on the absolute schedule; note how late we woke.
         let now = clock::now();
@@ -431,6 +470,58 @@ mod tests {
         assert!(pings(&log).len() > before);
         let devs = futures_lite_block_on(p.surrender());
         assert_eq!(devs.len(), 1);
+        p.stop();
+    }
+
+    /// Rule 1 holds per device write, not per round: the clock and the
+    /// evidence are read right before each write, so a write that lands late
+    /// (here the first device's takes 1.3 s, past M - R = 1 s) keeps the
+    /// next device from being pinged on evidence that went stale meanwhile,
+    /// and the late write shows in the summary as its k - s at the time it
+    /// landed (the audit's rule-1 check sees it).
+    #[test]
+    fn each_write_is_checked_and_recorded_at_its_own_time() {
+        let b = budget();
+        let cell = Arc::new(EvidenceCell::default());
+        let (p, _rt) = Pinger::start(cell.clone(), b, Duration::from_millis(20), false).unwrap();
+        let slow = MemoryWatchdog::new(3);
+        let slow_log = slow.log();
+        slow.delay_next_switch().store(1300, Ordering::SeqCst);
+        let next = MemoryWatchdog::new(3);
+        let next_log = next.log();
+        p.adopt(vec![Box::new(slow), Box::new(next)]);
+        let s = clock::now();
+        cell.store(Evidence::Lease(s));
+        thread::sleep(Duration::from_millis(1800));
+        let late = pings(&slow_log);
+        assert_eq!(late.len(), 1, "one (late) write to the slow device");
+        assert!(late[0].saturating_since(s) > b.ping_window());
+        for k in pings(&next_log) {
+            assert!(
+                k.saturating_since(s) <= b.ping_window(),
+                "second device pinged at k - s = {:?} > M - R after the slow write",
+                k.saturating_since(s)
+            );
+        }
+        let events = drain(&p);
+        let max = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::PingSummary {
+                    max_k_minus_s_ns, ..
+                } => Some(Duration::from_nanos(*max_k_minus_s_ns)),
+                _ => None,
+            })
+            .max()
+            .expect("a ping summary");
+        assert!(
+            max >= late[0].saturating_since(s),
+            "the summary records the write time (k - s >= {:?}), not the check time: {max:?}",
+            late[0].saturating_since(s)
+        );
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::PingRefused { .. })));
         p.stop();
     }
 

@@ -16,7 +16,7 @@ use crate::clock::{self, BootTime};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One recorded operation on a fake device.
@@ -165,6 +165,8 @@ pub struct MemoryWatchdog {
     info: ArmedInfo,
     log: MemoryLog,
     fail_pings: Arc<AtomicBool>,
+    /// Milliseconds the next ping takes (a slow or preempted write), once.
+    delay_next: Arc<AtomicU64>,
 }
 
 impl MemoryWatchdog {
@@ -188,7 +190,14 @@ impl MemoryWatchdog {
             },
             log,
             fail_pings: Arc::new(AtomicBool::new(false)),
+            delay_next: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Store `ms` to make the next ping take that long before it lands (it
+    /// is recorded at the time it lands, like a write that was preempted).
+    pub fn delay_next_switch(&self) -> Arc<AtomicU64> {
+        self.delay_next.clone()
     }
 
     /// The shared log (clone it before boxing the device).
@@ -215,6 +224,10 @@ impl Watchdog for MemoryWatchdog {
     fn ping(&mut self) -> io::Result<()> {
         if self.fail_pings.load(Ordering::SeqCst) {
             return Err(io::Error::other("memory watchdog: ping failure injected"));
+        }
+        let delay = self.delay_next.swap(0, Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
         }
         self.push(FakeOp::Ping { at: clock::now() });
         Ok(())
