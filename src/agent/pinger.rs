@@ -12,7 +12,7 @@ use crate::audit::{self, Event};
 use crate::clock::{self, BootTime};
 use crate::decide::Evidence;
 use crate::timing::{self, Budget};
-use crate::watchdog::Watchdog;
+use crate::watchdog::{self, Watchdog};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
@@ -186,10 +186,15 @@ impl Pinger {
         ))
     }
 
-    /// Hands devices to the pinger.
+    /// Hands devices to the pinger. If its thread is gone they are leaked,
+    /// never closed (a close would ping them).
     pub fn adopt(&self, devices: Vec<Box<dyn Watchdog>>) {
         if !devices.is_empty() {
-            let _ = self.commands.send(Command::Adopt(devices));
+            if let Err(mpsc::SendError(Command::Adopt(devices))) =
+                self.commands.send(Command::Adopt(devices))
+            {
+                watchdog::leak(devices);
+            }
         }
     }
 
@@ -202,8 +207,9 @@ impl Pinger {
         rx.await.unwrap_or_default()
     }
 
-    /// Stops the thread. Devices it still holds are dropped WITHOUT magic
-    /// close, i.e. left armed (rule 4: never disarm on an exit path).
+    /// Stops the thread. Devices it still holds are neither disarmed (rule 4:
+    /// never disarm on an exit path) nor closed (closing a running device
+    /// pings it): they are leaked, open, until the process ends.
     pub fn stop(mut self) {
         let _ = self.commands.send(Command::Stop);
         if let Some(t) = self.thread.take() {
@@ -338,10 +344,14 @@ fn run(
                 Ok(Command::Adopt(mut d)) => devices.append(&mut d),
                 Ok(Command::Surrender(reply)) => {
                     summary.flush(clock::now(), true, &events);
-                    let _ = reply.send(std::mem::take(&mut devices));
+                    // Nobody waits for them any more: keep them (and their pings).
+                    if let Err(back) = reply.send(std::mem::take(&mut devices)) {
+                        devices = back;
+                    }
                 }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     summary.flush(clock::now(), true, &events);
+                    watchdog::leak(devices);
                     return;
                 }
                 Err(TryRecvError::Empty) => break,
@@ -558,6 +568,42 @@ mod tests {
         }
         assert!(!pings(&log).is_empty());
         p.stop();
+    }
+
+    /// Rule 4 and the close-pings fact: stopping the pinger, or handing
+    /// devices to a pinger that is gone, must not close armed devices (a
+    /// close pings a running device and would reset the node W after the
+    /// close instead of W after the last permitted ping). They are leaked
+    /// until the process ends.
+    #[test]
+    fn stop_and_failed_adopt_never_close_armed_devices() {
+        let cell = Arc::new(EvidenceCell::default());
+        let (p, _rt) =
+            Pinger::start(cell.clone(), budget(), Duration::from_millis(10), false).unwrap();
+        let dev = MemoryWatchdog::new(3);
+        let closed = dev.closed_flag();
+        p.adopt(vec![Box::new(dev)]);
+        thread::sleep(Duration::from_millis(50));
+        let commands = p.commands.clone();
+        p.stop();
+        assert!(
+            !closed.load(Ordering::SeqCst),
+            "Pinger::stop closed an armed device"
+        );
+        // The thread is gone: a late adopt must not drop (close) the devices.
+        let late = MemoryWatchdog::new(3);
+        let late_closed = late.closed_flag();
+        let late_pinger = Pinger {
+            commands,
+            events: audit::queue(1).1,
+            stats: Arc::new(PingStats::default()),
+            thread: None,
+        };
+        late_pinger.adopt(vec![Box::new(late)]);
+        assert!(
+            !late_closed.load(Ordering::SeqCst),
+            "adopt to a dead pinger closed an armed device"
+        );
     }
 
     fn pings(log: &crate::watchdog::fake::MemoryLog) -> Vec<BootTime> {

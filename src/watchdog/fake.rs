@@ -91,6 +91,7 @@ pub fn read_fake_record(path: &Path) -> io::Result<Vec<FakeOp>> {
 pub struct FakeWatchdog {
     file: File,
     info: ArmedInfo,
+    _armed: super::ArmedToken,
 }
 
 impl FakeWatchdog {
@@ -119,6 +120,7 @@ impl FakeWatchdog {
                 firmware_version: 0,
                 bootstatus: None,
             },
+            _armed: super::ArmedToken::new(),
         };
         fw.record(FakeOp::Arm {
             w_secs,
@@ -167,6 +169,15 @@ pub struct MemoryWatchdog {
     fail_pings: Arc<AtomicBool>,
     /// Milliseconds the next ping takes (a slow or preempted write), once.
     delay_next: Arc<AtomicU64>,
+    /// Set when the handle is dropped or disarmed: a real device's
+    /// descriptor would have been closed (which pings a running device).
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for MemoryWatchdog {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
 }
 
 impl MemoryWatchdog {
@@ -191,7 +202,13 @@ impl MemoryWatchdog {
             log,
             fail_pings: Arc::new(AtomicBool::new(false)),
             delay_next: Arc::new(AtomicU64::new(0)),
+            closed: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// True once the handle was dropped or disarmed (its descriptor closed).
+    pub fn closed_flag(&self) -> Arc<AtomicBool> {
+        self.closed.clone()
     }
 
     /// Store `ms` to make the next ping take that long before it lands (it

@@ -31,14 +31,46 @@ use serde::Serialize;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use sysfs::SysfsEntry;
+
+/// Handles to armed devices this process holds open (see [`ArmedToken`]).
+static ARMED_HANDLES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many armed device handles this process holds open right now. A
+/// leaked handle counts for ever (its descriptor stays open until exit).
+/// The panic hook ([`crate::agent::realtime::park_on_panic_while_armed`])
+/// reads it.
+pub fn armed_handles() -> usize {
+    ARMED_HANDLES.load(Ordering::SeqCst)
+}
+
+/// Counts one open armed handle for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct ArmedToken(());
+
+impl ArmedToken {
+    pub(crate) fn new() -> ArmedToken {
+        ARMED_HANDLES.fetch_add(1, Ordering::SeqCst);
+        ArmedToken(())
+    }
+}
+
+impl Drop for ArmedToken {
+    fn drop(&mut self) {
+        ARMED_HANDLES.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// An armed watchdog.
 ///
 /// Dropping a handle without calling [`Watchdog::disarm`] leaves the device
-/// ARMED: the descriptor is closed without the magic 'V', so the node resets
-/// `W` after the last ping. That is deliberate (FENCING.md rule 4): an agent
-/// that dies or bails out while leader must still be reset.
+/// ARMED: the descriptor is closed without the magic 'V'. That is deliberate
+/// (FENCING.md rule 4): an agent that dies or bails out while leader must
+/// still be reset. But the kernel pings a running device when its last
+/// descriptor closes, so the reset comes `W` after the drop, not after the
+/// last ping: the agent never drops an armed handle on purpose; it leaks it
+/// ([`leak`]) so the descriptor stays open until the process ends.
 pub trait Watchdog: Send + Sync {
     fn info(&self) -> &ArmedInfo;
     /// Restarts the timer.
@@ -46,6 +78,15 @@ pub trait Watchdog: Send + Sync {
     /// Magic close: write 'V', close. Consumes the handle. Fails (after
     /// closing) if the timer is known to keep running, e.g. with `nowayout`.
     fn disarm(self: Box<Self>) -> io::Result<()>;
+}
+
+/// Keeps armed handles open until the process ends, without closing them
+/// (a close pings a running device). Used on every exit path that is not a
+/// disarm.
+pub fn leak(devices: Vec<Box<dyn Watchdog>>) {
+    for d in devices {
+        std::mem::forget(d);
+    }
 }
 
 impl fmt::Debug for dyn Watchdog {
@@ -175,6 +216,7 @@ struct LinuxWatchdog {
     info: ArmedInfo,
     /// sysfs `state`, read after a magic close to confirm the timer stopped.
     state_attr: Option<PathBuf>,
+    _armed: ArmedToken,
 }
 
 impl Watchdog for LinuxWatchdog {
@@ -191,6 +233,7 @@ impl Watchdog for LinuxWatchdog {
             dev,
             info,
             state_attr,
+            _armed,
         } = *self;
         dev.magic_close()?;
         if info.nowayout {
@@ -561,6 +604,7 @@ pub fn arm(
                 bootstatus,
             },
             state_attr: entry.map(|e| e.dir.join("state")),
+            _armed: ArmedToken::new(),
         })),
         Err(problem) if nowayout && !assumed => {
             let w_secs = file.get_timeout().ok();
@@ -578,6 +622,7 @@ pub fn arm(
                     bootstatus: None,
                 },
                 state_attr: None,
+                _armed: ArmedToken::new(),
             };
             Err(ArmError::Refused {
                 path: dev.path.clone(),
