@@ -1,7 +1,7 @@
 //! The fence (synchronous, no tokio): FENCING.md rule 3's stop of PostgreSQL,
 //! confirmed by the [`super::procscan`] of `/proc`.
 
-use super::procscan::{cluster_processes, cluster_procs, descendants, Proc};
+use super::procscan::{cluster_processes, Proc, ProcFs};
 use super::{io_err, Pg, PgConfig, PgError};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -37,20 +37,48 @@ pub fn read_postmaster_pid(data_dir: &Path) -> Option<i32> {
 }
 
 /// What is still alive of `watched`, plus any process now in the data directory.
-fn survivors(data_dir: &Path, watched: &BTreeSet<Proc>) -> BTreeSet<Proc> {
-    let mut left: BTreeSet<Proc> = watched.iter().copied().filter(Proc::alive).collect();
-    left.extend(cluster_procs(data_dir));
+fn survivors(fs: &ProcFs, data_dir: &Path, watched: &BTreeSet<Proc>) -> BTreeSet<Proc> {
+    let mut left: BTreeSet<Proc> = watched.iter().copied().filter(|p| p.alive(fs)).collect();
+    left.extend(fs.cluster(data_dir));
     left
 }
 
-fn wait_gone(data_dir: &Path, watched: &BTreeSet<Proc>, until: Instant) -> BTreeSet<Proc> {
+fn wait_gone(
+    fs: &ProcFs,
+    data_dir: &Path,
+    watched: &BTreeSet<Proc>,
+    until: Instant,
+) -> BTreeSet<Proc> {
     loop {
-        let left = survivors(data_dir, watched);
+        let left = survivors(fs, data_dir, watched);
         if left.is_empty() || Instant::now() >= until {
             return left;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A stop is confirmed only if nothing the scan could not see might be the
+/// cluster: no live process of the data directory's owner it cannot read, and
+/// no live `postmaster.pid` process it cannot attribute. Otherwise the fence
+/// is an error, logged loudly, whatever it did.
+fn confirm_nothing_unseen(fs: &ProcFs, data_dir: &Path) -> Result<(), PgError> {
+    let mut why = match fs.blind_spots(data_dir) {
+        Ok(v) => v,
+        Err(e) => vec![e],
+    };
+    if let Some(pid) = read_postmaster_pid(data_dir) {
+        why.extend(fs.unattributed_postmaster(data_dir, pid, &fs.cluster(data_dir)));
+    }
+    if why.is_empty() {
+        return Ok(());
+    }
+    let e = PgError::FenceBlind {
+        data_dir: data_dir.to_owned(),
+        why: why.join("; "),
+    };
+    tracing::error!("{e}; treating PostgreSQL as NOT stopped (no release, no disarm follows)");
+    Err(e)
 }
 
 /// Demotion so that no backend can commit (FENCING.md rule 3): an immediate
@@ -60,10 +88,23 @@ fn wait_gone(data_dir: &Path, watched: &BTreeSet<Proc>, until: Instant) -> BTree
 /// them all, postmaster first (a live postmaster would restart crashed
 /// children). Returns only once the postmaster and every PostgreSQL process of
 /// the data directory are confirmed gone; an error if that cannot be confirmed
-/// within `kill` more.
+/// within `kill` more, or if the scan has blind spots (a process of the data
+/// directory's owner it cannot read, a live `postmaster.pid` process it
+/// cannot attribute, an unreadable process list): [`PgError::FenceBlind`].
 ///
 /// Synchronous and runtime-free so a plain thread can call it.
 pub fn stop_fast_fence_blocking(
+    data_dir: &Path,
+    immediate: Duration,
+    kill: Duration,
+) -> Result<StopReport, PgError> {
+    stop_fast_fence_in(&ProcFs::real(), data_dir, immediate, kill)
+}
+
+/// [`stop_fast_fence_blocking`] reading processes from `fs` (tests give it a
+/// fake tree; signals go to the real pids).
+pub fn stop_fast_fence_in(
+    fs: &ProcFs,
     data_dir: &Path,
     immediate: Duration,
     kill: Duration,
@@ -81,12 +122,13 @@ pub fn stop_fast_fence_blocking(
             ))(e));
         }
     }
-    let mut watched = cluster_procs(data_dir);
+    let mut watched = fs.cluster(data_dir);
     // A pid file can outlive its server (and the pid be reused): trust it only
     // for a process that runs in this data directory.
     let pm = read_postmaster_pid(data_dir)
         .and_then(|pid| watched.iter().copied().find(|p| p.pid == pid));
     if watched.is_empty() {
+        confirm_nothing_unseen(fs, data_dir)?;
         return Ok(StopReport {
             how: StopHow::AlreadyStopped,
             took: t0.elapsed(),
@@ -95,9 +137,10 @@ pub fn stop_fast_fence_blocking(
         });
     }
     if let Some(pm) = pm {
-        watched.extend(descendants(&BTreeSet::from([pm])));
-        pm.signal(libc::SIGQUIT)?;
-        if wait_gone(data_dir, &watched, t0 + immediate).is_empty() {
+        watched.extend(fs.descendants(&BTreeSet::from([pm])));
+        pm.signal(fs, libc::SIGQUIT)?;
+        if wait_gone(fs, data_dir, &watched, t0 + immediate).is_empty() {
+            confirm_nothing_unseen(fs, data_dir)?;
             return Ok(StopReport {
                 how: StopHow::Immediate,
                 took: t0.elapsed(),
@@ -108,10 +151,10 @@ pub fn stop_fast_fence_blocking(
     }
     // Freeze until the set is closed (a stopped process cannot fork), then kill.
     for _ in 0..50 {
-        let mut now = survivors(data_dir, &watched);
-        now.extend(descendants(&now));
+        let mut now = survivors(fs, data_dir, &watched);
+        now.extend(fs.descendants(&now));
         for p in &now {
-            p.signal(libc::SIGSTOP)?;
+            p.signal(fs, libc::SIGSTOP)?;
         }
         let grew = !now.is_subset(&watched);
         watched.extend(now);
@@ -120,23 +163,24 @@ pub fn stop_fast_fence_blocking(
         }
     }
     let mut killed = Vec::new();
-    if let Some(pm) = pm.filter(Proc::alive) {
-        pm.signal(libc::SIGKILL)?;
+    if let Some(pm) = pm.filter(|p| p.alive(fs)) {
+        pm.signal(fs, libc::SIGKILL)?;
         killed.push(pm.pid);
     }
     for p in &watched {
-        if Some(*p) != pm && p.alive() {
-            p.signal(libc::SIGKILL)?;
+        if Some(*p) != pm && p.alive(fs) {
+            p.signal(fs, libc::SIGKILL)?;
             killed.push(p.pid);
         }
     }
-    let left = wait_gone(data_dir, &watched, Instant::now() + kill);
+    let left = wait_gone(fs, data_dir, &watched, Instant::now() + kill);
     if !left.is_empty() {
         return Err(PgError::FenceUnconfirmed {
             took: t0.elapsed(),
             survivors: left.iter().map(|p| p.pid).collect(),
         });
     }
+    confirm_nothing_unseen(fs, data_dir)?;
     Ok(StopReport {
         how: StopHow::Killed,
         took: t0.elapsed(),
@@ -177,5 +221,175 @@ impl Pg {
         cluster_processes(self.data_dir())
             .contains(&pid)
             .then_some(pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::process_alive;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+    use std::path::PathBuf;
+    use std::process::{Child, Command};
+
+    /// A data directory, a fake /proc and a real `sleep` to stand for a live
+    /// process (signals go to real pids; the fence must send none here).
+    struct Scene {
+        _dir: tempfile::TempDir,
+        data: PathBuf,
+        proc: PathBuf,
+        sleeper: Child,
+    }
+
+    impl Scene {
+        fn new() -> Scene {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            let proc = dir.path().join("proc");
+            fs::create_dir_all(&data).unwrap();
+            fs::create_dir_all(&proc).unwrap();
+            // PostgreSQL never runs as root, so a root-owned data directory
+            // would make every test process "not PostgreSQL's": give it a user.
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                std::os::unix::fs::chown(&data, Some(4242), Some(4242)).unwrap();
+            }
+            let sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+            Scene {
+                _dir: dir,
+                data,
+                proc,
+                sleeper,
+            }
+        }
+        fn pid(&self) -> i32 {
+            self.sleeper.id() as i32
+        }
+        fn postmaster_pid(&self, pid: i32) {
+            fs::write(
+                self.data.join("postmaster.pid"),
+                format!("{pid}\n{}\n", self.data.display()),
+            )
+            .unwrap();
+        }
+        /// A fake /proc entry: `cwd` None = unreadable (not a link), `uid` in
+        /// `status`.
+        fn entry(&self, pid: i32, cwd: Option<&Path>, uid: u32) {
+            let d = self.proc.join(pid.to_string());
+            fs::create_dir_all(&d).unwrap();
+            let zeros = vec!["0"; 17].join(" ");
+            fs::write(
+                d.join("stat"),
+                format!("{pid} (postgres) S 1 {zeros} 4242\n"),
+            )
+            .unwrap();
+            fs::write(
+                d.join("status"),
+                format!("Name:\tpostgres\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+            )
+            .unwrap();
+            match cwd {
+                Some(c) => symlink(c, d.join("cwd")).unwrap(),
+                None => fs::write(d.join("cwd"), b"").unwrap(),
+            }
+            symlink("/usr/lib/postgresql/15/bin/postgres", d.join("exe")).unwrap();
+        }
+        fn fence(&self) -> Result<StopReport, PgError> {
+            stop_fast_fence_in(
+                &ProcFs::at(&self.proc),
+                &self.data,
+                Duration::from_millis(200),
+                Duration::from_millis(200),
+            )
+        }
+        fn owner(&self) -> u32 {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&self.data).unwrap().uid()
+        }
+    }
+
+    impl Drop for Scene {
+        fn drop(&mut self) {
+            let _ = self.sleeper.kill();
+            let _ = self.sleeper.wait();
+        }
+    }
+
+    fn blind(r: Result<StopReport, PgError>, pid: i32) -> String {
+        match r {
+            Err(e @ PgError::FenceBlind { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains(&pid.to_string()), "names the pid: {m}");
+                m
+            }
+            other => panic!("expected a blind fence, got {other:?}"),
+        }
+    }
+
+    /// postmaster.pid names a live process whose cwd the scan cannot read:
+    /// it may be the postmaster, so the stop is NOT confirmed.
+    #[test]
+    fn a_live_postmaster_the_scan_cannot_read_is_an_error_not_already_stopped() {
+        let s = Scene::new();
+        s.postmaster_pid(s.pid());
+        s.entry(s.pid(), None, s.owner());
+        let m = blind(s.fence(), s.pid());
+        assert!(m.contains("postmaster.pid"), "{m}");
+        assert!(
+            process_alive(s.pid()),
+            "an unattributed pid is never signalled"
+        );
+    }
+
+    /// The same when /proc does not show the process at all (hidepid,
+    /// ProtectProc=invisible, another user): kill(pid, 0) still sees it.
+    #[test]
+    fn a_live_postmaster_hidden_from_proc_is_an_error() {
+        let s = Scene::new();
+        s.postmaster_pid(s.pid());
+        blind(s.fence(), s.pid());
+    }
+
+    /// A process of the data directory's owner whose cwd cannot be read could
+    /// be an orphaned backend: not confirmed either. Other users' processes
+    /// and root's (which PostgreSQL never runs as) do not count.
+    #[test]
+    fn an_uninspectable_process_of_the_owner_is_an_error() {
+        let s = Scene::new();
+        s.entry(s.pid(), None, s.owner());
+        blind(s.fence(), s.pid());
+        let s = Scene::new();
+        s.entry(s.pid(), None, s.owner() + 4242);
+        assert_eq!(s.fence().unwrap().how, StopHow::AlreadyStopped);
+        let s = Scene::new();
+        s.entry(s.pid(), None, 0);
+        assert_eq!(s.fence().unwrap().how, StopHow::AlreadyStopped);
+    }
+
+    /// What the fence can see is fine: a stale postmaster.pid whose pid now
+    /// runs elsewhere, or a dead one, confirms the stop.
+    #[test]
+    fn a_stale_postmaster_pid_is_still_already_stopped() {
+        let s = Scene::new();
+        s.postmaster_pid(s.pid());
+        s.entry(s.pid(), Some(Path::new("/")), s.owner());
+        assert_eq!(s.fence().unwrap().how, StopHow::AlreadyStopped);
+        let s = Scene::new();
+        s.postmaster_pid(i32::MAX - 7);
+        assert_eq!(s.fence().unwrap().how, StopHow::AlreadyStopped);
+    }
+
+    /// No readable process list at all: nothing can be confirmed.
+    #[test]
+    fn an_unreadable_proc_is_an_error() {
+        let s = Scene::new();
+        fs::remove_dir(&s.proc).unwrap();
+        match s.fence() {
+            Err(e @ PgError::FenceBlind { .. }) => {
+                assert!(e.to_string().contains("proc"), "{e}")
+            }
+            other => panic!("expected a blind fence, got {other:?}"),
+        }
     }
 }

@@ -34,8 +34,10 @@ mod sql;
 mod tools;
 
 pub use crate::config::postgres::{PgConfig, ReplicationConfig, REWIND_GRANTS_SQL};
-pub use fence::{read_postmaster_pid, stop_fast_fence_blocking, StopHow, StopReport};
-pub use procscan::{cluster_processes, process_alive};
+pub use fence::{
+    read_postmaster_pid, stop_fast_fence_blocking, stop_fast_fence_in, StopHow, StopReport,
+};
+pub use procscan::{cluster_processes, process_alive, ProcFs};
 pub use sql::synchronous_standby_names_for;
 
 use crate::config::ConfigError;
@@ -95,6 +97,11 @@ pub enum PgError {
     Signal { pid: i32, source: std::io::Error },
     #[error("fence NOT confirmed after {took:?}: PostgreSQL processes still alive: {survivors:?}")]
     FenceUnconfirmed { took: Duration, survivors: Vec<i32> },
+    /// The fence cannot see everything that could be the cluster, so it
+    /// cannot confirm the stop: nothing may follow from it (no release, no
+    /// disarm).
+    #[error("fence NOT confirmed: it cannot see whether PostgreSQL in {} is stopped: {why}", data_dir.display())]
+    FenceBlind { data_dir: PathBuf, why: String },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError {
