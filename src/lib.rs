@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod dcs;
 pub mod decide;
+pub mod evidence;
 pub mod metrics;
 pub mod notify;
 pub mod postgres;
