@@ -614,6 +614,41 @@ mod cli {
         assert!(table.contains("watchdog1"), "{table}");
     }
 
+    /// Descriptors systemd hands back from its fd store (devices a previous
+    /// agent left armed) are named at start-up and kept, not closed.
+    #[test]
+    fn handed_back_descriptors_are_named_and_kept() {
+        let t = Tree::new();
+        let dir = tempfile::tempdir().unwrap();
+        let held = dir.path().join("held");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec 3>>'{}'; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=leasedog-watchdog1 exec '{BIN}' query-watchdog",
+                held.display()
+            ))
+            .env("LEASEDOG_SYSROOT", sysroot(&t))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains("handed back 1 descriptor(s)")
+                && err.contains("fd 3 (leasedog-watchdog1)"),
+            "{err}"
+        );
+        assert!(err.contains("never pinged"), "{err}");
+        // Another process's LISTEN_PID: not ours, nothing said.
+        let out = Command::new(BIN)
+            .arg("query-watchdog")
+            .env("LEASEDOG_SYSROOT", sysroot(&t))
+            .env("LISTEN_PID", "1")
+            .env("LISTEN_FDS", "1")
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("handed back"));
+    }
+
     #[test]
     fn check_is_safe_or_unsafe_with_the_reason() {
         let etcd = leasedog_testbed::etcd::EtcdServer::start().unwrap();

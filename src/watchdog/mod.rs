@@ -15,6 +15,7 @@
 
 pub mod dev;
 pub mod fake;
+pub mod fdstore;
 pub mod flags;
 pub mod query;
 pub mod sysfs;
@@ -216,6 +217,8 @@ struct LinuxWatchdog {
     info: ArmedInfo,
     /// sysfs `state`, read after a magic close to confirm the timer stopped.
     state_attr: Option<PathBuf>,
+    /// The duplicate put into systemd's fd store, if any (see [`fdstore`]).
+    stored: Option<(fdstore::NotifySocket, String)>,
     _armed: ArmedToken,
 }
 
@@ -233,9 +236,30 @@ impl Watchdog for LinuxWatchdog {
             dev,
             info,
             state_attr,
+            stored,
             _armed,
         } = *self;
+        // The kernel stops the timer only on the LAST close: systemd's copy
+        // must be gone before ours is closed, or the 'V' is wasted and the
+        // node resets W after it (fdstore module docs).
+        let unstored = match &stored {
+            Some((sock, name)) => sock.remove(name, fdstore::BARRIER_TIMEOUT).err(),
+            None => None,
+        };
         dev.magic_close()?;
+        if let Some(e) = unstored {
+            let still = state_attr
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .is_none_or(|s| s.trim() != "inactive");
+            if still {
+                return Err(io::Error::other(format!(
+                    "{}: could not take it out of systemd's fd store ({e}): systemd's copy keeps \
+                     it open, so the magic close may not have stopped the timer",
+                    info.path.display()
+                )));
+            }
+        }
         if info.nowayout {
             return Err(io::Error::other(format!(
                 "{}: nowayout{}: the magic close did not stop the timer; the node resets {} s after the last ping",
@@ -587,6 +611,13 @@ pub fn arm(
 
     match configured {
         Ok((support, w_secs, bootstatus)) => Ok(Box::new(LinuxWatchdog {
+            // Under systemd, a duplicate in its fd store keeps the agent's
+            // death from being the close that pings (fdstore module docs).
+            // Best effort: without FileDescriptorStoreMax= systemd drops it.
+            stored: fdstore::NotifySocket::from_env().and_then(|sock| {
+                let name = fdstore::fd_name(&dev.path);
+                sock.store(file.raw_fd(), &name).ok().map(|()| (sock, name))
+            }),
             dev: file,
             info: ArmedInfo {
                 path: dev.path.clone(),
@@ -622,6 +653,7 @@ pub fn arm(
                     bootstatus: None,
                 },
                 state_attr: None,
+                stored: None,
                 _armed: ArmedToken::new(),
             };
             Err(ArmError::Refused {
