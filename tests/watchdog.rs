@@ -709,3 +709,219 @@ mod cli {
         );
     }
 }
+
+/// systemd 252's fd store, for real: the shipped unit (ExecStart replaced by
+/// `leasedog test-watchdog`, which arms softdog through `watchdog::arm` and
+/// stops pinging) runs under systemd as PID 1 in a QEMU guest (the lab's
+/// kernel; softdog with `soft_noboot=1`, so expiry is a log line, not a
+/// reset). The agent is SIGKILLed 4 s after arming with W = 8 s. Without the
+/// store its close would ping the device ("watchdog did not stop!") and the
+/// softdog would fire 8 s after the kill; with it, systemd's duplicate keeps
+/// the device open through the automatic restart, nothing pings, and it
+/// fires 8 s after arming, 4 s after the kill. The restarted agent names the
+/// descriptor systemd handed back.
+///
+/// CPU-heavy (a TCG guest, ~1-2 min): `cargo test --features testing --test
+/// watchdog -- --ignored`. Needs what tests/install.rs's guest needs.
+#[cfg(feature = "testing")]
+#[test]
+#[ignore = "boots a QEMU guest with systemd (~1-2 min of CPU)"]
+fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
+    use std::os::unix::fs::PermissionsExt;
+    let tool = |name: &str| {
+        ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("`{name}` not found"))
+    };
+    let kernel = leasedog_testbed::lab::Kernel::get()
+        .unwrap_or_else(|e| panic!("lab kernel: {e}"))
+        .dir
+        .clone();
+    let bin = env!("CARGO_BIN_EXE_leasedog");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = tempfile::tempdir().unwrap();
+    let ir = t.path().join("ir");
+    let inject = ir.join("inject");
+    for sub in [
+        "bin",
+        "mods",
+        "proc",
+        "sys",
+        "dev",
+        "inject/etc/systemd/system/leasedog.service.d",
+        "inject/etc/udev/rules.d",
+    ] {
+        fs::create_dir_all(ir.join(sub)).unwrap();
+    }
+    fs::copy(tool("busybox"), ir.join("bin/busybox")).unwrap();
+    const MODULES: [&str; 13] = [
+        "virtio_ring",
+        "virtio",
+        "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "9pnet",
+        "9pnet_virtio",
+        "netfs",
+        "fscache",
+        "9p",
+        "overlay",
+        "watchdog",
+        "softdog",
+    ];
+    for m in MODULES {
+        fs::copy(
+            kernel.join(format!("modules/{m}.ko")),
+            ir.join(format!("mods/{m}.ko")),
+        )
+        .unwrap_or_else(|e| panic!("module {m}: {e}"));
+    }
+    fs::copy(
+        repo.join("systemd/leasedog.service"),
+        inject.join("etc/systemd/system/leasedog.service"),
+    )
+    .unwrap();
+    fs::copy(
+        repo.join("udev/60-leasedog-watchdog.rules"),
+        inject.join("etc/udev/rules.d/60-leasedog-watchdog.rules"),
+    )
+    .unwrap();
+    let units = [
+        (
+            "leasedog.service.d/fdstore.conf".to_string(),
+            format!(
+                "[Unit]\nStartLimitIntervalSec=0\n\
+                 [Service]\nExecStart=\nExecStart={bin} test-watchdog --device softdog --timeout 8 --yes\n\
+                 Restart=on-failure\nRestartSec=2s\n\
+                 StandardOutput=journal+console\nStandardError=journal+console\n"
+            ),
+        ),
+        (
+            "driver.service".to_string(),
+            // Waits for the device to be armed, marks the kill in the kernel
+            // log, kills the agent, lets the softdog fire, reports, powers off.
+            "[Service]\nType=oneshot\nStandardOutput=journal+console\n\
+             ExecStart=/bin/sh -c '\
+               i=0; until [ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ]; do \
+                 i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done; \
+               echo LEASEDOG-ARMED > /dev/kmsg; sleep 4; \
+               echo LEASEDOG-KILL > /dev/kmsg; systemctl kill -s KILL leasedog.service; \
+               sleep 12; \
+               dmesg | grep -E \"LEASEDOG|softdog|did not stop\" | sed \"s/^/REPORT /\"; \
+               systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts | sed \"s/^/REPORT /\"; \
+               systemctl poweroff -ff'\n"
+                .to_string(),
+        ),
+        (
+            "fdstoretest.target".to_string(),
+            "[Unit]\nWants=leasedog.service driver.service\n".to_string(),
+        ),
+    ];
+    for (name, text) in &units {
+        fs::write(inject.join("etc/systemd/system").join(name), text).unwrap();
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         for m in {mods}; do insmod /mods/$m.ko || echo \"insmod $m failed\"; done\n\
+         insmod /mods/softdog.ko soft_margin=5 nowayout=0 soft_noboot=1\n\
+         mkdir -p /host /rw /newroot\n\
+         i=0; until mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host; do \
+           i=$((i+1)); [ $i -gt 50 ] && break; sleep 0.1; done\n\
+         mount -t tmpfs tmpfs /rw; mkdir -p /rw/upper /rw/work\n\
+         mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot\n\
+         cp -a /inject/. /newroot/\n\
+         grep -q '^leasedog:' /newroot/etc/group || echo leasedog:x:990: >> /newroot/etc/group\n\
+         umount /proc /sys\n\
+         mount --move /dev /newroot/dev\n\
+         exec switch_root /newroot /lib/systemd/systemd systemd.unit=fdstoretest.target\n",
+        mods = MODULES[..MODULES.len() - 1].join(" "),
+    );
+    fs::write(ir.join("init"), init).unwrap();
+    fs::set_permissions(ir.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = t.path().join("initrd.cpio");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | {} -o -H newc > {} 2>/dev/null",
+            ir.display(),
+            tool("cpio").display(),
+            initrd.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let console = t.path().join("console.log");
+    struct Qemu(Child);
+    impl Drop for Qemu {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut qemu = Qemu(
+        Command::new(tool("qemu-system-x86_64"))
+            .args(["-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(kernel.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&initrd)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 systemd.unit=fdstoretest.target",
+            ])
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&console).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start qemu"),
+    );
+    let started = std::time::Instant::now();
+    while qemu.0.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(480),
+            "the guest did not power off:\n{}",
+            fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = String::from_utf8_lossy(&fs::read(&console).unwrap()).into_owned();
+    // "REPORT [   12.345678] ..." -> (seconds, line)
+    let at = |needle: &str| -> Option<f64> {
+        log.lines()
+            .filter(|l| l.contains("REPORT [") && l.contains(needle))
+            .find_map(|l| {
+                let s = l.split_once("REPORT [")?.1;
+                s.split_once(']')?.0.trim().parse().ok()
+            })
+    };
+    let armed = at("LEASEDOG-ARMED").unwrap_or_else(|| panic!("never armed:\n{log}"));
+    let kill = at("LEASEDOG-KILL").unwrap_or_else(|| panic!("never killed:\n{log}"));
+    let fired = at("softdog: Triggered").unwrap_or_else(|| panic!("softdog never fired:\n{log}"));
+    println!("armed {armed:.3}, killed {kill:.3}, fired {fired:.3}");
+    assert!(
+        at("did not stop").is_none(),
+        "the agent's death closed (and pinged) the device:\n{log}"
+    );
+    assert!(
+        fired - kill < 8.0 - 2.0 && fired - armed < 8.0 + 1.5,
+        "softdog fired {:.3} s after the kill and {:.3} s after arming: the kill pinged it\n{log}",
+        fired - kill,
+        fired - armed
+    );
+    assert!(
+        log.contains("handed back 1 descriptor(s)") && log.contains("leasedog-watchdog0"),
+        "the restarted agent did not get the device back:\n{log}"
+    );
+    assert!(
+        log.contains("REPORT NFileDescriptorStore=1"),
+        "systemd does not hold the device:\n{log}"
+    );
+}
