@@ -710,23 +710,13 @@ mod cli {
     }
 }
 
-/// systemd 252's fd store, for real: the shipped unit (ExecStart replaced by
-/// `leasedog test-watchdog`, which arms softdog through `watchdog::arm` and
-/// stops pinging) runs under systemd as PID 1 in a QEMU guest (the lab's
-/// kernel; softdog with `soft_noboot=1`, so expiry is a log line, not a
-/// reset). The agent is SIGKILLed 4 s after arming with W = 8 s. Without the
-/// store its close would ping the device ("watchdog did not stop!") and the
-/// softdog would fire 8 s after the kill; with it, systemd's duplicate keeps
-/// the device open through the automatic restart, nothing pings, and it
-/// fires 8 s after arming, 4 s after the kill. The restarted agent names the
-/// descriptor systemd handed back.
-///
-/// CPU-heavy (a TCG guest, ~1-2 min): `cargo test --features testing --test
-/// watchdog -- --ignored`. Needs what tests/install.rs's guest needs.
+/// Boots systemd 252 as PID 1 in a QEMU guest (the lab's kernel, the host's
+/// root read-only under a tmpfs overlay, softdog with `soft_noboot=1` so that
+/// expiry is a log line, not a reset) with the shipped unit, its ExecStart
+/// replaced by `exec_start`, and a oneshot `driver` shell script that must
+/// end with `systemctl poweroff -ff`. Returns the console log.
 #[cfg(feature = "testing")]
-#[test]
-#[ignore = "boots a QEMU guest with systemd (~1-2 min of CPU)"]
-fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
+fn systemd_guest(exec_start: &str, driver: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     let tool = |name: &str| {
         ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
@@ -739,7 +729,6 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
         .unwrap_or_else(|e| panic!("lab kernel: {e}"))
         .dir
         .clone();
-    let bin = env!("CARGO_BIN_EXE_leasedog");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let t = tempfile::tempdir().unwrap();
     let ir = t.path().join("ir");
@@ -793,26 +782,16 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
             "leasedog.service.d/fdstore.conf".to_string(),
             format!(
                 "[Unit]\nStartLimitIntervalSec=0\n\
-                 [Service]\nExecStart=\nExecStart={bin} test-watchdog --device softdog --timeout 8 --yes\n\
+                 [Service]\nExecStart=\nExecStart={exec_start}\n\
                  Restart=on-failure\nRestartSec=2s\n\
                  StandardOutput=journal+console\nStandardError=journal+console\n"
             ),
         ),
         (
             "driver.service".to_string(),
-            // Waits for the device to be armed, marks the kill in the kernel
-            // log, kills the agent, lets the softdog fire, reports, powers off.
-            "[Service]\nType=oneshot\nStandardOutput=journal+console\n\
-             ExecStart=/bin/sh -c '\
-               i=0; until [ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ]; do \
-                 i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done; \
-               echo LEASEDOG-ARMED > /dev/kmsg; sleep 4; \
-               echo LEASEDOG-KILL > /dev/kmsg; systemctl kill -s KILL leasedog.service; \
-               sleep 12; \
-               dmesg | grep -E \"LEASEDOG|softdog|did not stop\" | sed \"s/^/REPORT /\"; \
-               systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts | sed \"s/^/REPORT /\"; \
-               systemctl poweroff -ff'\n"
-                .to_string(),
+            format!(
+                "[Service]\nType=oneshot\nStandardOutput=journal+console\nExecStart=/bin/sh -c '{driver}'\n"
+            ),
         ),
         (
             "fdstoretest.target".to_string(),
@@ -892,16 +871,53 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let log = String::from_utf8_lossy(&fs::read(&console).unwrap()).into_owned();
-    // "REPORT [   12.345678] ..." -> (seconds, line)
-    let at = |needle: &str| -> Option<f64> {
-        log.lines()
-            .filter(|l| l.contains("REPORT [") && l.contains(needle))
-            .find_map(|l| {
-                let s = l.split_once("REPORT [")?.1;
-                s.split_once(']')?.0.trim().parse().ok()
-            })
-    };
+    String::from_utf8_lossy(&fs::read(&console).unwrap()).into_owned()
+}
+
+/// "REPORT [   12.345678] ..." lines of the driver's `dmesg`: the first
+/// timestamp of a line holding `needle`.
+#[cfg(feature = "testing")]
+fn kmsg_at(log: &str, needle: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("REPORT [") && l.contains(needle))
+        .find_map(|l| {
+            let s = l.split_once("REPORT [")?.1;
+            s.split_once(']')?.0.trim().parse().ok()
+        })
+}
+
+/// systemd 252's fd store, for real: the shipped unit (ExecStart replaced by
+/// `leasedog test-watchdog`, which arms softdog through `watchdog::arm` and
+/// stops pinging) runs under systemd as PID 1 in a QEMU guest. The agent is
+/// SIGKILLed 4 s after arming with W = 8 s. Without the store its close
+/// would ping the device ("watchdog did not stop!") and the softdog would
+/// fire 8 s after the kill; with it, systemd's duplicate keeps the device
+/// open through the automatic restart, nothing pings, and it fires 8 s after
+/// arming, 4 s after the kill. The restarted agent names the descriptor
+/// systemd handed back.
+///
+/// CPU-heavy (a TCG guest, ~40 s of two cores): `cargo test --features
+/// testing --test watchdog -- --ignored`. Needs what tests/install.rs's
+/// guest needs (qemu-system-x86, busybox-static, cpio, the lab kernel).
+#[cfg(feature = "testing")]
+#[test]
+#[ignore = "boots a QEMU guest with systemd (~40 s of CPU)"]
+fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
+    let bin = env!("CARGO_BIN_EXE_leasedog");
+    let log = systemd_guest(
+        &format!("{bin} test-watchdog --device softdog --timeout 8 --yes"),
+        // Waits for the device to be armed, marks the kill in the kernel
+        // log, kills the agent, lets the softdog fire, reports, powers off.
+        "i=0; until [ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ]; do \
+           i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done; \
+         echo LEASEDOG-ARMED > /dev/kmsg; sleep 4; \
+         echo LEASEDOG-KILL > /dev/kmsg; systemctl kill -s KILL leasedog.service; \
+         sleep 12; \
+         dmesg | grep -E \"LEASEDOG|softdog|did not stop\" | sed \"s/^/REPORT /\"; \
+         systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts | sed \"s/^/REPORT /\"; \
+         systemctl poweroff -ff",
+    );
+    let at = |needle: &str| kmsg_at(&log, needle);
     let armed = at("LEASEDOG-ARMED").unwrap_or_else(|| panic!("never armed:\n{log}"));
     let kill = at("LEASEDOG-KILL").unwrap_or_else(|| panic!("never killed:\n{log}"));
     let fired = at("softdog: Triggered").unwrap_or_else(|| panic!("softdog never fired:\n{log}"));
@@ -923,5 +939,68 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
     assert!(
         log.contains("REPORT NFileDescriptorStore=1"),
         "systemd does not hold the device:\n{log}"
+    );
+}
+
+/// The other half of the fd store: a clean disarm. The kernel stops a timer
+/// only on the LAST close, so while systemd holds a duplicate the magic close
+/// would not stop it and the node would reset W after a clean step-down.
+/// `examples/fdstore_probe.rs` runs as the unit's main process under systemd
+/// 252: it arms softdog (W = 8 s; systemd then holds a copy), disarms it two
+/// seconds later through `Watchdog::disarm` and stays up 12 s more. The
+/// device must be stopped (sysfs `inactive`), out of the store, and the
+/// softdog must never fire.
+#[cfg(feature = "testing")]
+#[test]
+#[ignore = "boots a QEMU guest with systemd (~40 s of CPU)"]
+fn a_clean_disarm_under_systemd_takes_the_device_out_of_the_fd_store_first() {
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--features",
+            "testing",
+            "--example",
+            "fdstore_probe",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot build the probe");
+    // target/debug/deps/watchdog-* -> target/debug/examples/fdstore_probe
+    let probe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples/fdstore_probe");
+    assert!(probe.is_file(), "{}", probe.display());
+    let log = systemd_guest(
+        &probe.display().to_string(),
+        "i=0; until [ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ]; do \
+           i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done; \
+         sleep 1; \
+         systemctl show leasedog.service -p NFileDescriptorStore | sed \"s/^/REPORT before /\"; \
+         sleep 12; \
+         dmesg | grep -E \"softdog|did not stop\" | sed \"s/^/REPORT /\"; \
+         systemctl show leasedog.service -p NFileDescriptorStore | sed \"s/^/REPORT after /\"; \
+         systemctl poweroff -ff",
+    );
+    assert!(log.contains("PROBE armed: ok W = 8"), "{log}");
+    assert!(
+        log.contains("REPORT before NFileDescriptorStore=1"),
+        "systemd did not hold the armed device:\n{log}"
+    );
+    assert!(
+        log.contains("PROBE disarm: ok state inactive"),
+        "the disarm did not stop the device:\n{log}"
+    );
+    assert!(
+        kmsg_at(&log, "softdog: Triggered").is_none(),
+        "the softdog fired after a clean disarm:\n{log}"
+    );
+    assert!(kmsg_at(&log, "did not stop").is_none(), "{log}");
+    assert!(
+        log.contains("REPORT after NFileDescriptorStore=0"),
+        "the device is still in systemd's store:\n{log}"
     );
 }
