@@ -383,7 +383,7 @@ fn unreadable_nowayout_is_treated_as_set() {
             ..
         } => {
             assert!(matches!(closed, Closed::NowayoutUnknown), "{e}");
-            assert!(still_armed.is_none());
+            assert!(still_armed.is_empty());
         }
         _ => panic!("expected Refused, got {e}"),
     }
@@ -429,17 +429,46 @@ fn nowayout_failure_after_open_stays_armed_and_hands_back_the_handle() {
         "{msg}"
     );
     let ArmError::Refused {
-        still_armed: Some(mut h),
-        ..
+        mut still_armed, ..
     } = e
     else {
         panic!("expected a still-armed handle: {msg}")
     };
+    let mut h = still_armed
+        .take()
+        .unwrap_or_else(|| panic!("expected a still-armed handle: {msg}"));
     assert!(h.info().nowayout);
     assert_eq!(fs::read(&node).unwrap(), b"", "no 'V' may be written");
     h.ping().unwrap();
     drop(h); // dropping leaves it armed: still no 'V'
     assert_eq!(fs::read(&node).unwrap(), b"\0");
+}
+
+/// Whether this process holds `path` open.
+fn held_open(path: &Path) -> bool {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+}
+
+/// A refused nowayout device whose handle nobody takes (the error is just
+/// logged and dropped) must stay open: closing a running device pings it.
+#[test]
+fn a_dropped_refusal_never_closes_the_still_armed_device() {
+    let t = Tree::new();
+    let node = t.add(Dev {
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    assert!(matches!(e, ArmError::Refused { .. }), "{e}");
+    assert!(held_open(&node));
+    drop(e);
+    assert!(
+        held_open(&node),
+        "dropping the error closed the still-armed device"
+    );
 }
 
 #[test]

@@ -159,9 +159,48 @@ pub enum ArmError {
         closed: Closed,
         /// With `nowayout` the device could not be disarmed: here is its
         /// still-open handle, so the caller may keep pinging it as a replica
-        /// (policy keep-pinging). Dropping it leaves the timer running.
-        still_armed: Option<Box<dyn Watchdog>>,
+        /// (policy keep-pinging). If nobody takes it, it is leaked, not
+        /// closed (a close would ping it).
+        still_armed: StillArmed,
     },
+}
+
+/// The handle of a device left armed by a refusal. Dropping this without
+/// [`StillArmed::take`] leaks the handle (its descriptor stays open until the
+/// process ends): closing a running device pings it.
+pub struct StillArmed(Option<Box<dyn Watchdog>>);
+
+impl StillArmed {
+    pub fn none() -> StillArmed {
+        StillArmed(None)
+    }
+    pub fn some(h: Box<dyn Watchdog>) -> StillArmed {
+        StillArmed(Some(h))
+    }
+    /// Takes the handle (to keep pinging it, or to hand it to the pinger).
+    pub fn take(&mut self) -> Option<Box<dyn Watchdog>> {
+        self.0.take()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl Drop for StillArmed {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            std::mem::forget(h);
+        }
+    }
+}
+
+impl fmt::Debug for StillArmed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(h) => write!(f, "StillArmed({:?})", h.info().path),
+            None => f.write_str("StillArmed(none)"),
+        }
+    }
 }
 
 fn busy_detail(holders: &[Holder]) -> String {
@@ -660,7 +699,7 @@ pub fn arm(
                 path: dev.path.clone(),
                 problem,
                 closed: Closed::StillArmed { w_secs },
-                still_armed: Some(Box::new(still)),
+                still_armed: StillArmed::some(Box::new(still)),
             })
         }
         Err(problem) => {
@@ -673,7 +712,7 @@ pub fn arm(
                 path: dev.path,
                 problem,
                 closed,
-                still_armed: None,
+                still_armed: StillArmed::none(),
             })
         }
     }
@@ -835,7 +874,7 @@ mod tests {
             path: "/dev/watchdog1".into(),
             problem: Problem::AlarmOnly,
             closed: Closed::StillArmed { w_secs: Some(30) },
-            still_armed: None,
+            still_armed: StillArmed::none(),
         };
         let m = e.to_string();
         assert!(

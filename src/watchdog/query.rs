@@ -148,7 +148,7 @@ pub fn query_open(path: &Path, roots: &SysRoots, force: bool) -> Result<DeviceRe
                 path: dev.path,
                 problem: Problem::Ioctl(e),
                 closed,
-                still_armed: None,
+                still_armed: super::StillArmed::none(),
             });
         }
     };
