@@ -641,6 +641,20 @@ mod cli {
         let (code, table) = run(&t, &["query-watchdog"]);
         assert_eq!(code, 0);
         assert!(table.contains("watchdog1"), "{table}");
+        // A device without magic close is called out, in both forms.
+        t.add(Dev {
+            options: Some("0x8080"),
+            ..hw(2)
+        });
+        let (code, table) = run(&t, &["query-watchdog"]);
+        assert_eq!(code, 0);
+        assert!(
+            table.contains("watchdog2: no WDIOF_MAGICCLOSE") && table.contains("refuses it"),
+            "{table}"
+        );
+        let (_, out) = run(&t, &["query-watchdog", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v[2]["magic_close"], false, "{out}");
     }
 
     /// Descriptors systemd hands back from its fd store (devices a previous
@@ -724,6 +738,24 @@ mod cli {
         assert!(
             out.contains("RuntimeWatchdogSec"),
             "the fix is named: {out}"
+        );
+        // A device without magic close: UNSAFE, saying why.
+        let nomagic = t.add(Dev {
+            options: Some("0x8080"),
+            ..hw(2)
+        });
+        write(&format!(
+            "[[watchdog.device]]\nkind = 'device'\npath = '{}'\n",
+            nomagic.display()
+        ));
+        let (code, out) = run(
+            &t,
+            &["check", "--config", cfg.to_str().unwrap(), "--samples", "3"],
+        );
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("verdict: UNSAFE") && out.contains("WDIOF_MAGICCLOSE"),
+            "{out}"
         );
         // Nothing listening: UNSAFE, etcd unreachable.
         drop(etcd);
