@@ -95,7 +95,7 @@ pub struct ReplicationConfig {
     pub password: Option<String>,
 }
 
-/// What a non-superuser replication role needs for [`Pg::rejoin`]: pg_rewind's
+/// What a non-superuser replication role needs for [`crate::postgres::Pg::rejoin`]: pg_rewind's
 /// file functions and `CHECKPOINT` (pg_checkpoint, PostgreSQL 15). Replace
 /// `{role}` with the role name and run it on the primary.
 pub const REWIND_GRANTS_SQL: &str = "

@@ -25,7 +25,7 @@
 //! Layout: configuration lives in [`crate::config::postgres`] (re-exported
 //! here); this module holds the errors, the observations and the driver;
 //! [`procscan`] finds the cluster's processes, [`fence`] stops them,
-//! [`tools`] runs `pg_ctl` & co. on the data directory, [`sql`] talks to the
+//! `tools` runs `pg_ctl` & co. on the data directory, `sql` talks to the
 //! server.
 
 pub mod fence;
