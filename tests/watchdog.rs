@@ -955,7 +955,8 @@ fn kmsg_at(log: &str, needle: &str) -> Option<f64> {
 /// fire 8 s after the kill; with it, systemd's duplicate keeps the device
 /// open through the automatic restart, nothing pings, and it fires 8 s after
 /// arming, 4 s after the kill. The restarted agent names the descriptor
-/// systemd handed back.
+/// systemd handed back. `systemctl stop` then empties the store, and that
+/// close is the one that pings ("watchdog did not stop!").
 ///
 /// CPU-heavy (a TCG guest, ~40 s of two cores): `cargo test --features
 /// testing --test watchdog -- --ignored`. Needs what tests/install.rs's
@@ -974,8 +975,10 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
          echo LEASEDOG-ARMED > /dev/kmsg; sleep 4; \
          echo LEASEDOG-KILL > /dev/kmsg; systemctl kill -s KILL leasedog.service; \
          sleep 12; \
-         dmesg | grep -E \"LEASEDOG|softdog|did not stop\" | sed \"s/^/REPORT /\"; \
          systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts | sed \"s/^/REPORT /\"; \
+         echo LEASEDOG-STOP > /dev/kmsg; systemctl stop leasedog.service; sleep 1; \
+         systemctl show leasedog.service -p NFileDescriptorStore | sed \"s/^/REPORT stopped /\"; \
+         dmesg | grep -E \"LEASEDOG|softdog|did not stop\" | sed \"s/^/REPORT /\"; \
          systemctl poweroff -ff",
     );
     let at = |needle: &str| kmsg_at(&log, needle);
@@ -983,9 +986,17 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
     let kill = at("LEASEDOG-KILL").unwrap_or_else(|| panic!("never killed:\n{log}"));
     let fired = at("softdog: Triggered").unwrap_or_else(|| panic!("softdog never fired:\n{log}"));
     println!("armed {armed:.3}, killed {kill:.3}, fired {fired:.3}");
+    // The only close that pings is systemd's own, at `systemctl stop`.
+    let stop = at("LEASEDOG-STOP").unwrap_or_else(|| panic!("never stopped:\n{log}"));
+    let released = at("did not stop");
     assert!(
-        at("did not stop").is_none(),
-        "the agent's death closed (and pinged) the device:\n{log}"
+        released.is_some_and(|t| t > stop),
+        "the agent's death closed (and pinged) the device, or the stop did not release it \
+         (did not stop at {released:?}, stop at {stop:.3}):\n{log}"
+    );
+    assert!(
+        log.contains("REPORT stopped NFileDescriptorStore=0"),
+        "systemctl stop kept the store:\n{log}"
     );
     assert!(
         fired - kill < 8.0 - 2.0 && fired - armed < 8.0 + 1.5,
