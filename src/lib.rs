@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod dcs;
 pub mod decide;
+pub mod evidence;
 pub mod health;
 pub mod metrics;
 pub mod notify;

@@ -6,9 +6,9 @@
 //! devices or etcd: a slow or hostile client can at worst delay other
 //! scrapes (one connection at a time, each bounded by a short timeout).
 
-use crate::agent::pinger::{EvidenceCell, PingStats};
 use crate::clock::{self, BootTime};
 use crate::decide::Evidence;
+use crate::evidence::{EvidenceCell, PingStats};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};

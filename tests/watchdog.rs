@@ -30,6 +30,8 @@ struct Dev<'a> {
     driver: Option<&'a str>,
     nowayout: Option<&'a str>,
     bootstatus: &'a str,
+    /// sysfs `options` (hex), if the kernel shows it.
+    options: Option<&'a str>,
 }
 
 impl Tree {
@@ -63,6 +65,9 @@ impl Tree {
         if let Some(n) = d.nowayout {
             fs::write(dir.join("nowayout"), format!("{n}\n")).unwrap();
         }
+        if let Some(o) = d.options {
+            fs::write(dir.join("options"), format!("{o}\n")).unwrap();
+        }
         if let Some(drv) = d.driver {
             let drvdir = self.roots.sys.join("bus/pci/drivers").join(drv);
             fs::create_dir_all(&drvdir).unwrap();
@@ -94,6 +99,7 @@ fn hw(index: u32) -> Dev<'static> {
         driver: Some("i6300ESB timer"),
         nowayout: Some("0"),
         bootstatus: "0",
+        options: None,
     }
 }
 
@@ -104,6 +110,7 @@ fn soft(index: u32) -> Dev<'static> {
         driver: None,
         nowayout: Some("0"),
         bootstatus: "0",
+        options: None,
     }
 }
 
@@ -376,7 +383,7 @@ fn unreadable_nowayout_is_treated_as_set() {
             ..
         } => {
             assert!(matches!(closed, Closed::NowayoutUnknown), "{e}");
-            assert!(still_armed.is_none());
+            assert!(still_armed.is_empty());
         }
         _ => panic!("expected Refused, got {e}"),
     }
@@ -422,17 +429,46 @@ fn nowayout_failure_after_open_stays_armed_and_hands_back_the_handle() {
         "{msg}"
     );
     let ArmError::Refused {
-        still_armed: Some(mut h),
-        ..
+        mut still_armed, ..
     } = e
     else {
         panic!("expected a still-armed handle: {msg}")
     };
+    let mut h = still_armed
+        .take()
+        .unwrap_or_else(|| panic!("expected a still-armed handle: {msg}"));
     assert!(h.info().nowayout);
     assert_eq!(fs::read(&node).unwrap(), b"", "no 'V' may be written");
     h.ping().unwrap();
     drop(h); // dropping leaves it armed: still no 'V'
     assert_eq!(fs::read(&node).unwrap(), b"\0");
+}
+
+/// Whether this process holds `path` open.
+fn held_open(path: &Path) -> bool {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+}
+
+/// A refused nowayout device whose handle nobody takes (the error is just
+/// logged and dropped) must stay open: closing a running device pings it.
+#[test]
+fn a_dropped_refusal_never_closes_the_still_armed_device() {
+    let t = Tree::new();
+    let node = t.add(Dev {
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    assert!(matches!(e, ArmError::Refused { .. }), "{e}");
+    assert!(held_open(&node));
+    drop(e);
+    assert!(
+        held_open(&node),
+        "dropping the error closed the still-armed device"
+    );
 }
 
 #[test]
@@ -450,6 +486,63 @@ fn query_open_refuses_nowayout_unless_forced_and_closes_after() {
     let e = query_open(&node, &t.roots, true).unwrap_err();
     assert!(e.to_string().contains("ENOTTY"), "{e}");
     assert_eq!(fs::read(&node).unwrap(), b"V");
+}
+
+/// A device without WDIOF_MAGICCLOSE stops on ANY close when nowayout is off:
+/// a crash of the agent would disarm it. Refused before opening unless
+/// nowayout is set; `query-watchdog` and `check` say so.
+#[test]
+fn device_without_magic_close_is_refused_unless_nowayout() {
+    let t = Tree::new();
+    // SETTIMEOUT | KEEPALIVEPING, no MAGICCLOSE.
+    let node = t.add(Dev {
+        options: Some("0x8080"),
+        ..hw(0)
+    });
+    for policy in [NowayoutPolicy::Refuse, NowayoutPolicy::KeepPinging] {
+        let e = arm(device(&node), policy, &t.roots).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ArmError::NoMagicClose { .. }), "{msg}");
+        assert!(
+            msg.contains("MAGICCLOSE") && msg.contains("NOT opened"),
+            "{msg}"
+        );
+        assert_eq!(fs::read(&node).unwrap(), b"", "never opened: {msg}");
+    }
+    let e = watchdog::inspect(&device(&node), NowayoutPolicy::KeepPinging, &t.roots)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MAGICCLOSE"), "{e}");
+    let r = query(&t.roots);
+    assert_eq!(r[0].magic_close, Some(false));
+    let table = render_table(&r);
+    assert!(
+        table.contains("no WDIOF_MAGICCLOSE") && table.contains("refuses"),
+        "{table}"
+    );
+
+    // With nowayout set, any close leaves it running: accepted (and here
+    // refused only after opening, by the regular file's ENOTTY).
+    let t = Tree::new();
+    let node = t.add(Dev {
+        options: Some("0x8080"),
+        nowayout: Some("1"),
+        ..hw(0)
+    });
+    let e = arm(device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap_err();
+    assert!(matches!(e, ArmError::Refused { .. }), "{e}");
+    let ok = watchdog::inspect(&device(&node), NowayoutPolicy::KeepPinging, &t.roots).unwrap();
+    assert!(ok.contains("magic close no"), "{ok}");
+
+    // A device that has it is described as such.
+    let t = Tree::new();
+    let node = t.add(Dev {
+        options: Some("0x8180"),
+        ..hw(0)
+    });
+    let ok = watchdog::inspect(&device(&node), NowayoutPolicy::Refuse, &t.roots).unwrap();
+    assert!(ok.contains("magic close yes"), "{ok}");
+    assert_eq!(query(&t.roots)[0].magic_close, Some(true));
 }
 
 #[test]
@@ -548,6 +641,55 @@ mod cli {
         let (code, table) = run(&t, &["query-watchdog"]);
         assert_eq!(code, 0);
         assert!(table.contains("watchdog1"), "{table}");
+        // A device without magic close is called out, in both forms.
+        t.add(Dev {
+            options: Some("0x8080"),
+            ..hw(2)
+        });
+        let (code, table) = run(&t, &["query-watchdog"]);
+        assert_eq!(code, 0);
+        assert!(
+            table.contains("watchdog2: no WDIOF_MAGICCLOSE") && table.contains("refuses it"),
+            "{table}"
+        );
+        let (_, out) = run(&t, &["query-watchdog", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v[2]["magic_close"], false, "{out}");
+    }
+
+    /// Descriptors systemd hands back from its fd store (devices a previous
+    /// agent left armed) are named at start-up and kept, not closed.
+    #[test]
+    fn handed_back_descriptors_are_named_and_kept() {
+        let t = Tree::new();
+        let dir = tempfile::tempdir().unwrap();
+        let held = dir.path().join("held");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec 3>>'{}'; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=leasedog-watchdog1 exec '{BIN}' query-watchdog",
+                held.display()
+            ))
+            .env("LEASEDOG_SYSROOT", sysroot(&t))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains("handed back 1 descriptor(s)")
+                && err.contains("fd 3 (leasedog-watchdog1)"),
+            "{err}"
+        );
+        assert!(err.contains("never pinged"), "{err}");
+        // Another process's LISTEN_PID: not ours, nothing said.
+        let out = Command::new(BIN)
+            .arg("query-watchdog")
+            .env("LEASEDOG_SYSROOT", sysroot(&t))
+            .env("LISTEN_PID", "1")
+            .env("LISTEN_FDS", "1")
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("handed back"));
     }
 
     #[test]
@@ -597,6 +739,24 @@ mod cli {
             out.contains("RuntimeWatchdogSec"),
             "the fix is named: {out}"
         );
+        // A device without magic close: UNSAFE, saying why.
+        let nomagic = t.add(Dev {
+            options: Some("0x8080"),
+            ..hw(2)
+        });
+        write(&format!(
+            "[[watchdog.device]]\nkind = 'device'\npath = '{}'\n",
+            nomagic.display()
+        ));
+        let (code, out) = run(
+            &t,
+            &["check", "--config", cfg.to_str().unwrap(), "--samples", "3"],
+        );
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("verdict: UNSAFE") && out.contains("WDIOF_MAGICCLOSE"),
+            "{out}"
+        );
         // Nothing listening: UNSAFE, etcd unreachable.
         drop(etcd);
         let (code, out) = run(
@@ -609,4 +769,310 @@ mod cli {
             "{out}"
         );
     }
+}
+
+/// Boots systemd 252 as PID 1 in a QEMU guest (the lab's kernel, the host's
+/// root read-only under a tmpfs overlay, softdog with `soft_noboot=1` so that
+/// expiry is a log line, not a reset) with the shipped unit, its ExecStart
+/// replaced by `exec_start`, and a oneshot `driver` shell script that must
+/// end with `systemctl poweroff -ff`. Returns the console log.
+#[cfg(feature = "testing")]
+fn systemd_guest(exec_start: &str, driver: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let tool = |name: &str| {
+        ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("`{name}` not found"))
+    };
+    let kernel = leasedog_testbed::lab::Kernel::get()
+        .unwrap_or_else(|e| panic!("lab kernel: {e}"))
+        .dir
+        .clone();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = tempfile::tempdir().unwrap();
+    let ir = t.path().join("ir");
+    let inject = ir.join("inject");
+    for sub in [
+        "bin",
+        "mods",
+        "proc",
+        "sys",
+        "dev",
+        "inject/etc/systemd/system/leasedog.service.d",
+        "inject/etc/udev/rules.d",
+    ] {
+        fs::create_dir_all(ir.join(sub)).unwrap();
+    }
+    fs::copy(tool("busybox"), ir.join("bin/busybox")).unwrap();
+    const MODULES: [&str; 13] = [
+        "virtio_ring",
+        "virtio",
+        "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "9pnet",
+        "9pnet_virtio",
+        "netfs",
+        "fscache",
+        "9p",
+        "overlay",
+        "watchdog",
+        "softdog",
+    ];
+    for m in MODULES {
+        fs::copy(
+            kernel.join(format!("modules/{m}.ko")),
+            ir.join(format!("mods/{m}.ko")),
+        )
+        .unwrap_or_else(|e| panic!("module {m}: {e}"));
+    }
+    fs::copy(
+        repo.join("systemd/leasedog.service"),
+        inject.join("etc/systemd/system/leasedog.service"),
+    )
+    .unwrap();
+    fs::copy(
+        repo.join("udev/60-leasedog-watchdog.rules"),
+        inject.join("etc/udev/rules.d/60-leasedog-watchdog.rules"),
+    )
+    .unwrap();
+    let units = [
+        (
+            "leasedog.service.d/fdstore.conf".to_string(),
+            format!(
+                "[Unit]\nStartLimitIntervalSec=0\n\
+                 [Service]\nExecStart=\nExecStart={exec_start}\n\
+                 Restart=on-failure\nRestartSec=2s\n\
+                 StandardOutput=journal+console\nStandardError=journal+console\n"
+            ),
+        ),
+        (
+            "driver.service".to_string(),
+            format!(
+                "[Service]\nType=oneshot\nStandardOutput=journal+console\nExecStart=/bin/sh -c '{driver}'\n"
+            ),
+        ),
+        (
+            "fdstoretest.target".to_string(),
+            "[Unit]\nWants=leasedog.service driver.service\n".to_string(),
+        ),
+    ];
+    for (name, text) in &units {
+        fs::write(inject.join("etc/systemd/system").join(name), text).unwrap();
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         for m in {mods}; do insmod /mods/$m.ko || echo \"insmod $m failed\"; done\n\
+         insmod /mods/softdog.ko soft_margin=5 nowayout=0 soft_noboot=1\n\
+         mkdir -p /host /rw /newroot\n\
+         i=0; until mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host; do \
+           i=$((i+1)); [ $i -gt 50 ] && break; sleep 0.1; done\n\
+         mount -t tmpfs tmpfs /rw; mkdir -p /rw/upper /rw/work\n\
+         mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot\n\
+         cp -a /inject/. /newroot/\n\
+         grep -q '^leasedog:' /newroot/etc/group || echo leasedog:x:990: >> /newroot/etc/group\n\
+         umount /proc /sys\n\
+         mount --move /dev /newroot/dev\n\
+         exec switch_root /newroot /lib/systemd/systemd systemd.unit=fdstoretest.target\n",
+        mods = MODULES[..MODULES.len() - 1].join(" "),
+    );
+    fs::write(ir.join("init"), init).unwrap();
+    fs::set_permissions(ir.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = t.path().join("initrd.cpio");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | {} -o -H newc > {} 2>/dev/null",
+            ir.display(),
+            tool("cpio").display(),
+            initrd.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let console = t.path().join("console.log");
+    struct Qemu(Child);
+    impl Drop for Qemu {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut qemu = Qemu(
+        Command::new(tool("qemu-system-x86_64"))
+            .args(["-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(kernel.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&initrd)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 systemd.unit=fdstoretest.target",
+            ])
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&console).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start qemu"),
+    );
+    let started = std::time::Instant::now();
+    while qemu.0.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(480),
+            "the guest did not power off:\n{}",
+            fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    String::from_utf8_lossy(&fs::read(&console).unwrap()).into_owned()
+}
+
+/// "REPORT [   12.345678] ..." lines of the driver's `dmesg`: the first
+/// timestamp of a line holding `needle`.
+#[cfg(feature = "testing")]
+fn kmsg_at(log: &str, needle: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("REPORT [") && l.contains(needle))
+        .find_map(|l| {
+            let s = l.split_once("REPORT [")?.1;
+            s.split_once(']')?.0.trim().parse().ok()
+        })
+}
+
+/// systemd 252's fd store, for real: the shipped unit (ExecStart replaced by
+/// `leasedog test-watchdog`, which arms softdog through `watchdog::arm` and
+/// stops pinging) runs under systemd as PID 1 in a QEMU guest. The agent is
+/// SIGKILLed 4 s after arming with W = 8 s. Without the store its close
+/// would ping the device ("watchdog did not stop!") and the softdog would
+/// fire 8 s after the kill; with it, systemd's duplicate keeps the device
+/// open through the automatic restart, nothing pings, and it fires 8 s after
+/// arming, 4 s after the kill. The restarted agent names the descriptor
+/// systemd handed back. `systemctl stop` then empties the store, and that
+/// close is the one that pings ("watchdog did not stop!").
+///
+/// CPU-heavy (a TCG guest, ~40 s of two cores): `cargo test --features
+/// testing --test watchdog -- --ignored`. Needs what tests/install.rs's
+/// guest needs (qemu-system-x86, busybox-static, cpio, the lab kernel).
+#[cfg(feature = "testing")]
+#[test]
+#[ignore = "boots a QEMU guest with systemd (~40 s of CPU)"]
+fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
+    let bin = env!("CARGO_BIN_EXE_leasedog");
+    let log = systemd_guest(
+        &format!("{bin} test-watchdog --device softdog --timeout 8 --yes"),
+        // Waits for the device to be armed, marks the kill in the kernel
+        // log, kills the agent, lets the softdog fire, reports, powers off.
+        "i=0; until [ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ]; do \
+           i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done; \
+         echo LEASEDOG-ARMED > /dev/kmsg; sleep 4; \
+         echo LEASEDOG-KILL > /dev/kmsg; systemctl kill -s KILL leasedog.service; \
+         sleep 12; \
+         systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts | sed \"s/^/REPORT /\"; \
+         echo LEASEDOG-STOP > /dev/kmsg; systemctl stop leasedog.service; sleep 1; \
+         systemctl show leasedog.service -p NFileDescriptorStore | sed \"s/^/REPORT stopped /\"; \
+         dmesg | grep -E \"LEASEDOG|softdog|did not stop\" | sed \"s/^/REPORT /\"; \
+         systemctl poweroff -ff",
+    );
+    let at = |needle: &str| kmsg_at(&log, needle);
+    let armed = at("LEASEDOG-ARMED").unwrap_or_else(|| panic!("never armed:\n{log}"));
+    let kill = at("LEASEDOG-KILL").unwrap_or_else(|| panic!("never killed:\n{log}"));
+    let fired = at("softdog: Triggered").unwrap_or_else(|| panic!("softdog never fired:\n{log}"));
+    println!("armed {armed:.3}, killed {kill:.3}, fired {fired:.3}");
+    // The only close that pings is systemd's own, at `systemctl stop`.
+    let stop = at("LEASEDOG-STOP").unwrap_or_else(|| panic!("never stopped:\n{log}"));
+    let released = at("did not stop");
+    assert!(
+        released.is_some_and(|t| t > stop),
+        "the agent's death closed (and pinged) the device, or the stop did not release it \
+         (did not stop at {released:?}, stop at {stop:.3}):\n{log}"
+    );
+    assert!(
+        log.contains("REPORT stopped NFileDescriptorStore=0"),
+        "systemctl stop kept the store:\n{log}"
+    );
+    assert!(
+        fired - kill < 8.0 - 2.0 && fired - armed < 8.0 + 1.5,
+        "softdog fired {:.3} s after the kill and {:.3} s after arming: the kill pinged it\n{log}",
+        fired - kill,
+        fired - armed
+    );
+    assert!(
+        log.contains("handed back 1 descriptor(s)") && log.contains("leasedog-watchdog0"),
+        "the restarted agent did not get the device back:\n{log}"
+    );
+    assert!(
+        log.contains("REPORT NFileDescriptorStore=1"),
+        "systemd does not hold the device:\n{log}"
+    );
+}
+
+/// The other half of the fd store: a clean disarm. The kernel stops a timer
+/// only on the LAST close, so while systemd holds a duplicate the magic close
+/// would not stop it and the node would reset W after a clean step-down.
+/// `examples/fdstore_probe.rs` runs as the unit's main process under systemd
+/// 252: it arms softdog (W = 8 s; systemd then holds a copy), disarms it two
+/// seconds later through `Watchdog::disarm` and stays up 12 s more. The
+/// device must be stopped (sysfs `inactive`), out of the store, and the
+/// softdog must never fire.
+#[cfg(feature = "testing")]
+#[test]
+#[ignore = "boots a QEMU guest with systemd (~40 s of CPU)"]
+fn a_clean_disarm_under_systemd_takes_the_device_out_of_the_fd_store_first() {
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--features",
+            "testing",
+            "--example",
+            "fdstore_probe",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot build the probe");
+    // target/debug/deps/watchdog-* -> target/debug/examples/fdstore_probe
+    let probe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples/fdstore_probe");
+    assert!(probe.is_file(), "{}", probe.display());
+    let log = systemd_guest(
+        &probe.display().to_string(),
+        "i=0; until [ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ]; do \
+           i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.1; done; \
+         sleep 1; \
+         systemctl show leasedog.service -p NFileDescriptorStore | sed \"s/^/REPORT before /\"; \
+         sleep 12; \
+         dmesg | grep -E \"softdog|did not stop\" | sed \"s/^/REPORT /\"; \
+         systemctl show leasedog.service -p NFileDescriptorStore | sed \"s/^/REPORT after /\"; \
+         systemctl poweroff -ff",
+    );
+    assert!(log.contains("PROBE armed: ok W = 8"), "{log}");
+    assert!(
+        log.contains("REPORT before NFileDescriptorStore=1"),
+        "systemd did not hold the armed device:\n{log}"
+    );
+    assert!(
+        log.contains("PROBE disarm: ok state inactive"),
+        "the disarm did not stop the device:\n{log}"
+    );
+    assert!(
+        kmsg_at(&log, "softdog: Triggered").is_none(),
+        "the softdog fired after a clean disarm:\n{log}"
+    );
+    assert!(kmsg_at(&log, "did not stop").is_none(), "{log}");
+    assert!(
+        log.contains("REPORT after NFileDescriptorStore=0"),
+        "the device is still in systemd's store:\n{log}"
+    );
 }

@@ -12,61 +12,15 @@ use crate::audit::{self, Event};
 use crate::clock::{self, BootTime};
 use crate::decide::Evidence;
 use crate::timing::{self, Budget};
-use crate::watchdog::Watchdog;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::watchdog::{self, Watchdog};
+// The evidence cell and the ping statistics live in `crate::evidence` (read
+// by the deadline timer and by metrics too); re-exported for old paths.
+pub use crate::evidence::{EvidenceCell, PingStats};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
-
-/// The published evidence, packed into one atomic word so that the pinger and
-/// the deadline timer read a consistent (kind, instant) pair without a lock.
-/// The top two bits hold the kind; the low 62 bits the CLOCK_BOOTTIME
-/// nanoseconds (enough for 146 years of uptime).
-#[derive(Debug, Default)]
-pub struct EvidenceCell(AtomicU64);
-
-const KIND_SHIFT: u32 = 62;
-const TIME_MASK: u64 = (1 << KIND_SHIFT) - 1;
-
-impl EvidenceCell {
-    pub fn encode(ev: Evidence) -> u64 {
-        match ev {
-            Evidence::None => 0,
-            Evidence::Lease(s) => (1 << KIND_SHIFT) | (s.as_nanos() & TIME_MASK),
-            Evidence::Liveness(s) => (2 << KIND_SHIFT) | (s.as_nanos() & TIME_MASK),
-        }
-    }
-
-    pub fn decode(raw: u64) -> Evidence {
-        let at = BootTime::from_nanos(raw & TIME_MASK);
-        match raw >> KIND_SHIFT {
-            1 => Evidence::Lease(at),
-            2 => Evidence::Liveness(at),
-            _ => Evidence::None,
-        }
-    }
-
-    pub fn store(&self, ev: Evidence) {
-        self.0.store(Self::encode(ev), Ordering::SeqCst);
-    }
-
-    pub fn load(&self) -> Evidence {
-        Self::decode(self.0.load(Ordering::SeqCst))
-    }
-
-    pub fn load_raw(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    /// Replaces the evidence only if it is still `current` (the deadline
-    /// timer must not clobber a renewal published meanwhile).
-    pub fn clear_if(&self, current: u64) -> bool {
-        self.0
-            .compare_exchange(current, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-    }
-}
 
 /// How often, while pinging, the pinger hands over a `PingSummary` (the
 /// audit's proof that no ping went out on stale evidence).
@@ -79,59 +33,6 @@ pub enum Command {
     /// Hand every device back (to disarm, or to re-arm).
     Surrender(tokio::sync::oneshot::Sender<Vec<Box<dyn Watchdog>>>),
     Stop,
-}
-
-/// Ping counts and lateness, readable by anyone at any time.
-#[derive(Debug, Default)]
-pub struct PingStats {
-    pub pings: AtomicU64,
-    pub refused: AtomicU64,
-    /// BOOTTIME of the last successful ping round.
-    pub last_ping_ns: AtomicU64,
-    /// Lateness histogram of tick wake-ups, bucket i counts lateness in
-    /// [2^i, 2^(i+1)) microseconds (bucket 0 also holds < 1 µs).
-    pub lateness_us_log2: [AtomicU64; 24],
-    pub max_lateness_ns: AtomicU64,
-    /// Sum of all lateness, for the Prometheus histogram's `_sum`.
-    pub lateness_sum_ns: AtomicU64,
-}
-
-impl PingStats {
-    fn note_lateness(&self, late: Duration) {
-        let us = late.as_micros() as u64;
-        let bucket = if us == 0 {
-            0
-        } else {
-            (63 - us.leading_zeros()) as usize
-        };
-        self.lateness_us_log2[bucket.min(23)].fetch_add(1, Ordering::Relaxed);
-        self.max_lateness_ns
-            .fetch_max(late.as_nanos() as u64, Ordering::Relaxed);
-        self.lateness_sum_ns
-            .fetch_add(late.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    /// Approximate lateness quantile (upper bound of the bucket holding it).
-    pub fn lateness_quantile(&self, q: f64) -> Duration {
-        let counts: Vec<u64> = self
-            .lateness_us_log2
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return Duration::ZERO;
-        }
-        let target = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= target {
-                return Duration::from_micros(1u64 << (i + 1));
-            }
-        }
-        Duration::from_nanos(self.max_lateness_ns.load(Ordering::Relaxed))
-    }
 }
 
 /// Handles to a running pinger.
@@ -185,10 +86,15 @@ impl Pinger {
         ))
     }
 
-    /// Hands devices to the pinger.
+    /// Hands devices to the pinger. If its thread is gone they are leaked,
+    /// never closed (a close would ping them).
     pub fn adopt(&self, devices: Vec<Box<dyn Watchdog>>) {
         if !devices.is_empty() {
-            let _ = self.commands.send(Command::Adopt(devices));
+            if let Err(mpsc::SendError(Command::Adopt(devices))) =
+                self.commands.send(Command::Adopt(devices))
+            {
+                watchdog::leak(devices);
+            }
         }
     }
 
@@ -201,8 +107,9 @@ impl Pinger {
         rx.await.unwrap_or_default()
     }
 
-    /// Stops the thread. Devices it still holds are dropped WITHOUT magic
-    /// close, i.e. left armed (rule 4: never disarm on an exit path).
+    /// Stops the thread. Devices it still holds are neither disarmed (rule 4:
+    /// never disarm on an exit path) nor closed (closing a running device
+    /// pings it): they are leaked, open, until the process ends.
     pub fn stop(mut self) {
         let _ = self.commands.send(Command::Stop);
         if let Some(t) = self.thread.take() {
@@ -222,15 +129,17 @@ pub fn permits(ev: Evidence, now: BootTime, budget: &Budget) -> bool {
 /// What the pinger has pinged since its last summary.
 #[derive(Default)]
 struct Summary {
+    /// Rounds in which at least one device was written.
     pings: u64,
+    /// Over every device write: the time the write returned minus `s`.
     max_k_minus_s: Duration,
     last_s: Option<BootTime>,
     since: Option<BootTime>,
 }
 
 impl Summary {
-    fn note(&mut self, k: BootTime, s: BootTime) {
-        self.pings += 1;
+    /// One device write that returned at `k` on evidence `s`.
+    fn note_write(&mut self, k: BootTime, s: BootTime) {
         self.max_k_minus_s = self.max_k_minus_s.max(k.saturating_since(s));
         self.last_s = Some(s);
         self.since.get_or_insert(k);
@@ -252,6 +161,72 @@ impl Summary {
     }
 }
 
+/// One tick: pings every device, each only if the evidence, read together
+/// with the clock immediately before that device's write, permits it (rule 1
+/// per write: a slow write to one device cannot carry stale evidence to the
+/// next). A ping is recorded at the time its write returned, not at the time
+/// it was checked, so a write that landed late shows in the summary as a
+/// `k - s` beyond `M - R`. The first refusal ends the round.
+fn ping_round(
+    devices: &mut [Box<dyn Watchdog>],
+    cell: &EvidenceCell,
+    budget: &Budget,
+    events: &audit::Sender,
+    stats: &PingStats,
+    summary: &mut Summary,
+) {
+    let mut written = 0;
+    let mut failed = false;
+    let mut refused = None;
+    for d in devices.iter_mut() {
+        let ev = cell.load();
+        let k = clock::now();
+        let s = match ev {
+            Evidence::Lease(s) | Evidence::Liveness(s) if permits(ev, k, budget) => s,
+            _ => {
+                refused = Some((ev, k));
+                break;
+            }
+        };
+        match d.ping() {
+            Ok(()) => {
+                let landed = clock::now();
+                written += 1;
+                summary.note_write(landed, s);
+                stats
+                    .last_ping_ns
+                    .store(landed.as_nanos(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                failed = true;
+                events.try_push(Event::PingFailed {
+                    device: d.info().path.display().to_string(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    if written > 0 {
+        summary.pings += 1;
+        if !failed && refused.is_none() {
+            stats.pings.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    match refused {
+        None => summary.flush(clock::now(), false, events),
+        Some((ev, k)) => {
+            summary.flush(k, true, events);
+            if let Evidence::Lease(s) = ev {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                events.try_push(Event::PingRefused {
+                    k_minus_s_ns: k.saturating_since(s).as_nanos() as u64,
+                    s_ns: s.as_nanos(),
+                });
+            }
+        }
+    }
+}
+
 fn run(
     cell: &EvidenceCell,
     budget: &Budget,
@@ -269,47 +244,21 @@ fn run(
                 Ok(Command::Adopt(mut d)) => devices.append(&mut d),
                 Ok(Command::Surrender(reply)) => {
                     summary.flush(clock::now(), true, &events);
-                    let _ = reply.send(std::mem::take(&mut devices));
+                    // Nobody waits for them any more: keep them (and their pings).
+                    if let Err(back) = reply.send(std::mem::take(&mut devices)) {
+                        devices = back;
+                    }
                 }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     summary.flush(clock::now(), true, &events);
+                    watchdog::leak(devices);
                     return;
                 }
                 Err(TryRecvError::Empty) => break,
             }
         }
-        let now = clock::now();
-        let ev = cell.load();
         if !devices.is_empty() {
-            if permits(ev, now, budget) {
-                let mut ok = true;
-                for d in devices.iter_mut() {
-                    if let Err(e) = d.ping() {
-                        ok = false;
-                        events.try_push(Event::PingFailed {
-                            device: d.info().path.display().to_string(),
-                            error: e.to_string(),
-                        });
-                    }
-                }
-                if ok {
-                    stats.pings.fetch_add(1, Ordering::Relaxed);
-                    stats.last_ping_ns.store(now.as_nanos(), Ordering::Relaxed);
-                    if let Evidence::Lease(s) | Evidence::Liveness(s) = ev {
-                        summary.note(now, s);
-                    }
-                }
-                summary.flush(now, false, &events);
-            } else {
-                summary.flush(now, true, &events);
-                if let Evidence::Lease(s) = ev {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    events.try_push(Event::PingRefused {
-                        k_minus_s_ns: now.saturating_since(s).as_nanos() as u64,
-                        s_ns: s.as_nanos(),
-                    });
-                }
-            }
+            ping_round(&mut devices, cell, budget, &events, stats, &mut summary);
         }
         // Sleep to the next tick on the absolute schedule; note how late we woke.
         let now = clock::now();
@@ -339,25 +288,6 @@ mod tests {
             Duration::from_millis(300),
         )
         .unwrap()
-    }
-
-    #[test]
-    fn evidence_round_trips_through_one_word() {
-        for ev in [
-            Evidence::None,
-            Evidence::Lease(BootTime::from_nanos(123_456_789_012)),
-            Evidence::Liveness(BootTime::from_nanos(TIME_MASK)),
-        ] {
-            assert_eq!(EvidenceCell::decode(EvidenceCell::encode(ev)), ev);
-        }
-        let c = EvidenceCell::default();
-        assert_eq!(c.load(), Evidence::None);
-        c.store(Evidence::Lease(BootTime::from_nanos(5)));
-        let raw = c.load_raw();
-        c.store(Evidence::Lease(BootTime::from_nanos(6)));
-        assert!(!c.clear_if(raw), "a newer renewal must not be clobbered");
-        assert!(c.clear_if(c.load_raw()));
-        assert_eq!(c.load(), Evidence::None);
     }
 
     #[test]
@@ -434,6 +364,58 @@ mod tests {
         p.stop();
     }
 
+    /// Rule 1 holds per device write, not per round: the clock and the
+    /// evidence are read right before each write, so a write that lands late
+    /// (here the first device's takes 1.3 s, past M - R = 1 s) keeps the
+    /// next device from being pinged on evidence that went stale meanwhile,
+    /// and the late write shows in the summary as its k - s at the time it
+    /// landed (the audit's rule-1 check sees it).
+    #[test]
+    fn each_write_is_checked_and_recorded_at_its_own_time() {
+        let b = budget();
+        let cell = Arc::new(EvidenceCell::default());
+        let (p, _rt) = Pinger::start(cell.clone(), b, Duration::from_millis(20), false).unwrap();
+        let slow = MemoryWatchdog::new(3);
+        let slow_log = slow.log();
+        slow.delay_next_switch().store(1300, Ordering::SeqCst);
+        let next = MemoryWatchdog::new(3);
+        let next_log = next.log();
+        p.adopt(vec![Box::new(slow), Box::new(next)]);
+        let s = clock::now();
+        cell.store(Evidence::Lease(s));
+        thread::sleep(Duration::from_millis(1800));
+        let late = pings(&slow_log);
+        assert_eq!(late.len(), 1, "one (late) write to the slow device");
+        assert!(late[0].saturating_since(s) > b.ping_window());
+        for k in pings(&next_log) {
+            assert!(
+                k.saturating_since(s) <= b.ping_window(),
+                "second device pinged at k - s = {:?} > M - R after the slow write",
+                k.saturating_since(s)
+            );
+        }
+        let events = drain(&p);
+        let max = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::PingSummary {
+                    max_k_minus_s_ns, ..
+                } => Some(Duration::from_nanos(*max_k_minus_s_ns)),
+                _ => None,
+            })
+            .max()
+            .expect("a ping summary");
+        assert!(
+            max >= late[0].saturating_since(s),
+            "the summary records the write time (k - s >= {:?}), not the check time: {max:?}",
+            late[0].saturating_since(s)
+        );
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::PingRefused { .. })));
+        p.stop();
+    }
+
     /// A full event queue never blocks the pinger: events are dropped and
     /// counted while pings go on.
     #[test]
@@ -467,6 +449,42 @@ mod tests {
         }
         assert!(!pings(&log).is_empty());
         p.stop();
+    }
+
+    /// Rule 4 and the close-pings fact: stopping the pinger, or handing
+    /// devices to a pinger that is gone, must not close armed devices (a
+    /// close pings a running device and would reset the node W after the
+    /// close instead of W after the last permitted ping). They are leaked
+    /// until the process ends.
+    #[test]
+    fn stop_and_failed_adopt_never_close_armed_devices() {
+        let cell = Arc::new(EvidenceCell::default());
+        let (p, _rt) =
+            Pinger::start(cell.clone(), budget(), Duration::from_millis(10), false).unwrap();
+        let dev = MemoryWatchdog::new(3);
+        let closed = dev.closed_flag();
+        p.adopt(vec![Box::new(dev)]);
+        thread::sleep(Duration::from_millis(50));
+        let commands = p.commands.clone();
+        p.stop();
+        assert!(
+            !closed.load(Ordering::SeqCst),
+            "Pinger::stop closed an armed device"
+        );
+        // The thread is gone: a late adopt must not drop (close) the devices.
+        let late = MemoryWatchdog::new(3);
+        let late_closed = late.closed_flag();
+        let late_pinger = Pinger {
+            commands,
+            events: audit::queue(1).1,
+            stats: Arc::new(PingStats::default()),
+            thread: None,
+        };
+        late_pinger.adopt(vec![Box::new(late)]);
+        assert!(
+            !late_closed.load(Ordering::SeqCst),
+            "adopt to a dead pinger closed an armed device"
+        );
     }
 
     fn pings(log: &crate::watchdog::fake::MemoryLog) -> Vec<BootTime> {

@@ -49,8 +49,123 @@ pub fn raise_current_thread() -> Result<(), String> {
     }
 }
 
+/// Installs a panic hook that, while this process holds an armed watchdog
+/// device open ([`crate::watchdog::armed_handles`]), parks the panicking
+/// thread forever after the usual panic message instead of letting it unwind.
+///
+/// Why: unwinding drops handles, and `panic = "abort"` or an exit closes
+/// every descriptor; the kernel pings a running device when its last
+/// descriptor closes (`watchdog_release`), so a panic would push the reset to
+/// `W` after the panic instead of `W` after the last permitted ping. A parked
+/// thread keeps everything open: if it was the main loop, the evidence ages
+/// and the pinger falls silent by itself (rule 1); if it was the pinger, the
+/// pings stop at once; the deadline timer still stops PostgreSQL. The node is
+/// reset on time, and systemd's WatchdogSec= (WATCHDOG=1 comes from the main
+/// loop) or an operator kills the rest later. Without an armed device the
+/// panic unwinds as usual.
+pub fn park_on_panic_while_armed() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let armed = crate::watchdog::armed_handles();
+        if armed > 0 {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string();
+            eprintln!(
+                "leasedog: PANIC in thread {name} while {armed} watchdog device(s) are armed: \
+                 this thread parks forever instead of unwinding, so no armed device is closed \
+                 (a close would ping it); pings stop once the evidence is stale and the watchdog \
+                 resets the node"
+            );
+            loop {
+                std::thread::park();
+            }
+        }
+    }));
+}
+
 /// The calling thread's scheduling policy (for tests and `status`).
 pub fn current_policy() -> i32 {
     // SAFETY: pid 0 = calling thread.
     unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    const CHILD: &str = "LEASEDOG_TEST_PANIC_CHILD";
+
+    /// Runs only as the child of `a_panic_while_armed_parks_instead_of_closing`:
+    /// installs the agent's panic hook, arms a fake device, panics.
+    #[test]
+    fn panic_child() {
+        let Some(rec) = std::env::var_os(CHILD) else {
+            return;
+        };
+        super::park_on_panic_while_armed();
+        let _armed = crate::watchdog::fake::FakeWatchdog::arm(rec.as_ref(), 3).unwrap();
+        panic!("boom: the agent hit a bug while armed");
+    }
+
+    /// A panic while a device is armed must not unwind: unwinding drops the
+    /// handle, the close pings the running device (kernel watchdog_release),
+    /// and the node resets W after the panic instead of W after the last
+    /// permitted ping. The panicking thread parks; the descriptor stays open.
+    #[test]
+    fn a_panic_while_armed_parks_instead_of_closing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("wd.rec");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "agent::realtime::tests::panic_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &rec)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let t0 = Instant::now();
+        let mut seen = String::new();
+        while !seen.contains("boom") && t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                seen.push_str(&l);
+                seen.push('\n');
+            }
+        }
+        assert!(seen.contains("boom"), "the child never panicked: {seen}");
+        std::thread::sleep(Duration::from_millis(500));
+        let alive = child.try_wait().unwrap().is_none();
+        let fd_open = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .map(|fds| {
+                fds.filter_map(Result::ok)
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == rec))
+            })
+            .unwrap_or(false);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            alive,
+            "the panicking agent exited (closing its devices): {seen}"
+        );
+        assert!(fd_open, "the armed device was closed by the panic");
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&l);
+        }
+        assert!(seen.contains("parks forever"), "the hook says why: {seen}");
+    }
 }

@@ -166,6 +166,11 @@ impl DeviceFile {
     /// Writes the magic 'V' and closes: the driver stops the timer, unless
     /// `nowayout` is set (then nothing stops it). The close result is not
     /// checked: the kernel's release hook cannot report failure through it.
+    /// The descriptor, e.g. to hand a duplicate to systemd's fd store.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     pub fn magic_close(mut self) -> io::Result<()> {
         let r = self.file.write_all(b"V");
         drop(self.file);

@@ -16,7 +16,7 @@ use crate::clock::{self, BootTime};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One recorded operation on a fake device.
@@ -91,6 +91,7 @@ pub fn read_fake_record(path: &Path) -> io::Result<Vec<FakeOp>> {
 pub struct FakeWatchdog {
     file: File,
     info: ArmedInfo,
+    _armed: super::ArmedToken,
 }
 
 impl FakeWatchdog {
@@ -119,6 +120,7 @@ impl FakeWatchdog {
                 firmware_version: 0,
                 bootstatus: None,
             },
+            _armed: super::ArmedToken::new(),
         };
         fw.record(FakeOp::Arm {
             w_secs,
@@ -165,6 +167,17 @@ pub struct MemoryWatchdog {
     info: ArmedInfo,
     log: MemoryLog,
     fail_pings: Arc<AtomicBool>,
+    /// Milliseconds the next ping takes (a slow or preempted write), once.
+    delay_next: Arc<AtomicU64>,
+    /// Set when the handle is dropped or disarmed: a real device's
+    /// descriptor would have been closed (which pings a running device).
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for MemoryWatchdog {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
 }
 
 impl MemoryWatchdog {
@@ -188,7 +201,20 @@ impl MemoryWatchdog {
             },
             log,
             fail_pings: Arc::new(AtomicBool::new(false)),
+            delay_next: Arc::new(AtomicU64::new(0)),
+            closed: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// True once the handle was dropped or disarmed (its descriptor closed).
+    pub fn closed_flag(&self) -> Arc<AtomicBool> {
+        self.closed.clone()
+    }
+
+    /// Store `ms` to make the next ping take that long before it lands (it
+    /// is recorded at the time it lands, like a write that was preempted).
+    pub fn delay_next_switch(&self) -> Arc<AtomicU64> {
+        self.delay_next.clone()
     }
 
     /// The shared log (clone it before boxing the device).
@@ -215,6 +241,10 @@ impl Watchdog for MemoryWatchdog {
     fn ping(&mut self) -> io::Result<()> {
         if self.fail_pings.load(Ordering::SeqCst) {
             return Err(io::Error::other("memory watchdog: ping failure injected"));
+        }
+        let delay = self.delay_next.swap(0, Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
         }
         self.push(FakeOp::Ping { at: clock::now() });
         Ok(())

@@ -15,6 +15,7 @@
 
 pub mod dev;
 pub mod fake;
+pub mod fdstore;
 pub mod flags;
 pub mod query;
 pub mod sysfs;
@@ -31,14 +32,46 @@ use serde::Serialize;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use sysfs::SysfsEntry;
+
+/// Handles to armed devices this process holds open (see [`ArmedToken`]).
+static ARMED_HANDLES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many armed device handles this process holds open right now. A
+/// leaked handle counts for ever (its descriptor stays open until exit).
+/// The panic hook ([`crate::agent::realtime::park_on_panic_while_armed`])
+/// reads it.
+pub fn armed_handles() -> usize {
+    ARMED_HANDLES.load(Ordering::SeqCst)
+}
+
+/// Counts one open armed handle for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct ArmedToken(());
+
+impl ArmedToken {
+    pub(crate) fn new() -> ArmedToken {
+        ARMED_HANDLES.fetch_add(1, Ordering::SeqCst);
+        ArmedToken(())
+    }
+}
+
+impl Drop for ArmedToken {
+    fn drop(&mut self) {
+        ARMED_HANDLES.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// An armed watchdog.
 ///
 /// Dropping a handle without calling [`Watchdog::disarm`] leaves the device
-/// ARMED: the descriptor is closed without the magic 'V', so the node resets
-/// `W` after the last ping. That is deliberate (FENCING.md rule 4): an agent
-/// that dies or bails out while leader must still be reset.
+/// ARMED: the descriptor is closed without the magic 'V'. That is deliberate
+/// (FENCING.md rule 4): an agent that dies or bails out while leader must
+/// still be reset. But the kernel pings a running device when its last
+/// descriptor closes, so the reset comes `W` after the drop, not after the
+/// last ping: the agent never drops an armed handle on purpose; it leaks it
+/// ([`leak`]) so the descriptor stays open until the process ends.
 pub trait Watchdog: Send + Sync {
     fn info(&self) -> &ArmedInfo;
     /// Restarts the timer.
@@ -46,6 +79,15 @@ pub trait Watchdog: Send + Sync {
     /// Magic close: write 'V', close. Consumes the handle. Fails (after
     /// closing) if the timer is known to keep running, e.g. with `nowayout`.
     fn disarm(self: Box<Self>) -> io::Result<()>;
+}
+
+/// Keeps armed handles open until the process ends, without closing them
+/// (a close pings a running device). Used on every exit path that is not a
+/// disarm.
+pub fn leak(devices: Vec<Box<dyn Watchdog>>) {
+    for d in devices {
+        std::mem::forget(d);
+    }
 }
 
 impl fmt::Debug for dyn Watchdog {
@@ -99,6 +141,15 @@ pub enum ArmError {
         /// Which setting refused it.
         why: &'static str,
     },
+    #[error("watchdog device {} has no magic close (sysfs `options` {options} lacks WDIOF_MAGICCLOSE): \
+        with nowayout {} ANY close stops its timer, so a crash or kill of the agent would disarm it; \
+        it is only safe with nowayout set (module parameter nowayout=1); the device was NOT opened",
+        path.display(), if *nowayout_unreadable { "unreadable" } else { "off" })]
+    NoMagicClose {
+        path: PathBuf,
+        options: WdFlags,
+        nowayout_unreadable: bool,
+    },
     #[error("cannot open watchdog device {}: {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
     #[error("watchdog device {} refused after opening: {problem}; {closed}", path.display())]
@@ -108,9 +159,48 @@ pub enum ArmError {
         closed: Closed,
         /// With `nowayout` the device could not be disarmed: here is its
         /// still-open handle, so the caller may keep pinging it as a replica
-        /// (policy keep-pinging). Dropping it leaves the timer running.
-        still_armed: Option<Box<dyn Watchdog>>,
+        /// (policy keep-pinging). If nobody takes it, it is leaked, not
+        /// closed (a close would ping it).
+        still_armed: StillArmed,
     },
+}
+
+/// The handle of a device left armed by a refusal. Dropping this without
+/// [`StillArmed::take`] leaks the handle (its descriptor stays open until the
+/// process ends): closing a running device pings it.
+pub struct StillArmed(Option<Box<dyn Watchdog>>);
+
+impl StillArmed {
+    pub fn none() -> StillArmed {
+        StillArmed(None)
+    }
+    pub fn some(h: Box<dyn Watchdog>) -> StillArmed {
+        StillArmed(Some(h))
+    }
+    /// Takes the handle (to keep pinging it, or to hand it to the pinger).
+    pub fn take(&mut self) -> Option<Box<dyn Watchdog>> {
+        self.0.take()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl Drop for StillArmed {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            std::mem::forget(h);
+        }
+    }
+}
+
+impl fmt::Debug for StillArmed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(h) => write!(f, "StillArmed({:?})", h.info().path),
+            None => f.write_str("StillArmed(none)"),
+        }
+    }
 }
 
 fn busy_detail(holders: &[Holder]) -> String {
@@ -138,6 +228,11 @@ pub enum Problem {
     Timeout { settable: bool, budget: BudgetError },
     #[error("first ping failed: {0}")]
     Ping(io::Error),
+    #[error(
+        "it has no magic close (no WDIOF_MAGICCLOSE) and nowayout is not known to be set: \
+         ANY close stops its timer, so a crash of the agent would disarm it"
+    )]
+    NoMagicClose,
 }
 
 /// The state a refused device was left in.
@@ -161,6 +256,9 @@ struct LinuxWatchdog {
     info: ArmedInfo,
     /// sysfs `state`, read after a magic close to confirm the timer stopped.
     state_attr: Option<PathBuf>,
+    /// The duplicate put into systemd's fd store, if any (see [`fdstore`]).
+    stored: Option<(fdstore::NotifySocket, String)>,
+    _armed: ArmedToken,
 }
 
 impl Watchdog for LinuxWatchdog {
@@ -177,8 +275,30 @@ impl Watchdog for LinuxWatchdog {
             dev,
             info,
             state_attr,
+            stored,
+            _armed,
         } = *self;
+        // The kernel stops the timer only on the LAST close: systemd's copy
+        // must be gone before ours is closed, or the 'V' is wasted and the
+        // node resets W after it (fdstore module docs).
+        let unstored = match &stored {
+            Some((sock, name)) => sock.remove(name, fdstore::BARRIER_TIMEOUT).err(),
+            None => None,
+        };
         dev.magic_close()?;
+        if let Some(e) = unstored {
+            let still = state_attr
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .is_none_or(|s| s.trim() != "inactive");
+            if still {
+                return Err(io::Error::other(format!(
+                    "{}: could not take it out of systemd's fd store ({e}): systemd's copy keeps \
+                     it open, so the magic close may not have stopped the timer",
+                    info.path.display()
+                )));
+            }
+        }
         if info.nowayout {
             return Err(io::Error::other(format!(
                 "{}: nowayout{}: the magic close did not stop the timer; the node resets {} s after the last ping",
@@ -310,6 +430,28 @@ fn preflight(
     Ok((nowayout, assumed))
 }
 
+/// A device without WDIOF_MAGICCLOSE stops on any close unless nowayout is
+/// set (FENCING.md, Facts): an agent that crashes would disarm it. Refused
+/// before opening when sysfs shows the options (newer kernels); otherwise
+/// [`configure`] refuses it after opening, from WDIOC_GETSUPPORT.
+fn refuse_without_magic_close(
+    dev: &Resolved,
+    nowayout: bool,
+    assumed: bool,
+) -> Result<(), ArmError> {
+    let nowayout_known_set = nowayout && !assumed;
+    match dev.entry.as_ref().and_then(|e| e.options) {
+        Some(options) if !options.contains(flags::WDIOF_MAGICCLOSE) && !nowayout_known_set => {
+            Err(ArmError::NoMagicClose {
+                path: dev.path.clone(),
+                options,
+                nowayout_unreadable: assumed,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Opens a node; EBUSY becomes [`ArmError::Busy`] with a fresh holder scan.
 fn open(dev: &Resolved, roots: &SysRoots) -> Result<DeviceFile, ArmError> {
     DeviceFile::open(&dev.path).map_err(|e| {
@@ -359,7 +501,8 @@ impl DriverOps for DeviceFile {
 /// time) when a driver rounds the request up past `T - M`.
 const SHORTER_ASKS: u32 = 3;
 
-/// Rule 5 on an open device: refuse alarm-only; set the timeout to
+/// Rule 5 on an open device: refuse alarm-only, and a device without magic
+/// close unless `nowayout_set` (known, not assumed); set the timeout to
 /// `T - M` if the driver can (asking for less if it rounds up); read back `W` (the value in force, whatever was
 /// asked) and check it against the budget; ping once. Returns the support
 /// info, `W` and the boot status (the driver's, else sysfs's).
@@ -367,10 +510,14 @@ pub(crate) fn configure(
     d: &mut impl DriverOps,
     budget: &Budget,
     sysfs_bootstatus: Option<BootStatus>,
+    nowayout_set: bool,
 ) -> Result<(dev::Support, u32, Option<BootStatus>), Problem> {
     let support = d.get_support().map_err(Problem::Ioctl)?;
     if support.options.contains(flags::WDIOF_ALARMONLY) {
         return Err(Problem::AlarmOnly);
+    }
+    if !support.options.contains(flags::WDIOF_MAGICCLOSE) && !nowayout_set {
+        return Err(Problem::NoMagicClose);
     }
     let settable = support.options.contains(flags::WDIOF_SETTIMEOUT);
     let target = timing::target_timeout(budget);
@@ -424,9 +571,10 @@ pub fn inspect(
         return Ok("fake device (test builds only)".into());
     };
     let (nowayout, assumed) = preflight(&dev, refusal(policy), roots)?;
+    refuse_without_magic_close(&dev, nowayout, assumed)?;
     let e = dev.entry.as_ref();
     Ok(format!(
-        "{} identity {:?}, current timeout {}, nowayout {}{}; free",
+        "{} identity {:?}, current timeout {}, nowayout {}{}, magic close {}; free",
         dev.path.display(),
         e.and_then(|e| e.identity.clone()).unwrap_or_default(),
         e.and_then(|e| e.timeout)
@@ -436,6 +584,11 @@ pub fn inspect(
             " (assumed: unreadable)"
         } else {
             ""
+        },
+        match e.and_then(|e| e.options) {
+            Some(o) if o.contains(flags::WDIOF_MAGICCLOSE) => "yes",
+            Some(_) => "no (safe only because nowayout is set)",
+            None => "unknown (checked from the driver when arming)",
         },
     ))
 }
@@ -455,8 +608,10 @@ pub fn same_device(spec: &DeviceSpec, armed: &ArmedInfo, roots: &SysRoots) -> bo
 /// FENCING.md rules 2 and 5: arm one device for a leader with budget `budget`.
 ///
 /// Before opening: refuse a missing or busy device (naming the holder and the
-/// fix) and, under [`NowayoutPolicy::Refuse`], a nowayout device (unreadable
-/// counts as set). After opening: refuse an alarm-only device, set the timeout
+/// fix), under [`NowayoutPolicy::Refuse`] a nowayout device (unreadable
+/// counts as set), and a device whose sysfs `options` lack WDIOF_MAGICCLOSE
+/// unless nowayout is known set. After opening: refuse an alarm-only device
+/// and one without magic close (same rule, from the driver), set the timeout
 /// to [`timing::target_timeout`] when the driver can, read back `W` and
 /// [`timing::check_readback`] it, ping once. A refusal after opening disarms
 /// the device (we are not leader yet) unless nowayout makes that impossible,
@@ -482,13 +637,26 @@ pub fn arm(
         }
     };
     let (nowayout, assumed) = preflight(&dev, refusal(policy), roots)?;
+    refuse_without_magic_close(&dev, nowayout, assumed)?;
     let mut file = open(&dev, roots)?;
     let entry = dev.entry.as_ref();
 
-    let configured = configure(&mut file, budget, entry.and_then(|e| e.bootstatus));
+    let configured = configure(
+        &mut file,
+        budget,
+        entry.and_then(|e| e.bootstatus),
+        nowayout && !assumed,
+    );
 
     match configured {
         Ok((support, w_secs, bootstatus)) => Ok(Box::new(LinuxWatchdog {
+            // Under systemd, a duplicate in its fd store keeps the agent's
+            // death from being the close that pings (fdstore module docs).
+            // Best effort: without FileDescriptorStoreMax= systemd drops it.
+            stored: fdstore::NotifySocket::from_env().and_then(|sock| {
+                let name = fdstore::fd_name(&dev.path);
+                sock.store(file.raw_fd(), &name).ok().map(|()| (sock, name))
+            }),
             dev: file,
             info: ArmedInfo {
                 path: dev.path.clone(),
@@ -506,6 +674,7 @@ pub fn arm(
                 bootstatus,
             },
             state_attr: entry.map(|e| e.dir.join("state")),
+            _armed: ArmedToken::new(),
         })),
         Err(problem) if nowayout && !assumed => {
             let w_secs = file.get_timeout().ok();
@@ -523,12 +692,14 @@ pub fn arm(
                     bootstatus: None,
                 },
                 state_attr: None,
+                stored: None,
+                _armed: ArmedToken::new(),
             };
             Err(ArmError::Refused {
                 path: dev.path.clone(),
                 problem,
                 closed: Closed::StillArmed { w_secs },
-                still_armed: Some(Box::new(still)),
+                still_armed: StillArmed::some(Box::new(still)),
             })
         }
         Err(problem) => {
@@ -541,7 +712,7 @@ pub fn arm(
                 path: dev.path,
                 problem,
                 closed,
-                still_armed: None,
+                still_armed: StillArmed::none(),
             })
         }
     }
@@ -620,7 +791,7 @@ mod tests {
     fn sets_reads_back_then_pings() {
         let mut d = Scripted::new(STD, 30);
         let boot = Some(BootStatus::from_raw(WDIOF_CARDRESET));
-        let (s, w, b) = configure(&mut d, &budget(), boot).unwrap();
+        let (s, w, b) = configure(&mut d, &budget(), boot, false).unwrap();
         assert_eq!(w, 3);
         assert_eq!(s.identity, "scripted");
         assert_eq!(b, boot, "falls back to sysfs bootstatus");
@@ -632,12 +803,12 @@ mod tests {
         // Rounds down: W = 2 still fits T - M = 3.
         let mut d = Scripted::new(STD, 30);
         d.round = |x| x - 1;
-        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 2);
+        assert_eq!(configure(&mut d, &budget(), None, false).unwrap().1, 2);
         // Rounds up: asked 3, W = 4 would reset after the lease expires, so
         // it asks for 2 and gets 3.
         let mut d = Scripted::new(STD, 30);
         d.round = |x| x + 1;
-        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 3);
+        assert_eq!(configure(&mut d, &budget(), None, false).unwrap().1, 3);
         assert_eq!(
             d.calls(),
             ["support", "set 3", "get", "set 2", "get", "ping"]
@@ -645,7 +816,7 @@ mod tests {
         // A driver with a 10 s step never fits: refused after a few asks.
         let mut d = Scripted::new(STD, 30);
         d.round = |_| 10;
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(matches!(e, Problem::Timeout { settable: true, .. }), "{e}");
         assert!(e.to_string().contains("W = 10"), "{e}");
         let asks = d.calls().iter().filter(|c| c.starts_with("set")).count();
@@ -659,10 +830,10 @@ mod tests {
     #[test]
     fn fixed_timeout_only_if_it_fits() {
         let mut d = Scripted::new(WDIOF_MAGICCLOSE, 2);
-        assert_eq!(configure(&mut d, &budget(), None).unwrap().1, 2);
+        assert_eq!(configure(&mut d, &budget(), None, false).unwrap().1, 2);
         assert_eq!(d.calls(), ["support", "get", "ping"], "never SETTIMEOUT");
         let mut d = Scripted::new(WDIOF_MAGICCLOSE, 60);
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(e.to_string().contains("cannot be set"), "{e}");
         assert!(e.to_string().contains("W = 60"), "{e}");
     }
@@ -670,7 +841,7 @@ mod tests {
     #[test]
     fn alarm_only_and_failed_ping_are_refused() {
         let mut d = Scripted::new(STD | WDIOF_ALARMONLY, 3);
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(matches!(e, Problem::AlarmOnly));
         assert_eq!(
             d.calls(),
@@ -679,8 +850,22 @@ mod tests {
         );
         let mut d = Scripted::new(STD, 3);
         d.fail_ping = true;
-        let e = configure(&mut d, &budget(), None).unwrap_err();
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
         assert!(matches!(e, Problem::Ping(_)), "{e}");
+    }
+
+    /// Without WDIOF_MAGICCLOSE any close stops the timer (nowayout off), so a
+    /// crash would disarm: refused after opening, before touching the timeout,
+    /// unless nowayout is known to be set.
+    #[test]
+    fn no_magic_close_is_refused_unless_nowayout_is_set() {
+        let mut d = Scripted::new(WDIOF_SETTIMEOUT | WDIOF_KEEPALIVEPING, 30);
+        let e = configure(&mut d, &budget(), None, false).unwrap_err();
+        assert!(matches!(e, Problem::NoMagicClose), "{e}");
+        assert!(e.to_string().contains("MAGICCLOSE"), "{e}");
+        assert_eq!(d.calls(), ["support"]);
+        let mut d = Scripted::new(WDIOF_SETTIMEOUT | WDIOF_KEEPALIVEPING, 30);
+        assert_eq!(configure(&mut d, &budget(), None, true).unwrap().1, 3);
     }
 
     #[test]
@@ -689,7 +874,7 @@ mod tests {
             path: "/dev/watchdog1".into(),
             problem: Problem::AlarmOnly,
             closed: Closed::StillArmed { w_secs: Some(30) },
-            still_armed: None,
+            still_armed: StillArmed::none(),
         };
         let m = e.to_string();
         assert!(

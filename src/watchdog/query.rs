@@ -4,6 +4,7 @@
 //! [`query_open`] (the CLI's `--open`) does open one to ask the driver
 //! directly, and magic-closes it straight after.
 
+use super::flags::WDIOF_MAGICCLOSE;
 use super::sysfs::{self, Holder, SysRoots};
 use super::{open, preflight, resolve_path, ArmError, BootStatus, Closed, Problem, WdFlags};
 use serde::Serialize;
@@ -34,6 +35,10 @@ pub struct DeviceReport {
     /// Whether the last boot was a watchdog reset (WDIOF_CARDRESET).
     pub was_watchdog_reset: Option<bool>,
     pub options: Option<WdFlags>,
+    /// WDIOF_MAGICCLOSE, if the options are known. Without it any close stops
+    /// the timer (nowayout off), so a crash disarms it: `arm` refuses such a
+    /// device unless nowayout is set.
+    pub magic_close: Option<bool>,
     pub firmware_version: Option<u32>,
     pub holders: Vec<Holder>,
     /// The driver was asked directly (`--open`).
@@ -60,12 +65,35 @@ impl DeviceReport {
             bootstatus: e.bootstatus,
             was_watchdog_reset: e.bootstatus.map(|b| b.was_watchdog_reset()),
             options: e.options,
+            magic_close: None,
             firmware_version: None,
             opened: false,
             notes: Vec::new(),
         }
+        .with_magic_close()
+    }
+
+    /// Sets `magic_close` from `options` and, if it is missing, says what
+    /// that means (once).
+    fn with_magic_close(mut self) -> DeviceReport {
+        self.magic_close = self.options.map(|o| o.contains(WDIOF_MAGICCLOSE));
+        self.notes.retain(|n| !n.starts_with(NO_MAGIC_CLOSE));
+        if self.magic_close == Some(false) {
+            self.notes.push(format!(
+                "{NO_MAGIC_CLOSE}: any close stops it when nowayout is off, so a crash of the agent \
+                 would disarm it; leasedog refuses it unless nowayout is set{}",
+                match self.nowayout {
+                    Some(true) => " (it is)",
+                    Some(false) => " (it is not)",
+                    None => " (unreadable here)",
+                }
+            ));
+        }
+        self
     }
 }
+
+const NO_MAGIC_CLOSE: &str = "no WDIOF_MAGICCLOSE";
 
 /// Every registered watchdog, from sysfs and /proc only (nothing is opened).
 pub fn query(roots: &SysRoots) -> Vec<DeviceReport> {
@@ -99,6 +127,7 @@ pub fn query_open(path: &Path, roots: &SysRoots, force: bool) -> Result<DeviceRe
             bootstatus: None,
             was_watchdog_reset: None,
             options: None,
+            magic_close: None,
             firmware_version: None,
             holders: Vec::new(),
             opened: false,
@@ -119,13 +148,14 @@ pub fn query_open(path: &Path, roots: &SysRoots, force: bool) -> Result<DeviceRe
                 path: dev.path,
                 problem: Problem::Ioctl(e),
                 closed,
-                still_armed: None,
+                still_armed: super::StillArmed::none(),
             });
         }
     };
     report.opened = true;
     report.identity = Some(support.identity);
     report.options = Some(support.options);
+    report = report.with_magic_close();
     report.firmware_version = Some(support.firmware_version);
     match file.get_timeout() {
         Ok(t) => report.timeout = Some(t),

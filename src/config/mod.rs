@@ -1,7 +1,10 @@
 //! The agent's configuration: one TOML file, every value defaulted except the
 //! node name, validated into a [`Budget`] with errors that name the key.
 
+pub mod postgres;
+
 use crate::timing::{Budget, BudgetError};
+use postgres::PgConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,7 +28,7 @@ pub struct Config {
     /// The PostgreSQL this agent manages. Without it the agent only holds the
     /// key and arms the watchdogs (useful to test a node's fencing alone).
     #[serde(default)]
-    pub postgres: Option<crate::postgres::PgConfig>,
+    pub postgres: Option<PgConfig>,
     /// The Prometheus `/metrics` and JSON `/status` endpoint (off by default).
     #[serde(default)]
     pub metrics: MetricsConfig,
