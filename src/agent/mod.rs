@@ -318,7 +318,7 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
         ),
         Fact::StepDownConfirmed { how } => (None, Event::StepDownConfirmed { how }),
         Fact::StepDownFailed { reason } => (None, Event::StepDownFailed { reason }),
-        Fact::Released { .. } => (None, Event::Released),
+        Fact::Released { deleted } => (None, Event::released(None, deleted)),
         Fact::Disarmed => (
             None,
             Event::Disarmed {
