@@ -1,4 +1,4 @@
-//! The audit record (FENCING.md rule 7): a tamper-evident, append-only log per
+//! The audit record (docs/fencing.md rule 7): a tamper-evident, append-only log per
 //! node of everything that decides a fence, and a pure timeline that turns
 //! those logs into a verdict for every change of leader.
 //!
