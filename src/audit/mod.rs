@@ -283,6 +283,32 @@ impl Event {
     }
 }
 
+/// The stable name a record stores for a step-down's reason: records are
+/// read by other versions and by tools, so they never hold a `Debug` string
+/// (which changes with a rename). Add names; never change one.
+pub fn step_down_reason(r: &crate::decide::StepDownReason) -> &'static str {
+    use crate::decide::StepDownReason as R;
+    match r {
+        R::Deadline => "deadline",
+        R::LeaseLost => "lease_lost",
+        R::KeyLost => "key_lost",
+        R::PromoteFailed => "promote_failed",
+        R::PostgresDown => "postgres_down",
+        R::Shutdown => "shutdown",
+    }
+}
+
+/// The stable name of how the PostgreSQL fence ended (see
+/// [`step_down_reason`] for why not `Debug`).
+pub fn stop_how(h: crate::postgres::StopHow) -> &'static str {
+    use crate::postgres::StopHow as H;
+    match h {
+        H::AlreadyStopped => "already_stopped",
+        H::Immediate => "immediate",
+        H::Killed => "killed",
+    }
+}
+
 /// Hex SHA-256 of some bytes (e.g. the configuration text for `config_digest`).
 pub fn digest_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
@@ -513,6 +539,32 @@ mod tests {
         assert_eq!(value_hash(&a), value_hash(&b));
         let c: Value = serde_json::from_str(r#"{"a":{"x":"s","y":[2,1]},"b":1}"#).unwrap();
         assert_ne!(value_hash(&a), value_hash(&c));
+    }
+
+    /// The names records store are fixed: a renamed variant must not change
+    /// what new records say.
+    #[test]
+    fn stored_names_are_stable() {
+        use crate::decide::StepDownReason as R;
+        use crate::postgres::StopHow as H;
+        let reasons = [
+            (R::Deadline, "deadline"),
+            (R::LeaseLost, "lease_lost"),
+            (R::KeyLost, "key_lost"),
+            (R::PromoteFailed, "promote_failed"),
+            (R::PostgresDown, "postgres_down"),
+            (R::Shutdown, "shutdown"),
+        ];
+        for (r, name) in reasons {
+            assert_eq!(step_down_reason(&r), name);
+        }
+        for (h, name) in [
+            (H::AlreadyStopped, "already_stopped"),
+            (H::Immediate, "immediate"),
+            (H::Killed, "killed"),
+        ] {
+            assert_eq!(stop_how(h), name);
+        }
     }
 
     #[test]
