@@ -172,9 +172,13 @@ pub fn render_text(changes: &[Change]) -> String {
                     "    step-down confirmed ({}) at {:.3} s{}",
                     sd.how,
                     secs(sd.boot_ns),
-                    sd.released_rev
-                        .map(|r| format!(", key released at rev {r}"))
-                        .unwrap_or_default()
+                    match (sd.released_rev, sd.release_deleted) {
+                        (Some(r), _) => format!(", key released at rev {r}"),
+                        (None, Some(true)) => ", then released (deleted) the key".to_owned(),
+                        (None, Some(false)) =>
+                            ", then released: the key was already gone".to_owned(),
+                        (None, None) => String::new(),
+                    }
                 );
             }
             None => o.push_str("    step-down: none recorded\n"),
