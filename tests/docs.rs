@@ -1,8 +1,9 @@
 //! The documentation says what the binary does.
 //!
 //! - Every `leasedog ...` command line shown in `README.md` and `docs/*.md`
-//!   (fenced or indented code blocks, and inline code) parses with the real
-//!   command-line parser, [`leasedog::cli::parse`], which executes nothing.
+//!   (fenced or indented code blocks, and inline code), and the shipped
+//!   unit's `ExecStart=`, parses with the real command-line parser,
+//!   [`leasedog::cli::parse`], which executes nothing.
 //! - `docs/leasedog.example.toml` loads with the real configuration loader,
 //!   and each of its keys is the default unless its line says
 //!   `# not the default`: removing a default key changes nothing, removing a
@@ -145,9 +146,44 @@ fn shown(path: &Path) -> Vec<Shown> {
     out
 }
 
+/// The `ExecStart=` lines of the shipped systemd units: the command the
+/// package runs must parse too.
+fn unit_commands() -> Vec<Shown> {
+    let dir = root().join("systemd");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "service") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if let Some(cmd) = line.strip_prefix("ExecStart=") {
+                // systemd's prefixes: -, @, :, +, !.
+                let cmd = cmd.trim_start_matches(['-', '@', ':', '+', '!']);
+                for args in invocations(cmd) {
+                    out.push(Shown {
+                        at: format!(
+                            "systemd/{}:{}",
+                            path.file_name().unwrap().to_string_lossy(),
+                            i + 1
+                        ),
+                        line: line.to_owned(),
+                        args,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn every_command_line_in_the_docs_parses() {
-    let all: Vec<Shown> = pages().iter().flat_map(|p| shown(p)).collect();
+    let mut all: Vec<Shown> = pages().iter().flat_map(|p| shown(p)).collect();
+    let units = unit_commands();
+    assert!(!units.is_empty(), "no ExecStart= runs leasedog");
+    all.extend(units);
     // The extraction itself must see the commands, or this test proves nothing.
     assert!(all.len() >= 15, "too few command lines found: {all:#?}");
     for expected in [
