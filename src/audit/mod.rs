@@ -6,7 +6,7 @@
 //!   record, `prev` links it to the previous record's `hash`.
 //! - [`log`]: the driver part: the writer ([`AuditLog`]), the non-blocking
 //!   handoff for the pinger ([`queue`]), [`verify`], [`previous_boot`].
-//! - [`timeline`]: pure; records in, [`Change`]s with verdicts out.
+//! - [`timeline`](mod@timeline): pure; records in, [`Change`]s with verdicts out.
 //!
 //! Operator documentation: docs/audit.md.
 
