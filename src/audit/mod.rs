@@ -79,7 +79,8 @@ impl BudgetRecord {
     /// judged as it was written.
     pub fn budget(&self) -> crate::timing::Budget {
         use std::time::Duration;
-        let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        // A hand-edited record may hold anything: never panic on it.
+        let secs = |s: f64| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX);
         crate::timing::Budget {
             ttl: Duration::from_secs(self.ttl_s),
             margin: secs(self.margin_s),
@@ -539,6 +540,21 @@ mod tests {
         assert_eq!(value_hash(&a), value_hash(&b));
         let c: Value = serde_json::from_str(r#"{"a":{"x":"s","y":[2,1]},"b":1}"#).unwrap();
         assert_ne!(value_hash(&a), value_hash(&c));
+    }
+
+    /// An edited budget cannot make the auditor panic.
+    #[test]
+    fn any_recorded_budget_converts() {
+        for v in [f64::NAN, -1.0, 1e300, 0.0] {
+            let b = BudgetRecord {
+                ttl_s: u64::MAX,
+                margin_s: v,
+                reset_allowance_s: v,
+                loop_interval_s: v,
+            }
+            .budget();
+            assert!(b.margin == std::time::Duration::MAX || b.margin.as_secs_f64() < 1.0);
+        }
     }
 
     /// The names records store are fixed: a renamed variant must not change

@@ -904,3 +904,36 @@ fn docs_example() {
     println!("{}", render_text(&ch));
     assert_eq!(ch.len(), 2);
 }
+
+/// A start-up record whose budget cannot be reasoned with (edited, or
+/// corrupt) leaves the deadlines unknown instead of computing nonsense.
+#[test]
+fn an_unusable_recorded_budget_is_named_not_used() {
+    let mut pg1 = Node::new("pg1", "boot-a");
+    pg1.rec(
+        None,
+        Event::Startup {
+            version: "0.1.0".into(),
+            config_digest: "c0ffee".into(),
+            budget: BudgetRecord {
+                ttl_s: 5,
+                margin_s: 9.0,
+                reset_allowance_s: 1e300,
+                loop_interval_s: 0.5,
+            },
+            devices: vec![],
+            previous_boot_id: None,
+            previous_boot_reset: None,
+        },
+    )
+    .acquired(10, 100.0)
+    .armed(3)
+    .rec(None, Event::Promoted)
+    .reboot("boot-b")
+    .startup(Some(0x20), true);
+    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    let m = missing(&c);
+    assert!(m[0].contains("does not satisfy R < M < T"), "{m:?}");
+    assert_eq!(c.old.last_permitted_ping_ns, None);
+    assert_eq!(c.old.armed[0].w_ok, None);
+}
