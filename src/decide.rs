@@ -3,7 +3,7 @@
 //! [`Core::handle`] takes one observation and a CLOCK_BOOTTIME reading and
 //! returns the actions to take, in order. It never reads a clock, sleeps,
 //! does I/O or awaits: the drivers in `agent` execute the actions and feed
-//! their outcomes back as new inputs. Every rule of FENCING.md that concerns
+//! their outcomes back as new inputs. Every rule of docs/fencing.md that concerns
 //! *when* to act is decided here, so each is a unit test below.
 //!
 //! Rules that live here by name: [`arm_before_promote`] (rule 2) and
@@ -190,7 +190,7 @@ pub enum Input {
     Shutdown,
 }
 
-/// What happened, for the audit log (FENCING.md rule 7).
+/// What happened, for the audit log (docs/fencing.md rule 7).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fact {
     LeaseGranted {

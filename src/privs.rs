@@ -27,9 +27,12 @@
 //!
 //! Everything else leaves the effective, permitted, inheritable, ambient and
 //! bounding sets, and `no_new_privs` is set, so neither this process nor a
-//! child can regain any of it.
+//! child can regain any of it. The sets are read and written through the
+//! `caps` crate, the limits and `no_new_privs` through `nix`: this module
+//! has no `unsafe` of its own.
 
-use std::io;
+use caps::{CapSet as Set, CapsHashSet};
+use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
 
 pub const CAP_CHOWN: u32 = 0;
 pub const CAP_DAC_OVERRIDE: u32 = 1;
@@ -41,22 +44,6 @@ pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_IPC_LOCK: u32 = 14;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_NICE: u32 = 23;
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
 
 /// A set of capabilities as a bit mask (bit n = capability n).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,6 +58,18 @@ impl CapSet {
     }
     pub fn is_empty(&self) -> bool {
         self.0 == 0
+    }
+
+    /// As the `caps` crate's set (capabilities it does not know are left out).
+    fn to_caps(self) -> CapsHashSet {
+        caps::all()
+            .into_iter()
+            .filter(|c| self.0 & c.bitmask() != 0)
+            .collect()
+    }
+
+    fn from_caps(set: &CapsHashSet) -> CapSet {
+        CapSet(set.iter().fold(0, |m, c| m | c.bitmask()))
     }
 }
 
@@ -91,52 +90,14 @@ pub fn needed(manages_postgres: bool) -> CapSet {
     }
 }
 
-fn capget() -> io::Result<(CapSet, CapSet, CapSet)> {
-    let mut hdr = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: hdr and data are valid for the v3 layout (two data words).
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let join = |f: fn(&CapData) -> u32| CapSet(f(&data[0]) as u64 | (f(&data[1]) as u64) << 32);
-    Ok((
-        join(|d| d.effective),
-        join(|d| d.permitted),
-        join(|d| d.inheritable),
-    ))
+/// This thread's `set`.
+fn read(set: Set) -> Result<CapSet, String> {
+    caps::read(None, set)
+        .map(|s| CapSet::from_caps(&s))
+        .map_err(|e| format!("reading the {set:?} capabilities: {e}"))
 }
 
-fn capset(eff: CapSet, prm: CapSet, inh: CapSet) -> io::Result<()> {
-    let mut hdr = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let split = |s: CapSet| [s.0 as u32, (s.0 >> 32) as u32];
-    let (e, p, i) = (split(eff), split(prm), split(inh));
-    let data = [
-        CapData {
-            effective: e[0],
-            permitted: p[0],
-            inheritable: i[0],
-        },
-        CapData {
-            effective: e[1],
-            permitted: p[1],
-            inheritable: i[1],
-        },
-    ];
-    // SAFETY: hdr and data are valid for the v3 layout (two data words).
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
+/// The highest capability number this kernel knows.
 fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -144,32 +105,15 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-fn raise_limit(resource: libc::__rlimit_resource_t, at_least: libc::rlim_t) -> io::Result<()> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: r is a valid out-pointer.
-    if unsafe { libc::getrlimit(resource, &mut r) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let enough = |v: libc::rlim_t| v == libc::RLIM_INFINITY || v >= at_least;
-    if enough(r.rlim_cur) && enough(r.rlim_max) {
+/// Raises a resource limit to at least `at_least` (soft and hard), unless
+/// it is already there.
+fn raise_limit(resource: Resource, at_least: u64) -> nix::Result<()> {
+    let (cur, max) = getrlimit(resource)?;
+    let enough = |v: u64| v == RLIM_INFINITY || v >= at_least;
+    if enough(cur) && enough(max) {
         return Ok(());
     }
-    let new = libc::rlimit {
-        rlim_cur: at_least,
-        rlim_max: if enough(r.rlim_max) {
-            r.rlim_max
-        } else {
-            at_least
-        },
-    };
-    // SAFETY: new is a valid rlimit.
-    if unsafe { libc::setrlimit(resource, &new) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setrlimit(resource, at_least, if enough(max) { max } else { at_least })
 }
 
 /// What [`drop_privileges`] did.
@@ -184,7 +128,8 @@ pub enum Dropped {
 /// Drops every capability but `keep` from this thread (call it before
 /// other threads start) and sets no_new_privs. See the module doc.
 pub fn drop_privileges(keep: CapSet, rt_priority: i32) -> Result<Dropped, String> {
-    let (eff, prm, _inh) = capget().map_err(|e| format!("capget: {e}"))?;
+    let eff = read(Set::Effective)?;
+    let prm = read(Set::Permitted)?;
     if prm.is_empty() && eff.is_empty() {
         // Still refuse to gain any through exec (best effort: the unit
         // sets NoNewPrivileges= itself).
@@ -195,51 +140,50 @@ pub fn drop_privileges(keep: CapSet, rt_priority: i32) -> Result<Dropped, String
     // are reported but not fatal (the unit sets both limits itself).
     let mut notes = Vec::new();
     let mut keep = keep;
-    if let Err(e) = raise_limit(libc::RLIMIT_MEMLOCK, libc::RLIM_INFINITY) {
+    if let Err(e) = raise_limit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY) {
         notes.push(format!(
             "cannot raise RLIMIT_MEMLOCK ({e}): keeping CAP_IPC_LOCK (set LimitMEMLOCK=infinity)"
         ));
         keep.0 |= 1 << CAP_IPC_LOCK;
     }
-    if let Err(e) = raise_limit(libc::RLIMIT_RTPRIO, rt_priority as libc::rlim_t) {
+    if let Err(e) = raise_limit(Resource::RLIMIT_RTPRIO, rt_priority.max(0) as u64) {
         notes.push(format!(
             "cannot raise RLIMIT_RTPRIO ({e}): keeping CAP_SYS_NICE (set LimitRTPRIO={rt_priority})"
         ));
         keep.0 |= 1 << CAP_SYS_NICE;
     }
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
+    if let Err(e) = caps::clear(None, Set::Ambient) {
+        // Before Linux 4.3 there is no ambient set to clear.
+        notes.push(format!("ambient set not cleared: {e}"));
     }
     let keep = CapSet(keep.0 & prm.0);
     if prm.has(CAP_SETPCAP) {
-        for cap in 0..=last_cap() {
-            if !keep.has(cap) {
-                // SAFETY: prctl with integer arguments only.
-                let rc =
-                    unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-                if rc != 0 {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EINVAL) {
-                        return Err(format!(
-                            "cannot drop capability {cap} from the bounding set: {e}"
-                        ));
-                    }
-                }
+        let last = last_cap();
+        for cap in caps::all() {
+            let n = u32::from(cap.index());
+            // A capability this kernel does not know is in no set.
+            if n <= last && !keep.has(n) {
+                caps::drop(None, Set::Bounding, cap)
+                    .map_err(|e| format!("cannot drop {cap} from the bounding set: {e}"))?;
             }
+        }
+        if last > max_known_cap() {
+            notes.push(format!(
+                "the kernel knows capabilities up to {last}, the caps crate up to {}: those above stay in the bounding set (none is permitted)",
+                max_known_cap()
+            ));
         }
     } else {
         notes.push("bounding set left as is (no CAP_SETPCAP)".into());
     }
-    capset(keep, keep, CapSet::default()).map_err(|e| format!("capset: {e}"))?;
+    // Effective must shrink with permitted; inheritable empties.
+    let kept = keep.to_caps();
+    caps::set(None, Set::Inheritable, &CapsHashSet::new())
+        .and_then(|()| caps::set(None, Set::Effective, &kept))
+        .and_then(|()| caps::set(None, Set::Permitted, &kept))
+        .map_err(|e| format!("capset: {e}"))?;
     set_no_new_privs()?;
-    let (e2, p2, _) = capget().map_err(|e| format!("capget: {e}"))?;
+    let (e2, p2) = (read(Set::Effective)?, read(Set::Permitted)?);
     if e2 != keep || p2 != keep {
         return Err(format!(
             "capabilities still {:#x}/{:#x} after dropping to {:#x}",
@@ -255,35 +199,29 @@ pub fn drop_privileges(keep: CapSet, rt_priority: i32) -> Result<Dropped, String
     })
 }
 
-fn set_no_new_privs() -> Result<(), String> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("no_new_privs: {}", io::Error::last_os_error()));
-    }
-    Ok(())
+/// The highest capability number the `caps` crate can name.
+fn max_known_cap() -> u32 {
+    caps::all()
+        .iter()
+        .map(|c| u32::from(c.index()))
+        .max()
+        .unwrap_or(0)
 }
 
-/// The names of the capabilities in `s` (for logs).
+fn set_no_new_privs() -> Result<(), String> {
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))
+}
+
+/// The names of the capabilities in `s` (for logs): `CAP_KILL`, or `capN`
+/// for one the `caps` crate does not name.
 pub fn names(s: CapSet) -> Vec<String> {
-    const KNOWN: [(u32, &str); 10] = [
-        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
-        (CAP_IPC_LOCK, "CAP_IPC_LOCK"),
-        (CAP_SYS_NICE, "CAP_SYS_NICE"),
-        (CAP_CHOWN, "CAP_CHOWN"),
-        (CAP_DAC_OVERRIDE, "CAP_DAC_OVERRIDE"),
-        (CAP_FOWNER, "CAP_FOWNER"),
-        (CAP_KILL, "CAP_KILL"),
-        (CAP_SETGID, "CAP_SETGID"),
-        (CAP_SETUID, "CAP_SETUID"),
-        (CAP_SETPCAP, "CAP_SETPCAP"),
-    ];
     (0..64)
         .filter(|c| s.has(*c))
         .map(|c| {
-            KNOWN
-                .iter()
-                .find(|(k, _)| *k == c)
-                .map_or(format!("cap{c}"), |(_, n)| n.to_string())
+            caps::all()
+                .into_iter()
+                .find(|k| u32::from(k.index()) == c)
+                .map_or(format!("cap{c}"), |k| k.to_string())
         })
         .collect()
 }
@@ -291,6 +229,7 @@ pub fn names(s: CapSet) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use caps::Capability;
 
     #[test]
     fn keep_sets() {
@@ -308,6 +247,30 @@ mod tests {
             assert!(pg.has(c));
         }
         assert!(!pg.has(CAP_SETPCAP));
-        assert_eq!(names(CapSet::of(&[CAP_KILL, 21])), ["CAP_KILL", "cap21"]);
+        assert_eq!(
+            names(CapSet::of(&[CAP_KILL, 21, 63])),
+            ["CAP_KILL", "CAP_SYS_ADMIN", "cap63"]
+        );
+    }
+
+    /// The numbers this module uses are the kernel's, as `caps` knows them.
+    #[test]
+    fn numbers_agree_with_caps() {
+        for (n, c) in [
+            (CAP_CHOWN, Capability::CAP_CHOWN),
+            (CAP_DAC_OVERRIDE, Capability::CAP_DAC_OVERRIDE),
+            (CAP_FOWNER, Capability::CAP_FOWNER),
+            (CAP_KILL, Capability::CAP_KILL),
+            (CAP_SETGID, Capability::CAP_SETGID),
+            (CAP_SETUID, Capability::CAP_SETUID),
+            (CAP_SETPCAP, Capability::CAP_SETPCAP),
+            (CAP_IPC_LOCK, Capability::CAP_IPC_LOCK),
+            (CAP_SYS_PTRACE, Capability::CAP_SYS_PTRACE),
+            (CAP_SYS_NICE, Capability::CAP_SYS_NICE),
+        ] {
+            assert_eq!(u32::from(c.index()), n, "{c}");
+        }
+        let pg = needed(true);
+        assert_eq!(CapSet::from_caps(&pg.to_caps()), pg);
     }
 }

@@ -211,6 +211,12 @@ fn clean_handover_verifies_and_is_fenced_by_step_down() {
     assert_eq!(out.matches("change at rev").count(), 1, "{out}");
     assert!(out.contains("a -> b    FENCED-BY-STEP-DOWN"), "{out}");
     assert!(out.contains("verdict: FENCED-BY-STEP-DOWN"), "{out}");
+    // Proven by a's own release, which deleted the key (no expiry assumed:
+    // b saw the deletion at a known revision).
+    assert!(
+        out.contains("then its release deleted the key, still a's on its own lease"),
+        "{out}"
+    );
     assert!(
         out.contains("etcd history: "),
         "etcd history was read: {out}"
@@ -223,6 +229,7 @@ fn clean_handover_verifies_and_is_fenced_by_step_down() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("a -> b    FENCED-BY-STEP-DOWN"), "{out}");
     assert!(out.contains("etcd history only"), "{out}");
+    assert!(out.contains("its release deleted the key"), "{out}");
 
     // --json for tooling.
     let (code, out, err) = audit(&[

@@ -1,4 +1,4 @@
-//! The deadline timer (FENCING.md rule 3).
+//! The deadline timer (docs/fencing.md rule 3).
 //!
 //! A thread of its own, independent of the main loop: it reads the same
 //! published evidence as the pinger and, once `now > s + T - M` on lease

@@ -1,5 +1,5 @@
 //! Mirrors the audit log's lifecycle records into etcd's `history/` under the
-//! scope (FENCING.md rule 7), so the cluster's timeline survives the loss of a
+//! scope (docs/fencing.md rule 7), so the cluster's timeline survives the loss of a
 //! node's disk, and the newest mirrored record of a node anchors its local
 //! log: a clean truncation of the log (whole records cut off its end, which
 //! the hash chain alone cannot show) disagrees with it.

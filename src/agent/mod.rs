@@ -204,7 +204,13 @@ fn stop_fn(pg: Option<Pg>) -> StopFn {
         None => Arc::new(|| Ok("nothing to stop: no PostgreSQL configured".into())),
         Some(pg) => Arc::new(move || {
             pg.stop_fast_fence_sync()
-                .map(|r| format!("PostgreSQL stopped ({:?}) in {:?}", r.how, r.took))
+                .map(|r| {
+                    format!(
+                        "PostgreSQL stopped ({}) in {:.3} s",
+                        audit::stop_how(r.how),
+                        r.took.as_secs_f64()
+                    )
+                })
                 .map_err(|e| e.to_string())
         }),
     }
@@ -312,13 +318,13 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
         Fact::StepDownBegun { reason, deadline } => (
             None,
             Event::StepDownBegun {
-                reason: format!("{reason:?}"),
+                reason: audit::step_down_reason(&reason).into(),
                 deadline_ns: deadline.map_or(0, ns),
             },
         ),
         Fact::StepDownConfirmed { how } => (None, Event::StepDownConfirmed { how }),
         Fact::StepDownFailed { reason } => (None, Event::StepDownFailed { reason }),
-        Fact::Released { .. } => (None, Event::Released),
+        Fact::Released { deleted } => (None, Event::released(None, deleted)),
         Fact::Disarmed => (
             None,
             Event::Disarmed {

@@ -1,4 +1,4 @@
-//! The pinger thread (FENCING.md rules 1 and 6).
+//! The pinger thread (docs/fencing.md rules 1 and 6).
 //!
 //! It owns the armed devices and reads one atomic value, the published
 //! [`Evidence`], plus the clock. It never logs, never touches the disk or the

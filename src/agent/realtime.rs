@@ -1,4 +1,4 @@
-//! Keeping the pinger alive under pressure (FENCING.md rule 6): locked memory
+//! Keeping the pinger alive under pressure (docs/fencing.md rule 6): locked memory
 //! and real-time scheduling, each reported when it cannot be had.
 
 /// Real-time priority of the pinger and the deadline timer. Moderate on

@@ -81,6 +81,9 @@ pub struct OpenReport {
     /// The existing chain's first break, if any (tampering or corruption: the
     /// agent should warn loudly; the new records still chain to the last one).
     pub first_break: Option<(usize, String)>,
+    /// The last run of the agent in the file (its records since the last
+    /// `startup`) stopped cleanly: see [`stopped_cleanly`].
+    pub last_run_stopped_cleanly: bool,
     /// (seq, hash) of every whole record, for [`OpenReport::check_anchor`].
     anchor_hashes: Vec<(u64, String)>,
 }
@@ -386,6 +389,10 @@ impl AuditLog {
             last,
             torn: s.torn.clone(),
             first_break: s.first_break.clone(),
+            last_run_stopped_cleanly: {
+                let recs: Vec<Record> = s.records.iter().map(|(_, r)| r.clone()).collect();
+                stopped_cleanly(&recs)
+            },
             anchor_hashes: s
                 .records
                 .iter()
@@ -528,6 +535,48 @@ impl OpenReport {
     }
 }
 
+/// Whether the agent's last run (the records after the last `startup`)
+/// ended in a completed, clean stop. The `shutdown` record comes first in a
+/// stop, not last: a leader then steps down, releases the key and disarms
+/// before it exits. So the run is clean when it recorded `shutdown`, no
+/// step-down failed after it, its last lifecycle record is the end of a
+/// stop (`shutdown` itself for a replica, `released` for a leader without
+/// devices, `disarmed`), and no device was left armed (armed after the last
+/// `disarmed`, or kept armed for nowayout: that device resets the node, and
+/// the next start-up must report it).
+pub fn stopped_cleanly(records: &[Record]) -> bool {
+    let from = records
+        .iter()
+        .rposition(|r| matches!(r.event, Event::Startup { .. }))
+        .unwrap_or(0);
+    let run = &records[from..];
+    let last_index = |f: fn(&Event) -> bool| run.iter().rposition(|r| f(&r.event));
+    let Some(shutdown) = last_index(|e| matches!(e, Event::Shutdown { .. })) else {
+        return false;
+    };
+    if run[shutdown..]
+        .iter()
+        .any(|r| matches!(r.event, Event::StepDownFailed { .. }))
+    {
+        return false;
+    }
+    let armed = last_index(|e| matches!(e, Event::Armed { .. }));
+    let disarmed = last_index(|e| matches!(e, Event::Disarmed { .. }));
+    let kept = last_index(|e| matches!(e, Event::NowayoutKeptArmed { .. }));
+    let left_armed = armed > disarmed || (kept.is_some() && kept >= armed);
+    let last = run
+        .iter()
+        .rev()
+        .find(|r| r.event.is_lifecycle() && !matches!(r.event, Event::TornTailRecovered { .. }));
+    let ends_a_stop = last.is_some_and(|r| {
+        matches!(
+            r.event,
+            Event::Shutdown { .. } | Event::Released { .. } | Event::Disarmed { .. }
+        )
+    });
+    ends_a_stop && !left_armed
+}
+
 /// The previous boot, as the last record before this start-up shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreviousBoot {
@@ -536,9 +585,10 @@ pub struct PreviousBoot {
     pub last_record_wall: u64,
     pub last_seq: u64,
     pub last_event: Event,
-    /// The last record was a `shutdown`: the agent stopped cleanly before the
-    /// reboot. Otherwise the boot ended under a running agent (a reset, a
-    /// crash or a power loss); the devices' boot status says which.
+    /// The agent's last run stopped cleanly before the reboot
+    /// ([`stopped_cleanly`]). Otherwise the boot ended under a running
+    /// agent, or with a device it left armed (a reset, a crash or a power
+    /// loss); the devices' boot status says which.
     pub clean_shutdown: bool,
 }
 
@@ -555,7 +605,7 @@ pub fn previous_boot(report: &OpenReport, current_boot_id: &str) -> Option<Previ
         last_record_wall: last.wall_ns,
         last_seq: last.seq,
         last_event: last.event.clone(),
-        clean_shutdown: matches!(last.event, Event::Shutdown { .. }),
+        clean_shutdown: report.last_run_stopped_cleanly,
     })
 }
 

@@ -1,4 +1,4 @@
-//! The audit record (FENCING.md rule 7): a tamper-evident, append-only log per
+//! The audit record (docs/fencing.md rule 7): a tamper-evident, append-only log per
 //! node of everything that decides a fence, and a pure timeline that turns
 //! those logs into a verdict for every change of leader.
 //!
@@ -6,7 +6,7 @@
 //!   record, `prev` links it to the previous record's `hash`.
 //! - [`log`]: the driver part: the writer ([`AuditLog`]), the non-blocking
 //!   handoff for the pinger ([`queue`]), [`verify`], [`previous_boot`].
-//! - [`timeline`]: pure; records in, [`Change`]s with verdicts out.
+//! - [`timeline`](mod@timeline): pure; records in, [`Change`]s with verdicts out.
 //!
 //! Operator documentation: docs/audit.md.
 
@@ -14,10 +14,10 @@ pub mod log;
 pub mod timeline;
 
 pub use log::{
-    current_boot_id, log_path, parse_history, previous_boot, queue, read_log, verify, AuditLog,
-    OpenReport, PreviousBoot, Receiver, Sender, TornTail, VerifyReport,
+    current_boot_id, log_path, parse_history, previous_boot, queue, read_log, stopped_cleanly,
+    verify, AuditLog, OpenReport, PreviousBoot, Receiver, Sender, TornTail, VerifyReport,
 };
-pub use timeline::{cmd_timeline, cmd_verify, cross_check, render_text, timeline, Change, Verdict};
+pub use timeline::{cross_check, timeline, Change, Verdict};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -69,6 +69,24 @@ impl From<&crate::timing::Budget> for BudgetRecord {
             margin_s: b.margin.as_secs_f64(),
             reset_allowance_s: b.reset_allowance.as_secs_f64(),
             loop_interval_s: b.loop_interval.as_secs_f64(),
+        }
+    }
+}
+
+impl BudgetRecord {
+    /// The budget these numbers describe, for `timing`'s arithmetic (the
+    /// request timeout is not recorded: zero). Not validated: a record is
+    /// judged as it was written.
+    pub fn budget(&self) -> crate::timing::Budget {
+        use std::time::Duration;
+        // A hand-edited record may hold anything: never panic on it.
+        let secs = |s: f64| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX);
+        crate::timing::Budget {
+            ttl: Duration::from_secs(self.ttl_s),
+            margin: secs(self.margin_s),
+            reset_allowance: secs(self.reset_allowance_s),
+            loop_interval: secs(self.loop_interval_s),
+            request_timeout: Duration::ZERO,
         }
     }
 }
@@ -179,8 +197,21 @@ pub enum Event {
     StepDownConfirmed {
         how: String,
     },
-    /// The leader key was deleted (revision `rev`) or its lease revoked.
-    Released,
+    /// The agent released the leader key: a delete of the key compared on its
+    /// value and lease, then a revoke of the lease. Both fields are absent
+    /// from logs written before they existed (they still parse and verify).
+    Released {
+        /// The etcd revision of the release's transaction (the deletion's
+        /// revision when `deleted`). Older agents put it in the record's
+        /// `rev`, or nowhere.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<i64>,
+        /// The transaction deleted the key: it was still this node's, on its
+        /// lease, until then, so nobody else could have won it earlier.
+        /// `Some(false)`: the key was already gone or someone else's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deleted: Option<bool>,
+    },
     Disarmed {
         device: String,
     },
@@ -218,7 +249,7 @@ impl Event {
             Event::Promoted => "promoted",
             Event::StepDownBegun { .. } => "step_down_begun",
             Event::StepDownConfirmed { .. } => "step_down_confirmed",
-            Event::Released => "released",
+            Event::Released { .. } => "released",
             Event::Disarmed { .. } => "disarmed",
             Event::Shutdown { .. } => "shutdown",
             Event::TornTailRecovered { .. } => "torn_tail_recovered",
@@ -227,6 +258,15 @@ impl Event {
 }
 
 impl Event {
+    /// The record of a release: `revision` is the transaction's etcd
+    /// revision where the caller has it, `deleted` whether it deleted the key.
+    pub fn released(revision: Option<i64>, deleted: bool) -> Event {
+        Event::Released {
+            revision,
+            deleted: Some(deleted),
+        }
+    }
+
     /// The lifecycle events a leader mirrors to etcd's `history/` prefix (the
     /// timeline's view of a node whose disk is gone, and the outside copy
     /// that shows a truncated local log). Mirror the whole [`Record`]
@@ -241,6 +281,32 @@ impl Event {
                 | Event::QueueDropped { .. }
                 | Event::PingFailed { .. }
         )
+    }
+}
+
+/// The stable name a record stores for a step-down's reason: records are
+/// read by other versions and by tools, so they never hold a `Debug` string
+/// (which changes with a rename). Add names; never change one.
+pub fn step_down_reason(r: &crate::decide::StepDownReason) -> &'static str {
+    use crate::decide::StepDownReason as R;
+    match r {
+        R::Deadline => "deadline",
+        R::LeaseLost => "lease_lost",
+        R::KeyLost => "key_lost",
+        R::PromoteFailed => "promote_failed",
+        R::PostgresDown => "postgres_down",
+        R::Shutdown => "shutdown",
+    }
+}
+
+/// The stable name of how the PostgreSQL fence ended (see
+/// [`step_down_reason`] for why not `Debug`).
+pub fn stop_how(h: crate::postgres::StopHow) -> &'static str {
+    use crate::postgres::StopHow as H;
+    match h {
+        H::AlreadyStopped => "already_stopped",
+        H::Immediate => "immediate",
+        H::Killed => "killed",
     }
 }
 
@@ -392,7 +458,14 @@ mod tests {
             Event::StepDownConfirmed {
                 how: "read-only".into(),
             },
-            Event::Released,
+            Event::Released {
+                revision: None,
+                deleted: None,
+            },
+            Event::Released {
+                revision: Some(42),
+                deleted: Some(true),
+            },
             Event::Disarmed {
                 device: "/dev/watchdog0".into(),
             },
@@ -434,6 +507,30 @@ mod tests {
         }
     }
 
+    /// A `released` line written before the event had fields still parses,
+    /// its hash still holds (the fields are not serialized when absent), and
+    /// its revision is read from the record's `rev`.
+    #[test]
+    fn an_old_released_record_still_parses_and_verifies() {
+        let mut v = serde_json::json!({
+            "seq": 3, "node": "pg1", "wall_ns": 1, "boot_ns": 2, "boot_id": "b",
+            "rev": 17, "event": "released", "prev": GENESIS,
+        });
+        let h = value_hash(&v);
+        v["hash"] = Value::String(h.clone());
+        let r: Record = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            r.event,
+            Event::Released {
+                revision: None,
+                deleted: None
+            }
+        );
+        assert_eq!(r.rev, Some(17));
+        assert_eq!(r.hash, h);
+        assert!(r.hash_ok(), "re-serialized, the old record hashes the same");
+    }
+
     #[test]
     fn canonical_form_ignores_key_order_but_not_values() {
         let a: Value =
@@ -443,6 +540,47 @@ mod tests {
         assert_eq!(value_hash(&a), value_hash(&b));
         let c: Value = serde_json::from_str(r#"{"a":{"x":"s","y":[2,1]},"b":1}"#).unwrap();
         assert_ne!(value_hash(&a), value_hash(&c));
+    }
+
+    /// An edited budget cannot make the auditor panic.
+    #[test]
+    fn any_recorded_budget_converts() {
+        for v in [f64::NAN, -1.0, 1e300, 0.0] {
+            let b = BudgetRecord {
+                ttl_s: u64::MAX,
+                margin_s: v,
+                reset_allowance_s: v,
+                loop_interval_s: v,
+            }
+            .budget();
+            assert!(b.margin == std::time::Duration::MAX || b.margin.as_secs_f64() < 1.0);
+        }
+    }
+
+    /// The names records store are fixed: a renamed variant must not change
+    /// what new records say.
+    #[test]
+    fn stored_names_are_stable() {
+        use crate::decide::StepDownReason as R;
+        use crate::postgres::StopHow as H;
+        let reasons = [
+            (R::Deadline, "deadline"),
+            (R::LeaseLost, "lease_lost"),
+            (R::KeyLost, "key_lost"),
+            (R::PromoteFailed, "promote_failed"),
+            (R::PostgresDown, "postgres_down"),
+            (R::Shutdown, "shutdown"),
+        ];
+        for (r, name) in reasons {
+            assert_eq!(step_down_reason(&r), name);
+        }
+        for (h, name) in [
+            (H::AlreadyStopped, "already_stopped"),
+            (H::Immediate, "immediate"),
+            (H::Killed, "killed"),
+        ] {
+            assert_eq!(stop_how(h), name);
+        }
     }
 
     #[test]

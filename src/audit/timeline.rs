@@ -8,12 +8,16 @@
 //! mirrored to etcd (same [`Record`]s, deduplicated by `hash`). Records of a
 //! node come from its local log where one is given; etcd history fills in
 //! the rest (e.g. the `acquired` records of a node whose disk is gone).
+//!
+//! The rule arithmetic (`s + M - R`, `s + T`, `W <= T - M`) is `timing`'s,
+//! applied to the budget each node recorded at start-up. Printing the
+//! verdicts is the command line's (`cli::audit`).
 
 use super::{BudgetRecord, Event, Record};
+use crate::clock::BootTime;
+use crate::timing::{self, Budget};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
 
 /// A device the leader armed in its term.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -34,6 +38,9 @@ pub struct StepDown {
     pub boot_ns: u64,
     /// Revision of the key's deletion, if it released the key after stepping down.
     pub released_rev: Option<i64>,
+    /// Its release after the step-down deleted the key (`None`: not released,
+    /// or an older agent that did not record it).
+    pub release_deleted: Option<bool>,
 }
 
 /// The old leader's next start-up after its term.
@@ -88,15 +95,35 @@ pub struct NewLeader {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "verdict", rename_all = "SCREAMING-KEBAB-CASE")]
 pub enum Verdict {
+    /// The old leader neither armed, nor decided to lead unarmed, nor
+    /// promoted in its term: its PostgreSQL was never made writable by it,
+    /// so there was nothing to fence.
+    NeverPromoted,
     FencedByStepDown,
     FencedByReset,
-    Unproven { missing: Vec<String> },
-    Violation { rule: String },
+    Unproven {
+        missing: Vec<String>,
+    },
+    Violation {
+        rule: String,
+    },
+}
+
+impl Verdict {
+    /// Safe: the old leader was fenced before the new one was promoted, or
+    /// never writable at all.
+    pub fn is_safe(&self) -> bool {
+        matches!(
+            self,
+            Verdict::NeverPromoted | Verdict::FencedByStepDown | Verdict::FencedByReset
+        )
+    }
 }
 
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Verdict::NeverPromoted => write!(f, "NEVER-PROMOTED"),
             Verdict::FencedByStepDown => write!(f, "FENCED-BY-STEP-DOWN"),
             Verdict::FencedByReset => write!(f, "FENCED-BY-RESET"),
             Verdict::Unproven { missing } => write!(f, "UNPROVEN ({})", missing.join("; ")),
@@ -205,6 +232,47 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+fn ns(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+/// The budget a start-up record describes, if `timing` can reason with it
+/// (`R < M < T`; a hand-edited record may not be).
+fn usable(b: &BudgetRecord) -> Option<Budget> {
+    let b = b.budget();
+    (b.reset_allowance < b.margin && b.margin < b.ttl).then_some(b)
+}
+
+/// Where a released key's deletion stands, from a `released` record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Release {
+    /// The transaction's revision: the event's own field, or the record's
+    /// `rev` (older agents).
+    rev: Option<i64>,
+    deleted: Option<bool>,
+}
+
+impl Release {
+    fn of(r: &Record) -> Option<Release> {
+        match &r.event {
+            Event::Released { revision, deleted } => Some(Release {
+                rev: revision.or(r.rev),
+                deleted: *deleted,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The deletion this release made, if it made one and its revision is known.
+    fn deletion_rev(&self) -> Option<i64> {
+        if self.deleted == Some(false) {
+            None
+        } else {
+            self.rev
+        }
+    }
+}
+
 /// What one node's records show about its term that began with the
 /// `acquired` record at index `i`.
 struct Term<'a> {
@@ -212,7 +280,8 @@ struct Term<'a> {
     /// The term: from its `acquired` up to (excluding) the node's next
     /// `acquired` or `startup`.
     range: std::ops::Range<usize>,
-    budget: Option<BudgetRecord>,
+    budget_record: Option<BudgetRecord>,
+    budget: Option<Budget>,
     devices_configured: bool,
     next_startup: Option<&'a Record>,
 }
@@ -223,7 +292,7 @@ impl<'a> Term<'a> {
             .iter()
             .rev()
             .find(|r| matches!(r.event, Event::Startup { .. }));
-        let (budget, devices_configured) = match startup.map(|r| &r.event) {
+        let (budget_record, devices_configured) = match startup.map(|r| &r.event) {
             Some(Event::Startup {
                 budget, devices, ..
             }) => (Some(budget.clone()), !devices.is_empty()),
@@ -239,10 +308,15 @@ impl<'a> Term<'a> {
         Term {
             recs,
             range: i..end,
-            budget,
+            budget: budget_record.as_ref().and_then(usable),
+            budget_record,
             devices_configured,
             next_startup,
         }
+    }
+
+    fn acquired(&self) -> &'a Record {
+        &self.recs[self.range.start]
     }
 
     fn records(&self) -> impl Iterator<Item = (usize, &'a Record)> + '_ {
@@ -253,14 +327,13 @@ impl<'a> Term<'a> {
         self.records().find(|(_, r)| f(&r.event)).map(|(j, _)| j)
     }
 
-    /// `T - M` and `M - R` in ns.
-    fn limits(&self) -> Option<(u64, u64, u64)> {
-        self.budget.as_ref().map(|b| {
-            let t = b.ttl_s * 1_000_000_000;
-            let m = (b.margin_s * 1e9).round() as u64;
-            let r = (b.reset_allowance_s * 1e9).round() as u64;
-            (t, t.saturating_sub(m), m.saturating_sub(r))
-        })
+    fn any_in(&self, from: usize, to: usize, f: impl Fn(&Event) -> bool) -> bool {
+        self.recs[from..to].iter().any(|r| f(&r.event))
+    }
+
+    /// The first `released` record at or after index `from`.
+    fn release_after(&self, from: usize) -> Option<Release> {
+        self.recs[from..self.range.end].iter().find_map(Release::of)
     }
 
     /// Rule 2: violated if PostgreSQL was promoted before any device was
@@ -268,15 +341,11 @@ impl<'a> Term<'a> {
     /// `automatic` then leads unfenced, which is allowed but proves nothing).
     fn promote_before_arm(&self) -> Option<String> {
         let p = self.first(|e| matches!(e, Event::Promoted))?;
-        let armed_before = self.recs[self.range.start..p]
-            .iter()
-            .any(|r| matches!(r.event, Event::Armed { .. }));
-        let failed_before = self.recs[self.range.start..p]
-            .iter()
-            .any(|r| matches!(r.event, Event::ArmFailed { .. }));
-        let armed_after = self.recs[p..self.range.end]
-            .iter()
-            .any(|r| matches!(r.event, Event::Armed { .. }));
+        let (start, end) = (self.range.start, self.range.end);
+        let armed = |e: &Event| matches!(e, Event::Armed { .. });
+        let armed_before = self.any_in(start, p, armed);
+        let failed_before = self.any_in(start, p, |e| matches!(e, Event::ArmFailed { .. }));
+        let armed_after = self.any_in(p, end, armed);
         if !armed_before && (armed_after || (self.devices_configured && !failed_before)) {
             Some(format!(
                 "rule 2: {} promoted PostgreSQL (record {}) before arming its watchdog",
@@ -286,104 +355,160 @@ impl<'a> Term<'a> {
             None
         }
     }
+
+    /// Nothing in the term could have made PostgreSQL writable: no device
+    /// armed, no decision to lead unarmed, no promotion. Each of those is
+    /// fsynced before the action that follows it, so without them the agent
+    /// never sent a promote.
+    fn never_promoted(&self) -> bool {
+        !self.records().any(|(_, r)| {
+            matches!(
+                r.event,
+                Event::Armed { .. } | Event::LeadingUnarmed { .. } | Event::Promoted
+            )
+        })
+    }
+}
+
+/// What the verdict is built from: the first violation wins, the rest are
+/// notes; `missing` is what a proof lacks.
+#[derive(Default)]
+struct Findings {
+    violations: Vec<String>,
+    missing: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// One `acquired` record: the revision, the node, its index in the node's records.
+struct Acq<'a> {
+    rev: i64,
+    node: &'a str,
+    idx: usize,
 }
 
 /// Builds the list of changes of leader, ordered by the etcd revision at
 /// which the new leader won the key.
 pub fn timeline(local_logs: &[Vec<Record>], etcd_history: &[Record]) -> Vec<Change> {
     let nodes = merge(local_logs, etcd_history);
-    let mut acq: Vec<(i64, String, usize)> = Vec::new();
+    let mut acq: Vec<(i64, &str, usize)> = Vec::new();
     for (name, n) in &nodes {
         for (i, r) in n.records.iter().enumerate() {
             if let (Event::Acquired { .. }, Some(rev)) = (&r.event, r.rev) {
-                acq.push((rev, name.clone(), i));
+                acq.push((rev, name.as_str(), i));
             }
         }
     }
     acq.sort();
-    let mut changes = Vec::new();
-    for w in acq.windows(2) {
-        let (old_rev, old_node, oi) = &w[0];
-        let (new_rev, new_node, ni) = &w[1];
-        changes.push(change(
-            &nodes, old_node, *old_rev, *oi, new_node, *new_rev, *ni,
-        ));
-    }
-    changes
+    acq.windows(2)
+        .map(|w| {
+            let (old, new) = (w[0], w[1]);
+            change(
+                &nodes,
+                Acq {
+                    rev: old.0,
+                    node: old.1,
+                    idx: old.2,
+                },
+                Acq {
+                    rev: new.0,
+                    node: new.1,
+                    idx: new.2,
+                },
+            )
+        })
+        .collect()
 }
 
-fn change(
-    nodes: &BTreeMap<String, NodeLog>,
-    old_node: &str,
-    old_rev: i64,
-    oi: usize,
-    new_node: &str,
-    new_rev: i64,
-    ni: usize,
-) -> Change {
-    let mut violations: Vec<String> = Vec::new();
-    let mut missing: Vec<String> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
-
-    if old_rev == new_rev {
-        violations.push(format!(
-            "two acquisitions at one revision {new_rev} ({old_node} and {new_node}): the logs contradict etcd"
+/// One change of leader, in named steps: read the old leader's term, find
+/// the key's deletion, read the new leader's term, look for holders nobody
+/// recorded, then judge.
+fn change(nodes: &BTreeMap<String, NodeLog>, old: Acq, new: Acq) -> Change {
+    let mut f = Findings::default();
+    if old.rev == new.rev {
+        f.violations.push(format!(
+            "two acquisitions at one revision {} ({} and {}): the logs contradict etcd",
+            new.rev, old.node, new.node
         ));
     }
+    let olog = &nodes[old.node];
+    let ot = Term::new(&olog.records, old.idx);
+    let old_leader = read_old_term(&ot, olog.local, &mut f);
+    let key_deleted_rev = key_deletion(nodes, &ot, old.rev, new.rev);
+    let nlog = &nodes[new.node];
+    let new_leader = read_new_term(&Term::new(&nlog.records, new.idx), nlog.local, &mut f);
+    if old.node == new.node {
+        f.notes.push(format!("{} won the key again", old.node));
+    }
+    let gaps = unrecorded_holders(nodes, old.node, old.rev, new.rev);
+    let (verdict, proof) = judge(&ot, &old_leader, key_deleted_rev, &new_leader, gaps, &mut f);
+    Change {
+        acquired_rev: new.rev,
+        old: old_leader,
+        key_deleted_rev,
+        new: new_leader,
+        verdict,
+        proof,
+        notes: f.notes,
+    }
+}
 
-    // ---- the old leader's term
-    let olog = &nodes[old_node];
-    let ot = Term::new(&olog.records, oi);
-    let oacq = &olog.records[oi];
-    let limits = ot.limits();
-    if ot.budget.is_none() {
-        missing.push(format!(
-            "no start-up record of {old_node} before its term (budget T, M, R unknown)"
+/// Rule 1 evidence, rule 4 order and the deadlines of the old leader's term.
+fn read_old_term(ot: &Term, local_log: bool, f: &mut Findings) -> OldLeader {
+    let oacq = ot.acquired();
+    let node = oacq.node.as_str();
+    let b = ot.budget;
+    if ot.budget_record.is_none() {
+        f.missing.push(format!(
+            "no start-up record of {node} before its term (budget T, M, R unknown)"
+        ));
+    } else if b.is_none() {
+        f.missing.push(format!(
+            "{node}'s recorded budget does not satisfy R < M < T: its deadlines cannot be computed"
         ));
     }
-
-    let mut armed = Vec::new();
-    let mut pings_refused = 0;
-    let mut max_refused: Option<u64> = None;
-    let mut max_pinged: Option<u64> = None;
-    let mut last_s: Option<u64> = None;
-    let mut queue_dropped = 0;
+    let mut o = OldLeader {
+        node: node.to_owned(),
+        acquired_rev: oacq.rev.unwrap_or_default(),
+        boot_id: oacq.boot_id.clone(),
+        local_log,
+        budget: ot.budget_record.clone(),
+        armed: Vec::new(),
+        promoted: false,
+        pings_refused: 0,
+        max_refused_k_minus_s: None,
+        max_pinged_k_minus_s: None,
+        last_s_ns: None,
+        last_permitted_ping_ns: None,
+        reset_deadline_ns: None,
+        step_down: None,
+        next_startup: None,
+        queue_dropped: 0,
+    };
     let sd_idx = ot.first(|e| matches!(e, Event::StepDownConfirmed { .. }));
     let promoted_idx = ot.first(|e| matches!(e, Event::Promoted));
-    let bump_s = |s: u64, last_s: &mut Option<u64>| {
-        *last_s = Some(last_s.map_or(s, |x: u64| x.max(s)));
-    };
+    o.promoted = promoted_idx.is_some();
+    let mut last_s: Option<u64> = None;
+    let mut bump_s = |s: u64| last_s = Some(last_s.map_or(s, |x| x.max(s)));
+    let mut max_refused: Option<u64> = None;
+    let mut max_pinged: Option<u64> = None;
     for (j, r) in ot.records() {
         // Only the term's own boot clock is comparable.
         let same_boot = r.boot_id == oacq.boot_id;
         match &r.event {
-            Event::Acquired { s_ns, .. } if same_boot => bump_s(*s_ns, &mut last_s),
+            Event::Acquired { s_ns, .. } if same_boot => bump_s(*s_ns),
             Event::Armed {
                 device,
                 identity,
                 w_s,
                 nowayout,
-            } => {
-                let w_ok = limits.map(|(_, tm, _)| (*w_s as u64) * 1_000_000_000 <= tm);
-                if w_ok == Some(false) {
-                    violations.push(format!(
-                        "rule 2/5: {old_node} armed {device} with W = {w_s} s > T - M = {} s",
-                        secs(limits.unwrap().1)
-                    ));
-                }
-                armed.push(ArmedDevice {
-                    device: device.clone(),
-                    identity: identity.clone(),
-                    w_s: *w_s,
-                    nowayout: *nowayout,
-                    w_ok,
-                });
-            }
+            } => o
+                .armed
+                .push(armed_device(node, b, device, identity, *w_s, *nowayout, f)),
             Event::PingRefused { k_minus_s_ns, s_ns } => {
-                pings_refused += 1;
+                o.pings_refused += 1;
                 max_refused = Some(max_refused.map_or(*k_minus_s_ns, |x| x.max(*k_minus_s_ns)));
                 if same_boot {
-                    bump_s(*s_ns, &mut last_s);
+                    bump_s(*s_ns);
                 }
             }
             Event::PingSummary {
@@ -393,613 +518,432 @@ fn change(
             } if *pings > 0 => {
                 // Pings sent as a replica after a confirmed step-down (nowayout
                 // keep-pinging) are not on lease evidence and prove nothing.
-                let leading = sd_idx.is_none_or(|sd| j < sd);
-                if leading {
+                if sd_idx.is_none_or(|sd| j < sd) {
                     max_pinged =
                         Some(max_pinged.map_or(*max_k_minus_s_ns, |x| x.max(*max_k_minus_s_ns)));
-                    if let Some((_, _, win)) = limits {
-                        if *max_k_minus_s_ns > win {
-                            violations.push(format!(
-                                "rule 1: {old_node} pinged at k - s = {:.3} s > M - R = {:.3} s (stale evidence, record {})",
-                                secs(*max_k_minus_s_ns),
-                                secs(win),
-                                r.seq
-                            ));
-                        }
+                    if let Some(v) = stale_pings(node, b, *max_k_minus_s_ns, r.seq) {
+                        f.violations.push(v);
                     }
-                    if same_boot {
-                        bump_s(*last_s_ns, &mut last_s);
-                    }
+                }
+                if same_boot {
+                    bump_s(*last_s_ns);
                 }
             }
             Event::LeaseLost {
                 last_s_ns: Some(s), ..
-            } if same_boot => bump_s(*s, &mut last_s),
-            Event::StepDownBegun { deadline_ns, .. } if same_boot => {
-                if let Some((_, tm, _)) = limits {
-                    bump_s(deadline_ns.saturating_sub(tm), &mut last_s);
+            } if same_boot => bump_s(*s),
+            Event::StepDownBegun { deadline_ns, .. } if same_boot && *deadline_ns > 0 => {
+                // The deadline is `s + T - M`: it names the s it was set from.
+                if let Some(b) = &b {
+                    let offset = timing::demotion_deadline(BootTime::ZERO, b).as_nanos();
+                    bump_s(deadline_ns.saturating_sub(offset));
                 }
             }
-            Event::QueueDropped { count } => queue_dropped += count,
+            Event::QueueDropped { count } => o.queue_dropped += count,
             Event::Disarmed { device } => {
-                // Rule 4 applies once PostgreSQL may be writable: disarm only
-                // after the stop is confirmed AND the key is released or lost.
-                if let Some(p) = promoted_idx {
-                    let key_gone = ot.recs[p..j]
-                        .iter()
-                        .any(|x| matches!(x.event, Event::Released | Event::LeaseLost { .. }));
-                    if j > p && sd_idx.is_none_or(|sd| j < sd) {
-                        violations.push(format!(
-                            "rule 4: {old_node} disarmed {device} (record {}) before its step-down was confirmed",
-                            r.seq
-                        ));
-                    } else if j > p && !key_gone {
-                        violations.push(format!(
-                            "rule 4: {old_node} disarmed {device} (record {}) while still holding the key (not released, not expired)",
-                            r.seq
-                        ));
-                    }
+                if let Some(v) = disarm_too_early(ot, promoted_idx, sd_idx, j, device) {
+                    f.violations.push(v);
                 }
             }
             _ => {}
         }
     }
     if let Some(v) = ot.promote_before_arm() {
-        violations.push(v);
+        f.violations.push(v);
     }
-    if queue_dropped > 0 {
-        notes.push(format!(
-            "{old_node}'s pinger queue dropped {queue_dropped} events in the term: refusals or ping summaries may be missing"
+    if o.queue_dropped > 0 {
+        f.notes.push(format!(
+            "{node}'s pinger queue dropped {} events in the term: refusals or ping summaries may be missing",
+            o.queue_dropped
         ));
     }
-    let max_w = armed.iter().map(|a| a.w_s as u64 * 1_000_000_000).max();
-    let last_permitted = match (last_s, limits) {
-        (Some(s), Some((_, _, win))) => Some(s + win),
+    o.max_refused_k_minus_s = max_refused.map(secs);
+    o.max_pinged_k_minus_s = max_pinged.map(secs);
+    o.last_s_ns = last_s;
+    // Rule 1: no ping after `s + M - R`; the reset lands W after the last one.
+    o.last_permitted_ping_ns = match (last_s, &b) {
+        (Some(s), Some(b)) => Some(timing::fresh_until(BootTime(s), b).as_nanos()),
         _ => None,
     };
-    let reset_deadline = match (last_permitted, max_w) {
-        (Some(p), Some(w)) => Some(p + w),
+    let max_w = o.armed.iter().map(|a| a.w_s).max();
+    o.reset_deadline_ns = match (o.last_permitted_ping_ns, max_w) {
+        (Some(p), Some(w)) => Some((BootTime(p) + std::time::Duration::from_secs(w.into())).0),
         _ => None,
     };
-
-    let step_down = sd_idx.map(|sd| {
-        let released_rev = ot.recs[sd..ot.range.end]
-            .iter()
-            .find(|r| matches!(r.event, Event::Released))
-            .and_then(|r| r.rev);
-        let how = match &ot.recs[sd].event {
-            Event::StepDownConfirmed { how } => how.clone(),
-            _ => unreachable!(),
-        };
+    o.step_down = sd_idx.map(|sd| {
+        let release = ot.release_after(sd);
         StepDown {
-            how,
+            how: match &ot.recs[sd].event {
+                Event::StepDownConfirmed { how } => how.clone(),
+                _ => unreachable!("sd_idx points at a step_down_confirmed"),
+            },
             boot_ns: ot.recs[sd].boot_ns,
-            released_rev,
+            released_rev: release.and_then(|r| r.deletion_rev()),
+            release_deleted: release.and_then(|r| r.deleted),
         }
     });
+    o.next_startup = ot.next_startup.map(|r| next_startup(r, &oacq.boot_id));
+    o
+}
 
-    let next_startup = ot.next_startup.map(|r| {
-        let watchdog_reset = match &r.event {
-            Event::Startup {
-                devices,
-                previous_boot_reset,
-                ..
-            } => {
-                if *previous_boot_reset == Some(true) || devices.iter().any(|d| d.watchdog_reset) {
-                    Some(true)
-                } else if previous_boot_reset.is_some()
-                    || devices.iter().any(|d| d.bootstatus.is_some())
-                {
-                    Some(false)
-                } else {
-                    None
-                }
+/// A device armed in the old term, checked against rule 2/5 (`W <= T - M`).
+fn armed_device(
+    node: &str,
+    b: Option<Budget>,
+    device: &str,
+    identity: &str,
+    w_s: u32,
+    nowayout: bool,
+    f: &mut Findings,
+) -> ArmedDevice {
+    let w_ok = b.map(|b| timing::check_readback(w_s, &b).is_ok());
+    if let (Some(false), Some(b)) = (w_ok, b) {
+        f.violations.push(format!(
+            "rule 2/5: {node} armed {device} with W = {w_s} s > T - M = {} s",
+            (b.ttl - b.margin).as_secs_f64()
+        ));
+    }
+    ArmedDevice {
+        device: device.to_owned(),
+        identity: identity.to_owned(),
+        w_s,
+        nowayout,
+        w_ok,
+    }
+}
+
+/// Rule 1: a ping summary whose largest `k - s` exceeds `M - R`.
+fn stale_pings(node: &str, b: Option<Budget>, max_k_minus_s: u64, seq: u64) -> Option<String> {
+    let b = b?;
+    let window = ns(b.ping_window());
+    (max_k_minus_s > window).then(|| {
+        format!(
+            "rule 1: {node} pinged at k - s = {:.3} s > M - R = {:.3} s (stale evidence, record {seq})",
+            secs(max_k_minus_s),
+            secs(window),
+        )
+    })
+}
+
+/// Rule 4 applies once PostgreSQL may be writable: disarm only after the
+/// stop is confirmed AND the key is released or lost.
+fn disarm_too_early(
+    ot: &Term,
+    promoted: Option<usize>,
+    step_down: Option<usize>,
+    j: usize,
+    device: &str,
+) -> Option<String> {
+    let p = promoted.filter(|p| j > *p)?;
+    let r = &ot.recs[j];
+    if step_down.is_none_or(|sd| j < sd) {
+        return Some(format!(
+            "rule 4: {} disarmed {device} (record {}) before its step-down was confirmed",
+            r.node, r.seq
+        ));
+    }
+    let key_gone = ot.any_in(p, j, |e| {
+        matches!(e, Event::Released { .. } | Event::LeaseLost { .. })
+    });
+    (!key_gone).then(|| {
+        format!(
+            "rule 4: {} disarmed {device} (record {}) while still holding the key (not released, not expired)",
+            r.node, r.seq
+        )
+    })
+}
+
+/// The old leader's next start-up: a new boot? caused by a watchdog?
+fn next_startup(r: &Record, term_boot_id: &str) -> NextStartup {
+    let watchdog_reset = match &r.event {
+        Event::Startup {
+            devices,
+            previous_boot_reset,
+            ..
+        } => {
+            if *previous_boot_reset == Some(true) || devices.iter().any(|d| d.watchdog_reset) {
+                Some(true)
+            } else if previous_boot_reset.is_some()
+                || devices.iter().any(|d| d.bootstatus.is_some())
+            {
+                Some(false)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
+    NextStartup {
+        boot_id: r.boot_id.clone(),
+        new_boot: r.boot_id != term_boot_id,
+        watchdog_reset,
+    }
+}
+
+/// The key's deletion between the two acquisitions: the old leader's
+/// release, or the earliest deletion anyone saw.
+fn key_deletion(
+    nodes: &BTreeMap<String, NodeLog>,
+    ot: &Term,
+    old_rev: i64,
+    new_rev: i64,
+) -> Option<i64> {
+    let released = ot
+        .records()
+        .find_map(|(_, r)| Release::of(r))
+        .and_then(|r| r.deletion_rev());
+    let seen = nodes
+        .values()
+        .flat_map(|n| &n.records)
+        .filter_map(|r| match (&r.event, r.rev) {
+            (Event::LeaderSeen { holder: None }, Some(rv)) if rv > old_rev && rv < new_rev => {
+                Some(rv)
             }
             _ => None,
-        };
-        NextStartup {
-            boot_id: r.boot_id.clone(),
-            new_boot: r.boot_id != oacq.boot_id,
-            watchdog_reset,
-        }
-    });
-
-    // Key deletion: the old leader's release, or a deletion anyone saw.
-    let mut key_deleted_rev = step_down.as_ref().and_then(|s| s.released_rev);
-    if key_deleted_rev.is_none() {
-        key_deleted_rev = ot
-            .records()
-            .find(|(_, r)| matches!(r.event, Event::Released))
-            .and_then(|(_, r)| r.rev);
+        })
+        .min();
+    match (released, seen) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-    for n in nodes.values() {
-        for r in &n.records {
-            if let (Event::LeaderSeen { holder: None }, Some(rv)) = (&r.event, r.rev) {
-                if rv > old_rev && rv < new_rev {
-                    key_deleted_rev = Some(key_deleted_rev.map_or(rv, |k: i64| k.min(rv)));
-                }
-            }
-        }
-    }
+}
 
-    // ---- the new leader's term
-    let nlog = &nodes[new_node];
-    let nt = Term::new(&nlog.records, ni);
+/// The new leader's term: armed before promoting (rule 2)?
+fn read_new_term(nt: &Term, local_log: bool, f: &mut Findings) -> NewLeader {
+    let nacq = nt.acquired();
+    let node = nacq.node.as_str();
     if let Some(v) = nt.promote_before_arm() {
-        violations.push(v);
+        f.violations.push(v);
     }
-    let n_promoted = nt.first(|e| matches!(e, Event::Promoted));
-    let n_armed: Vec<String> = nt
+    let promoted = nt.first(|e| matches!(e, Event::Promoted));
+    let armed: Vec<String> = nt
         .records()
         .filter_map(|(_, r)| match &r.event {
             Event::Armed { device, .. } => Some(device.clone()),
             _ => None,
         })
         .collect();
-    let armed_before_promote = n_promoted.map(|p| {
-        nlog.records[ni..p]
-            .iter()
-            .any(|r| matches!(r.event, Event::Armed { .. }))
-    });
-    if !nlog.local {
-        notes.push(format!(
-            "no local log of the new leader {new_node}: its arming and promotion are not verified"
+    let armed_before_promote =
+        promoted.map(|p| nt.any_in(nt.range.start, p, |e| matches!(e, Event::Armed { .. })));
+    if !local_log {
+        f.notes.push(format!(
+            "no local log of the new leader {node}: its arming and promotion are not verified"
         ));
-    } else if n_promoted.is_none() {
-        notes.push(format!("no promotion of {new_node} recorded in its term"));
+    } else if promoted.is_none() {
+        f.notes
+            .push(format!("no promotion of {node} recorded in its term"));
     }
-    if old_node == new_node {
-        notes.push(format!("{old_node} won the key again"));
+    NewLeader {
+        node: node.to_owned(),
+        acquired_rev: nacq.rev.unwrap_or_default(),
+        local_log,
+        armed,
+        promoted: promoted.is_some(),
+        armed_before_promote,
     }
+}
 
-    // A holder seen between the two acquisitions that left no `acquired`
-    // record anywhere: the key passed through a leader we know nothing of.
+/// A holder seen between the two acquisitions that left no `acquired`
+/// record anywhere: the key passed through a leader we know nothing of.
+fn unrecorded_holders(
+    nodes: &BTreeMap<String, NodeLog>,
+    old_node: &str,
+    old_rev: i64,
+    new_rev: i64,
+) -> Vec<String> {
     let mut gaps: Vec<String> = Vec::new();
-    for n in nodes.values() {
-        for r in &n.records {
-            if let (Event::LeaderSeen { holder: Some(h) }, Some(rv)) = (&r.event, r.rev) {
-                if rv > old_rev && rv < new_rev && h != old_node {
-                    let g = format!(
-                        "{h} held the key at rev {rv} (seen by {}) but left no acquired record: a change in between is not covered",
-                        r.node
-                    );
-                    if !gaps.contains(&g) {
-                        gaps.push(g);
-                    }
+    for r in nodes.values().flat_map(|n| &n.records) {
+        if let (Event::LeaderSeen { holder: Some(h) }, Some(rv)) = (&r.event, r.rev) {
+            if rv > old_rev && rv < new_rev && h != old_node {
+                let g = format!(
+                    "{h} held the key at rev {rv} (seen by {}) but left no acquired record: a change in between is not covered",
+                    r.node
+                );
+                if !gaps.contains(&g) {
+                    gaps.push(g);
                 }
             }
         }
     }
+    gaps
+}
 
-    // ---- the verdict
-    let old_promoted = promoted_idx.is_some();
-    let mut proof = String::new();
-    let verdict = if let Some(first) = violations.first() {
-        for v in &violations[1..] {
-            notes.push(format!("also: {v}"));
+/// The verdict and its one-sentence proof, in order of strength: a broken
+/// rule; a gap in the record; never writable; a step-down that provably came
+/// first; a watchdog reset; otherwise what is missing.
+fn judge(
+    ot: &Term,
+    old: &OldLeader,
+    key_deleted_rev: Option<i64>,
+    new: &NewLeader,
+    gaps: Vec<String>,
+    f: &mut Findings,
+) -> (Verdict, String) {
+    let (o, n, new_rev) = (old.node.as_str(), new.node.as_str(), new.acquired_rev);
+    if let Some(first) = f.violations.first().cloned() {
+        for v in &f.violations[1..] {
+            f.notes.push(format!("also: {v}"));
         }
-        Verdict::Violation {
-            rule: first.clone(),
-        }
-    } else if !gaps.is_empty() {
-        proof = format!("the key did not pass directly from {old_node} to {new_node}");
-        Verdict::Unproven { missing: gaps }
-    } else if let Some(why) = step_down.as_ref().and_then(|sd| {
-        // Ordered before the new acquisition by etcd (release revision), or
-        // on the old leader's own clock before the key could expire (s + T).
-        if let Some(r) = sd.released_rev.filter(|r| *r < new_rev) {
-            return Some(format!(
-                "{old_node} confirmed its step-down ({}) and then released the key at rev {r}, before {new_node} won it at rev {new_rev}",
-                sd.how
-            ));
-        }
-        match (last_s, limits) {
-            (Some(s), Some((t, _, _))) if sd.boot_ns <= s + t => Some(format!(
-                "{old_node} confirmed its step-down ({}) {:.3} s after its last s, before the earliest expiry s + T; {new_node} could only win the key after that",
-                sd.how,
-                secs(sd.boot_ns.saturating_sub(s))
-            )),
-            _ => None,
-        }
-    }) {
-        proof = why;
-        Verdict::FencedByStepDown
-    } else if let Some(r) = ot
-        .records()
-        .find(|(_, r)| matches!(r.event, Event::Released))
-        .and_then(|(_, r)| r.rev)
-        .filter(|r| !old_promoted && *r < new_rev)
+        return (
+            Verdict::Violation { rule: first },
+            "a fencing rule failed (see the verdict)".to_owned(),
+        );
+    }
+    if !gaps.is_empty() {
+        return (
+            Verdict::Unproven { missing: gaps },
+            format!("the key did not pass directly from {o} to {n}"),
+        );
+    }
+    if old.local_log && ot.never_promoted() {
+        return (
+            Verdict::NeverPromoted,
+            format!(
+                "{o} armed nothing, did not choose to lead unarmed and never promoted PostgreSQL in its term: it was never writable, so there was nothing to fence before {n} won the key at rev {new_rev}"
+            ),
+        );
+    }
+    if let Some(why) = old
+        .step_down
+        .as_ref()
+        .and_then(|sd| step_down_first(o, n, new_rev, sd, old, key_deleted_rev, f))
     {
-        proof = format!(
-            "{old_node} never promoted PostgreSQL in its term and released the key at rev {r}, before {new_node} won it at rev {new_rev}"
-        );
-        Verdict::FencedByStepDown
-    } else {
-        // The reset argument: armed with W <= T - M, rule 1 held (no stale
-        // ping recorded), and the next start-up is a new boot caused by the
-        // watchdog.
-        if armed.is_empty() {
-            missing.push(format!(
-                "{old_node} armed no watchdog in its term (no step-down proven either)"
-            ));
-        }
-        if !olog.local {
-            missing.push(format!(
-                "no local log of the old leader {old_node}: stale pings cannot be ruled out"
-            ));
-        }
-        match &next_startup {
-            None => missing.push(format!(
-                "no later start-up of {old_node} recorded (no step-down, no reset evidence)"
-            )),
-            Some(ns) if !ns.new_boot => missing.push(format!(
-                "{old_node}'s agent restarted in the same boot (boot id unchanged): no reset, and no step-down is recorded"
-            )),
-            Some(ns) => match ns.watchdog_reset {
-                Some(true) => {}
-                Some(false) => missing.push(format!(
-                    "{old_node} rebooted but its devices report no watchdog reset (a reboot or power loss at an unknown time)"
-                )),
-                None => missing.push("reset presumed, boot status unavailable".to_owned()),
-            },
-        }
-        if missing.is_empty() {
-            proof = format!(
-                "{old_node} was armed with W <= T - M, recorded no ping on stale evidence, and its next boot ({}) began with a watchdog reset{}",
-                short(&next_startup.as_ref().unwrap().boot_id),
-                match reset_deadline {
-                    Some(d) => format!(
-                        " due by {:.3} s on its boot clock (before the earliest expiry)",
-                        secs(d)
-                    ),
-                    None => String::new(),
-                }
+        return (Verdict::FencedByStepDown, why);
+    }
+    if !old.promoted {
+        if let Some(why) = ot
+            .release_after(ot.range.start)
+            .and_then(|r| released_first(o, n, new_rev, r))
+        {
+            return (
+                Verdict::FencedByStepDown,
+                format!("{o} never promoted PostgreSQL in its term and {why}"),
             );
-            Verdict::FencedByReset
-        } else {
-            proof = format!(
-                "neither a step-down before rev {new_rev} nor a watchdog reset of {old_node} is proven"
-            );
-            Verdict::Unproven {
-                missing: missing.clone(),
-            }
         }
+    }
+    reset_or_missing(old, new_rev, f)
+}
+
+/// How a release orders before the new acquisition, if it does: by its
+/// revision, or because it deleted the key (compared on this node's value
+/// and lease), which therefore nobody else held until then.
+fn released_first(o: &str, n: &str, new_rev: i64, r: Release) -> Option<String> {
+    match (r.deletion_rev(), r.deleted) {
+        (Some(rev), _) if rev < new_rev => Some(format!(
+            "released the key at rev {rev}, before {n} won it at rev {new_rev}"
+        )),
+        (None, Some(true)) => Some(format!(
+            "its release deleted the key, still {o}'s on its own lease, so {n} could only win it (rev {new_rev}) after that"
+        )),
+        _ => None,
+    }
+}
+
+/// The step-down argument: the confirmed stop is ordered before the new
+/// acquisition by the release that followed it, or, on the old leader's own
+/// clock, came before the earliest expiry `s + T`. The latter holds only if
+/// the key went by expiry: a deletion at a known revision that is not the
+/// old leader's own release may have been an `etcdctl del` or a revoke
+/// (docs/fencing.md), and then it proves nothing.
+fn step_down_first(
+    o: &str,
+    n: &str,
+    new_rev: i64,
+    sd: &StepDown,
+    old: &OldLeader,
+    key_deleted_rev: Option<i64>,
+    f: &mut Findings,
+) -> Option<String> {
+    let release = Release {
+        rev: sd.released_rev,
+        deleted: sd.release_deleted,
     };
-    if matches!(verdict, Verdict::Violation { .. }) {
-        proof = "a fencing rule failed (see the verdict)".to_owned();
+    if let Some(why) = released_first(o, n, new_rev, release) {
+        return Some(format!(
+            "{o} confirmed its step-down ({}) and then {why}",
+            sd.how
+        ));
     }
-
-    Change {
-        acquired_rev: new_rev,
-        old: OldLeader {
-            node: old_node.to_owned(),
-            acquired_rev: old_rev,
-            boot_id: oacq.boot_id.clone(),
-            local_log: olog.local,
-            budget: ot.budget.clone(),
-            armed,
-            promoted: old_promoted,
-            pings_refused,
-            max_refused_k_minus_s: max_refused.map(secs),
-            max_pinged_k_minus_s: max_pinged.map(secs),
-            last_s_ns: last_s,
-            last_permitted_ping_ns: last_permitted,
-            reset_deadline_ns: reset_deadline,
-            step_down,
-            next_startup,
-            queue_dropped,
-        },
-        key_deleted_rev,
-        new: NewLeader {
-            node: new_node.to_owned(),
-            acquired_rev: new_rev,
-            local_log: nlog.local,
-            armed: n_armed,
-            promoted: n_promoted.is_some(),
-            armed_before_promote,
-        },
-        verdict,
-        proof,
-        notes,
+    let b = old.budget.as_ref().and_then(usable)?;
+    let s = old.last_s_ns?;
+    let expiry = timing::earliest_expiry(BootTime(s), &b);
+    if BootTime(sd.boot_ns) > expiry {
+        return None;
     }
+    if let Some(rv) = key_deleted_rev.filter(|rv| Some(*rv) != sd.released_rev) {
+        f.missing.push(format!(
+            "{o} confirmed its step-down before its earliest expiry s + T, but the key was deleted at rev {rv}, not by {o}'s own release: a deletion need not be an expiry, so nothing orders the step-down before {n}'s win"
+        ));
+        return None;
+    }
+    Some(format!(
+        "{o} confirmed its step-down ({}) {:.3} s after its last s, before the earliest expiry s + T; {n} could only win the key after that",
+        sd.how,
+        secs(sd.boot_ns.saturating_sub(s))
+    ))
 }
 
-fn short(id: &str) -> &str {
+/// The reset argument: armed with `W <= T - M`, rule 1 held (no stale ping
+/// recorded), and the next start-up is a new boot caused by the watchdog.
+fn reset_or_missing(old: &OldLeader, new_rev: i64, f: &mut Findings) -> (Verdict, String) {
+    let o = old.node.as_str();
+    if old.armed.is_empty() {
+        f.missing.push(format!(
+            "{o} armed no watchdog in its term (no step-down proven either)"
+        ));
+    }
+    if !old.local_log {
+        f.missing.push(format!(
+            "no local log of the old leader {o}: stale pings cannot be ruled out"
+        ));
+    }
+    match &old.next_startup {
+        None => f.missing.push(format!(
+            "no later start-up of {o} recorded (no step-down, no reset evidence)"
+        )),
+        Some(ns) if !ns.new_boot => f.missing.push(format!(
+            "{o}'s agent restarted in the same boot (boot id unchanged): no reset, and no step-down is recorded"
+        )),
+        Some(ns) => match ns.watchdog_reset {
+            Some(true) => {}
+            Some(false) => f.missing.push(format!(
+                "{o} rebooted but its devices report no watchdog reset (a reboot or power loss at an unknown time)"
+            )),
+            None => f
+                .missing
+                .push("reset presumed, boot status unavailable".to_owned()),
+        },
+    }
+    if !f.missing.is_empty() {
+        return (
+            Verdict::Unproven {
+                missing: f.missing.clone(),
+            },
+            format!(
+                "neither a step-down before rev {new_rev} nor a watchdog reset of {o} is proven"
+            ),
+        );
+    }
+    let boot = old.next_startup.as_ref().map_or("", |n| n.boot_id.as_str());
+    (
+        Verdict::FencedByReset,
+        format!(
+            "{o} was armed with W <= T - M, recorded no ping on stale evidence, and its next boot ({}) began with a watchdog reset{}",
+            short(boot),
+            match old.reset_deadline_ns {
+                Some(d) => format!(
+                    " due by {:.3} s on its boot clock (before the earliest expiry)",
+                    secs(d)
+                ),
+                None => String::new(),
+            }
+        ),
+    )
+}
+
+/// The first 8 characters of a boot id.
+pub fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
-}
-
-/// The changes as text, one block per change.
-pub fn render_text(changes: &[Change]) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    if changes.is_empty() {
-        o.push_str("no change of leader found (fewer than two `acquired` records)\n");
-    }
-    for c in changes {
-        let old = &c.old;
-        let _ = writeln!(
-            o,
-            "change at rev {}: {} -> {}    {}",
-            c.acquired_rev,
-            old.node,
-            c.new.node,
-            match &c.verdict {
-                Verdict::Unproven { .. } => "UNPROVEN".to_owned(),
-                Verdict::Violation { .. } => "VIOLATION".to_owned(),
-                v => v.to_string(),
-            }
-        );
-        let _ = writeln!(
-            o,
-            "  old leader {} (won rev {}, boot {}{})",
-            old.node,
-            old.acquired_rev,
-            short(&old.boot_id),
-            if old.local_log {
-                ""
-            } else {
-                ", etcd history only"
-            }
-        );
-        match &old.budget {
-            Some(b) => {
-                let _ = writeln!(
-                    o,
-                    "    budget: T = {} s, M = {} s, R = {} s, T - M = {} s, M - R = {} s",
-                    b.ttl_s,
-                    b.margin_s,
-                    b.reset_allowance_s,
-                    b.ttl_s as f64 - b.margin_s,
-                    b.margin_s - b.reset_allowance_s
-                );
-            }
-            None => o.push_str("    budget: unknown (no start-up record)\n"),
-        }
-        if old.armed.is_empty() {
-            o.push_str("    armed: nothing\n");
-        }
-        for a in &old.armed {
-            let _ = writeln!(
-                o,
-                "    armed: {} ({}) W = {} s{}, nowayout {}",
-                a.device,
-                a.identity,
-                a.w_s,
-                match a.w_ok {
-                    Some(true) => " <= T - M",
-                    Some(false) => " > T - M (!)",
-                    None => "",
-                },
-                a.nowayout
-            );
-        }
-        let _ = writeln!(
-            o,
-            "    promoted: {}; pings refused: {}{}; largest k - s pinged: {}",
-            if old.promoted { "yes" } else { "no" },
-            old.pings_refused,
-            old.max_refused_k_minus_s
-                .map(|x| format!(" (largest k - s {x:.3} s)"))
-                .unwrap_or_default(),
-            old.max_pinged_k_minus_s
-                .map(|x| format!("{x:.3} s"))
-                .unwrap_or_else(|| "not recorded".into())
-        );
-        if let Some(s) = old.last_s_ns {
-            let _ = writeln!(
-                o,
-                "    last s {:.3} s; last permitted ping by {}; reset due by {} (its boot clock)",
-                secs(s),
-                old.last_permitted_ping_ns
-                    .map(|x| format!("{:.3} s", secs(x)))
-                    .unwrap_or_else(|| "?".into()),
-                old.reset_deadline_ns
-                    .map(|x| format!("{:.3} s", secs(x)))
-                    .unwrap_or_else(|| "?".into()),
-            );
-        }
-        match &old.step_down {
-            Some(sd) => {
-                let _ = writeln!(
-                    o,
-                    "    step-down confirmed ({}) at {:.3} s{}",
-                    sd.how,
-                    secs(sd.boot_ns),
-                    sd.released_rev
-                        .map(|r| format!(", key released at rev {r}"))
-                        .unwrap_or_default()
-                );
-            }
-            None => o.push_str("    step-down: none recorded\n"),
-        }
-        match &old.next_startup {
-            Some(ns) => {
-                let _ = writeln!(
-                    o,
-                    "    next start-up: boot {} ({}), watchdog reset: {}",
-                    short(&ns.boot_id),
-                    if ns.new_boot { "new boot" } else { "same boot" },
-                    match ns.watchdog_reset {
-                        Some(true) => "reported",
-                        Some(false) => "not reported",
-                        None => "unknown (no boot status)",
-                    }
-                );
-            }
-            None => o.push_str("    next start-up: none recorded\n"),
-        }
-        let _ = writeln!(
-            o,
-            "  key deleted at rev {}; {} won it at rev {}",
-            c.key_deleted_rev
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "? (expired unobserved)".into()),
-            c.new.node,
-            c.new.acquired_rev
-        );
-        let _ = writeln!(
-            o,
-            "  new leader {}: armed [{}], {}",
-            c.new.node,
-            c.new.armed.join(", "),
-            match (c.new.promoted, c.new.armed_before_promote) {
-                (true, Some(true)) => "promoted after arming",
-                (true, _) => "promoted WITHOUT arming first",
-                (false, _) => "no promotion recorded",
-            }
-        );
-        let _ = writeln!(o, "  verdict: {}", c.verdict);
-        if !c.proof.is_empty() {
-            let _ = writeln!(o, "  because: {}", c.proof);
-        }
-        for n in &c.notes {
-            let _ = writeln!(o, "  note: {n}");
-        }
-        o.push('\n');
-    }
-    o
-}
-
-/// `leasedog audit verify FILE`: exit 0 if the chain is intact (a torn tail
-/// alone is a note, not a break), 1 if broken, 2 if the file cannot be read.
-pub fn cmd_verify(path: &Path, out: &mut dyn Write) -> i32 {
-    match super::verify(path) {
-        Err(e) => {
-            let _ = writeln!(out, "{e}");
-            2
-        }
-        Ok(r) => {
-            let _ = writeln!(
-                out,
-                "{}: {} records, {}",
-                path.display(),
-                r.records,
-                if r.intact {
-                    "chain intact"
-                } else {
-                    "CHAIN BROKEN"
-                }
-            );
-            if let Some((line, what)) = &r.first_break {
-                let _ = writeln!(out, "first break at line {line}: {what}");
-            }
-            for n in &r.notes {
-                let _ = writeln!(out, "note: {n}");
-            }
-            let _ = writeln!(
-                out,
-                "(a clean truncation of whole last records cannot be seen from the file alone)"
-            );
-            if r.intact {
-                0
-            } else {
-                1
-            }
-        }
-    }
-}
-
-/// `leasedog audit timeline [--json] FILE... [--history]`: reads and verifies
-/// the local logs, builds the timeline, prints it. Exit 0 if every change is
-/// fenced, 1 on a VIOLATION or a broken chain, 2 if a change is UNPROVEN or
-/// a file cannot be read.
-pub fn cmd_timeline(
-    local: &[PathBuf],
-    history: Option<Vec<Record>>,
-    json: bool,
-    out: &mut dyn Write,
-) -> i32 {
-    let mut logs = Vec::new();
-    let mut checks = Vec::new();
-    let mut code = 0;
-    for p in local {
-        match super::read_log(p) {
-            Ok((recs, rep)) => {
-                if !rep.intact {
-                    code = 1;
-                }
-                logs.push(recs);
-                checks.push((p.clone(), rep));
-            }
-            Err(e) => {
-                let _ = writeln!(out, "{e}");
-                return 2;
-            }
-        }
-    }
-    // A history record whose hash does not hold was edited: count it, and
-    // keep it out of the verdicts.
-    let (history, bad): (Vec<Record>, Vec<Record>) = history
-        .unwrap_or_default()
-        .into_iter()
-        .partition(Record::hash_ok);
-    let bad_history = bad.len();
-    if bad_history > 0 {
-        code = 1;
-    }
-    let disagreements = cross_check(&logs, &history);
-    if !disagreements.is_empty() {
-        code = 1;
-    }
-    let changes = timeline(&logs, &history);
-    for c in &changes {
-        match c.verdict {
-            Verdict::Violation { .. } => code = 1,
-            Verdict::Unproven { .. } if code == 0 => code = 2,
-            _ => {}
-        }
-    }
-    if json {
-        let logs: Vec<_> = checks
-            .iter()
-            .map(|(p, r)| serde_json::json!({ "path": p, "verify": r }))
-            .collect();
-        let v = serde_json::json!({
-            "logs": logs,
-            "history_records": history.len(),
-            "history_bad_hashes": bad_history,
-            "history_disagreements": disagreements,
-            "changes": changes,
-        });
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&v).unwrap_or_default()
-        );
-    } else {
-        for (p, r) in &checks {
-            let _ = writeln!(
-                out,
-                "log {}: {} records, {}{}",
-                p.display(),
-                r.records,
-                match &r.first_break {
-                    None => "chain intact".to_owned(),
-                    Some((l, w)) =>
-                        format!("CHAIN BROKEN at line {l}: {w} (verdicts below rest on it)"),
-                },
-                if r.torn_tail { ", torn tail" } else { "" }
-            );
-        }
-        if !history.is_empty() || bad_history > 0 {
-            let _ = writeln!(
-                out,
-                "etcd history: {} records{}",
-                history.len() + bad_history,
-                if bad_history > 0 {
-                    format!(", {bad_history} with a wrong hash (edited; left out)")
-                } else {
-                    String::new()
-                }
-            );
-        }
-        for d in &disagreements {
-            let _ = writeln!(out, "LOG DISAGREES WITH ETCD: {d}");
-        }
-        let _ = writeln!(out);
-        let _ = write!(out, "{}", render_text(&changes));
-    }
-    code
 }
 
 #[cfg(test)]

@@ -309,13 +309,140 @@ fn previous_boot_is_reported_after_a_reboot() {
     assert!(previous_boot(&rep, BOOT_A).unwrap().clean_shutdown);
 }
 
+/// A leader's clean stop records `shutdown` first, then its step-down,
+/// release and disarm: the next boot must not read it as a boot that ended
+/// under a running agent (it did, until `previous_boot` looked past the
+/// last record).
+#[test]
+fn a_leaders_clean_stop_is_a_clean_shutdown_at_the_next_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_A).unwrap();
+    log.append(None, startup()).unwrap();
+    for (rev, e) in leader_stop() {
+        log.append(rev, e).unwrap();
+    }
+    // The pinger's last summary is drained after the disarm.
+    log.append(
+        None,
+        Event::PingSummary {
+            pings: 3,
+            max_k_minus_s_ns: 1,
+            last_s_ns: 2,
+        },
+    )
+    .unwrap();
+    drop(log);
+    let (_log, rep) = AuditLog::open_with_boot_id(dir.path(), "pg1", BOOT_B).unwrap();
+    assert!(rep.last_run_stopped_cleanly);
+    let pb = previous_boot(&rep, BOOT_B).expect("another boot");
+    assert!(pb.clean_shutdown, "{pb:?}");
+}
+
+/// The records of a leader's SIGTERM, in the order the agent writes them.
+fn leader_stop() -> Vec<(Option<i64>, Event)> {
+    vec![
+        (Some(10), Event::Acquired { lease: 7, s_ns: 1 }),
+        (
+            None,
+            Event::Armed {
+                device: "/dev/watchdog0".into(),
+                identity: "i6300ESB timer".into(),
+                w_s: 3,
+                nowayout: false,
+            },
+        ),
+        (None, Event::Promoted),
+        (
+            None,
+            Event::Shutdown {
+                reason: "signal".into(),
+            },
+        ),
+        (
+            None,
+            Event::StepDownBegun {
+                reason: "shutdown".into(),
+                deadline_ns: 4,
+            },
+        ),
+        (
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        ),
+        (None, Event::released(Some(11), true)),
+        (
+            None,
+            Event::Disarmed {
+                device: "all disarmable".into(),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn only_a_completed_stop_with_nothing_left_armed_is_clean() {
+    let rec = |seq: u64, (rev, event): (Option<i64>, Event)| Record {
+        seq,
+        node: "pg1".into(),
+        wall_ns: seq,
+        boot_ns: seq,
+        boot_id: BOOT_A.into(),
+        rev,
+        event,
+        prev: String::new(),
+        hash: String::new(),
+    };
+    let run = |events: Vec<(Option<i64>, Event)>| -> Vec<Record> {
+        std::iter::once((None, startup()))
+            .chain(events)
+            .enumerate()
+            .map(|(i, e)| rec(i as u64, e))
+            .collect()
+    };
+    let stop = leader_stop();
+    assert!(stopped_cleanly(&run(stop.clone())), "leader, whole stop");
+    // A replica: shutdown is its last record.
+    assert!(stopped_cleanly(&run(vec![stop[3].clone()])), "replica");
+    // No shutdown at all: the boot ended under a running agent.
+    assert!(!stopped_cleanly(&run(stop[..3].to_vec())));
+    // Killed or reset in the middle of the stop: still armed.
+    for cut in 4..7 {
+        assert!(!stopped_cleanly(&run(stop[..cut].to_vec())), "cut at {cut}");
+    }
+    // The step-down failed: the watchdog was left to finish.
+    let mut failed = stop[..5].to_vec();
+    failed.push((
+        None,
+        Event::StepDownFailed {
+            reason: "timeout".into(),
+        },
+    ));
+    failed.extend(stop[6..].iter().cloned());
+    assert!(!stopped_cleanly(&run(failed)));
+    // nowayout: the device stays armed and resets the node after the exit.
+    let mut nowayout = stop.clone();
+    nowayout.push((
+        None,
+        Event::NowayoutKeptArmed {
+            devices: vec!["/dev/watchdog0".into()],
+        },
+    ));
+    assert!(!stopped_cleanly(&run(nowayout)));
+    // Only the last run counts: a clean stop, then a run that was cut short.
+    let mut two = run(stop.clone());
+    two.extend(run(stop[..3].to_vec()));
+    assert!(!stopped_cleanly(&two));
+}
+
 #[test]
 fn the_real_boot_id_is_read() {
     let id = current_boot_id().unwrap();
     assert_eq!(id.len(), 36, "{id:?}");
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = AuditLog::open(dir.path(), "pg1").unwrap();
-    let r = log.append(None, Event::Released).unwrap();
+    let r = log.append(None, Event::released(None, true)).unwrap();
     assert_eq!(r.boot_id, id);
     assert!(r.boot_ns > 0 && r.wall_ns > 0);
 }

@@ -1,7 +1,15 @@
 use super::*;
 use crate::audit::{record_hash, DeviceRecord, GENESIS};
+use crate::cli::audit::{cmd_timeline, cmd_verify, render_text};
 
 const S: u64 = 1_000_000_000;
+
+/// A `released` record as agents wrote it before the event had fields: the
+/// revision, if any, in the record's `rev`.
+const OLD_RELEASE: Event = Event::Released {
+    revision: None,
+    deleted: None,
+};
 
 /// Builds one node's chained records on a clock the test sets.
 struct Node {
@@ -165,7 +173,7 @@ fn a_step_down_then_release_before_the_new_acquisition_is_fenced() {
                 how: "stopped".into(),
             },
         )
-        .rec(Some(20), Event::Released)
+        .rec(Some(20), OLD_RELEASE)
         .rec(
             None,
             Event::Disarmed {
@@ -310,7 +318,7 @@ fn a_leader_seen_but_never_recorded_leaves_the_change_unproven() {
                 how: "stopped".into(),
             },
         )
-        .rec(Some(20), Event::Released);
+        .rec(Some(20), OLD_RELEASE);
     // pg2 saw pg9 win the key at rev 22 before pg2 won it at 30; pg9 has
     // neither a local log nor mirrored records.
     let mut pg2 = Node::new("pg2", "boot-pg2");
@@ -400,7 +408,7 @@ fn disarming_before_the_step_down_is_confirmed_is_a_violation() {
                 how: "stopped".into(),
             },
         )
-        .rec(Some(20), Event::Released);
+        .rec(Some(20), OLD_RELEASE);
     let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
     assert!(rule(&c).starts_with("rule 4: pg1 disarmed /dev/watchdog0"));
 }
@@ -421,7 +429,7 @@ fn disarming_while_still_holding_the_key_is_a_violation() {
                 device: "/dev/watchdog0".into(),
             },
         )
-        .rec(Some(20), Event::Released);
+        .rec(Some(20), OLD_RELEASE);
     let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
     assert!(rule(&c).contains("while still holding the key"), "{c:#?}");
 }
@@ -436,7 +444,7 @@ fn the_new_leader_promoting_before_arming_is_a_violation() {
                 how: "stopped".into(),
             },
         )
-        .rec(Some(20), Event::Released);
+        .rec(Some(20), OLD_RELEASE);
     let mut pg2 = Node::new("pg2", "boot-pg2");
     pg2.startup(Some(0), false)
         .acquired(21, 50.0)
@@ -469,8 +477,11 @@ fn automatic_mode_after_a_failed_arm_is_not_a_violation_but_proves_no_reset() {
     assert!(missing(&c)[0].contains("armed no watchdog"), "{c:#?}");
 }
 
+/// A term that armed nothing and promoted nothing was never writable,
+/// whatever became of the key: the won-could-not-arm-released-won-again
+/// sequence of a loaded lab, with an old-format release (no revision).
 #[test]
-fn a_leader_that_never_promoted_and_released_is_fenced() {
+fn a_term_without_arming_or_promotion_is_never_promoted() {
     let mut pg1 = Node::new("pg1", "boot-a");
     pg1.startup(Some(0), false)
         .acquired(10, 100.0)
@@ -478,14 +489,221 @@ fn a_leader_that_never_promoted_and_released_is_fenced() {
             None,
             Event::ArmFailed {
                 device: "/dev/watchdog0".into(),
-                reason: "alarm-only device".into(),
+                reason: "evidence went stale before arming".into(),
             },
         )
-        .rec(Some(11), Event::Released);
-    let c = one(timeline(&[pg1.recs, new_leader(12).recs], &[]));
-    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
-    assert!(c.proof.contains("never promoted"), "{}", c.proof);
+        .rec(None, OLD_RELEASE)
+        .at(103.0)
+        .acquired(15, 103.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+    let c = one(timeline(&[pg1.recs.clone()], &[]));
+    assert_eq!(c.verdict, Verdict::NeverPromoted, "{c:#?}");
+    assert!(c.verdict.is_safe());
+    assert!(c.proof.contains("never writable"), "{}", c.proof);
     assert!(!c.old.promoted);
+    assert_eq!((c.old.node.as_str(), c.new.node.as_str()), ("pg1", "pg1"));
+    let text = render_text(std::slice::from_ref(&c));
+    assert!(
+        text.contains("change at rev 15: pg1 -> pg1    NEVER-PROMOTED"),
+        "{text}"
+    );
+
+    // The command exits 0 on it (it exited 2, UNPROVEN, before).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pg1.jsonl");
+    let mut text = String::new();
+    for r in &pg1.recs {
+        text.push_str(&serde_json::to_string(r).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    let mut out = Vec::new();
+    let code = cmd_timeline(&[path], None, true, &mut out);
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"verdict\": \"NEVER-PROMOTED\""), "{out}");
+}
+
+/// Leading unarmed (mode automatic or off) is followed by a promotion the
+/// agent may not have lived to record: not "never promoted".
+#[test]
+fn a_term_that_chose_to_lead_unarmed_is_not_never_promoted() {
+    let mut pg1 = Node::new("pg1", "boot-a");
+    pg1.startup(Some(0), false).acquired(10, 100.0).rec(
+        None,
+        Event::LeadingUnarmed {
+            reason: "watchdog mode is off".into(),
+        },
+    );
+    let c = one(timeline(&[pg1.recs, new_leader(12).recs], &[]));
+    assert!(missing(&c)[0].contains("armed no watchdog"), "{c:#?}");
+}
+
+/// Only the etcd copy of the term: it may lack the tail of the term, so
+/// the absence of a promotion proves nothing.
+#[test]
+fn never_promoted_needs_the_local_log() {
+    let mut pg1 = Node::new("pg1", "boot-a");
+    pg1.startup(Some(0), false).acquired(10, 100.0);
+    let pg2 = new_leader(12);
+    let c = one(timeline(std::slice::from_ref(&pg2.recs), &pg1.recs));
+    assert!(
+        missing(&c)
+            .iter()
+            .any(|m| m.contains("no local log of the old leader pg1")),
+        "{c:#?}"
+    );
+}
+
+/// A node that armed but never promoted, then released: fenced by the
+/// release, ordered by its revision (new record field, or the record's `rev`
+/// of older agents) or, without one, by the deletion itself.
+#[test]
+fn an_armed_term_that_never_promoted_and_released_is_fenced() {
+    let term = |release: Event, rev: Option<i64>| {
+        let mut pg1 = Node::new("pg1", "boot-a");
+        pg1.startup(Some(0), false)
+            .acquired(10, 100.0)
+            .armed(3)
+            .rec(
+                None,
+                Event::ArmFailed {
+                    device: "/dev/watchdog1".into(),
+                    reason: "alarm-only device".into(),
+                },
+            )
+            .rec(
+                None,
+                Event::Disarmed {
+                    device: "all disarmable".into(),
+                },
+            )
+            .rec(rev, release);
+        one(timeline(&[pg1.recs, new_leader(12).recs], &[]))
+    };
+    for (release, rev) in [
+        (Event::released(Some(11), true), None),
+        (OLD_RELEASE, Some(11)),
+    ] {
+        let c = term(release, rev);
+        assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+        assert!(c.proof.contains("never promoted"), "{}", c.proof);
+        assert!(
+            c.proof.contains("released the key at rev 11"),
+            "{}",
+            c.proof
+        );
+        assert_eq!(c.key_deleted_rev, Some(11));
+    }
+    let c = term(Event::released(None, true), None);
+    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+    assert!(
+        c.proof.contains("its release deleted the key"),
+        "{}",
+        c.proof
+    );
+    assert_eq!(c.key_deleted_rev, None);
+    // Released, but the key was no longer its own: nothing is ordered.
+    let c = term(Event::released(None, false), None);
+    assert!(matches!(c.verdict, Verdict::Unproven { .. }), "{c:#?}");
+}
+
+/// A step-down followed by a release that deleted the key orders before the
+/// new win with or without the release's revision.
+#[test]
+fn a_step_down_then_a_release_that_deleted_the_key_is_fenced_without_its_revision() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    // Confirmed at 120 s, long after s + T = 105 s: only the release proves it.
+    pg1.at(120.0)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .rec(None, Event::released(None, true));
+    let mut pg2 = Node::new("pg2", "boot-pg2");
+    pg2.startup(Some(0), false)
+        .rec(Some(20), Event::LeaderSeen { holder: None })
+        .acquired(21, 50.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+    let c = one(timeline(&[pg1.recs, pg2.recs], &[]));
+    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+    assert!(
+        c.proof
+            .contains("its release deleted the key, still pg1's on its own lease"),
+        "{}",
+        c.proof
+    );
+    assert_eq!(
+        c.old.step_down.as_ref().unwrap().release_deleted,
+        Some(true)
+    );
+    assert_eq!(c.key_deleted_rev, Some(20));
+}
+
+/// A step-down before s + T proves nothing when the key was deleted at a
+/// known revision by someone else: `etcdctl del` or a revoke need not wait
+/// for the expiry. With the old leader's own release at that revision, it
+/// does.
+#[test]
+fn a_step_down_before_expiry_does_not_assume_an_expiry_when_a_deletion_is_known() {
+    let old = |release: Option<Event>| {
+        let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+        pg1.at(104.0).rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        );
+        if let Some(r) = release {
+            pg1.rec(None, r);
+        }
+        pg1
+    };
+    let mut pg2 = Node::new("pg2", "boot-pg2");
+    pg2.startup(Some(0), false)
+        .rec(Some(20), Event::LeaderSeen { holder: None })
+        .acquired(21, 50.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+
+    for release in [None, Some(OLD_RELEASE), Some(Event::released(None, false))] {
+        let c = one(timeline(&[old(release).recs, pg2.recs.clone()], &[]));
+        let m = missing(&c);
+        assert!(
+            m[0].contains("the key was deleted at rev 20, not by pg1's own release"),
+            "{m:?}"
+        );
+    }
+    let c = one(timeline(
+        &[
+            old(Some(Event::released(Some(20), true))).recs,
+            pg2.recs.clone(),
+        ],
+        &[],
+    ));
+    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+    assert!(
+        c.proof.contains("released the key at rev 20"),
+        "{}",
+        c.proof
+    );
+    // No deletion known (pg2 did not watch it): the expiry argument stands.
+    let mut pg2 = Node::new("pg2", "boot-pg2");
+    pg2.startup(Some(0), false)
+        .acquired(21, 50.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+    let c = one(timeline(&[old(None).recs, pg2.recs], &[]));
+    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+    assert!(
+        c.proof.contains("before the earliest expiry"),
+        "{}",
+        c.proof
+    );
 }
 
 #[test]
@@ -500,7 +718,7 @@ fn three_leaders_give_two_changes_in_revision_order() {
                 how: "stopped".into(),
             },
         )
-        .rec(Some(40), Event::Released);
+        .rec(Some(40), OLD_RELEASE);
     let pg3 = Node::leader("pg3", "boot-c", 41, 3);
     // Logs in any order.
     let ch = timeline(&[pg3.recs, pg1.recs, pg2.recs], &[]);
@@ -670,7 +888,7 @@ fn docs_example() {
                 how: "postgres stopped (fast)".into(),
             },
         )
-        .rec(Some(1090), Event::Released)
+        .rec(Some(1090), OLD_RELEASE)
         .rec(
             None,
             Event::Disarmed {
@@ -685,4 +903,37 @@ fn docs_example() {
     let ch = timeline(&[pg1.recs, pg2.recs, pg3.recs], &[]);
     println!("{}", render_text(&ch));
     assert_eq!(ch.len(), 2);
+}
+
+/// A start-up record whose budget cannot be reasoned with (edited, or
+/// corrupt) leaves the deadlines unknown instead of computing nonsense.
+#[test]
+fn an_unusable_recorded_budget_is_named_not_used() {
+    let mut pg1 = Node::new("pg1", "boot-a");
+    pg1.rec(
+        None,
+        Event::Startup {
+            version: "0.1.0".into(),
+            config_digest: "c0ffee".into(),
+            budget: BudgetRecord {
+                ttl_s: 5,
+                margin_s: 9.0,
+                reset_allowance_s: 1e300,
+                loop_interval_s: 0.5,
+            },
+            devices: vec![],
+            previous_boot_id: None,
+            previous_boot_reset: None,
+        },
+    )
+    .acquired(10, 100.0)
+    .armed(3)
+    .rec(None, Event::Promoted)
+    .reboot("boot-b")
+    .startup(Some(0x20), true);
+    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    let m = missing(&c);
+    assert!(m[0].contains("does not satisfy R < M < T"), "{m:?}");
+    assert_eq!(c.old.last_permitted_ping_ns, None);
+    assert_eq!(c.old.armed[0].w_ok, None);
 }
