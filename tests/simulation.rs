@@ -45,7 +45,7 @@ use leasedog::clock::BootTime;
 use leasedog::config::WatchdogMode;
 use leasedog::decide::Action;
 use leasedog::decide::{
-    ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Input, KeyHolder, PgView, Role,
+    ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder, PgView, Role,
 };
 use leasedog::timing::{self, Budget};
 use std::cmp::Reverse;
@@ -206,11 +206,58 @@ enum Pg {
     Primary,
 }
 
+/// What the world reports to a node's main loop, in the world's own terms;
+/// the adapter ([`World::adapter_input`]) turns each into the core's `Input`.
+#[derive(Debug, Clone)]
+enum Reply {
+    Start,
+    /// Whether this node may race for the key (PostgreSQL runs); false at
+    /// start until PostgreSQL was observed, as the real agent does.
+    Eligible(bool),
+    Tick,
+    Sigterm,
+    /// The deadline timer stopped PostgreSQL.
+    TimerFenced,
+    /// A background rejoin finished: a replica of this leader.
+    Followed(String),
+    WatchBroken,
+    Granted {
+        lease: i64,
+        sent: BootTime,
+    },
+    GrantTimedOut,
+    Renewed {
+        sent: BootTime,
+    },
+    RenewTimedOut {
+        sent: BootTime,
+    },
+    LeaseNotFound,
+    Won {
+        revision: i64,
+    },
+    AcquireNoLease,
+    AcquireTimedOut,
+    /// The key is held: what etcd returned, and the lease the Acquire was
+    /// sent with.
+    Held(KeyEvent, i64),
+    Released {
+        deleted: bool,
+    },
+    ReleaseTimedOut,
+    /// Arming: the device's `W` and nowayout, or why it failed.
+    Armed(Result<(u32, bool), String>),
+    Promoted,
+    PromoteFailed(&'static str),
+    Stopped,
+    StopFailed,
+    Disarmed,
+}
+
 /// Something for a node's main loop.
 #[derive(Debug, Clone)]
 enum Item {
-    /// An input for the core.
-    In(Input),
+    Reply(Reply),
     /// Observe PostgreSQL (after the tick's batch, as the real loop does).
     ObservePg,
     /// A watch event, mapped to a `KeyHolder` when the loop reads it.
@@ -564,7 +611,7 @@ impl World {
                 }
                 let li = self.p.budget.loop_interval.as_nanos() as Ns;
                 self.after(li, Ev::Tick(i, g));
-                self.nodes[i].pending.push_back(Item::In(Input::Tick));
+                self.nodes[i].pending.push_back(Item::Reply(Reply::Tick));
                 self.nodes[i].pending.push_back(Item::ObservePg);
                 self.drive(i);
             }
@@ -591,14 +638,8 @@ impl World {
                             return; // the other of (reply, timeout) came first
                         }
                         self.nodes[i].inflight = None;
-                        match item {
-                            Some(Item::In(input)) => self.feed_front(i, input),
-                            Some(Item::Read(e, current)) => {
-                                self.open_watch(i, e.revision);
-                                let input = self.adapter_key_input(i, &e, Some(current));
-                                self.feed_front(i, input);
-                            }
-                            _ => {}
+                        if let Some(item) = item {
+                            self.take_item(i, item);
                         }
                     }
                     None => {
@@ -664,13 +705,13 @@ impl World {
                 match by {
                     StopBy::Loop(op) => {
                         self.log(|| format!("n{i}: PostgreSQL stopped"));
-                        let input = self.adapter_stopped(i);
-                        self.at(self.now, Ev::Deliver(i, g, Some(op), input));
+                        let item = Some(Item::Reply(Reply::Stopped));
+                        self.at(self.now, Ev::Deliver(i, g, Some(op), item));
                     }
                     StopBy::Timer => {
                         self.log(|| format!("n{i}: deadline timer stopped PostgreSQL"));
                         self.nodes[i].timer_busy = false;
-                        let item = Item::In(Input::FencedByTimer { how: "sim".into() });
+                        let item = Item::Reply(Reply::TimerFenced);
                         self.at(self.now, Ev::Deliver(i, g, None, Some(item)));
                     }
                     StopBy::Quiet => self.log(|| format!("n{i}: PostgreSQL fenced")),
@@ -687,7 +728,7 @@ impl World {
                 if self.nodes[i].pg == Pg::Busy(op) {
                     self.pg_set(i, Pg::Replica(Some(leader.clone())));
                     let g = self.nodes[i].gen;
-                    let item = Item::In(Input::Followed { leader, ok: true });
+                    let item = Item::Reply(Reply::Followed(leader));
                     self.at(self.now, Ev::Deliver(i, g, None, Some(item)));
                 }
             }
@@ -711,7 +752,7 @@ impl World {
                     return;
                 }
                 self.nodes[i].watch = false;
-                let item = Item::In(Input::WatchBroken);
+                let item = Item::Reply(Reply::WatchBroken);
                 self.at(self.now, Ev::Deliver(i, g, None, Some(item)));
             }
             Ev::StaleWatch(i, g, e) => {
@@ -744,6 +785,114 @@ impl World {
         n.pg = pg;
     }
 
+    // ------------------------------------------------------------ world side of actions
+
+    /// Opens the device (which starts it) and pings it, on the evidence
+    /// that `not_after` stands for; or fails.
+    fn arm(&mut self, i: usize, not_after: BootTime) -> Reply {
+        let local = self.nodes[i].local(self.now);
+        if local > not_after {
+            return Reply::Armed(Err("evidence went stale before arming".into()));
+        }
+        if self.rng.chance(0.03) {
+            return Reply::Armed(Err("busy".into()));
+        }
+        self.stats.checks += 1; // local <= not_after: the arming ping is on fresh evidence
+        let n = &mut self.nodes[i];
+        n.wd_running = true;
+        n.wd_held = true;
+        n.armed_since_won = true;
+        n.last_ping = self.now;
+        let (bg, w) = (self.boot_gen[i], self.p.w);
+        self.after(w, Ev::WdCheck(i, bg));
+        Reply::Armed(Ok(((self.p.w / SEC) as u32, self.p.nowayout)))
+    }
+
+    fn promote(&mut self, i: usize) {
+        self.stats.promotes += 1;
+        let n = &self.nodes[i];
+        // Rule 2 (mode `required`): only after an Arm succeeded since Won.
+        let armed = n.armed_since_won && n.wd_running && n.wd_held;
+        self.check(armed, "rule 2 (arm before promote)", || {
+            format!("n{i} promotes unarmed")
+        });
+        // Fence before promote: every other node's writability has ended
+        // (by a stop or a watchdog reset) before this instant.
+        for j in 0..self.nodes.len() {
+            if j == i {
+                continue;
+            }
+            let wj = self.nodes[j].writable();
+            self.check(!wj, "fence before promote", || {
+                format!("n{i} promotes while n{j} is writable")
+            });
+            if let Some(end) = self.nodes[j].writable_ended {
+                let gap = self.now - end;
+                let m = &mut self.stats.min_handover_gap;
+                *m = Some(m.map_or(gap, |g| g.min(gap)));
+            }
+        }
+        let out = match self.nodes[i].pg.clone() {
+            Pg::Replica(_) | Pg::Primary => {
+                // Writable from the moment promote is asked for.
+                self.pg_set(i, Pg::Primary);
+                self.nodes[i].pg_lease = self.nodes[i].term_lease;
+                self.nodes[i].promoted_in_term = true;
+                if self.rng.chance(0.02) {
+                    // Unknown outcome: counted as writable until stopped.
+                    Reply::PromoteFailed("sim")
+                } else {
+                    Reply::Promoted
+                }
+            }
+            Pg::Down | Pg::Busy(_) => Reply::PromoteFailed("not running"),
+        };
+        let d = self.rng_range(50, 500) * MS;
+        self.delay_outcome(i, d, out);
+    }
+
+    fn follow(&mut self, i: usize, leader: String) {
+        if self.nodes[i].writable() {
+            // The driver fences inline first (awaited), then rejoins in the
+            // background.
+            let op = self.next_op;
+            self.next_op += 1;
+            self.nodes[i].inflight = Some(op);
+            let d = self.stop_latency();
+            let (bg, g) = (self.boot_gen[i], self.nodes[i].gen);
+            self.after(d, Ev::PgStopped(i, bg, StopBy::Follow(leader)));
+            self.after(d, Ev::Deliver(i, g, Some(op), None));
+        } else if !matches!(self.nodes[i].pg, Pg::Busy(_)) {
+            self.start_follow(i, leader);
+        }
+    }
+
+    fn disarm(&mut self, i: usize) {
+        // Rule 4: PostgreSQL stopped and the key released or expired (a
+        // term that never promoted may disarm before releasing).
+        let n = &self.nodes[i];
+        let key_ours = n
+            .term_lease
+            .is_some_and(|l| self.etcd.key.as_ref().is_some_and(|k| k.lease == l));
+        let writable = n.writable();
+        let ok = !writable && (!key_ours || !n.promoted_in_term);
+        self.check(ok, "rule 4 (disarm last)", || {
+            format!("n{i} disarms: writable {writable}, key ours {key_ours}")
+        });
+        if !self.p.nowayout {
+            self.nodes[i].wd_running = false;
+            self.nodes[i].wd_held = false;
+        }
+    }
+
+    /// The core won the key on `lease` (its `Acquired` record).
+    fn new_term(&mut self, i: usize, lease: i64) {
+        let n = &mut self.nodes[i];
+        n.term_lease = Some(lease);
+        n.armed_since_won = false;
+        n.promoted_in_term = false;
+    }
+
     fn start_agent(&mut self, i: usize) {
         let cfg = CoreConfig {
             budget: self.p.budget,
@@ -771,11 +920,8 @@ impl World {
         // As the real agent: not eligible until PostgreSQL was observed.
         self.nodes[i]
             .pending
-            .push_back(Item::In(Input::Eligibility {
-                eligible: false,
-                reason: "not observed".into(),
-            }));
-        self.nodes[i].pending.push_back(Item::In(Input::Start));
+            .push_back(Item::Reply(Reply::Eligible(false)));
+        self.nodes[i].pending.push_back(Item::Reply(Reply::Start));
         let li = self.p.budget.loop_interval.as_nanos() as Ns;
         let ph = self.rng.range(0, self.p.ping_interval);
         self.after(li, Ev::Tick(i, g));
@@ -883,28 +1029,6 @@ impl World {
 
     // ------------------------------------------------------------ main loop
 
-    fn feed_front(&mut self, i: usize, input: Input) {
-        if !self.adapter_fresh_key_event(i, &input) {
-            return;
-        }
-        let local = self.nodes[i].local(self.now);
-        self.log_input(i, &input);
-        let Some(core) = self.nodes[i].core.as_mut() else {
-            return;
-        };
-        let actions = core.handle(local, input);
-        for a in actions.into_iter().rev() {
-            self.nodes[i].queue.push_front(a);
-        }
-    }
-
-    fn log_input(&mut self, i: usize, input: &Input) {
-        if self.trace.is_some() && !matches!(input, Input::Tick | Input::Postgres(_)) {
-            let s = format!("n{i} <- {input:?}");
-            self.log(|| s);
-        }
-    }
-
     /// Runs the loop until it waits for an outcome, stalls or has nothing to do.
     fn drive(&mut self, i: usize) {
         loop {
@@ -918,35 +1042,14 @@ impl World {
             }
             match self.nodes[i].pending.pop_front() {
                 None => return,
-                Some(Item::In(input)) => self.feed_front(i, input),
-                Some(Item::Watch(e)) => {
-                    let input = self.adapter_key_input(i, &e, None);
-                    self.feed_front(i, input);
-                }
-                Some(Item::Read(e, current)) => {
-                    let input = self.adapter_key_input(i, &e, Some(current));
-                    self.feed_front(i, input);
-                }
-                Some(Item::ObservePg) => {
-                    let (view, eligible) = self.adapter_observe(i);
-                    if self.nodes[i].eligible != Some(eligible) {
-                        self.nodes[i].eligible = Some(eligible);
-                        self.nodes[i]
-                            .pending
-                            .push_front(Item::In(Input::Eligibility {
-                                eligible,
-                                reason: "observed".into(),
-                            }));
-                    }
-                    self.feed_front(i, Input::Postgres(view));
-                }
+                Some(item) => self.take_item(i, item),
             }
         }
     }
 
     // ------------------------------------------------------------ etcd
 
-    fn send(&mut self, i: usize, req: Req, on_timeout: Option<Input>) {
+    fn send(&mut self, i: usize, req: Req, on_timeout: Option<Reply>) {
         let op = self.next_op;
         self.next_op += 1;
         let g = self.nodes[i].gen;
@@ -955,7 +1058,7 @@ impl World {
         let timeout = self.p.budget.request_timeout.as_nanos() as Ns;
         self.after(
             timeout,
-            Ev::Deliver(i, g, Some(op), on_timeout.map(Item::In)),
+            Ev::Deliver(i, g, Some(op), on_timeout.map(Item::Reply)),
         );
         if self.partitioned(i) {
             return; // lost
@@ -970,22 +1073,19 @@ impl World {
     fn etcd_recv(&mut self, i: usize, g: u64, op: u64, req: Req, sent: BootTime) {
         let t = self.p.t();
         let now = self.now;
-        let reply: Option<Input> = match req {
+        let reply: Option<Reply> = match req {
             Req::Grant => {
                 let l = self.etcd.next_lease;
                 self.etcd.next_lease += 1;
                 self.etcd.leases.insert(l, now + t);
-                Some(Input::LeaseGranted { lease: l, sent })
+                Some(Reply::Granted { lease: l, sent })
             }
             Req::Renew { lease } => match self.etcd.leases.get_mut(&lease) {
                 Some(exp) => {
                     *exp = now + t;
-                    Some(Input::Renewed {
-                        sent,
-                        ttl: self.p.budget.ttl_secs(),
-                    })
+                    Some(Reply::Renewed { sent })
                 }
-                None => Some(Input::LeaseGone),
+                None => Some(Reply::LeaseNotFound),
             },
             Req::ReadKey { current } => {
                 let e = KeyEvent {
@@ -1004,20 +1104,17 @@ impl World {
                 if self.etcd.key.is_none() && self.etcd.leases.contains_key(&lease) {
                     let v = KeyVal { node: i, lease };
                     self.put_key(Some(v));
-                    Some(Input::Won {
+                    Some(Reply::Won {
                         revision: self.etcd.revision,
                     })
                 } else if self.etcd.key.is_none() {
-                    Some(Input::AcquireFailed {
-                        error: "lease not found".into(),
-                    })
+                    Some(Reply::AcquireNoLease)
                 } else {
                     let e = KeyEvent {
                         value: self.etcd.key.clone(),
                         revision: self.etcd.revision,
                     };
-                    let current = self.p.bugs.acquire_maps_action_lease.then_some(Some(lease));
-                    Some(self.adapter_key_input(i, &e, current))
+                    Some(Reply::Held(e, lease))
                 }
             }
             Req::Release { lease } => {
@@ -1030,7 +1127,7 @@ impl World {
                     self.put_key(None);
                 }
                 self.revoke(lease);
-                Some(Input::Released { deleted: ours })
+                Some(Reply::Released { deleted: ours })
             }
             Req::Revoke { lease } => {
                 self.revoke(lease);
@@ -1042,7 +1139,7 @@ impl World {
             return;
         }
         let d = self.net();
-        let item = reply.map(Item::In);
+        let item = reply.map(Item::Reply);
         // A reply without an input still ends the wait (Revoke).
         self.after(d, Ev::Deliver(i, g, Some(op), item));
     }
@@ -1171,7 +1268,7 @@ impl World {
             Fault::Sigterm => {
                 if self.nodes[i].alive {
                     let g = self.nodes[i].gen;
-                    let item = Item::In(Input::Shutdown);
+                    let item = Item::Reply(Reply::Sigterm);
                     self.at(self.now, Ev::Deliver(i, g, None, Some(item)));
                 }
             }
@@ -1198,6 +1295,53 @@ impl World {
         }
     }
 
+    /// The background rejoin of a stopped or standby PostgreSQL.
+    fn start_follow(&mut self, i: usize, leader: String) {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.pg_set(i, Pg::Busy(op));
+        let d = self.rng_range(200, 3000) * MS;
+        let bg = self.boot_gen[i];
+        self.after(d, Ev::FollowDone(i, bg, op, leader));
+    }
+
+    fn rng_range(&mut self, lo: u64, hi: u64) -> u64 {
+        self.rng.range(lo, hi)
+    }
+
+    fn delay_outcome(&mut self, i: usize, d: Ns, out: Reply) {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.nodes[i].inflight = Some(op);
+        let g = self.nodes[i].gen;
+        self.after(d, Ev::Deliver(i, g, Some(op), Some(Item::Reply(out))));
+    }
+
+    /// StepDown (awaited, outcome fed back) or Fence (awaited, no outcome).
+    fn stop_pg(&mut self, i: usize, report: bool) {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.nodes[i].inflight = Some(op);
+        let d = self.stop_latency();
+        let bg = self.boot_gen[i];
+        if report && self.rng.chance(0.02) {
+            let g = self.nodes[i].gen;
+            let item = Item::Reply(Reply::StopFailed);
+            self.after(d, Ev::Deliver(i, g, Some(op), Some(item)));
+            return;
+        }
+        let by = if report {
+            StopBy::Loop(op)
+        } else {
+            StopBy::Quiet
+        };
+        self.after(d, Ev::PgStopped(i, bg, by));
+        if !report {
+            let g = self.nodes[i].gen;
+            self.after(d, Ev::Deliver(i, g, Some(op), None));
+        }
+    }
+
     // ------------------------------------------------------------ adapter
     //
     // Everything that maps the core's Actions onto the model world and the
@@ -1215,23 +1359,10 @@ impl World {
         let lease_of_core = self.nodes[i].core.as_ref().and_then(|c| c.lease());
         match a {
             Action::Publish(ev) => self.nodes[i].published = ev,
-            Action::Grant => self.send(
-                i,
-                Req::Grant,
-                Some(Input::GrantFailed {
-                    error: "timeout".into(),
-                }),
-            ),
+            Action::Grant => self.send(i, Req::Grant, Some(Reply::GrantTimedOut)),
             Action::Renew { lease } => {
                 let sent = self.nodes[i].local(self.now);
-                self.send(
-                    i,
-                    Req::Renew { lease },
-                    Some(Input::RenewFailed {
-                        sent,
-                        error: "timeout".into(),
-                    }),
-                )
+                self.send(i, Req::Renew { lease }, Some(Reply::RenewTimedOut { sent }))
             }
             Action::ReadKey => self.send(
                 i,
@@ -1240,148 +1371,29 @@ impl World {
                 },
                 None,
             ),
-            Action::Acquire { lease } => self.send(
-                i,
-                Req::Acquire { lease },
-                Some(Input::AcquireFailed {
-                    error: "timeout".into(),
-                }),
-            ),
-            Action::Release { lease } => self.send(
-                i,
-                Req::Release { lease },
-                Some(Input::ReleaseFailed {
-                    error: "timeout".into(),
-                }),
-            ),
+            Action::Acquire { lease } => {
+                self.send(i, Req::Acquire { lease }, Some(Reply::AcquireTimedOut))
+            }
+            Action::Release { lease } => {
+                self.send(i, Req::Release { lease }, Some(Reply::ReleaseTimedOut))
+            }
             Action::Revoke { lease } => self.send(i, Req::Revoke { lease }, None),
             Action::Arm { not_after } => {
-                let local = self.nodes[i].local(self.now);
-                let outcome = if local > not_after {
-                    ArmOutcome {
-                        armed: vec![],
-                        failed: vec![("wd0".into(), "evidence went stale before arming".into())],
-                    }
-                } else if self.rng.chance(0.03) {
-                    ArmOutcome {
-                        armed: vec![],
-                        failed: vec![("wd0".into(), "busy".into())],
-                    }
-                } else {
-                    // Opening the device starts it; arming pings it, on the
-                    // evidence that `not_after` stands for.
-                    self.check(local <= not_after, "rule 1 (arming ping)", || {
-                        format!("n{i} armed after not_after")
-                    });
-                    let n = &mut self.nodes[i];
-                    n.wd_running = true;
-                    n.wd_held = true;
-                    n.armed_since_won = true;
-                    n.last_ping = self.now;
-                    let (bg, w) = (self.boot_gen[i], self.p.w);
-                    self.after(w, Ev::WdCheck(i, bg));
-                    ArmOutcome {
-                        armed: vec![ArmedDevice {
-                            path: "wd0".into(),
-                            identity: "sim".into(),
-                            w_secs: (self.p.w / SEC) as u32,
-                            nowayout: self.p.nowayout,
-                        }],
-                        failed: vec![],
-                    }
-                };
-                self.feed_front(i, Input::Armed(outcome));
+                let out = self.arm(i, not_after);
+                self.take_item(i, Item::Reply(out));
             }
-            Action::Promote => {
-                self.stats.promotes += 1;
-                let n = &self.nodes[i];
-                // Rule 2 (mode `required`): only after an Arm succeeded since Won.
-                let armed = n.armed_since_won && n.wd_running && n.wd_held;
-                self.check(armed, "rule 2 (arm before promote)", || {
-                    format!("n{i} promotes unarmed")
-                });
-                // Fence before promote: every other node's writability has
-                // ended (by a stop or a watchdog reset) before this instant.
-                for j in 0..self.nodes.len() {
-                    if j == i {
-                        continue;
-                    }
-                    let wj = self.nodes[j].writable();
-                    self.check(!wj, "fence before promote", || {
-                        format!("n{i} promotes while n{j} is writable")
-                    });
-                    if let Some(end) = self.nodes[j].writable_ended {
-                        let gap = self.now - end;
-                        let m = &mut self.stats.min_handover_gap;
-                        *m = Some(m.map_or(gap, |g| g.min(gap)));
-                    }
-                }
-                let input = match self.nodes[i].pg.clone() {
-                    Pg::Replica(_) | Pg::Primary => {
-                        // Writable from the moment promote is asked for.
-                        self.pg_set(i, Pg::Primary);
-                        self.nodes[i].pg_lease = self.nodes[i].term_lease;
-                        self.nodes[i].promoted_in_term = true;
-                        if self.rng.chance(0.02) {
-                            // Unknown outcome: counted as writable until stopped.
-                            Input::PromoteFailed {
-                                reason: "sim".into(),
-                            }
-                        } else {
-                            Input::Promoted
-                        }
-                    }
-                    Pg::Down | Pg::Busy(_) => Input::PromoteFailed {
-                        reason: "not running".into(),
-                    },
-                };
-                let d = self.rng_range(50, 500) * MS;
-                self.delay_outcome(i, d, input);
-            }
+            Action::Promote => self.promote(i),
             Action::StepDown { .. } => self.stop_pg(i, true),
-            Action::Fence => {
-                // Inline, and its outcome is not fed back.
-                self.stop_pg(i, false);
-            }
-            Action::Follow { leader } => {
-                if self.nodes[i].writable() {
-                    // The driver fences inline first (awaited), then rejoins
-                    // in the background.
-                    let op = self.next_op;
-                    self.next_op += 1;
-                    self.nodes[i].inflight = Some(op);
-                    let d = self.stop_latency();
-                    let (bg, g) = (self.boot_gen[i], self.nodes[i].gen);
-                    self.after(d, Ev::PgStopped(i, bg, StopBy::Follow(leader)));
-                    self.after(d, Ev::Deliver(i, g, Some(op), None));
-                } else if !matches!(self.nodes[i].pg, Pg::Busy(_)) {
-                    self.start_follow(i, leader);
-                }
-            }
+            // Inline, and its outcome is not fed back.
+            Action::Fence => self.stop_pg(i, false),
+            Action::Follow { leader } => self.follow(i, leader),
             Action::Disarm => {
-                // Rule 4: PostgreSQL stopped and the key released or expired
-                // (a term that never promoted may disarm before releasing).
-                let n = &self.nodes[i];
-                let key_ours = n
-                    .term_lease
-                    .is_some_and(|l| self.etcd.key.as_ref().is_some_and(|k| k.lease == l));
-                let writable = n.writable();
-                let ok = !writable && (!key_ours || !n.promoted_in_term);
-                self.check(ok, "rule 4 (disarm last)", || {
-                    format!("n{i} disarms: writable {writable}, key ours {key_ours}")
-                });
-                if !self.p.nowayout {
-                    self.nodes[i].wd_running = false;
-                    self.nodes[i].wd_held = false;
-                }
-                self.feed_front(i, Input::Disarmed);
+                self.disarm(i);
+                self.take_item(i, Item::Reply(Reply::Disarmed));
             }
             Action::Record(fact) => {
-                if let leasedog::decide::Fact::Acquired { lease, .. } = fact {
-                    let n = &mut self.nodes[i];
-                    n.term_lease = Some(lease);
-                    n.armed_since_won = false;
-                    n.promoted_in_term = false;
+                if let Fact::Acquired { lease, .. } = fact {
+                    self.new_term(i, lease);
                 }
             }
             Action::Exit { .. } => {
@@ -1393,57 +1405,117 @@ impl World {
         }
     }
 
-    /// The background rejoin of a stopped or standby PostgreSQL.
-    fn start_follow(&mut self, i: usize, leader: String) {
-        let op = self.next_op;
-        self.next_op += 1;
-        self.pg_set(i, Pg::Busy(op));
-        let d = self.rng_range(200, 3000) * MS;
-        let bg = self.boot_gen[i];
-        self.after(d, Ev::FollowDone(i, bg, op, leader));
+    /// Feeds one item to the core (depth-first: its actions go first).
+    fn take_item(&mut self, i: usize, item: Item) {
+        let input = match item {
+            Item::Reply(o) => self.adapter_input(i, o),
+            Item::Watch(e) => Some(self.adapter_key_input(i, &e, None)),
+            Item::Read(e, current) => {
+                self.open_watch(i, e.revision);
+                Some(self.adapter_key_input(i, &e, Some(current)))
+            }
+            Item::ObservePg => {
+                let (view, eligible) = self.adapter_observe(i);
+                if self.nodes[i].eligible != Some(eligible) {
+                    self.nodes[i].eligible = Some(eligible);
+                    self.nodes[i]
+                        .pending
+                        .push_front(Item::Reply(Reply::Eligible(eligible)));
+                }
+                Some(Input::Postgres(view))
+            }
+        };
+        if let Some(input) = input {
+            self.feed_front(i, input);
+        }
     }
 
-    fn rng_range(&mut self, lo: u64, hi: u64) -> u64 {
-        self.rng.range(lo, hi)
-    }
-
-    fn delay_outcome(&mut self, i: usize, d: Ns, input: Input) {
-        let op = self.next_op;
-        self.next_op += 1;
-        self.nodes[i].inflight = Some(op);
-        let g = self.nodes[i].gen;
-        self.after(d, Ev::Deliver(i, g, Some(op), Some(Item::In(input))));
-    }
-
-    /// StepDown (awaited, outcome fed back) or Fence (awaited, no outcome).
-    fn stop_pg(&mut self, i: usize, report: bool) {
-        let op = self.next_op;
-        self.next_op += 1;
-        self.nodes[i].inflight = Some(op);
-        let d = self.stop_latency();
-        let bg = self.boot_gen[i];
-        if report && self.rng.chance(0.02) {
-            let g = self.nodes[i].gen;
-            let input = Item::In(Input::StepDownFailed {
+    /// The world's outcome as the core's input.
+    fn adapter_input(&mut self, i: usize, o: Reply) -> Option<Input> {
+        let timeout = || "timeout".to_string();
+        Some(match o {
+            Reply::Start => Input::Start,
+            Reply::Eligible(eligible) => Input::Eligibility {
+                eligible,
                 reason: "sim".into(),
-            });
-            self.after(d, Ev::Deliver(i, g, Some(op), Some(input)));
+            },
+            Reply::Tick => Input::Tick,
+            Reply::Sigterm => Input::Shutdown,
+            Reply::TimerFenced => Input::FencedByTimer { how: "sim".into() },
+            Reply::Followed(leader) => Input::Followed { leader, ok: true },
+            Reply::WatchBroken => Input::WatchBroken,
+            Reply::Granted { lease, sent } => Input::LeaseGranted { lease, sent },
+            Reply::GrantTimedOut => Input::GrantFailed { error: timeout() },
+            Reply::Renewed { sent } => Input::Renewed {
+                sent,
+                ttl: self.p.budget.ttl_secs(),
+            },
+            Reply::RenewTimedOut { sent } => Input::RenewFailed {
+                sent,
+                error: timeout(),
+            },
+            Reply::LeaseNotFound => Input::LeaseGone,
+            Reply::Won { revision } => Input::Won { revision },
+            Reply::AcquireNoLease => Input::AcquireFailed {
+                error: "lease not found".into(),
+            },
+            Reply::AcquireTimedOut => Input::AcquireFailed { error: timeout() },
+            Reply::Held(e, lease) => {
+                // Today's driver: `key_holder(holder, Some(lease))`.
+                let current = self.p.bugs.acquire_maps_action_lease.then_some(Some(lease));
+                self.adapter_key_input(i, &e, current)
+            }
+            Reply::Released { deleted } => Input::Released { deleted },
+            Reply::ReleaseTimedOut => Input::ReleaseFailed { error: timeout() },
+            Reply::Armed(r) => Input::Armed(match r {
+                Ok((w_secs, nowayout)) => ArmOutcome {
+                    armed: vec![ArmedDevice {
+                        path: "wd0".into(),
+                        identity: "sim".into(),
+                        w_secs,
+                        nowayout,
+                    }],
+                    failed: vec![],
+                },
+                Err(reason) => ArmOutcome {
+                    armed: vec![],
+                    failed: vec![("wd0".into(), reason)],
+                },
+            }),
+            Reply::Promoted => Input::Promoted,
+            Reply::PromoteFailed(reason) => Input::PromoteFailed {
+                reason: reason.into(),
+            },
+            Reply::Stopped => Input::SteppedDown { how: "sim".into() },
+            Reply::StopFailed => Input::StepDownFailed {
+                reason: "sim".into(),
+            },
+            Reply::Disarmed => Input::Disarmed,
+        })
+    }
+
+    /// The one place the core is called: `Core::handle(now, input)`, its
+    /// actions queued ahead of the rest of the batch (depth-first).
+    fn feed_front(&mut self, i: usize, input: Input) {
+        if !self.adapter_fresh_key_event(i, &input) {
             return;
         }
-        let by = if report {
-            StopBy::Loop(op)
-        } else {
-            StopBy::Quiet
+        let local = self.nodes[i].local(self.now);
+        self.log_input(i, &input);
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return;
         };
-        self.after(d, Ev::PgStopped(i, bg, by));
-        if !report {
-            let g = self.nodes[i].gen;
-            self.after(d, Ev::Deliver(i, g, Some(op), None));
+        let actions = core.handle(local, input);
+        for a in actions.into_iter().rev() {
+            self.nodes[i].queue.push_front(a);
         }
     }
 
-    fn adapter_stopped(&mut self, _i: usize) -> Option<Item> {
-        Some(Item::In(Input::SteppedDown { how: "sim".into() }))
+    fn log_input(&mut self, i: usize, input: &Input) {
+        if self.trace.is_some() && !matches!(input, Input::Tick | Input::Postgres(_)) {
+            let s = format!("n{i} <- {input:?}");
+            self.log(|| s);
+        }
     }
 
     /// `Some(current)`: a read or acquire that knew its lease when sent;
