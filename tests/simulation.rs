@@ -409,7 +409,7 @@ struct World {
     /// The first violation, and every rule violated.
     violation: Option<String>,
     rules: std::collections::BTreeSet<String>,
-    first_violation_line: Option<usize>,
+    last_violation_line: Option<usize>,
 }
 
 impl World {
@@ -466,7 +466,7 @@ impl World {
             stats: Stats::default(),
             violation: None,
             rules: Default::default(),
-            first_violation_line: None,
+            last_violation_line: None,
         };
         let phase = w.rng.range(0, 499) * MS;
         w.at(phase, Ev::Lessor);
@@ -544,9 +544,9 @@ impl World {
         if self.rules.insert(rule.to_string()) {
             let m = format!("{rule}: {msg}");
             self.log(|| format!("VIOLATION {m}"));
+            self.last_violation_line = self.trace.as_ref().map(Vec::len);
             if self.violation.is_none() {
                 self.violation = Some(m);
-                self.first_violation_line = self.trace.as_ref().map(Vec::len);
             }
         }
     }
@@ -948,6 +948,7 @@ impl World {
     }
 
     fn power_off(&mut self, i: usize) {
+        self.nodes[i].wd_running = false; // no close ping: the machine is off
         self.kill_agent(i);
         self.pg_set(i, Pg::Down);
         let n = &mut self.nodes[i];
@@ -1580,7 +1581,7 @@ struct Outcome {
     stats: Stats,
     violation: Option<String>,
     rules: std::collections::BTreeSet<String>,
-    first_violation_line: Option<usize>,
+    last_violation_line: Option<usize>,
 }
 
 fn run_seed(seed: u64, bugs: KnownBugs, trace: bool) -> (Outcome, Vec<String>) {
@@ -1611,7 +1612,7 @@ fn run_seed(seed: u64, bugs: KnownBugs, trace: bool) -> (Outcome, Vec<String>) {
             stats: w.stats,
             violation: w.violation,
             rules: w.rules,
-            first_violation_line: w.first_violation_line,
+            last_violation_line: w.last_violation_line,
         },
         trace,
     )
@@ -1710,9 +1711,10 @@ fn print_trace(seed: u64, bugs: KnownBugs) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(150);
-    // The lines leading to the first violation (or to the end), and a few after.
+    // The lines leading to the last rule broken for the first time (or to
+    // the end), and a few after.
     let end = o
-        .first_violation_line
+        .last_violation_line
         .map_or(trace.len(), |l| (l + 20).min(trace.len()));
     let skip = end.saturating_sub(keep);
     if skip > 0 {
