@@ -31,8 +31,8 @@
 //! promoted under: fires as soon as a successor wins). On a
 //! violation the test prints the seed and its trace; replay one with
 //! `SIM_SEED=123 [SIM_BUGS=delete,stale,kill,acquire] cargo test --test simulation replay -- --nocapture`
-//! (`SIM_TRACE_LINES` for more than the last 150 lines, `SIM_SEEDS` for
-//! another number of schedules). The world's time is virtual: 5,000
+//! (`SIM_TRACE_LINES` for more than the last 150 lines, `SIM_SEEDS` and
+//! `SIM_SEED_START` for another number or range of schedules). The world's time is virtual: 5,000
 //! schedules of 40 s take a few seconds. Liveness is reported, not asserted
 //! in the main test: schedules that end with the key held for over 2 T by a
 //! live follower (see the last should_panic test). Watchdog mode is
@@ -1737,15 +1737,21 @@ fn print_trace(seed: u64, bugs: KnownBugs) {
     println!("rules violated in this schedule: {:?}", o.rules);
 }
 
-fn seeds_from_env(default: u64) -> u64 {
-    std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+/// Seeds `SIM_SEED_START..SIM_SEED_START + SIM_SEEDS` (defaults 0 and
+/// `default`): another range explores other schedules, e.g. in a nightly job.
+fn seeds_from_env(default: u64) -> std::ops::Range<u64> {
+    let var = |name: &str, d: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let start = var("SIM_SEED_START", 0);
+    start..start + var("SIM_SEEDS", default)
 }
 
 fn check_all(name: &str, seeds: u64, bugs: KnownBugs) {
-    let s = run_many(0..seeds_from_env(seeds), bugs);
+    let s = run_many(seeds_from_env(seeds), bugs);
     report(name, &s);
     println!("{name}: schedules violating each rule: {:?}", s.by_rule);
     if let Some((seed, _)) = s.violations.first() {
@@ -1872,7 +1878,7 @@ fn the_model_catches_leaders_that_are_never_fenced() {
 #[test]
 #[should_panic(expected = "held by a follower")]
 fn timed_out_acquire_applied_by_etcd_leaves_the_key_to_a_follower() {
-    let s = run_many(0..seeds_from_env(2000), NO_BUGS);
+    let s = run_many(seeds_from_env(2000), NO_BUGS);
     report("liveness", &s);
     assert_eq!(
         s.total.key_held_by_follower_at_end, 0,
