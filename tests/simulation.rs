@@ -14,8 +14,9 @@
 //! before the rest of its batch.
 //!
 //! Faults: main-loop stalls (pinger and deadline timer go on), partitions
-//! between a node and etcd, slow etcd, agent crash + restart, SIGTERM,
-//! PostgreSQL crash, node reboot. Behind `KnownBugs`, each in a test of its
+//! between a node and etcd, slow etcd, an etcd leader change (a moment
+//! without a leader, then every lease renewed by the new one), agent crash +
+//! restart, SIGTERM, PostgreSQL crash, node reboot. Behind `KnownBugs`, each in a test of its
 //! own that documents it: manual deletion of the key and a revoke of the
 //! leader's lease (issue 10 item 7), stale key events (item 8), a kill -9 of
 //! an agent on stale evidence (FENCING.md's stated bound), the driver's
@@ -199,6 +200,8 @@ struct Etcd {
     history: Vec<KeyEvent>,
     slow_until: Ns,
     slow_extra: Ns,
+    /// No leader: requests arriving before this are lost.
+    down_until: Ns,
 }
 
 // ---------------------------------------------------------------- nodes
@@ -334,6 +337,10 @@ enum Fault {
     Stall(Ns),
     Partition(Ns),
     SlowEtcd(Ns, Ns),
+    /// etcd elects a new leader: unavailable for a moment, then every lease
+    /// is renewed by the new leader (etcd 3.4's lessor without checkpoints:
+    /// expiry = now + TTL + election timeout).
+    EtcdLeaderChange(Ns),
     Crash,
     Sigterm,
     PgCrash,
@@ -362,6 +369,7 @@ enum Ev {
     Deliver(usize, u64, Option<u64>, Option<Item>),
     EtcdRecv(usize, u64, u64, Req, BootTime),
     Lessor,
+    EtcdNewLeader,
     WdCheck(usize, u64),
     Reset(usize, u64),
     PgStopped(usize, u64, StopBy),
@@ -499,9 +507,9 @@ impl World {
         let t = self.p.t();
         // The known-bug faults, when on, make up a third of all faults.
         let k = if self.p.bugs.delete_and_revoke && self.rng.chance(0.33) {
-            7 + self.rng.pick(2)
+            8 + self.rng.pick(2)
         } else {
-            self.rng.pick(7)
+            self.rng.pick(8)
         };
         match k {
             0 => Fault::Stall(self.rng.range(100 * MS, 3 * t)),
@@ -515,7 +523,8 @@ impl World {
             4 => Fault::Sigterm,
             5 => Fault::PgCrash,
             6 => Fault::Reboot,
-            7 => Fault::ManualDelete,
+            7 => Fault::EtcdLeaderChange(self.rng.range(300, 1500) * MS),
+            8 => Fault::ManualDelete,
             _ => Fault::RevokeLeader,
         }
     }
@@ -674,6 +683,14 @@ impl World {
                     self.log(|| format!("etcd: lease {l} expired"));
                     self.lease_removed(l);
                 }
+            }
+            Ev::EtcdNewLeader => {
+                // Promotion renews every lease (election timeout: 1 s).
+                let until = self.now + self.p.t() + SEC;
+                for exp in self.etcd.leases.values_mut() {
+                    *exp = (*exp).max(until);
+                }
+                self.log(|| "etcd: new leader; every lease renewed".to_string());
             }
             Ev::WdCheck(i, bg) => {
                 if self.boot_gen[i] != bg
@@ -1081,6 +1098,9 @@ impl World {
     fn etcd_recv(&mut self, i: usize, g: u64, op: u64, req: Req, sent: BootTime) {
         let t = self.p.t();
         let now = self.now;
+        if now < self.etcd.down_until {
+            return; // no leader: lost, the client times out
+        }
         let reply: Option<Reply> = match req {
             Req::Grant => {
                 let l = self.etcd.next_lease;
@@ -1257,6 +1277,10 @@ impl World {
             Fault::SlowEtcd(d, extra) => {
                 self.etcd.slow_until = self.now + d;
                 self.etcd.slow_extra = extra;
+            }
+            Fault::EtcdLeaderChange(d) => {
+                self.etcd.down_until = self.now + d;
+                self.after(d, Ev::EtcdNewLeader);
             }
             Fault::Crash => {
                 let local = self.nodes[i].local(self.now);
