@@ -13,6 +13,7 @@ need_pkgs=(
   iproute2 procps psmisc       # ip, ps/pgrep, fuser
   dpkg-dev                     # dpkg-deb checks of the package
   openssl                      # certificates for the etcd TLS tests (tests/ops.rs)
+  stress-ng                    # CPU, memory and disk pressure for the ping lateness benchmark (examples/stress.rs)
 )
 
 missing=()
