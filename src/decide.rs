@@ -2634,6 +2634,25 @@ mod tests {
                 Just(PgView::Busy)
             ]
             .prop_map(Input::Postgres),
+            (0u64..3, 0u64..10_000).prop_map(|(r, lsn)| match r {
+                0 => primary(lsn),
+                1 => replica(lsn),
+                _ => Input::PgObserved {
+                    role: PgRole::Down,
+                    wal: None
+                },
+            }),
+            any::<bool>().prop_map(|ok| Input::Fenced {
+                ok,
+                how: "x".into()
+            }),
+            (0u64..10_000).prop_map(|lsn| Input::LeaderMember {
+                leader: "b".into(),
+                member: Some(leader_record("b", Some(lsn)))
+            }),
+            any::<bool>().prop_map(|b| Input::StandbysSeen {
+                standbys: if b { vec!["b".into()] } else { vec![] }
+            }),
         ];
         (0u64..1500, input)
     }
@@ -2646,7 +2665,7 @@ mod tests {
             mode in prop_oneof![Just(WatchdogMode::Required), Just(WatchdogMode::Automatic)],
             steps in proptest::collection::vec(any_input(), 1..80),
         ) {
-            let mut c = core(mode);
+            let mut c = core(mode).with_node("a").with_postgres(settings(true));
             let mut now = 10_000u64; // ms
             c.handle(t(now), Input::Start);
             // What the drivers would know:
@@ -2685,6 +2704,12 @@ mod tests {
                         }
                         Action::Arm { not_after } => {
                             prop_assert!(*not_after >= t(now), "rule 1: arming on stale evidence");
+                        }
+                        Action::Follow { .. } => {
+                            prop_assert!(c.pg_view() != &PgView::Primary, "follow of a writable server: {actions:?}");
+                        }
+                        Action::Fence => {
+                            prop_assert!(!matches!(c.role(), Role::Promoting | Role::Leader), "fence while leading");
                         }
                         Action::Publish(Evidence::Lease(s)) => {
                             prop_assert!(*s <= t(now));
