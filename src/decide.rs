@@ -696,7 +696,13 @@ impl Core {
             Input::LeaseGone => self.on_lease_gone(now, &mut out),
             Input::KeySeen { holder, revision } => self.on_key(now, holder, revision, &mut out),
             Input::Won { revision } => self.on_won(now, revision, &mut out),
-            Input::AcquireFailed { .. } => {}
+            Input::AcquireFailed { .. } => {
+                // Unanswered: who holds the key is unknown until re-read (a
+                // writable server gets no grace from a race not run).
+                if self.holder == KeyHolder::Nobody {
+                    self.holder = KeyHolder::Unknown;
+                }
+            }
             Input::Armed(outcome) => self.on_armed(now, outcome, &mut out),
             Input::ArmFailed { reason } => {
                 if self.role == Role::Arming {
@@ -777,7 +783,7 @@ impl Core {
                 }
                 out.push(Action::ReadKey);
             }
-            Input::Postgres(view) => self.on_pg_view(view, &mut out),
+            Input::Postgres(view) => self.on_pg_view(now, view, &mut out),
             Input::PgObserved { role, wal } => self.on_pg_observed(now, role, wal, &mut out),
             Input::PgObserveFailed { error } => {
                 // A server we cannot query (wrong credentials, another data
@@ -789,7 +795,7 @@ impl Core {
             Input::Fenced { ok, .. } => {
                 if ok {
                     self.pg = PgView::Down;
-                    self.follow_leader(&mut out);
+                    self.follow_leader(now, &mut out);
                 }
             }
             Input::Followed { leader, ok } => {
@@ -805,7 +811,7 @@ impl Core {
                 if let Some(m) = member.filter(|m| m.node == leader) {
                     self.leader_member = Some(m);
                 }
-                self.follow_leader(&mut out);
+                self.follow_leader(now, &mut out);
             }
             Input::MemberPublished { member, ok } => {
                 let lease = self.publish_pending.take();
@@ -956,44 +962,51 @@ impl Core {
             }));
         }
         self.after_fenced(now, out);
-        self.follow_leader(out);
+        self.follow_leader(now, out);
         self.maybe_acquire(now, out);
     }
 
-    /// A follower's PostgreSQL must never be writable while another node (or
-    /// an unknown owner) holds the key, and should replicate from the leader.
-    /// Fence first: a writable server is stopped (`Fence`), and only its
-    /// confirmed stop (`Input::Fenced`) leads to a `Follow`.
-    fn follow_leader(&mut self, out: &mut Vec<Action>) {
+    /// Rule 8: a node that does not lead with fresh evidence never has a
+    /// writable PostgreSQL, whoever holds the key (another node, garbage,
+    /// nobody, unknown: at start-up before etcd answers, after a broken
+    /// watch) and while arming. The only grace is the race for an empty key
+    /// this node runs right now ([`Core::may_race`]): it fences if it loses.
+    /// A leader's writable server is rule 3's (the demotion deadline).
+    /// Then a follower replicates from the leader: a writable server is
+    /// fenced first (`Fence`), and only its confirmed stop
+    /// (`Input::Fenced`) leads to a `Follow`.
+    fn follow_leader(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        if self.pg == PgView::Primary
+            && matches!(self.role, Role::Follower | Role::Arming)
+            && !(self.holder == KeyHolder::Nobody && self.may_race(now))
+        {
+            out.push(Action::Fence);
+            return;
+        }
         if self.role != Role::Follower || self.shutting_down {
             return;
         }
-        match self.holder.clone() {
-            KeyHolder::Other(_) | KeyHolder::Garbage if self.pg == PgView::Primary => {
-                out.push(Action::Fence)
+        let KeyHolder::Other(leader) = self.holder.clone() else {
+            return;
+        };
+        let settled = match &self.pg {
+            PgView::Unmanaged | PgView::Busy | PgView::Primary => true,
+            PgView::Replica { following: Some(f) } => *f == leader,
+            PgView::Replica { following: None } | PgView::Down => {
+                self.following.as_ref() == Some(&leader)
             }
-            KeyHolder::Other(leader) => {
-                let settled = match &self.pg {
-                    PgView::Unmanaged | PgView::Busy | PgView::Primary => true,
-                    PgView::Replica { following: Some(f) } => *f == leader,
-                    PgView::Replica { following: None } | PgView::Down => {
-                        self.following.as_ref() == Some(&leader)
-                    }
-                };
-                if settled {
-                    return;
-                }
-                if self.node.is_some() && !self.knows_leader(&leader) {
-                    // Its address first; the follow comes with the record.
-                    self.maybe_refresh_leader_member(true, out);
-                    return;
-                }
-                self.following = Some(leader.clone());
-                self.busy = true;
-                out.push(Action::Follow { leader });
-            }
-            _ => {}
+        };
+        if settled {
+            return;
         }
+        if self.node.is_some() && !self.knows_leader(&leader) {
+            // Its address first; the follow comes with the record.
+            self.maybe_refresh_leader_member(true, out);
+            return;
+        }
+        self.following = Some(leader.clone());
+        self.busy = true;
+        out.push(Action::Follow { leader });
     }
 
     fn knows_leader(&self, leader: &str) -> bool {
@@ -1002,12 +1015,12 @@ impl Core {
             .is_some_and(|m| m.node == leader && m.host.is_some() && m.port.is_some())
     }
 
-    fn on_pg_view(&mut self, view: PgView, out: &mut Vec<Action>) {
+    fn on_pg_view(&mut self, now: BootTime, view: PgView, out: &mut Vec<Action>) {
         self.pg = view;
         if self.role == Role::Leader && self.pg == PgView::Down {
             self.step_down(StepDownReason::PostgresDown, out);
         }
-        self.follow_leader(out);
+        self.follow_leader(now, out);
     }
 
     fn on_pg_observed(
@@ -1037,8 +1050,10 @@ impl Core {
                 pg::eligibility(role, wal.as_ref(), leader_lsn, max_lag),
             )
         };
-        self.on_pg_view(view, out);
+        // Eligibility first: an eligible node that races for an empty key
+        // at once keeps a writable server through the race (rule 8's grace).
         self.set_eligibility(now, eligible, out);
+        self.on_pg_view(now, view, out);
     }
 
     fn set_eligibility(&mut self, now: BootTime, e: Result<(), String>, out: &mut Vec<Action>) {
@@ -1116,13 +1131,17 @@ impl Core {
         }
     }
 
+    /// Whether this node races for an empty key when it sees one now.
+    fn may_race(&self, now: BootTime) -> bool {
+        self.role == Role::Follower
+            && !self.shutting_down
+            && self.eligible
+            && now >= self.backoff_until
+            && self.lease.is_some()
+    }
+
     fn maybe_acquire(&mut self, now: BootTime, out: &mut Vec<Action>) {
-        if self.role != Role::Follower
-            || self.shutting_down
-            || !self.eligible
-            || now < self.backoff_until
-            || self.holder != KeyHolder::Nobody
-        {
+        if self.holder != KeyHolder::Nobody || !self.may_race(now) {
             return;
         }
         if let Some(lease) = self.lease {
@@ -2580,6 +2599,151 @@ mod tests {
         ] {
             assert_eq!(r.as_str(), format!("{r:?}"), "same words as before");
         }
+    }
+
+    // ---- Rule 8: writable only under a fresh lease
+
+    #[test]
+    fn rule8_at_start_up_before_etcd_answers_a_writable_server_is_fenced() {
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start); // no lease, no key read: etcd silent
+        let a = c.handle(t(10), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+        // A broken watch makes the owner unknown again: same.
+        let mut c = managed_follower();
+        c.handle(t(20), Input::WatchBroken);
+        let a = c.handle(t(30), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    }
+
+    #[test]
+    fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
+        // Backing off after a refused arm: PostgreSQL writable (started by
+        // hand) while nobody holds the key.
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(t(0), replica(10));
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(t(10), Input::Won { revision: 2 });
+        c.handle(
+            t(20),
+            Input::ArmFailed {
+                reason: "busy".into(),
+            },
+        );
+        c.handle(t(30), Input::Released { deleted: true });
+        c.handle(
+            t(40),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 3,
+            },
+        );
+        let a = c.handle(t(50), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+        assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+    }
+
+    #[test]
+    fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
+        // Bootstrap: a primary started before its agent, nobody leads, the
+        // node is eligible and races at once; it fences if it loses.
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        let a = c.handle(t(10), primary(100));
+        assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+        assert!(!has(&a, |a| *a == Action::Fence), "{a:?}");
+        let a = c.handle(
+            t(20),
+            Input::KeySeen {
+                holder: KeyHolder::Other("b".into()),
+                revision: 2,
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Fence), "lost the race: {a:?}");
+        // A race that etcd does not answer is no grace either.
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(t(10), primary(100));
+        c.handle(
+            t(20),
+            Input::AcquireFailed {
+                error: "timeout".into(),
+            },
+        );
+        assert_eq!(c.holder(), &KeyHolder::Unknown);
+        let a = c.handle(t(500), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+        let a = c.handle(t(520), Input::Tick);
+        assert!(has(&a, |a| *a == Action::ReadKey), "re-read: {a:?}");
+    }
+
+    #[test]
+    fn rule8_arming_is_not_leading() {
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(t(0), replica(10));
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(1000),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        // Won on stale evidence: renew first; meanwhile PostgreSQL is writable.
+        let a = c.handle(t(1500), Input::Won { revision: 2 });
+        assert!(has(&a, |a| matches!(a, Action::Renew { .. })));
+        assert_eq!(c.role(), &Role::Arming);
+        let a = c.handle(t(1600), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
     }
 
     /// Inputs a fuzzer may throw at the core, with a time step.
