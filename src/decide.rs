@@ -1202,6 +1202,17 @@ impl Core {
             }));
         }
         match arm_before_promote(self.cfg.mode, &outcome) {
+            // Rule 2 with rule 1: the promotion follows arming only while
+            // the evidence that permitted arming's ping is still fresh.
+            Ok(()) if !self.fresh(now) => {
+                let age = self.s.map(|s| now.saturating_since(s));
+                let reason = format!(
+                    "evidence went stale while arming ({age:?} since the last acknowledged \
+                     renewal, M - R = {:?}): not promoting",
+                    self.budget().ping_window()
+                );
+                self.arm_refused(now, vec![("*".into(), reason)], out)
+            }
             Ok(()) => {
                 if outcome.armed.is_empty() {
                     out.push(Action::Record(Fact::LeadingUnarmed {
@@ -1214,7 +1225,8 @@ impl Core {
         }
     }
 
-    /// Devices armed (or not needed): publish lease evidence, then promote.
+    /// Devices armed (or not needed) on fresh evidence: publish lease
+    /// evidence, then promote.
     fn arm_done(&mut self, _now: BootTime, out: &mut Vec<Action>) {
         self.role = Role::Promoting;
         let ev = self.s.map_or(Evidence::None, Evidence::Lease);
@@ -2601,6 +2613,79 @@ mod tests {
         }
     }
 
+    /// Won at 0.2 s on a grant sent at 0.1 s: arming must finish by 1.1 s.
+    fn arming_core() -> Core {
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(100),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(100),
+            },
+        );
+        let a = c.handle(t(200), Input::Won { revision: 2 });
+        assert!(has(&a, |a| *a == Action::Arm { not_after: t(1100) }));
+        c
+    }
+
+    #[test]
+    fn rule2_promotion_rechecks_freshness_after_arming() {
+        let mut c = arming_core();
+        let a = c.handle(t(1100), armed_ok(false));
+        assert!(
+            has(&a, |a| *a == Action::Promote),
+            "fresh at the bound: {a:?}"
+        );
+        // Arming took too long: the evidence that permitted its ping is stale.
+        let mut c = arming_core();
+        let a = c.handle(t(1101), armed_ok(false));
+        assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+        assert!(
+            !has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))),
+            "{a:?}"
+        );
+        let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
+        let disarm = pos(&a, |a| *a == Action::Disarm);
+        let release = pos(&a, |a| *a == Action::Release { lease: 7 });
+        assert!(none < disarm && disarm < release, "{a:?}");
+        assert_eq!(c.role(), &Role::Follower);
+        // Automatic mode, nothing armed: the same check.
+        let mut c = core(WatchdogMode::Automatic);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(100),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(100),
+            },
+        );
+        c.handle(t(200), Input::Won { revision: 2 });
+        let a = c.handle(
+            t(2000),
+            Input::Armed(ArmOutcome {
+                armed: vec![],
+                failed: vec![("/dev/watchdog0".into(), "gone".into())],
+            }),
+        );
+        assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+        assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    }
+
     // ---- Rule 8: writable only under a fresh lease
 
     #[test]
@@ -2861,6 +2946,10 @@ mod tests {
                     match a {
                         Action::Promote => {
                             prop_assert!(arm_ok_since_won, "rule 2: promote without arming: {actions:?}");
+                            prop_assert!(
+                                c.last_fresh().is_some_and(|s| timing::ping_permitted(t(now), s, &c.cfg.budget)),
+                                "rule 2: promote on stale evidence: {actions:?}"
+                            );
                             pg_may_write = true;
                         }
                         Action::Disarm => {
