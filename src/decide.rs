@@ -479,6 +479,9 @@ pub struct Core {
     backoff_until: BootTime,
     shutting_down: bool,
     granting: bool,
+    /// The newest etcd revision at which the key was read, watched or won:
+    /// older reports are stale.
+    key_revision: i64,
     /// This node's name: member records are published (see [`Core::with_node`]).
     node: Option<String>,
     /// The managed PostgreSQL (see [`Core::with_postgres`]).
@@ -523,6 +526,7 @@ impl Core {
             backoff_until: BootTime::ZERO,
             shutting_down: false,
             granting: false,
+            key_revision: 0,
             node: None,
             pgs: None,
             busy: false,
@@ -921,6 +925,10 @@ impl Core {
 
     fn on_lease_gone(&mut self, now: BootTime, out: &mut Vec<Action>) {
         let last_s = self.s;
+        // etcd lost our lease: it may be a store restored from a snapshot,
+        // whose revisions run behind the ones seen. Nothing this node leads
+        // survives this, and a follower's acquire is checked by etcd itself.
+        self.key_revision = 0;
         self.lease = None;
         self.s = None;
         out.push(Action::Record(Fact::LeaseLost { last_s }));
@@ -943,6 +951,13 @@ impl Core {
     }
 
     fn on_key(&mut self, now: BootTime, holder: KeyHolder, revision: i64, out: &mut Vec<Action>) {
+        // etcd's revisions order every read and event: one older than the
+        // newest seen (a watch event delivered after a newer read, or after
+        // the revision at which we won) says nothing about the key now.
+        if revision > 0 && revision < self.key_revision {
+            return;
+        }
+        self.key_revision = self.key_revision.max(revision);
         let changed = holder != self.holder;
         self.holder = holder;
         if self.leading() && self.holder != KeyHolder::Us {
@@ -1154,6 +1169,7 @@ impl Core {
             return;
         };
         self.holder = KeyHolder::Us;
+        self.key_revision = self.key_revision.max(revision);
         self.key_gone = false;
         self.stopped = false;
         self.following = None;
@@ -2684,6 +2700,68 @@ mod tests {
         );
         assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
         assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    }
+
+    #[test]
+    fn stale_key_events_do_not_unseat_a_leader() {
+        // The leader won at revision 2; events older than that were
+        // delivered late (the loop read and acquired before polling the watch).
+        let mut c = leader(WatchdogMode::Required);
+        for holder in [KeyHolder::Nobody, KeyHolder::Other("b".into())] {
+            let a = c.handle(
+                t(1200),
+                Input::KeySeen {
+                    holder,
+                    revision: 1,
+                },
+            );
+            assert!(a.is_empty(), "{a:?}");
+            assert_eq!(c.role(), &Role::Leader);
+            assert_eq!(c.holder(), &KeyHolder::Us);
+        }
+        let a = c.handle(
+            t(1300),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 3,
+            },
+        );
+        assert!(has(&a, |a| *a
+            == Action::StepDown {
+                reason: StepDownReason::KeyLost
+            }));
+    }
+
+    #[test]
+    fn a_follower_keeps_the_newest_owner_it_saw() {
+        let mut c = follower_seeing(KeyHolder::Other("b".into())); // revision 3
+        c.handle(
+            t(20),
+            Input::KeySeen {
+                holder: KeyHolder::Other("c".into()),
+                revision: 8,
+            },
+        );
+        let a = c.handle(
+            t(30),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 7,
+            },
+        );
+        assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "{a:?}");
+        assert_eq!(c.holder(), &KeyHolder::Other("c".into()));
+        // A lost lease (an etcd restored from a snapshot runs behind):
+        // revisions count again from there.
+        c.handle(t(40), Input::LeaseGone);
+        c.handle(
+            t(50),
+            Input::KeySeen {
+                holder: KeyHolder::Other("d".into()),
+                revision: 2,
+            },
+        );
+        assert_eq!(c.holder(), &KeyHolder::Other("d".into()));
     }
 
     // ---- Rule 8: writable only under a fresh lease
