@@ -37,7 +37,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-/// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
+/// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error. SIGHUP,
+/// SIGUSR1/2 and SIGQUIT are logged and ignored ([`signal_meaning`]).
 /// `config_digest` identifies the configuration in the audit's start-up record.
 pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     let budget = cfg.budget().map_err(|e| e.to_string())?;
@@ -146,9 +147,43 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     Ok(code)
 }
 
+/// What a signal means to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalMeaning {
+    /// Step down, release, disarm and exit 0 (SIGTERM, SIGINT).
+    Shutdown,
+    /// Logged and otherwise ignored: an agent that dies armed gets its node
+    /// reset, so no signal an operator may send kills it by default.
+    Note(&'static str),
+}
+
+/// The signals the agent handles; every other catchable one an operator
+/// might send keeps its default action (SIGKILL cannot be caught).
+pub const HANDLED_SIGNALS: [i32; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGQUIT,
+];
+
+pub fn signal_meaning(sig: i32) -> SignalMeaning {
+    match sig {
+        libc::SIGTERM | libc::SIGINT => SignalMeaning::Shutdown,
+        libc::SIGHUP => SignalMeaning::Note("SIGHUP: reload not supported; restart to apply"),
+        libc::SIGUSR1 => SignalMeaning::Note("SIGUSR1: ignored"),
+        libc::SIGUSR2 => SignalMeaning::Note("SIGUSR2: ignored"),
+        libc::SIGQUIT => SignalMeaning::Note(
+            "SIGQUIT: ignored (an agent that dies armed gets its node reset); \
+             SIGTERM steps down and exits",
+        ),
+        _ => SignalMeaning::Note("unexpected signal: ignored"),
+    }
+}
+
 fn spawn_signal_thread(tx: mpsc::UnboundedSender<i32>) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new(HANDLED_SIGNALS)
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("leasedog-signals".into())
@@ -383,11 +418,17 @@ impl Agent {
                 // Signals and the deadline timer first: a busy loop (etcd
                 // down, every tick ready) must not starve them.
                 biased;
-                Some(sig) = sig_rx.recv() => {
-                    info!("signal {sig}: stepping down and exiting");
-                    self.ops.stopping();
-                    Input::Shutdown
-                }
+                Some(sig) = sig_rx.recv() => match signal_meaning(sig) {
+                    SignalMeaning::Shutdown => {
+                        info!("signal {sig}: stepping down and exiting");
+                        self.ops.stopping();
+                        Input::Shutdown
+                    }
+                    SignalMeaning::Note(what) => {
+                        warn!("{what}");
+                        continue;
+                    }
+                },
                 Some(r) = timer_rx.recv() => match r {
                     TimerReport::Fenced { s, at, how } => {
                         warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
@@ -964,5 +1005,22 @@ async fn follow_leader(pg: &Pg, conninfo: &str) -> Result<String, String> {
                 .map_err(|e| format!("rejoin: {e}"))?;
             Ok(format!("{r:?}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sigterm_and_sigint_stop_the_agent() {
+        for sig in HANDLED_SIGNALS {
+            let stops = matches!(signal_meaning(sig), SignalMeaning::Shutdown);
+            assert_eq!(stops, sig == libc::SIGTERM || sig == libc::SIGINT, "{sig}");
+        }
+        assert_eq!(
+            signal_meaning(libc::SIGHUP),
+            SignalMeaning::Note("SIGHUP: reload not supported; restart to apply")
+        );
     }
 }
