@@ -9,9 +9,22 @@
 //! Rules that live here by name: [`arm_before_promote`] (rule 2) and
 //! [`may_disarm`] (rule 4); rule 1 is `timing::ping_permitted`, applied by the
 //! pinger to the evidence this core publishes.
+//!
+//! PostgreSQL's decisions live here too (see [`pg`] and [`member`]): whether
+//! this node is eligible (lag behind the leader's published LSN), fencing a
+//! writable server before following the leader, the synchronous standby
+//! names a leader wants, and when a member record is due. The agent observes
+//! and executes; it decides none of these.
+
+pub mod member;
+pub mod pg;
+
+pub use member::{Member, LSN_EVERY_LOOPS};
+pub use pg::{PgRole, PgSettings};
 
 use crate::clock::BootTime;
 use crate::config::WatchdogMode;
+use crate::postgres::WalPosition;
 use crate::timing::{self, Budget};
 use std::time::Duration;
 
@@ -65,6 +78,20 @@ pub enum StepDownReason {
     Shutdown,
 }
 
+impl StepDownReason {
+    /// The stable name stored in audit records (never a `Debug` string).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StepDownReason::Deadline => "deadline",
+            StepDownReason::LeaseLost => "lease_lost",
+            StepDownReason::KeyLost => "key_lost",
+            StepDownReason::PromoteFailed => "promote_failed",
+            StepDownReason::PostgresDown => "postgres_down",
+            StepDownReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// PostgreSQL as the driver last observed it (`Unmanaged` when the agent
 /// runs without a `[postgres]` section).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +107,19 @@ pub enum PgView {
     },
     /// A rejoin or clone is in progress.
     Busy,
+}
+
+impl PgView {
+    /// The stable name stored in member records.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PgView::Unmanaged => "unmanaged",
+            PgView::Down => "down",
+            PgView::Primary => "primary",
+            PgView::Replica { .. } => "replica",
+            PgView::Busy => "busy",
+        }
+    }
 }
 
 /// Outcome of arming every configured device.
@@ -173,12 +213,53 @@ pub enum Input {
     /// Every device that could be disarmed was (magic close).
     Disarmed,
     /// Whether this node may race for the key (healthy, lag within bounds).
+    /// The agent feeds [`Input::PgObserved`] instead and lets the core judge;
+    /// this stays for drivers (simulations) that model PostgreSQL abstractly.
     Eligibility {
         eligible: bool,
         reason: String,
     },
-    /// PostgreSQL's state, observed once per loop.
+    /// PostgreSQL's state as an abstract view (no eligibility judgement).
+    /// The agent feeds [`Input::PgObserved`].
     Postgres(PgView),
+    /// PostgreSQL answered the observer's status query (once per loop, from
+    /// a task of its own, never on the renewal path). The core derives the
+    /// view, the eligibility and the LSN of its member record from it.
+    PgObserved {
+        role: PgRole,
+        wal: Option<WalPosition>,
+    },
+    /// The status query failed (timeout, credentials, another data
+    /// directory): the server's state is unknown, so the node is not eligible.
+    PgObserveFailed {
+        error: String,
+    },
+    /// A `Fence` finished: PostgreSQL is stopped (`ok`) or may still run.
+    Fenced {
+        ok: bool,
+        how: String,
+    },
+    /// Outcome of `RefreshLeaderMember`: the leader's record (None: absent,
+    /// unreadable or etcd did not answer; the last one seen is kept).
+    LeaderMember {
+        leader: String,
+        member: Option<Member>,
+    },
+    /// Outcome of `PublishMember`.
+    MemberPublished {
+        member: Member,
+        ok: bool,
+    },
+    /// Synchronous mode: the `application_name`s streaming from this
+    /// (primary) server, as the observer saw them.
+    StandbysSeen {
+        standbys: Vec<String>,
+    },
+    /// Outcome of `SetSyncStandbys`.
+    SyncStandbysSet {
+        value: String,
+        ok: bool,
+    },
     /// A `Follow` finished (PostgreSQL runs as a replica of `leader`) or failed.
     Followed {
         leader: String,
@@ -264,14 +345,28 @@ pub enum Action {
     StepDown {
         reason: StepDownReason,
     },
-    /// Not leading and PostgreSQL is writable while an unknown owner holds
-    /// the key: stop it at once (immediate stop, SIGKILL if needed).
+    /// Not leading and PostgreSQL is writable: stop it at once (immediate
+    /// stop, SIGKILL if needed). Outcome: [`Input::Fenced`]; a follower
+    /// follows the leader only after a successful fence.
     Fence,
-    /// Run PostgreSQL as a replica of `leader`: fence it first if it is
-    /// writable, then rewind or clone as needed. Runs in the background.
+    /// Run PostgreSQL as a replica of `leader` (never emitted while it is
+    /// observed writable: that is a `Fence` first): stop, rewind or clone
+    /// as needed, from the address in the leader's member record
+    /// ([`Core::leader_member`]). Runs in the background; outcome
+    /// [`Input::Followed`].
     Follow {
         leader: String,
     },
+    /// Write this node's member record on the current lease. Outcome:
+    /// [`Input::MemberPublished`] (may arrive later: off the renewal path).
+    PublishMember(Member),
+    /// Read `leader`'s member record. Outcome: [`Input::LeaderMember`].
+    RefreshLeaderMember {
+        leader: String,
+    },
+    /// Synchronous mode: set `synchronous_standby_names` to this value.
+    /// Outcome: [`Input::SyncStandbysSet`].
+    SetSyncStandbys(String),
     Release {
         lease: i64,
     },
@@ -297,6 +392,30 @@ pub enum Role {
     /// PostgreSQL confirmed stopped; waiting for the key to be gone to disarm.
     Fenced,
     Exited,
+}
+
+impl Role {
+    /// The stable name stored in member records and shown by `status`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Follower => "Follower",
+            Role::Arming => "Arming",
+            Role::Promoting => "Promoting",
+            Role::Leader => "Leader",
+            Role::SteppingDown => "SteppingDown",
+            Role::Fenced => "Fenced",
+            Role::Exited => "Exited",
+        }
+    }
+}
+
+/// The stable name of a watchdog mode (as configured, and in member records).
+pub fn mode_name(mode: WatchdogMode) -> &'static str {
+    match mode {
+        WatchdogMode::Off => "off",
+        WatchdogMode::Automatic => "automatic",
+        WatchdogMode::Required => "required",
+    }
 }
 
 /// Fixed settings of the core.
@@ -351,6 +470,8 @@ pub struct Core {
     /// The key we held is released or expired.
     key_gone: bool,
     eligible: bool,
+    /// Why not, when not eligible.
+    ineligible_because: String,
     pg: PgView,
     /// The leader a `Follow` was last asked for (not repeated while pending).
     following: Option<String>,
@@ -358,6 +479,32 @@ pub struct Core {
     backoff_until: BootTime,
     shutting_down: bool,
     granting: bool,
+    /// The newest etcd revision at which the key was read, watched or won:
+    /// older reports are stale.
+    key_revision: i64,
+    /// This node's name: member records are published (see [`Core::with_node`]).
+    node: Option<String>,
+    /// The managed PostgreSQL (see [`Core::with_postgres`]).
+    pgs: Option<PgSettings>,
+    /// A `Follow` runs in the background (observations read as `Busy`).
+    busy: bool,
+    /// The leader our PostgreSQL streams from, as arranged by the last `Follow`.
+    following_pg: Option<String>,
+    /// Our PostgreSQL's WAL position at the last observation.
+    last_lsn: Option<u64>,
+    /// The current (or last) leader's member record.
+    leader_member: Option<Member>,
+    leader_member_pending: bool,
+    /// Our last written member record and the loop it was written at.
+    published: Option<(Member, u64)>,
+    /// A `PublishMember` is out, on this lease.
+    publish_pending: Option<i64>,
+    /// `synchronous_standby_names` as last set or seen (synchronous mode).
+    sync_names: Option<String>,
+    sync_pending: bool,
+    /// Loops (ticks) so far, for the member and re-read cadences.
+    ticks: u64,
+    last_tick: Option<BootTime>,
 }
 
 impl Core {
@@ -373,12 +520,99 @@ impl Core {
             stopped: true,
             key_gone: true,
             eligible: true,
+            ineligible_because: String::new(),
             pg: PgView::Unmanaged,
             following: None,
             backoff_until: BootTime::ZERO,
             shutting_down: false,
             granting: false,
+            key_revision: 0,
+            node: None,
+            pgs: None,
+            busy: false,
+            following_pg: None,
+            last_lsn: None,
+            leader_member: None,
+            leader_member_pending: false,
+            published: None,
+            publish_pending: None,
+            sync_names: None,
+            sync_pending: false,
+            ticks: 0,
+            last_tick: None,
         }
+    }
+
+    /// Publishes member records for `node` (`Action::PublishMember`) and
+    /// follows a leader only once its record (the PostgreSQL address) is known.
+    pub fn with_node(mut self, node: impl Into<String>) -> Core {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// Manages a PostgreSQL: not eligible until it has been observed once
+    /// (`Input::PgObserved`).
+    pub fn with_postgres(mut self, pg: PgSettings) -> Core {
+        self.pgs = Some(pg);
+        self.eligible = false;
+        self.ineligible_because = "PostgreSQL not observed yet".into();
+        self
+    }
+
+    /// Whether this node may race for the key, and why not.
+    pub fn eligibility(&self) -> Result<(), &str> {
+        if self.eligible {
+            Ok(())
+        } else {
+            Err(&self.ineligible_because)
+        }
+    }
+
+    /// PostgreSQL as last observed.
+    pub fn pg_view(&self) -> &PgView {
+        &self.pg
+    }
+
+    /// The current (or last) leader's member record, as last read.
+    pub fn leader_member(&self) -> Option<&Member> {
+        self.leader_member.as_ref()
+    }
+
+    /// Devices armed with nowayout: `Disarm` must keep them open (and the
+    /// core keeps pinging them on liveness as a replica).
+    pub fn nowayout_devices(&self) -> &[String] {
+        &self.nowayout
+    }
+
+    /// The next instant at which the core needs an `Input::Tick` (like
+    /// quinn-proto's `poll_timeout`): the next loop (`loop_interval` after
+    /// the last tick), and earlier when a deadline of its own falls first:
+    /// just past the demotion deadline while leading (rule 3, in the loop),
+    /// the end of a back-off, or the lease's sure expiry while fenced.
+    /// `None` before the first tick (tick now) and once exited.
+    pub fn next_deadline(&self) -> Option<BootTime> {
+        if self.role == Role::Exited {
+            return None;
+        }
+        let last = self.last_tick?;
+        let mut next = last + self.budget().loop_interval;
+        let mut earlier = |t: BootTime| {
+            if t < next {
+                next = t;
+            }
+        };
+        const JUST_PAST: Duration = Duration::from_nanos(1);
+        match (&self.role, self.s) {
+            (Role::Arming | Role::Promoting | Role::Leader, Some(s)) => {
+                earlier(timing::demotion_deadline(s, self.budget()) + JUST_PAST)
+            }
+            (Role::Fenced, Some(s)) if !self.key_gone => {
+                earlier(timing::earliest_expiry(s, self.budget()) + EXPIRY_SLACK + JUST_PAST)
+            }
+            (Role::Follower, _) if self.backoff_until > last => earlier(self.backoff_until),
+            _ => {}
+        }
+        Some(next)
     }
 
     pub fn role(&self) -> &Role {
@@ -415,7 +649,23 @@ impl Core {
             .is_some_and(|s| timing::ping_permitted(now, s, self.budget()))
     }
 
-    /// Feeds one observation; returns the actions to execute in order.
+    /// Feeds one observation taken at `now` (CLOCK_BOOTTIME); returns the
+    /// actions to execute. The contract every driver keeps:
+    ///
+    /// - Actions are executed in the order returned.
+    /// - `Publish` is executed before any other I/O of the batch: the core
+    ///   puts it first wherever a renewal earns or loses a permit (rule 1).
+    /// - Each `Record(Fact)` is appended to the audit log and fsynced before
+    ///   the next action runs (rule 7: `acquired`, `armed` are on disk before
+    ///   the `Promote` that follows them).
+    /// - An action's outcome (the `Input` it produces) is fed back, and the
+    ///   actions the core returns for it are executed, before the rest of the
+    ///   batch (depth-first). Actions that run off the main loop (`Follow`,
+    ///   `PublishMember`, `RefreshLeaderMember`, `SetSyncStandbys`) report
+    ///   their outcome later, as an input of its own.
+    /// - `Exit` ends the driver; nothing after it runs.
+    /// - The driver feeds `Tick` at [`Core::next_deadline`] (or on its own
+    ///   loop, at least as often).
     pub fn handle(&mut self, now: BootTime, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
         if self.role == Role::Exited {
@@ -433,6 +683,8 @@ impl Core {
                 self.granting = false;
                 self.lease = Some(lease);
                 self.s = Some(sent);
+                // A new lease carries no member record yet.
+                self.published = None;
                 out.push(Action::Record(Fact::LeaseGranted { lease }));
                 self.maybe_acquire(now, &mut out);
             }
@@ -448,7 +700,13 @@ impl Core {
             Input::LeaseGone => self.on_lease_gone(now, &mut out),
             Input::KeySeen { holder, revision } => self.on_key(now, holder, revision, &mut out),
             Input::Won { revision } => self.on_won(now, revision, &mut out),
-            Input::AcquireFailed { .. } => {}
+            Input::AcquireFailed { .. } => {
+                // Unanswered: who holds the key is unknown until re-read (a
+                // writable server gets no grace from a race not run).
+                if self.holder == KeyHolder::Nobody {
+                    self.holder = KeyHolder::Unknown;
+                }
+            }
             Input::Armed(outcome) => self.on_armed(now, outcome, &mut out),
             Input::ArmFailed { reason } => {
                 if self.role == Role::Arming {
@@ -458,7 +716,15 @@ impl Core {
             Input::Promoted => {
                 if self.role == Role::Promoting {
                     self.role = Role::Leader;
+                    self.following_pg = None;
                     out.push(Action::Record(Fact::Promoted));
+                    if self.pgs.as_ref().is_some_and(|p| p.synchronous_mode) {
+                        // A fresh primary has no standby yet: drop a copied
+                        // setting at once, or every commit would wait.
+                        self.sync_names = None;
+                        self.sync_pending = true;
+                        out.push(Action::SetSyncStandbys(String::new()));
+                    }
                 }
             }
             Input::PromoteFailed { .. } => {
@@ -510,9 +776,8 @@ impl Core {
                 }
                 self.maybe_exit(&mut out);
             }
-            Input::Eligibility { eligible, .. } => {
-                self.eligible = eligible;
-                self.maybe_acquire(now, &mut out);
+            Input::Eligibility { eligible, reason } => {
+                self.set_eligibility(now, if eligible { Ok(()) } else { Err(reason) }, &mut out);
             }
             Input::WatchBroken => {
                 // Not evidence of a lost key: a leader keeps leading on its
@@ -522,16 +787,47 @@ impl Core {
                 }
                 out.push(Action::ReadKey);
             }
-            Input::Postgres(view) => {
-                self.pg = view;
-                if self.role == Role::Leader && self.pg == PgView::Down {
-                    self.step_down(StepDownReason::PostgresDown, &mut out);
+            Input::Postgres(view) => self.on_pg_view(now, view, &mut out),
+            Input::PgObserved { role, wal } => self.on_pg_observed(now, role, wal, &mut out),
+            Input::PgObserveFailed { error } => {
+                // A server we cannot query (wrong credentials, another data
+                // directory) must not be led: the promotion would fail and
+                // its step-down would fence that server. Its view stands.
+                let why = format!("cannot observe PostgreSQL: {error}");
+                self.set_eligibility(now, Err(why), &mut out);
+            }
+            Input::Fenced { ok, .. } => {
+                if ok {
+                    self.pg = PgView::Down;
+                    self.follow_leader(now, &mut out);
                 }
-                self.follow_leader(&mut out);
             }
             Input::Followed { leader, ok } => {
-                if !ok && self.following.as_deref() == Some(leader.as_str()) {
+                self.busy = false;
+                if ok {
+                    self.following_pg = Some(leader);
+                } else if self.following.as_deref() == Some(leader.as_str()) {
                     self.following = None; // asked again on a later loop
+                }
+            }
+            Input::LeaderMember { leader, member } => {
+                self.leader_member_pending = false;
+                if let Some(m) = member.filter(|m| m.node == leader) {
+                    self.leader_member = Some(m);
+                }
+                self.follow_leader(now, &mut out);
+            }
+            Input::MemberPublished { member, ok } => {
+                let lease = self.publish_pending.take();
+                if ok && lease.is_some() && lease == self.lease {
+                    self.published = Some((member, self.ticks));
+                }
+            }
+            Input::StandbysSeen { standbys } => self.manage_sync(&standbys, &mut out),
+            Input::SyncStandbysSet { value, ok } => {
+                self.sync_pending = false;
+                if ok {
+                    self.sync_names = Some(value);
                 }
             }
             Input::Shutdown => {
@@ -553,6 +849,18 @@ impl Core {
     }
 
     fn on_tick(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        self.ticks += 1;
+        self.last_tick = Some(now);
+        if self.ticks % LSN_EVERY_LOOPS == 0 {
+            // Re-read the server's value now and then, in case someone changed it.
+            self.sync_names = None;
+        }
+        self.loop_work(now, out);
+        self.maybe_publish_member(out);
+        self.maybe_refresh_leader_member(false, out);
+    }
+
+    fn loop_work(&mut self, now: BootTime, out: &mut Vec<Action>) {
         // Rule 3 inside the loop (the deadline timer does it independently).
         if self.leading() {
             if let Some(s) = self.s {
@@ -617,6 +925,10 @@ impl Core {
 
     fn on_lease_gone(&mut self, now: BootTime, out: &mut Vec<Action>) {
         let last_s = self.s;
+        // etcd lost our lease: it may be a store restored from a snapshot,
+        // whose revisions run behind the ones seen. Nothing this node leads
+        // survives this, and a follower's acquire is checked by etcd itself.
+        self.key_revision = 0;
         self.lease = None;
         self.s = None;
         out.push(Action::Record(Fact::LeaseLost { last_s }));
@@ -639,6 +951,13 @@ impl Core {
     }
 
     fn on_key(&mut self, now: BootTime, holder: KeyHolder, revision: i64, out: &mut Vec<Action>) {
+        // etcd's revisions order every read and event: one older than the
+        // newest seen (a watch event delivered after a newer read, or after
+        // the revision at which we won) says nothing about the key now.
+        if revision > 0 && revision < self.key_revision {
+            return;
+        }
+        self.key_revision = self.key_revision.max(revision);
         let changed = holder != self.holder;
         self.holder = holder;
         if self.leading() && self.holder != KeyHolder::Us {
@@ -658,46 +977,186 @@ impl Core {
             }));
         }
         self.after_fenced(now, out);
-        self.follow_leader(out);
+        self.follow_leader(now, out);
         self.maybe_acquire(now, out);
     }
 
-    /// A follower's PostgreSQL must never be writable while another node (or
-    /// an unknown owner) holds the key, and should replicate from the leader.
-    fn follow_leader(&mut self, out: &mut Vec<Action>) {
+    /// Rule 8: a node that does not lead with fresh evidence never has a
+    /// writable PostgreSQL, whoever holds the key (another node, garbage,
+    /// nobody, unknown: at start-up before etcd answers, after a broken
+    /// watch) and while arming. The only grace is the race for an empty key
+    /// this node runs right now ([`Core::may_race`]): it fences if it loses.
+    /// A leader's writable server is rule 3's (the demotion deadline).
+    /// Then a follower replicates from the leader: a writable server is
+    /// fenced first (`Fence`), and only its confirmed stop
+    /// (`Input::Fenced`) leads to a `Follow`.
+    fn follow_leader(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        if self.pg == PgView::Primary
+            && matches!(self.role, Role::Follower | Role::Arming)
+            && !(self.holder == KeyHolder::Nobody && self.may_race(now))
+        {
+            out.push(Action::Fence);
+            return;
+        }
         if self.role != Role::Follower || self.shutting_down {
             return;
         }
-        match &self.holder {
-            KeyHolder::Other(leader) => {
-                let settled = match &self.pg {
-                    PgView::Unmanaged | PgView::Busy => true,
-                    // Writable while another node leads: act now, every time.
-                    PgView::Primary => false,
-                    PgView::Replica { following: Some(f) } => f == leader,
-                    PgView::Replica { following: None } | PgView::Down => {
-                        self.following.as_ref() == Some(leader)
-                    }
-                };
-                if !settled {
-                    self.following = Some(leader.clone());
-                    out.push(Action::Follow {
-                        leader: leader.clone(),
-                    });
-                }
+        let KeyHolder::Other(leader) = self.holder.clone() else {
+            return;
+        };
+        let settled = match &self.pg {
+            PgView::Unmanaged | PgView::Busy | PgView::Primary => true,
+            PgView::Replica { following: Some(f) } => *f == leader,
+            PgView::Replica { following: None } | PgView::Down => {
+                self.following.as_ref() == Some(&leader)
             }
-            KeyHolder::Garbage if self.pg == PgView::Primary => out.push(Action::Fence),
-            _ => {}
+        };
+        if settled {
+            return;
+        }
+        if self.node.is_some() && !self.knows_leader(&leader) {
+            // Its address first; the follow comes with the record.
+            self.maybe_refresh_leader_member(true, out);
+            return;
+        }
+        self.following = Some(leader.clone());
+        self.busy = true;
+        out.push(Action::Follow { leader });
+    }
+
+    fn knows_leader(&self, leader: &str) -> bool {
+        self.leader_member
+            .as_ref()
+            .is_some_and(|m| m.node == leader && m.host.is_some() && m.port.is_some())
+    }
+
+    fn on_pg_view(&mut self, now: BootTime, view: PgView, out: &mut Vec<Action>) {
+        self.pg = view;
+        if self.role == Role::Leader && self.pg == PgView::Down {
+            self.step_down(StepDownReason::PostgresDown, out);
+        }
+        self.follow_leader(now, out);
+    }
+
+    fn on_pg_observed(
+        &mut self,
+        now: BootTime,
+        role: PgRole,
+        wal: Option<WalPosition>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(max_lag) = self.pgs.as_ref().map(|p| p.maximum_lag_on_failover) else {
+            return; // not managed: nothing to observe
+        };
+        self.last_lsn = wal.and_then(|w| w.position()).map(|l| l.0);
+        let (view, eligible) = if self.busy {
+            (PgView::Busy, Err("rejoin in progress".to_string()))
+        } else {
+            let view = match role {
+                PgRole::Primary => PgView::Primary,
+                PgRole::Replica => PgView::Replica {
+                    following: self.following_pg.clone(),
+                },
+                PgRole::Down => PgView::Down,
+            };
+            let leader_lsn = self.leader_member.as_ref().and_then(|m| m.lsn);
+            (
+                view,
+                pg::eligibility(role, wal.as_ref(), leader_lsn, max_lag),
+            )
+        };
+        // Eligibility first: an eligible node that races for an empty key
+        // at once keeps a writable server through the race (rule 8's grace).
+        self.set_eligibility(now, eligible, out);
+        self.on_pg_view(now, view, out);
+    }
+
+    fn set_eligibility(&mut self, now: BootTime, e: Result<(), String>, out: &mut Vec<Action>) {
+        let eligible = e.is_ok();
+        self.ineligible_because = e.err().unwrap_or_default();
+        if eligible != self.eligible {
+            self.eligible = eligible;
+            self.maybe_acquire(now, out);
         }
     }
 
+    /// Synchronous mode: as leader of a primary, keeps
+    /// `synchronous_standby_names` naming the streaming standbys ('' when
+    /// none stream), sent only when the wanted value differs from the last
+    /// one set. Anything else leaves the setting alone.
+    fn manage_sync(&mut self, standbys: &[String], out: &mut Vec<Action>) {
+        if !self.pgs.as_ref().is_some_and(|p| p.synchronous_mode) {
+            return;
+        }
+        if self.role != Role::Leader || self.pg != PgView::Primary {
+            self.sync_names = None;
+            return;
+        }
+        let want = pg::wanted_sync_names(standbys);
+        if self.sync_pending || self.sync_names.as_ref() == Some(&want) {
+            return;
+        }
+        self.sync_pending = true;
+        out.push(Action::SetSyncStandbys(want));
+    }
+
+    /// This node's member record as it stands.
+    pub fn member(&self) -> Option<Member> {
+        let node = self.node.clone()?;
+        Some(Member {
+            node,
+            role: self.role.as_str().into(),
+            postgres: self.pg.as_str().into(),
+            host: self.pgs.as_ref().map(|p| p.host.clone()),
+            port: self.pgs.as_ref().map(|p| p.port),
+            lsn: self.last_lsn,
+            watchdog: mode_name(self.cfg.mode).into(),
+        })
+    }
+
+    /// Once per loop: the member record when due ([`member::due`]), on the
+    /// current lease, one write at a time.
+    fn maybe_publish_member(&mut self, out: &mut Vec<Action>) {
+        let (Some(lease), None) = (self.lease, self.publish_pending) else {
+            return;
+        };
+        let Some(me) = self.member() else { return };
+        if member::due(&me, self.published.as_ref(), self.ticks) {
+            self.publish_pending = Some(lease);
+            out.push(Action::PublishMember(me));
+        }
+    }
+
+    /// Followers read the leader's record when it is another node's than
+    /// the one known (`now`), or every `LSN_EVERY_LOOPS` loops; one read at
+    /// a time.
+    fn maybe_refresh_leader_member(&mut self, now: bool, out: &mut Vec<Action>) {
+        let KeyHolder::Other(leader) = &self.holder else {
+            return;
+        };
+        if self.node.is_none() || self.leader_member_pending {
+            return;
+        }
+        let stale = self.leader_member.as_ref().map(|m| &m.node) != Some(leader);
+        if now || stale || self.ticks % LSN_EVERY_LOOPS == 0 {
+            self.leader_member_pending = true;
+            out.push(Action::RefreshLeaderMember {
+                leader: leader.clone(),
+            });
+        }
+    }
+
+    /// Whether this node races for an empty key when it sees one now.
+    fn may_race(&self, now: BootTime) -> bool {
+        self.role == Role::Follower
+            && !self.shutting_down
+            && self.eligible
+            && now >= self.backoff_until
+            && self.lease.is_some()
+    }
+
     fn maybe_acquire(&mut self, now: BootTime, out: &mut Vec<Action>) {
-        if self.role != Role::Follower
-            || self.shutting_down
-            || !self.eligible
-            || now < self.backoff_until
-            || self.holder != KeyHolder::Nobody
-        {
+        if self.holder != KeyHolder::Nobody || !self.may_race(now) {
             return;
         }
         if let Some(lease) = self.lease {
@@ -710,6 +1169,7 @@ impl Core {
             return;
         };
         self.holder = KeyHolder::Us;
+        self.key_revision = self.key_revision.max(revision);
         self.key_gone = false;
         self.stopped = false;
         self.following = None;
@@ -758,6 +1218,17 @@ impl Core {
             }));
         }
         match arm_before_promote(self.cfg.mode, &outcome) {
+            // Rule 2 with rule 1: the promotion follows arming only while
+            // the evidence that permitted arming's ping is still fresh.
+            Ok(()) if !self.fresh(now) => {
+                let age = self.s.map(|s| now.saturating_since(s));
+                let reason = format!(
+                    "evidence went stale while arming ({age:?} since the last acknowledged \
+                     renewal, M - R = {:?}): not promoting",
+                    self.budget().ping_window()
+                );
+                self.arm_refused(now, vec![("*".into(), reason)], out)
+            }
             Ok(()) => {
                 if outcome.armed.is_empty() {
                     out.push(Action::Record(Fact::LeadingUnarmed {
@@ -770,7 +1241,8 @@ impl Core {
         }
     }
 
-    /// Devices armed (or not needed): publish lease evidence, then promote.
+    /// Devices armed (or not needed) on fresh evidence: publish lease
+    /// evidence, then promote.
     fn arm_done(&mut self, _now: BootTime, out: &mut Vec<Action>) {
         self.role = Role::Promoting;
         let ev = self.s.map_or(Evidence::None, Evidence::Lease);
@@ -1515,13 +1987,29 @@ mod tests {
     }
 
     #[test]
-    fn follower_with_a_writable_postgres_follows_the_leader_every_time() {
+    fn follower_with_a_writable_postgres_fences_every_time_then_follows() {
         let mut c = follower_seeing(KeyHolder::Other("b".into()));
         let a = c.handle(t(20), Input::Postgres(PgView::Primary));
-        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
-        // Still writable on the next loop (the follow failed): again, at once.
+        assert_eq!(a, vec![Action::Fence], "fence first, nothing else");
+        // The fence failed: still writable on the next loop: again, at once.
+        c.handle(
+            t(30),
+            Input::Fenced {
+                ok: false,
+                how: "x".into(),
+            },
+        );
         let a = c.handle(t(520), Input::Postgres(PgView::Primary));
-        assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+        assert_eq!(a, vec![Action::Fence]);
+        let a = c.handle(
+            t(530),
+            Input::Fenced {
+                ok: true,
+                how: "stopped".into(),
+            },
+        );
+        assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+        assert_eq!(c.pg_view(), &PgView::Down);
     }
 
     #[test]
@@ -1607,6 +2095,820 @@ mod tests {
         assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
     }
 
+    // ---- PostgreSQL, member records, synchronous mode (moved from the agent)
+
+    fn settings(sync: bool) -> PgSettings {
+        PgSettings {
+            maximum_lag_on_failover: 1000,
+            synchronous_mode: sync,
+            host: "10.0.0.1".into(),
+            port: 5432,
+        }
+    }
+
+    fn managed(sync: bool) -> Core {
+        core(WatchdogMode::Required)
+            .with_node("a")
+            .with_postgres(settings(sync))
+    }
+
+    fn replica(lsn: u64) -> Input {
+        Input::PgObserved {
+            role: PgRole::Replica,
+            wal: Some(WalPosition {
+                timeline: 1,
+                current: None,
+                receive: Some(crate::postgres::Lsn(lsn)),
+                replay: Some(crate::postgres::Lsn(lsn)),
+            }),
+        }
+    }
+
+    fn primary(lsn: u64) -> Input {
+        Input::PgObserved {
+            role: PgRole::Primary,
+            wal: Some(WalPosition {
+                timeline: 1,
+                current: Some(crate::postgres::Lsn(lsn)),
+                receive: None,
+                replay: None,
+            }),
+        }
+    }
+
+    fn leader_record(node: &str, lsn: Option<u64>) -> Member {
+        Member {
+            node: node.into(),
+            role: "Leader".into(),
+            postgres: "primary".into(),
+            host: Some("10.0.0.2".into()),
+            port: Some(5432),
+            lsn,
+            watchdog: "required".into(),
+        }
+    }
+
+    /// A managed follower with lease 7 that sees `b` lead at revision 3.
+    fn managed_follower() -> Core {
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(10),
+            Input::KeySeen {
+                holder: KeyHolder::Other("b".into()),
+                revision: 3,
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn managed_postgres_is_not_eligible_before_the_first_look() {
+        let mut c = managed(false);
+        assert_eq!(c.eligibility(), Err("PostgreSQL not observed yet"));
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        let a = c.handle(
+            t(10),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 5,
+            },
+        );
+        assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+        let a = c.handle(t(20), replica(100));
+        assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+        assert_eq!(c.eligibility(), Ok(()));
+    }
+
+    #[test]
+    fn eligibility_within_and_over_the_lag_bound_of_the_leaders_lsn() {
+        let mut c = managed_follower();
+        c.handle(
+            t(20),
+            Input::LeaderMember {
+                leader: "b".into(),
+                member: Some(leader_record("b", Some(5000))),
+            },
+        );
+        c.handle(t(30), replica(4000)); // 1000 behind: the bound itself
+        assert_eq!(c.eligibility(), Ok(()));
+        c.handle(
+            t(35),
+            Input::Followed {
+                leader: "b".into(),
+                ok: true,
+            },
+        );
+        c.handle(t(40), replica(3999)); // 1001 behind
+        let why = c.eligibility().unwrap_err().to_string();
+        assert!(why.contains("1001 bytes behind"), "{why}");
+        // The leader dies (key gone): its last LSN still counts.
+        let a = c.handle(
+            t(50),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 9,
+            },
+        );
+        assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "lagging");
+        let a = c.handle(t(60), replica(4500));
+        assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "caught up");
+        c.handle(
+            t(70),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+            },
+        );
+        assert_eq!(c.eligibility(), Err("PostgreSQL is down"));
+        c.handle(t(80), replica(4500));
+        c.handle(
+            t(90),
+            Input::PgObserveFailed {
+                error: "password authentication failed".into(),
+            },
+        );
+        assert!(c.eligibility().unwrap_err().contains("password"));
+    }
+
+    #[test]
+    fn member_record_is_due_on_change_and_its_lsn_at_the_cadence() {
+        let mut c = managed_follower();
+        c.handle(t(20), replica(100));
+        let a = c.handle(t(500), Input::Tick);
+        let me = match a.iter().find(|a| matches!(a, Action::PublishMember(_))) {
+            Some(Action::PublishMember(m)) => m.clone(),
+            _ => panic!("first record due: {a:?}"),
+        };
+        assert_eq!(
+            (
+                me.role.as_str(),
+                me.postgres.as_str(),
+                me.lsn,
+                me.watchdog.as_str()
+            ),
+            ("Follower", "replica", Some(100), "required")
+        );
+        assert_eq!(
+            (me.host.as_deref(), me.port),
+            (Some("10.0.0.1"), Some(5432))
+        );
+        // Not re-sent while the write is out.
+        let a = c.handle(t(1000), Input::Tick);
+        assert!(!has(&a, |a| matches!(a, Action::PublishMember(_))));
+        c.handle(
+            t(1010),
+            Input::MemberPublished {
+                member: me.clone(),
+                ok: true,
+            },
+        );
+        // The LSN moves: not before LSN_EVERY_LOOPS loops.
+        c.handle(t(1020), replica(200));
+        for i in 0..LSN_EVERY_LOOPS - 1 {
+            let a = c.handle(t(1500 + i * 500), Input::Tick);
+            assert!(!has(&a, |a| matches!(a, Action::PublishMember(_))), "{i}");
+        }
+        let a = c.handle(t(20_000), Input::Tick);
+        assert!(has(
+            &a,
+            |a| matches!(a, Action::PublishMember(m) if m.lsn == Some(200))
+        ));
+        c.handle(
+            t(20_010),
+            Input::MemberPublished {
+                member: me.clone(),
+                ok: false,
+            },
+        );
+        // A failed write is retried on the next loop; a change goes at once.
+        c.handle(
+            t(20_020),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+            },
+        );
+        let a = c.handle(t(20_500), Input::Tick);
+        assert!(has(
+            &a,
+            |a| matches!(a, Action::PublishMember(m) if m.postgres == "down")
+        ));
+    }
+
+    #[test]
+    fn member_record_on_a_new_lease_is_due_again() {
+        let mut c = managed_follower();
+        let a = c.handle(t(500), Input::Tick);
+        let Some(Action::PublishMember(me)) = a
+            .into_iter()
+            .find(|a| matches!(a, Action::PublishMember(_)))
+        else {
+            panic!("due")
+        };
+        c.handle(t(510), Input::LeaseGone);
+        c.handle(
+            t(520),
+            Input::LeaseGranted {
+                lease: 8,
+                sent: t(520),
+            },
+        );
+        // The reply to the write on the old lease does not count.
+        c.handle(
+            t(530),
+            Input::MemberPublished {
+                member: me,
+                ok: true,
+            },
+        );
+        let a = c.handle(t(1000), Input::Tick);
+        assert!(has(&a, |a| matches!(a, Action::PublishMember(_))), "{a:?}");
+    }
+
+    #[test]
+    fn follow_waits_for_the_leaders_address_and_refreshes_at_the_cadence() {
+        let mut c = managed_follower();
+        let a = c.handle(
+            t(20),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+            },
+        );
+        assert_eq!(
+            a,
+            vec![Action::RefreshLeaderMember { leader: "b".into() }],
+            "no follow without the leader's address"
+        );
+        let a = c.handle(
+            t(30),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+            },
+        );
+        assert!(a.is_empty(), "one read at a time: {a:?}");
+        let a = c.handle(
+            t(40),
+            Input::LeaderMember {
+                leader: "b".into(),
+                member: Some(leader_record("b", Some(1))),
+            },
+        );
+        assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+        assert_eq!(c.leader_member().map(|m| m.node.as_str()), Some("b"));
+        // While the follow runs, observations read as busy (not eligible).
+        c.handle(t(50), replica(1));
+        assert_eq!(c.pg_view(), &PgView::Busy);
+        assert_eq!(c.eligibility(), Err("rejoin in progress"));
+        c.handle(
+            t(60),
+            Input::Followed {
+                leader: "b".into(),
+                ok: true,
+            },
+        );
+        c.handle(t(70), replica(1));
+        assert_eq!(
+            c.pg_view(),
+            &PgView::Replica {
+                following: Some("b".into())
+            }
+        );
+        // Steady state: the leader's record is re-read every LSN_EVERY_LOOPS loops.
+        let mut reads = 0;
+        for i in 0..LSN_EVERY_LOOPS * 2 {
+            let a = c.handle(t(500 + i * 500), Input::Tick);
+            if has(&a, |a| matches!(a, Action::RefreshLeaderMember { .. })) {
+                reads += 1;
+                c.handle(
+                    t(501 + i * 500),
+                    Input::LeaderMember {
+                        leader: "b".into(),
+                        member: None,
+                    },
+                );
+            }
+        }
+        assert_eq!(reads, 2);
+        assert!(
+            c.leader_member().is_some(),
+            "an absent record keeps the last"
+        );
+    }
+
+    #[test]
+    fn fence_then_follow_from_observations() {
+        let mut c = managed_follower();
+        c.handle(
+            t(15),
+            Input::LeaderMember {
+                leader: "b".into(),
+                member: Some(leader_record("b", None)),
+            },
+        );
+        let a = c.handle(t(20), primary(100));
+        assert_eq!(a, vec![Action::Fence]);
+        let a = c.handle(
+            t(30),
+            Input::Fenced {
+                ok: true,
+                how: "killed".into(),
+            },
+        );
+        assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+        // A stale observation of the writable server, read while the follow runs.
+        let a = c.handle(t(40), primary(100));
+        assert!(a.is_empty(), "{a:?}");
+    }
+
+    /// A leader, managed, in synchronous mode (s = 1.0 s).
+    fn sync_leader() -> Core {
+        let mut c = managed(true);
+        c.handle(t(0), Input::Start);
+        c.handle(t(0), replica(10));
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(1000),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(1000),
+            },
+        );
+        c.handle(t(1000), Input::Won { revision: 2 });
+        c.handle(t(1000), armed_ok(false));
+        let a = c.handle(t(1000), Input::Promoted);
+        assert_eq!(
+            a.last(),
+            Some(&Action::SetSyncStandbys(String::new())),
+            "a fresh primary waits for no standby"
+        );
+        c.handle(
+            t(1000),
+            Input::SyncStandbysSet {
+                value: String::new(),
+                ok: true,
+            },
+        );
+        c.handle(t(1000), primary(20));
+        c
+    }
+
+    #[test]
+    fn sync_names_set_when_standbys_change_and_not_resent_when_equal() {
+        let mut c = sync_leader();
+        let seen = |v: &[&str]| Input::StandbysSeen {
+            standbys: v.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(c.handle(t(1100), seen(&[])).is_empty(), "'' already set");
+        assert!(c.handle(t(1100), seen(&["pg_basebackup"])).is_empty());
+        let want = r#"FIRST 1 ("b")"#.to_string();
+        let a = c.handle(t(1200), seen(&["b"]));
+        assert_eq!(a, vec![Action::SetSyncStandbys(want.clone())]);
+        assert!(c.handle(t(1250), seen(&["b"])).is_empty(), "one at a time");
+        c.handle(
+            t(1300),
+            Input::SyncStandbysSet {
+                value: want.clone(),
+                ok: true,
+            },
+        );
+        assert!(
+            c.handle(t(1400), seen(&["b"])).is_empty(),
+            "equal: not re-sent"
+        );
+        let a = c.handle(t(1500), seen(&[]));
+        assert_eq!(a, vec![Action::SetSyncStandbys(String::new())]);
+    }
+
+    #[test]
+    fn sync_names_left_alone_unless_leading_a_primary_in_sync_mode() {
+        let standbys = Input::StandbysSeen {
+            standbys: vec!["b".into()],
+        };
+        let mut c = managed_follower();
+        assert!(c.handle(t(20), standbys.clone()).is_empty(), "follower");
+        let mut c = sync_leader();
+        c.handle(
+            t(1100),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+            },
+        );
+        assert!(
+            c.handle(t(1100), standbys.clone()).is_empty(),
+            "not primary"
+        );
+        let mut c = managed(false);
+        assert!(c.handle(t(20), standbys).is_empty(), "mode off");
+    }
+
+    #[test]
+    fn nowayout_devices_are_tracked_in_the_core_only() {
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(t(10), Input::Won { revision: 2 });
+        c.handle(
+            t(20),
+            Input::Armed(ArmOutcome {
+                armed: vec![dev("/dev/watchdog0", true), dev("/dev/watchdog1", false)],
+                failed: vec![],
+            }),
+        );
+        assert_eq!(c.nowayout_devices(), ["/dev/watchdog0".to_string()]);
+        // Re-armed in a later term: listed once.
+        c.handle(t(30), Input::Promoted);
+        c.handle(t(100), Input::LeaseGone);
+        c.handle(t(200), Input::SteppedDown { how: "x".into() });
+        c.handle(t(300), Input::Disarmed);
+        assert_eq!(c.nowayout_devices(), ["/dev/watchdog0".to_string()]);
+        assert!(c.is_armed(), "kept armed, pinged on liveness");
+    }
+
+    #[test]
+    fn next_deadline_is_the_next_loop_or_a_deadline_before_it() {
+        let mut c = core(WatchdogMode::Required);
+        assert_eq!(c.next_deadline(), None, "before the first tick: now");
+        c.handle(t(0), Input::Start);
+        c.handle(t(100), Input::Tick);
+        assert_eq!(c.next_deadline(), Some(t(600)), "loop 0.5 s");
+        // A leader whose last renewal was at s = 1.0 s: demotion deadline 4.0 s.
+        let mut c = leader(WatchdogMode::Required);
+        c.handle(t(3800), Input::Tick);
+        assert_eq!(
+            c.next_deadline(),
+            Some(t(4000) + Duration::from_nanos(1)),
+            "just past the demotion deadline, before the next loop"
+        );
+        let a = c.handle(c.next_deadline().unwrap(), Input::Tick);
+        assert!(has(&a, |a| matches!(a, Action::StepDown { .. })));
+        // Backing off after a refused arm: the end of the back-off.
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(t(10), Input::Won { revision: 2 });
+        c.handle(
+            t(20),
+            Input::ArmFailed {
+                reason: "stale".into(),
+            },
+        );
+        c.handle(t(4900), Input::Tick);
+        assert_eq!(c.next_deadline(), Some(t(5020)), "back-off ends at 5.02 s");
+        c.handle(t(5100), Input::Shutdown);
+        assert_eq!(c.role(), &Role::Exited);
+        assert_eq!(c.next_deadline(), None);
+    }
+
+    #[test]
+    fn stored_names_are_stable() {
+        assert_eq!(StepDownReason::PostgresDown.as_str(), "postgres_down");
+        assert_eq!(StepDownReason::KeyLost.as_str(), "key_lost");
+        assert_eq!(Role::SteppingDown.as_str(), "SteppingDown");
+        assert_eq!(mode_name(WatchdogMode::Automatic), "automatic");
+        assert_eq!(PgView::Replica { following: None }.as_str(), "replica");
+        for r in [
+            Role::Follower,
+            Role::Arming,
+            Role::Promoting,
+            Role::Leader,
+            Role::SteppingDown,
+            Role::Fenced,
+            Role::Exited,
+        ] {
+            assert_eq!(r.as_str(), format!("{r:?}"), "same words as before");
+        }
+    }
+
+    /// Won at 0.2 s on a grant sent at 0.1 s: arming must finish by 1.1 s.
+    fn arming_core() -> Core {
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(100),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(100),
+            },
+        );
+        let a = c.handle(t(200), Input::Won { revision: 2 });
+        assert!(has(&a, |a| *a == Action::Arm { not_after: t(1100) }));
+        c
+    }
+
+    #[test]
+    fn rule2_promotion_rechecks_freshness_after_arming() {
+        let mut c = arming_core();
+        let a = c.handle(t(1100), armed_ok(false));
+        assert!(
+            has(&a, |a| *a == Action::Promote),
+            "fresh at the bound: {a:?}"
+        );
+        // Arming took too long: the evidence that permitted its ping is stale.
+        let mut c = arming_core();
+        let a = c.handle(t(1101), armed_ok(false));
+        assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+        assert!(
+            !has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))),
+            "{a:?}"
+        );
+        let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
+        let disarm = pos(&a, |a| *a == Action::Disarm);
+        let release = pos(&a, |a| *a == Action::Release { lease: 7 });
+        assert!(none < disarm && disarm < release, "{a:?}");
+        assert_eq!(c.role(), &Role::Follower);
+        // Automatic mode, nothing armed: the same check.
+        let mut c = core(WatchdogMode::Automatic);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(100),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(100),
+            },
+        );
+        c.handle(t(200), Input::Won { revision: 2 });
+        let a = c.handle(
+            t(2000),
+            Input::Armed(ArmOutcome {
+                armed: vec![],
+                failed: vec![("/dev/watchdog0".into(), "gone".into())],
+            }),
+        );
+        assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+        assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    }
+
+    #[test]
+    fn stale_key_events_do_not_unseat_a_leader() {
+        // The leader won at revision 2; events older than that were
+        // delivered late (the loop read and acquired before polling the watch).
+        let mut c = leader(WatchdogMode::Required);
+        for holder in [KeyHolder::Nobody, KeyHolder::Other("b".into())] {
+            let a = c.handle(
+                t(1200),
+                Input::KeySeen {
+                    holder,
+                    revision: 1,
+                },
+            );
+            assert!(a.is_empty(), "{a:?}");
+            assert_eq!(c.role(), &Role::Leader);
+            assert_eq!(c.holder(), &KeyHolder::Us);
+        }
+        let a = c.handle(
+            t(1300),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 3,
+            },
+        );
+        assert!(has(&a, |a| *a
+            == Action::StepDown {
+                reason: StepDownReason::KeyLost
+            }));
+    }
+
+    #[test]
+    fn a_follower_keeps_the_newest_owner_it_saw() {
+        let mut c = follower_seeing(KeyHolder::Other("b".into())); // revision 3
+        c.handle(
+            t(20),
+            Input::KeySeen {
+                holder: KeyHolder::Other("c".into()),
+                revision: 8,
+            },
+        );
+        let a = c.handle(
+            t(30),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 7,
+            },
+        );
+        assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "{a:?}");
+        assert_eq!(c.holder(), &KeyHolder::Other("c".into()));
+        // A lost lease (an etcd restored from a snapshot runs behind):
+        // revisions count again from there.
+        c.handle(t(40), Input::LeaseGone);
+        c.handle(
+            t(50),
+            Input::KeySeen {
+                holder: KeyHolder::Other("d".into()),
+                revision: 2,
+            },
+        );
+        assert_eq!(c.holder(), &KeyHolder::Other("d".into()));
+    }
+
+    // ---- Rule 8: writable only under a fresh lease
+
+    #[test]
+    fn rule8_at_start_up_before_etcd_answers_a_writable_server_is_fenced() {
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start); // no lease, no key read: etcd silent
+        let a = c.handle(t(10), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+        // A broken watch makes the owner unknown again: same.
+        let mut c = managed_follower();
+        c.handle(t(20), Input::WatchBroken);
+        let a = c.handle(t(30), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    }
+
+    #[test]
+    fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
+        // Backing off after a refused arm: PostgreSQL writable (started by
+        // hand) while nobody holds the key.
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(t(0), replica(10));
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(t(10), Input::Won { revision: 2 });
+        c.handle(
+            t(20),
+            Input::ArmFailed {
+                reason: "busy".into(),
+            },
+        );
+        c.handle(t(30), Input::Released { deleted: true });
+        c.handle(
+            t(40),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 3,
+            },
+        );
+        let a = c.handle(t(50), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+        assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+    }
+
+    #[test]
+    fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
+        // Bootstrap: a primary started before its agent, nobody leads, the
+        // node is eligible and races at once; it fences if it loses.
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        let a = c.handle(t(10), primary(100));
+        assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+        assert!(!has(&a, |a| *a == Action::Fence), "{a:?}");
+        let a = c.handle(
+            t(20),
+            Input::KeySeen {
+                holder: KeyHolder::Other("b".into()),
+                revision: 2,
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Fence), "lost the race: {a:?}");
+        // A race that etcd does not answer is no grace either.
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(t(10), primary(100));
+        c.handle(
+            t(20),
+            Input::AcquireFailed {
+                error: "timeout".into(),
+            },
+        );
+        assert_eq!(c.holder(), &KeyHolder::Unknown);
+        let a = c.handle(t(500), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+        let a = c.handle(t(520), Input::Tick);
+        assert!(has(&a, |a| *a == Action::ReadKey), "re-read: {a:?}");
+    }
+
+    #[test]
+    fn rule8_arming_is_not_leading() {
+        let mut c = managed(false);
+        c.handle(t(0), Input::Start);
+        c.handle(t(0), replica(10));
+        c.handle(
+            t(0),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 1,
+            },
+        );
+        c.handle(
+            t(1000),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        // Won on stale evidence: renew first; meanwhile PostgreSQL is writable.
+        let a = c.handle(t(1500), Input::Won { revision: 2 });
+        assert!(has(&a, |a| matches!(a, Action::Renew { .. })));
+        assert_eq!(c.role(), &Role::Arming);
+        let a = c.handle(t(1600), primary(100));
+        assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    }
+
     /// Inputs a fuzzer may throw at the core, with a time step.
     fn any_input() -> impl Strategy<Value = (u64, Input)> {
         let holder = prop_oneof![
@@ -1659,6 +2961,25 @@ mod tests {
                 Just(PgView::Busy)
             ]
             .prop_map(Input::Postgres),
+            (0u64..3, 0u64..10_000).prop_map(|(r, lsn)| match r {
+                0 => primary(lsn),
+                1 => replica(lsn),
+                _ => Input::PgObserved {
+                    role: PgRole::Down,
+                    wal: None
+                },
+            }),
+            any::<bool>().prop_map(|ok| Input::Fenced {
+                ok,
+                how: "x".into()
+            }),
+            (0u64..10_000).prop_map(|lsn| Input::LeaderMember {
+                leader: "b".into(),
+                member: Some(leader_record("b", Some(lsn)))
+            }),
+            any::<bool>().prop_map(|b| Input::StandbysSeen {
+                standbys: if b { vec!["b".into()] } else { vec![] }
+            }),
         ];
         (0u64..1500, input)
     }
@@ -1671,7 +2992,7 @@ mod tests {
             mode in prop_oneof![Just(WatchdogMode::Required), Just(WatchdogMode::Automatic)],
             steps in proptest::collection::vec(any_input(), 1..80),
         ) {
-            let mut c = core(mode);
+            let mut c = core(mode).with_node("a").with_postgres(settings(true));
             let mut now = 10_000u64; // ms
             c.handle(t(now), Input::Start);
             // What the drivers would know:
@@ -1703,6 +3024,10 @@ mod tests {
                     match a {
                         Action::Promote => {
                             prop_assert!(arm_ok_since_won, "rule 2: promote without arming: {actions:?}");
+                            prop_assert!(
+                                c.last_fresh().is_some_and(|s| timing::ping_permitted(t(now), s, &c.cfg.budget)),
+                                "rule 2: promote on stale evidence: {actions:?}"
+                            );
                             pg_may_write = true;
                         }
                         Action::Disarm => {
@@ -1710,6 +3035,12 @@ mod tests {
                         }
                         Action::Arm { not_after } => {
                             prop_assert!(*not_after >= t(now), "rule 1: arming on stale evidence");
+                        }
+                        Action::Follow { .. } => {
+                            prop_assert!(c.pg_view() != &PgView::Primary, "follow of a writable server: {actions:?}");
+                        }
+                        Action::Fence => {
+                            prop_assert!(!matches!(c.role(), Role::Promoting | Role::Leader), "fence while leading");
                         }
                         Action::Publish(Evidence::Lease(s)) => {
                             prop_assert!(*s <= t(now));

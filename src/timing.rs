@@ -50,9 +50,11 @@ impl Budget {
     /// Checks that the budget can be honoured at all:
     /// - `T >= 2 s` (etcd's minimum) and whole seconds;
     /// - `R < M < T`, and `T - M >= 1 s` (watchdog timeouts are whole seconds);
-    /// - `loop_interval + request_timeout <= M - R`, so that a renewal sent on
-    ///   time is acknowledged before the ping permit of the previous one runs
-    ///   out: in steady state the pings never pause.
+    /// - `max(loop_interval, loop_work) + request_timeout <= M - R`
+    ///   ([`Budget::renewal_gap`]), so that a renewal sent on time is
+    ///   acknowledged before the ping permit of the previous one runs out: in
+    ///   steady state the pings never pause. `loop_work` is the worst case of
+    ///   what a leader's loop does per tick ([`Budget::loop_work`]).
     pub fn new(
         ttl: Duration,
         margin: Duration,
@@ -102,23 +104,52 @@ impl Budget {
             return Err(err("etcd.request_timeout", "must be greater than zero"));
         }
         let window = margin - reset_allowance;
-        if loop_interval + request_timeout > window {
-            return Err(err(
-                "timing.loop_interval",
-                format!(
-                    "loop_interval {:?} + etcd.request_timeout {:?} exceeds M - R = {:?}: \
-                     pings would pause between renewals; shorten the loop or raise the margin",
-                    loop_interval, request_timeout, window
-                ),
-            ));
-        }
-        Ok(Budget {
+        let b = Budget {
             ttl,
             margin,
             reset_allowance,
             loop_interval,
             request_timeout,
-        })
+        };
+        if b.renewal_gap() > window {
+            return Err(err(
+                "timing.loop_interval",
+                format!(
+                    "the renewal loop's worst gap, max(loop_interval {:?}, its work per tick {:?}) \
+                     + etcd.request_timeout {:?}, exceeds M - R = {:?}: \
+                     pings would pause between renewals; shorten the loop or the request \
+                     deadline, or raise the margin",
+                    loop_interval,
+                    b.loop_work(),
+                    request_timeout,
+                    window
+                ),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// The worst case of the I/O a leader's loop does per tick, before its
+    /// next renewal can be sent: the renewal itself (one etcd request, at
+    /// most `request_timeout`). Everything else a steady leader needs runs
+    /// off the loop: PostgreSQL's observation and `synchronous_standby_names`
+    /// (the observer task, each query bounded by `postgres.query_timeout`),
+    /// member records (their own task and etcd connection), the audit mirror
+    /// (its own task). What still shares the loop happens at a change of
+    /// state, not per tick, and is bounded or harmless to the pings: arming
+    /// (bounded by the permit it pings on, `Arm { not_after }`), `Promote`
+    /// (one query), the fences of a step-down (pings already stopped, and the
+    /// deadline timer does not wait for the loop), acquire, release and the
+    /// key read of a follower, and the audit log's fsync of each fact.
+    pub fn loop_work(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The longest a fresh permit must last until the next renewal is
+    /// acknowledged: the next renewal is sent `max(loop_interval,
+    /// loop_work)` after the last one and answered within `request_timeout`.
+    pub fn renewal_gap(&self) -> Duration {
+        self.loop_interval.max(self.loop_work()) + self.request_timeout
     }
 
     /// `T` in whole seconds, as etcd's LeaseGrant takes it.
@@ -251,6 +282,16 @@ mod tests {
         let e = Budget::new(secs(10.0), secs(5.0), secs(1.0), secs(3.5), secs(1.0)).unwrap_err();
         assert_eq!(e.key, "timing.loop_interval");
         assert!(e.rule.contains("pings would pause"));
+        // A request deadline above the loop: the renewal itself is the
+        // loop's work, so the next one goes out no sooner than it.
+        let e = Budget::new(secs(5.0), secs(2.0), secs(1.0), secs(0.3), secs(0.6)).unwrap_err();
+        assert_eq!(e.key, "timing.loop_interval");
+        let b = Budget::new(secs(5.0), secs(2.0), secs(1.0), secs(0.5), secs(0.5)).unwrap();
+        assert_eq!(
+            b.renewal_gap(),
+            b.ping_window(),
+            "the lab budget fits exactly"
+        );
     }
 
     /// Builds a valid budget from fractions, so that every generated case is

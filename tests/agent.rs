@@ -508,3 +508,45 @@ fn missing_or_busy_required_device_never_promotes() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// Signals an operator may send besides SIGTERM/SIGINT (SIGHUP to reload,
+/// SIGUSR1/2, SIGQUIT) must not kill a leader: an agent that dies armed
+/// gets its node reset. Each is logged and the agent goes on leading and
+/// pinging; SIGTERM still hands over and exits 0.
+#[test]
+fn other_signals_neither_kill_nor_unseat_the_leader() {
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut a = spawn("signals", "a", &eps);
+    wait_holder(&client, "signals", Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || a.armed()));
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGQUIT] {
+        a.proc_.signal(sig).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            a.proc_.try_exit().is_none(),
+            "signal {sig} killed the agent:\n{}",
+            a.proc_.log()
+        );
+    }
+    let log = a.proc_.log();
+    assert!(
+        log.contains("SIGHUP: reload not supported; restart to apply"),
+        "{log}"
+    );
+    assert!(log.contains("SIGUSR1: ignored"), "{log}");
+    assert!(log.contains("SIGQUIT: ignored"), "{log}");
+    let before = a.pings().len();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(a.pings().len() > before, "still pinging");
+    assert_eq!(
+        wait_holder(&client, "signals", Duration::from_secs(1)),
+        "a",
+        "still the leader"
+    );
+    a.proc_.signal(libc::SIGTERM).unwrap();
+    let st = a.proc_.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(st.code(), Some(0), "{}", a.proc_.log());
+    assert!(a.disarmed());
+}

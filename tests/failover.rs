@@ -763,3 +763,63 @@ fn synchronous_mode_names_the_replica_and_drops_it_when_it_dies() {
         "each change is logged:\n{log}"
     );
 }
+
+/// A hung PostgreSQL (every process SIGSTOPped: connections are accepted
+/// by the kernel and never answered) must not delay the leader's renewals.
+/// Its observation waits up to `postgres.query_timeout` (2 s, twice
+/// M - R = 1 s) but runs off the renewal loop: the pings never pause, the
+/// deadline timer does not fire, nobody resets the node, the key stays.
+#[test]
+fn a_hung_postgres_does_not_delay_the_renewals() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "hung";
+    let a = bootstrap(scope, &eps, &client);
+    let pids = processes_in(&a.pg.data_dir());
+    assert!(!pids.is_empty());
+    let t0 = boottime_ns();
+    signal_all(&pids, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(6));
+    let t1 = boottime_ns();
+    signal_all(&pids, libc::SIGCONT);
+    let pings: Vec<u64> = leasedog::watchdog::read_fake_record(a.monitor.record())
+        .unwrap()
+        .iter()
+        .filter_map(|o| match o {
+            leasedog::watchdog::FakeOp::Ping { at } => Some(at.as_nanos()),
+            _ => None,
+        })
+        .filter(|&at| at >= t0 && at <= t1)
+        .collect();
+    // From the stop to the first ping, between pings, and to the end.
+    let bounds: Vec<u64> = std::iter::once(t0)
+        .chain(pings.iter().copied())
+        .chain(std::iter::once(t1))
+        .collect();
+    let gap = bounds
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(u64::MAX);
+    eprintln!(
+        "TIMING {} pings while PostgreSQL hung, longest gap {:.3} s",
+        pings.len(),
+        gap as f64 / 1e9
+    );
+    let log = a.log();
+    assert!(
+        log.contains("cannot observe PostgreSQL"),
+        "the observer saw the hang:\n{log}"
+    );
+    assert!(
+        gap < 1_000_000_000,
+        "pings paused {:.3} s (M - R = 1 s): a renewal waited for PostgreSQL\n{log}",
+        gap as f64 / 1e9
+    );
+    assert!(a.monitor.kills().is_empty(), "no reset");
+    assert!(!log.contains("deadline timer fenced"), "{log}");
+    assert_eq!(holder(&client, scope).as_deref(), Some("a"));
+    assert_eq!(a.writable(), Some(true), "still the primary");
+}

@@ -1,62 +1,119 @@
-//! Member records: what each agent publishes under `{scope}/members/{node}`
-//! on its own lease, so that peers know where to replicate from and how far
-//! the leader's WAL had got (eligibility after the leader is gone).
+//! Member records in etcd: the record type and its cadence are the core's
+//! (`decide::member`); this is the I/O, in a task of its own with its own
+//! etcd connection, so that a slow etcd never delays the renewal loop.
 
-use serde::{Deserialize, Serialize};
+pub use crate::decide::member::{Member, LSN_EVERY_LOOPS};
 
-/// Publish the LSN at most every this many loops when nothing else changed,
-/// keeping steady state near one etcd request per node per loop.
-pub const LSN_EVERY_LOOPS: u64 = 20;
+use crate::config::EtcdConfig;
+use crate::dcs::{Dcs, LeaseId};
+use crate::decide::Input;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    pub node: String,
-    /// The core's role (`Follower`, `Leader`, ...).
-    pub role: String,
-    /// PostgreSQL as observed: `primary`, `replica`, `down`, `busy`, `unmanaged`.
-    pub postgres: String,
-    /// Where peers reach this node's PostgreSQL.
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub port: Option<u16>,
-    /// Primary: current WAL LSN; replica: the furthest received or replayed.
-    #[serde(default)]
-    pub lsn: Option<u64>,
-    /// Whether this node's watchdog mode lets it lead (`off`, `automatic`, `required`).
-    pub watchdog: String,
+enum Cmd {
+    Publish { lease: i64, member: Member },
+    Read { leader: String },
 }
 
-impl Member {
-    /// Whether `self` differs from `other` in anything but the LSN.
-    pub fn changed_besides_lsn(&self, other: &Member) -> bool {
-        let mut a = self.clone();
-        a.lsn = other.lsn;
-        a != *other
+/// The main loop's handle on the member task. Every command is answered
+/// with an input on the agent's side channel (`MemberPublished`,
+/// `LeaderMember`), success or not.
+pub struct MemberIo {
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl MemberIo {
+    /// Starts the task (call inside the runtime).
+    pub fn start(
+        etcd: &EtcdConfig,
+        scope: &str,
+        node: &str,
+        requests: Arc<AtomicU64>,
+        out: mpsc::UnboundedSender<Input>,
+    ) -> MemberIo {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(
+            etcd.clone(),
+            scope.to_owned(),
+            node.to_owned(),
+            requests,
+            rx,
+            out,
+        ));
+        MemberIo { tx }
+    }
+
+    pub fn publish(&self, lease: i64, member: Member) {
+        let _ = self.tx.send(Cmd::Publish { lease, member });
+    }
+
+    pub fn read(&self, leader: String) {
+        let _ = self.tx.send(Cmd::Read { leader });
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lsn_alone_is_not_a_change() {
-        let a = Member {
-            node: "a".into(),
-            role: "Leader".into(),
-            postgres: "primary".into(),
-            host: Some("127.0.0.1".into()),
-            port: Some(5432),
-            lsn: Some(1),
-            watchdog: "required".into(),
+async fn run(
+    etcd: EtcdConfig,
+    scope: String,
+    node: String,
+    requests: Arc<AtomicU64>,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    out: mpsc::UnboundedSender<Input>,
+) {
+    let mut dcs: Option<Dcs> = None;
+    while let Some(cmd) = rx.recv().await {
+        if dcs.is_none() {
+            match Dcs::connect(&etcd, &scope, &node).await {
+                Ok(mut d) => {
+                    d.count_requests(requests.clone());
+                    info!("member records: connected to etcd");
+                    dcs = Some(d);
+                }
+                Err(e) => warn!("member records: etcd unreachable: {e}"),
+            }
+        }
+        let reply = match cmd {
+            Cmd::Publish { lease, member } => {
+                let ok = match dcs.as_mut() {
+                    None => false,
+                    Some(d) => {
+                        let json = serde_json::to_string(&member).expect("member serializes");
+                        match d.put_member(LeaseId(lease), &json).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                warn!("cannot publish the member record: {e}");
+                                false
+                            }
+                        }
+                    }
+                };
+                Input::MemberPublished { member, ok }
+            }
+            Cmd::Read { leader } => {
+                let member = match dcs.as_mut() {
+                    None => None,
+                    Some(d) => match d.get_member(&leader).await {
+                        Ok(Some(raw)) => match serde_json::from_slice::<Member>(&raw) {
+                            Ok(m) => Some(m),
+                            Err(e) => {
+                                warn!(%leader, "unreadable member record: {e}");
+                                None
+                            }
+                        },
+                        Ok(None) => None, // gone with its lease
+                        Err(e) => {
+                            warn!(%leader, "cannot read the leader's member record: {e}");
+                            None
+                        }
+                    },
+                };
+                Input::LeaderMember { leader, member }
+            }
         };
-        let mut b = a.clone();
-        b.lsn = Some(99);
-        assert!(!b.changed_besides_lsn(&a));
-        b.postgres = "down".into();
-        assert!(b.changed_besides_lsn(&a));
-        let json = serde_json::to_string(&a).unwrap();
-        assert_eq!(serde_json::from_str::<Member>(&json).unwrap(), a);
+        if out.send(reply).is_err() {
+            return;
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod deadline;
 pub mod faults;
 pub mod members;
 mod mirror;
+mod observer;
 pub mod ops;
 pub mod pinger;
 pub mod realtime;
@@ -22,14 +23,13 @@ use crate::clock;
 use crate::config::{Config, DeviceSpec};
 use crate::dcs::{self, Acquire, Dcs, Holder, LeaseId, Renewal};
 use crate::decide::{
-    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder, PgView,
-    Role,
+    Action, ArmOutcome, ArmedDevice, Core, CoreConfig, Evidence, Fact, Input, KeyHolder,
+    PgSettings, Role,
 };
 use crate::postgres::{self as pgsql, Pg};
 use crate::timing::Budget;
 use crate::watchdog::{self, SysRoots, Watchdog};
 use deadline::{DeadlineTimer, StopFn, TimerReport};
-use members::Member;
 use pinger::{EvidenceCell, Pinger};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -37,7 +37,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-/// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
+/// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error. SIGHUP,
+/// SIGUSR1/2 and SIGQUIT are logged and ignored ([`signal_meaning`]).
 /// `config_digest` identifies the configuration in the audit's start-up record.
 pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     let budget = cfg.budget().map_err(|e| e.to_string())?;
@@ -98,7 +99,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     }
     let (sig_tx, sig_rx) = mpsc::unbounded_channel();
     spawn_signal_thread(sig_tx)?;
-    let (follow_tx, follow_rx) = mpsc::unbounded_channel();
+    let (side_tx, side_rx) = mpsc::unbounded_channel();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -106,11 +107,21 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         .max_blocking_threads(2)
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let mut core = Core::new(CoreConfig {
+        budget,
+        mode: cfg.watchdog.mode,
+    })
+    .with_node(cfg.node.clone());
+    if let Some(pc) = &cfg.postgres {
+        core = core.with_postgres(PgSettings {
+            maximum_lag_on_failover: pc.maximum_lag_on_failover,
+            synchronous_mode: pc.synchronous_mode,
+            host: pc.advertised_host(),
+            port: pc.port,
+        });
+    }
     let mut agent = Agent {
-        core: Core::new(CoreConfig {
-            budget,
-            mode: cfg.watchdog.mode,
-        }),
+        core,
         cfg,
         budget,
         cell,
@@ -120,21 +131,14 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         stop_fn,
         audit,
         pg,
-        follow_tx,
-        busy: false,
-        following_pg: None,
-        eligible: None,
-        leader_member: None,
-        published: None,
-        last_lsn: None,
+        side_tx,
+        observer: None,
+        member_io: None,
         connect_failed_at: None,
-        pg_view: PgView::Unmanaged,
-        sync_names: None,
-        ticks: 0,
         mirror: None,
         ops,
     };
-    let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx, follow_rx));
+    let code = runtime.block_on(agent.main_loop(timer_rx, sig_rx, side_rx));
     drop(timer);
     let Agent { pinger, .. } = agent;
     // Devices still held here were not disarmed by the core (nowayout, or an
@@ -143,9 +147,43 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     Ok(code)
 }
 
+/// What a signal means to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalMeaning {
+    /// Step down, release, disarm and exit 0 (SIGTERM, SIGINT).
+    Shutdown,
+    /// Logged and otherwise ignored: an agent that dies armed gets its node
+    /// reset, so no signal an operator may send kills it by default.
+    Note(&'static str),
+}
+
+/// The signals the agent handles; every other catchable one an operator
+/// might send keeps its default action (SIGKILL cannot be caught).
+pub const HANDLED_SIGNALS: [i32; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGQUIT,
+];
+
+pub fn signal_meaning(sig: i32) -> SignalMeaning {
+    match sig {
+        libc::SIGTERM | libc::SIGINT => SignalMeaning::Shutdown,
+        libc::SIGHUP => SignalMeaning::Note("SIGHUP: reload not supported; restart to apply"),
+        libc::SIGUSR1 => SignalMeaning::Note("SIGUSR1: ignored"),
+        libc::SIGUSR2 => SignalMeaning::Note("SIGUSR2: ignored"),
+        libc::SIGQUIT => SignalMeaning::Note(
+            "SIGQUIT: ignored (an agent that dies armed gets its node reset); \
+             SIGTERM steps down and exits",
+        ),
+        _ => SignalMeaning::Note("unexpected signal: ignored"),
+    }
+}
+
 fn spawn_signal_thread(tx: mpsc::UnboundedSender<i32>) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new(HANDLED_SIGNALS)
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("leasedog-signals".into())
@@ -174,25 +212,15 @@ struct Agent {
     /// Lifecycle records to etcd's history; started at the first one.
     mirror: Option<mirror::Mirror>,
     pg: Option<Pg>,
-    /// Completions of background `Follow`s.
-    follow_tx: mpsc::UnboundedSender<Input>,
-    /// A `Follow` (rejoin or clone) is running.
-    busy: bool,
-    /// The leader our PostgreSQL streams from, as arranged by the last `Follow`.
-    following_pg: Option<String>,
-    eligible: Option<bool>,
-    /// The current (or last) leader's member record.
-    leader_member: Option<Member>,
-    /// Our last published member record, and the loop it was published at.
-    published: Option<(Member, u64)>,
+    /// Inputs from the tasks off the renewal path: the PostgreSQL observer,
+    /// the member records, background `Follow`s.
+    side_tx: mpsc::UnboundedSender<Input>,
+    /// The PostgreSQL observer (started with the loop when PostgreSQL is managed).
+    observer: Option<observer::Observer>,
+    /// Member record I/O (started with the loop).
+    member_io: Option<members::MemberIo>,
     /// When the last connection attempt failed (one attempt per loop).
     connect_failed_at: Option<clock::BootTime>,
-    /// Our PostgreSQL's WAL position and state at the last observation.
-    last_lsn: Option<u64>,
-    pg_view: PgView,
-    /// `synchronous_standby_names` as this agent last set or saw it (synchronous mode).
-    sync_names: Option<String>,
-    ticks: u64,
     /// sd_notify and the metrics endpoint.
     ops: ops::Ops,
 }
@@ -318,7 +346,7 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
         Fact::StepDownBegun { reason, deadline } => (
             None,
             Event::StepDownBegun {
-                reason: audit::step_down_reason(&reason).into(),
+                reason: reason.as_str().into(),
                 deadline_ns: deadline.map_or(0, ns),
             },
         ),
@@ -358,20 +386,26 @@ impl Agent {
         &mut self,
         mut timer_rx: mpsc::UnboundedReceiver<TimerReport>,
         mut sig_rx: mpsc::UnboundedReceiver<i32>,
-        mut follow_rx: mpsc::UnboundedReceiver<Input>,
+        mut side_rx: mpsc::UnboundedReceiver<Input>,
     ) -> i32 {
-        let mut tick = tokio::time::interval(self.budget.loop_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pending = VecDeque::from([Input::Start]);
-        if self.pg.is_some() {
-            // Not eligible until PostgreSQL has been observed once: the core
-            // would otherwise race for the key before the first look.
-            self.eligible = Some(false);
-            pending.push_front(Input::Eligibility {
-                eligible: false,
-                reason: "PostgreSQL not observed yet".into(),
-            });
+        // Off the renewal path: PostgreSQL is observed and member records
+        // are written by tasks of their own; their results come back as
+        // inputs through `side_rx`.
+        if let Some(pg) = self.pg.clone() {
+            self.observer = Some(observer::Observer::start(
+                pg,
+                self.budget.loop_interval,
+                self.side_tx.clone(),
+            ));
         }
+        self.member_io = Some(members::MemberIo::start(
+            &self.cfg.etcd,
+            &self.cfg.scope,
+            &self.cfg.node,
+            self.ops.metrics.etcd_requests.clone(),
+            self.side_tx.clone(),
+        ));
+        let mut pending = VecDeque::from([Input::Start]);
         loop {
             while let Some(input) = pending.pop_front() {
                 if let Some(code) = self.feed(input).await {
@@ -380,15 +414,27 @@ impl Agent {
             }
             self.drain_pinger();
             self.ops.after(&self.core, false);
+            // The core says when it next needs a tick (the next loop, or a
+            // deadline of its own before it).
+            let wait = self
+                .core
+                .next_deadline()
+                .map_or(Duration::ZERO, |d| d.saturating_since(clock::now()));
             let input = tokio::select! {
                 // Signals and the deadline timer first: a busy loop (etcd
                 // down, every tick ready) must not starve them.
                 biased;
-                Some(sig) = sig_rx.recv() => {
-                    info!("signal {sig}: stepping down and exiting");
-                    self.ops.stopping();
-                    Input::Shutdown
-                }
+                Some(sig) = sig_rx.recv() => match signal_meaning(sig) {
+                    SignalMeaning::Shutdown => {
+                        info!("signal {sig}: stepping down and exiting");
+                        self.ops.stopping();
+                        Input::Shutdown
+                    }
+                    SignalMeaning::Note(what) => {
+                        warn!("{what}");
+                        continue;
+                    }
+                },
                 Some(r) = timer_rx.recv() => match r {
                     TimerReport::Fenced { s, at, how } => {
                         warn!(s = s.as_secs_f64(), at = at.as_secs_f64(), "deadline timer fenced the node: {how}");
@@ -399,31 +445,14 @@ impl Agent {
                         Input::StepDownFailed { reason }
                     }
                 },
-                _ = tick.tick() => {
-                    // The renewal goes first; PostgreSQL is observed after it.
-                    self.ticks += 1;
+                _ = tokio::time::sleep(wait) => {
                     if let Some(code) = self.feed(Input::Tick).await {
                         return code;
                     }
-                    let observed = self.observe_postgres().await;
-                    // Only after a successful look: a hung server must not
-                    // hold the loop (and the next renewal) any longer.
-                    let answered = observed.iter().any(|i| matches!(i, Input::Postgres(_)));
-                    pending.extend(observed);
-                    if answered {
-                        self.manage_sync().await;
-                    }
-                    self.publish_member().await;
                     self.ops.after(&self.core, true);
                     continue;
                 }
-                Some(done) = follow_rx.recv() => {
-                    self.busy = false;
-                    if let Input::Followed { leader, ok: true } = &done {
-                        self.following_pg = Some(leader.clone());
-                    }
-                    done
-                }
+                Some(input) = side_rx.recv() => input,
                 ev = next_watch(&mut self.watch) => match ev {
                     Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder, self.core.lease()), revision },
                     Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
@@ -438,22 +467,36 @@ impl Agent {
         }
     }
 
-    /// Feeds one input and executes the resulting actions depth-first.
+    /// Feeds one input and executes the resulting actions depth-first (the
+    /// contract on [`Core::handle`]).
     async fn feed(&mut self, input: Input) -> Option<i32> {
-        let mut queue: VecDeque<Action> = self.core.handle(clock::now(), input).into();
+        let mut queue: VecDeque<Action> = self.handle(input).into();
         while let Some(action) = queue.pop_front() {
             if let Action::Exit { code } = action {
                 return Some(code);
             }
             if let Some(next) = self.execute(action).await {
                 self.ops.input(&next);
-                let more = self.core.handle(clock::now(), next);
+                let more = self.handle(next);
                 for a in more.into_iter().rev() {
                     queue.push_front(a);
                 }
             }
         }
         None
+    }
+
+    /// One `Core::handle`, logging a change of eligibility (the core's
+    /// judgement, which it makes from `PgObserved`).
+    fn handle(&mut self, input: Input) -> Vec<Action> {
+        let before = self.core.eligibility().is_ok();
+        let actions = self.core.handle(clock::now(), input);
+        match self.core.eligibility() {
+            Ok(()) if !before => info!("eligible for leadership"),
+            Err(reason) if before => info!("not eligible for leadership: {reason}"),
+            _ => {}
+        }
+        actions
     }
 
     /// Moves the pinger's events into the audit log (one fsync for all).
@@ -630,13 +673,6 @@ impl Agent {
                 Some(pg) => match pg.promote().await {
                     Ok(how) => {
                         info!(?how, "promoted (leader): PostgreSQL is primary");
-                        self.following_pg = None;
-                        // A fresh primary has no standby yet: drop a copied
-                        // setting at once, or every commit would wait.
-                        self.sync_names = None;
-                        if pg.config().synchronous_mode {
-                            self.apply_sync(pg.clone()).await;
-                        }
                         Some(Input::Promoted)
                     }
                     Err(e) => {
@@ -648,16 +684,53 @@ impl Agent {
                 },
             },
             Action::Fence => {
-                warn!("PostgreSQL is writable while the key is not ours: fencing it");
-                let stop = self.stop_fn.clone();
-                match tokio::task::spawn_blocking(move || stop()).await {
-                    Ok(Ok(how)) => info!("{how}"),
-                    Ok(Err(e)) => error!("fence failed: {e}"),
-                    Err(e) => error!("fence task failed: {e}"),
+                match self.core.holder() {
+                    KeyHolder::Other(leader) => {
+                        warn!(%leader, "PostgreSQL is writable while {leader} leads: fencing it")
+                    }
+                    _ => warn!("PostgreSQL is writable while the key is not ours: fencing it"),
                 }
-                None
+                let stop = self.stop_fn.clone();
+                let r = tokio::task::spawn_blocking(move || stop())
+                    .await
+                    .unwrap_or_else(|e| Err(format!("fence task failed: {e}")));
+                Some(match r {
+                    Ok(how) => {
+                        info!("{how}");
+                        Input::Fenced { ok: true, how }
+                    }
+                    Err(e) => {
+                        error!("fence failed: {e}");
+                        Input::Fenced { ok: false, how: e }
+                    }
+                })
             }
-            Action::Follow { leader } => self.follow(leader).await,
+            Action::Follow { leader } => self.follow(leader),
+            Action::PublishMember(member) => {
+                if let (Some(io), Some(lease)) = (&self.member_io, self.core.lease()) {
+                    io.publish(lease, member);
+                    None
+                } else {
+                    Some(Input::MemberPublished { member, ok: false })
+                }
+            }
+            Action::RefreshLeaderMember { leader } => match &self.member_io {
+                Some(io) => {
+                    io.read(leader);
+                    None
+                }
+                None => Some(Input::LeaderMember {
+                    leader,
+                    member: None,
+                }),
+            },
+            Action::SetSyncStandbys(value) => match &self.observer {
+                Some(o) => {
+                    o.set_sync_standbys(value);
+                    None
+                }
+                None => Some(Input::SyncStandbysSet { value, ok: false }),
+            },
             Action::StepDown { reason } => {
                 warn!(?reason, "stepping down");
                 let stop = self.stop_fn.clone();
@@ -689,7 +762,12 @@ impl Agent {
                 let mut keep: Vec<Box<dyn Watchdog>> = Vec::new();
                 for d in devices {
                     let path = d.info().path.display().to_string();
-                    if d.info().nowayout {
+                    let listed = self.core.nowayout_devices().contains(&path);
+                    if listed || d.info().nowayout {
+                        if !listed {
+                            // Never closed: closing it would not stop it.
+                            error!(%path, "nowayout device the core did not list as armed: kept armed");
+                        }
                         warn!(%path, "nowayout: cannot disarm; pinging on as a replica while healthy");
                         keep.push(d);
                     } else if let Err(e) = d.disarm() {
@@ -868,232 +946,18 @@ pub fn evidence_kind(cell: &EvidenceCell) -> &'static str {
     }
 }
 
-/// PostgreSQL: observation, member records, following the leader.
+/// PostgreSQL: following the leader (the core decides when; this runs it).
 impl Agent {
-    /// Observes PostgreSQL once per loop; returns the core's inputs (the view
-    /// always, eligibility when it changed).
-    async fn observe_postgres(&mut self) -> Vec<Input> {
+    /// Runs PostgreSQL as a replica of `leader` (the core has fenced a
+    /// writable server first): stops, rewinds or clones and restarts it in
+    /// the background, reporting `Followed` on the side channel.
+    fn follow(&mut self, leader: String) -> Option<Input> {
         let Some(pg) = self.pg.clone() else {
-            return Vec::new();
+            return Some(Input::Followed { leader, ok: false });
         };
-        let mut out = Vec::new();
-        let (view, eligible) = if self.busy {
-            (Some(PgView::Busy), Err("rejoin in progress".to_string()))
-        } else {
-            match pg.status().await {
-                Ok(st) => {
-                    let view = match st.role {
-                        pgsql::Role::Primary => PgView::Primary,
-                        pgsql::Role::Replica => PgView::Replica {
-                            following: self.following_pg.clone(),
-                        },
-                        pgsql::Role::Down => PgView::Down,
-                    };
-                    let eligible = match (&view, st.wal) {
-                        (PgView::Down, _) => Err("PostgreSQL is down".to_string()),
-                        (PgView::Replica { .. }, Some(wal)) => {
-                            match self.leader_member.as_ref().and_then(|m| m.lsn) {
-                                Some(lsn) => pgsql::eligible(
-                                    &wal,
-                                    pgsql::Lsn(lsn),
-                                    pg.config().maximum_lag_on_failover,
-                                )
-                                .map_err(|e| e.to_string()),
-                                None => Ok(()),
-                            }
-                        }
-                        _ => Ok(()),
-                    };
-                    self.last_lsn = st.wal.and_then(|w| w.position()).map(|l| l.0);
-                    (Some(view), eligible)
-                }
-                Err(e) => {
-                    // A server we cannot query (wrong credentials, another
-                    // data directory) must not be led: the promotion would
-                    // fail and its step-down would fence that server.
-                    warn!("cannot observe PostgreSQL: {e}");
-                    (None, Err(format!("cannot observe PostgreSQL: {e}")))
-                }
-            }
-        };
-        if let Some(view) = view {
-            self.pg_view = view.clone();
-            out.push(Input::Postgres(view));
-        }
-        let now_eligible = eligible.is_ok();
-        if self.eligible != Some(now_eligible) {
-            let reason = eligible.err().unwrap_or_default();
-            if now_eligible {
-                info!("eligible for leadership");
-            } else {
-                info!("not eligible for leadership: {reason}");
-            }
-            self.eligible = Some(now_eligible);
-            out.push(Input::Eligibility {
-                eligible: now_eligible,
-                reason,
-            });
-        }
-        out
-    }
-
-    /// Synchronous mode: as leader of a primary, keeps
-    /// `synchronous_standby_names` naming the streaming standbys ('' when
-    /// none stream). Anything else leaves the setting alone.
-    async fn manage_sync(&mut self) {
-        let Some(pg) = self.pg.clone() else { return };
-        if !pg.config().synchronous_mode {
-            return;
-        }
-        if *self.core.role() != Role::Leader || self.pg_view != PgView::Primary {
-            self.sync_names = None;
-            return;
-        }
-        // Re-read the server's value now and then, in case someone changed it.
-        if self.ticks % members::LSN_EVERY_LOOPS == 0 {
-            self.sync_names = None;
-        }
-        self.apply_sync(pg).await;
-    }
-
-    /// Both queries together under one `postgres.query_timeout`: this runs
-    /// in the loop that renews the lease.
-    async fn apply_sync(&mut self, pg: Pg) {
-        let within = Duration::from_secs_f64(pg.config().query_timeout);
-        if tokio::time::timeout(within, self.apply_sync_inner(pg))
-            .await
-            .is_err()
-        {
-            warn!("synchronous mode: synchronous_standby_names not updated within {within:?}");
-        }
-    }
-
-    async fn apply_sync_inner(&mut self, pg: Pg) {
-        let standbys = match pg.streaming_standbys().await {
-            // pg_basebackup's WAL stream is no replica to wait for.
-            Ok(s) => s
-                .into_iter()
-                .filter(|n| !n.is_empty() && n != "pg_basebackup")
-                .collect::<Vec<_>>(),
-            Err(e) => {
-                warn!("synchronous mode: cannot list the streaming standbys: {e}");
-                return;
-            }
-        };
-        let want = pgsql::synchronous_standby_names_for(&standbys);
-        if self.sync_names.as_ref() == Some(&want) {
-            return;
-        }
-        match pg.set_synchronous_standby_names(&want).await {
-            Ok(changed) => {
-                if changed {
-                    info!(value = %want, "synchronous mode: synchronous_standby_names set");
-                }
-                self.sync_names = Some(want);
-            }
-            Err(e) => warn!("synchronous mode: cannot set synchronous_standby_names: {e}"),
-        }
-    }
-
-    /// Publishes this node's member record on its lease when it changed, and
-    /// its LSN at most every `LSN_EVERY_LOOPS` loops; followers refresh the
-    /// leader's record at the same rate.
-    async fn publish_member(&mut self) {
-        let Some(lease) = self.core.lease() else {
-            return;
-        };
-        let (host, port) = match &self.pg {
-            Some(pg) => (Some(pg.config().advertised_host()), Some(pg.config().port)),
-            None => (None, None),
-        };
-        let me = Member {
-            node: self.cfg.node.clone(),
-            role: format!("{:?}", self.core.role()),
-            postgres: self.pg_word(),
-            host,
-            port,
-            lsn: self.last_lsn,
-            watchdog: format!("{:?}", self.cfg.watchdog.mode).to_lowercase(),
-        };
-        let due = match &self.published {
-            None => true,
-            Some((old, at)) => {
-                me.changed_besides_lsn(old)
-                    || (me.lsn != old.lsn && self.ticks >= at + members::LSN_EVERY_LOOPS)
-            }
-        };
-        if due {
-            let json = serde_json::to_string(&me).expect("member serializes");
-            if let Ok(d) = self.dcs().await {
-                match d.put_member(LeaseId(lease), &json).await {
-                    Ok(()) => self.published = Some((me, self.ticks)),
-                    Err(e) => warn!("cannot publish the member record: {e}"),
-                }
-            }
-        }
-        if let KeyHolder::Other(leader) = self.core.holder().clone() {
-            if self.ticks % members::LSN_EVERY_LOOPS == 0
-                || self.leader_member.as_ref().map(|m| &m.node) != Some(&leader)
-            {
-                self.refresh_leader_member(&leader).await;
-            }
-        }
-    }
-
-    fn pg_word(&self) -> String {
-        match &self.pg_view {
-            PgView::Unmanaged => "unmanaged",
-            PgView::Down => "down",
-            PgView::Primary => "primary",
-            PgView::Replica { .. } => "replica",
-            PgView::Busy => "busy",
-        }
-        .into()
-    }
-
-    async fn refresh_leader_member(&mut self, leader: &str) {
-        let Ok(d) = self.dcs().await else { return };
-        match d.get_member(leader).await {
-            Ok(Some(raw)) => match serde_json::from_slice::<Member>(&raw) {
-                Ok(m) => self.leader_member = Some(m),
-                Err(e) => warn!(%leader, "unreadable member record: {e}"),
-            },
-            Ok(None) => {} // gone with its lease: keep the last one seen
-            Err(e) => warn!(%leader, "cannot read the leader's member record: {e}"),
-        }
-    }
-
-    /// Runs PostgreSQL as a replica of `leader`: fences a writable server at
-    /// once (inline), then stops, rewinds or clones and restarts it in the
-    /// background, reporting `Followed`.
-    async fn follow(&mut self, leader: String) -> Option<Input> {
-        let pg = self.pg.clone()?;
-        if self.busy {
-            return None;
-        }
-        if matches!(pg.role().await, Ok(pgsql::Role::Primary) | Err(_))
-            && pg.live_postmaster().is_some()
-        {
-            warn!(%leader, "PostgreSQL is writable while {leader} leads: fencing it");
-            let stop = self.stop_fn.clone();
-            match tokio::task::spawn_blocking(move || stop()).await {
-                Ok(Ok(how)) => info!("{how}"),
-                Ok(Err(e)) => {
-                    error!("fence failed: {e}");
-                    return Some(Input::Followed { leader, ok: false });
-                }
-                Err(e) => {
-                    error!("fence task failed: {e}");
-                    return Some(Input::Followed { leader, ok: false });
-                }
-            }
-        }
-        if self.leader_member.as_ref().map(|m| &m.node) != Some(&leader) {
-            self.refresh_leader_member(&leader).await;
-        }
         let Some((host, port)) = self
-            .leader_member
-            .as_ref()
+            .core
+            .leader_member()
             .filter(|m| m.node == leader)
             .and_then(|m| Some((m.host.clone()?, m.port?)))
         else {
@@ -1103,8 +967,7 @@ impl Agent {
         let conninfo = pg
             .config()
             .replication_conninfo(&host, port, &self.cfg.node);
-        self.busy = true;
-        let tx = self.follow_tx.clone();
+        let tx = self.side_tx.clone();
         info!(%leader, %host, port, "following the leader");
         tokio::spawn(async move {
             let r = follow_leader(&pg, &conninfo).await;
@@ -1148,5 +1011,22 @@ async fn follow_leader(pg: &Pg, conninfo: &str) -> Result<String, String> {
                 .map_err(|e| format!("rejoin: {e}"))?;
             Ok(format!("{r:?}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sigterm_and_sigint_stop_the_agent() {
+        for sig in HANDLED_SIGNALS {
+            let stops = matches!(signal_meaning(sig), SignalMeaning::Shutdown);
+            assert_eq!(stops, sig == libc::SIGTERM || sig == libc::SIGINT, "{sig}");
+        }
+        assert_eq!(
+            signal_meaning(libc::SIGHUP),
+            SignalMeaning::Note("SIGHUP: reload not supported; restart to apply")
+        );
     }
 }

@@ -134,12 +134,9 @@ impl Ops {
         };
         let leader = *core.holder() == KeyHolder::Us
             && matches!(core.role(), Role::Arming | Role::Promoting | Role::Leader);
-        let changed = self.metrics.set_state(
-            &format!("{:?}", core.role()),
-            holder,
-            leader,
-            core.last_fresh(),
-        );
+        let changed =
+            self.metrics
+                .set_state(core.role().as_str(), holder, leader, core.last_fresh());
         if looped {
             self.metrics.loops.fetch_add(1, Relaxed);
             self.notify.watchdog();

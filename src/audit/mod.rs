@@ -284,23 +284,10 @@ impl Event {
     }
 }
 
-/// The stable name a record stores for a step-down's reason: records are
-/// read by other versions and by tools, so they never hold a `Debug` string
-/// (which changes with a rename). Add names; never change one.
-pub fn step_down_reason(r: &crate::decide::StepDownReason) -> &'static str {
-    use crate::decide::StepDownReason as R;
-    match r {
-        R::Deadline => "deadline",
-        R::LeaseLost => "lease_lost",
-        R::KeyLost => "key_lost",
-        R::PromoteFailed => "promote_failed",
-        R::PostgresDown => "postgres_down",
-        R::Shutdown => "shutdown",
-    }
-}
-
-/// The stable name of how the PostgreSQL fence ended (see
-/// [`step_down_reason`] for why not `Debug`).
+/// The stable name of how the PostgreSQL fence ended: records are read by
+/// other versions and by tools, so they never hold a `Debug` string (which
+/// changes with a rename). Add names; never change one. Step-down reasons
+/// have theirs in `StepDownReason::as_str`.
 pub fn stop_how(h: crate::postgres::StopHow) -> &'static str {
     use crate::postgres::StopHow as H;
     match h {
@@ -572,7 +559,7 @@ mod tests {
             (R::Shutdown, "shutdown"),
         ];
         for (r, name) in reasons {
-            assert_eq!(step_down_reason(&r), name);
+            assert_eq!(r.as_str(), name);
         }
         for (h, name) in [
             (H::AlreadyStopped, "already_stopped"),

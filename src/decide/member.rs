@@ -1,0 +1,110 @@
+//! Member records: what each agent publishes under `{scope}/members/{node}`
+//! on its own lease, so that peers know where to replicate from and how far
+//! the leader's WAL had got (eligibility after the leader is gone).
+//!
+//! The core decides when a record is due ([`due`]); the agent only writes
+//! it (`Action::PublishMember`) and reads the leader's
+//! (`Action::RefreshLeaderMember`).
+
+use serde::{Deserialize, Serialize};
+
+/// Publish the LSN at most every this many loops when nothing else changed,
+/// keeping steady state near one etcd request per node per loop. Followers
+/// re-read the leader's record at the same rate.
+pub const LSN_EVERY_LOOPS: u64 = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node: String,
+    /// The core's role, by its stable name (`Role::as_str`: `Follower`, `Leader`, ...).
+    pub role: String,
+    /// PostgreSQL as observed (`PgView::as_str`): `primary`, `replica`, `down`, `busy`, `unmanaged`.
+    pub postgres: String,
+    /// Where peers reach this node's PostgreSQL.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Primary: current WAL LSN; replica: the furthest received or replayed.
+    #[serde(default)]
+    pub lsn: Option<u64>,
+    /// Whether this node's watchdog mode lets it lead (`off`, `automatic`, `required`).
+    pub watchdog: String,
+}
+
+impl Member {
+    /// Whether `self` differs from `other` in anything but the LSN.
+    pub fn changed_besides_lsn(&self, other: &Member) -> bool {
+        let mut a = self.clone();
+        a.lsn = other.lsn;
+        a != *other
+    }
+}
+
+/// Whether `me` must be written now, given the record last written and the
+/// loop it was written at: at once on any change but the LSN, and a moved
+/// LSN at most every [`LSN_EVERY_LOOPS`] loops.
+pub fn due(me: &Member, published: Option<&(Member, u64)>, tick: u64) -> bool {
+    match published {
+        None => true,
+        Some((old, at)) => {
+            me.changed_besides_lsn(old) || (me.lsn != old.lsn && tick >= at + LSN_EVERY_LOOPS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a() -> Member {
+        Member {
+            node: "a".into(),
+            role: "Leader".into(),
+            postgres: "primary".into(),
+            host: Some("127.0.0.1".into()),
+            port: Some(5432),
+            lsn: Some(1),
+            watchdog: "required".into(),
+        }
+    }
+
+    #[test]
+    fn lsn_alone_is_not_a_change() {
+        let a = a();
+        let mut b = a.clone();
+        b.lsn = Some(99);
+        assert!(!b.changed_besides_lsn(&a));
+        b.postgres = "down".into();
+        assert!(b.changed_besides_lsn(&a));
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<Member>(&json).unwrap(), a);
+    }
+
+    #[test]
+    fn json_keeps_its_field_names() {
+        let json = serde_json::to_string(&a()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"node":"a","role":"Leader","postgres":"primary","host":"127.0.0.1","port":5432,"lsn":1,"watchdog":"required"}"#
+        );
+    }
+
+    #[test]
+    fn due_on_change_at_once_and_on_lsn_at_the_cadence() {
+        let old = a();
+        assert!(due(&old, None, 0), "never written");
+        let published = (old.clone(), 100);
+        assert!(!due(&old, Some(&published), 500), "unchanged");
+        let mut moved = old.clone();
+        moved.lsn = Some(2);
+        assert!(!due(&moved, Some(&published), 100 + LSN_EVERY_LOOPS - 1));
+        assert!(due(&moved, Some(&published), 100 + LSN_EVERY_LOOPS));
+        let mut role = old.clone();
+        role.role = "SteppingDown".into();
+        assert!(
+            due(&role, Some(&published), 101),
+            "a change goes out at once"
+        );
+    }
+}
