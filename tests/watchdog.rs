@@ -963,7 +963,6 @@ fn kmsg_at(log: &str, needle: &str) -> Option<f64> {
 /// guest needs (qemu-system-x86, busybox-static, cpio, the lab kernel).
 #[cfg(feature = "testing")]
 #[test]
-#[ignore = "boots a QEMU guest with systemd (~40 s of CPU)"]
 fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
     let bin = env!("CARGO_BIN_EXE_leasedog");
     let log = systemd_guest(
@@ -1024,7 +1023,6 @@ fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
 /// softdog must never fire.
 #[cfg(feature = "testing")]
 #[test]
-#[ignore = "boots a QEMU guest with systemd (~40 s of CPU)"]
 fn a_clean_disarm_under_systemd_takes_the_device_out_of_the_fd_store_first() {
     let st = Command::new(env!("CARGO"))
         .args([
