@@ -958,9 +958,8 @@ fn kmsg_at(log: &str, needle: &str) -> Option<f64> {
 /// systemd handed back. `systemctl stop` then empties the store, and that
 /// close is the one that pings ("watchdog did not stop!").
 ///
-/// CPU-heavy (a TCG guest, ~40 s of two cores): `cargo test --features
-/// testing --test watchdog -- --ignored`. Needs what tests/install.rs's
-/// guest needs (qemu-system-x86, busybox-static, cpio, the lab kernel).
+/// A TCG guest (about 25 s), run by the suite like tests/install.rs's.
+/// Needs what that guest needs (qemu-system-x86, busybox-static, cpio, the lab kernel).
 #[cfg(feature = "testing")]
 #[test]
 fn fd_store_keeps_a_killed_agents_device_unpinged_under_systemd_252() {
