@@ -660,9 +660,11 @@ impl Core {
     ///   the `Promote` that follows them).
     /// - An action's outcome (the `Input` it produces) is fed back, and the
     ///   actions the core returns for it are executed, before the rest of the
-    ///   batch (depth-first). Actions that run off the main loop (`Follow`,
-    ///   `PublishMember`, `RefreshLeaderMember`, `SetSyncStandbys`) report
-    ///   their outcome later, as an input of its own.
+    ///   batch (depth-first). Actions that run off the main loop (`Promote`
+    ///   of a managed PostgreSQL, `Follow`, `PublishMember`,
+    ///   `RefreshLeaderMember`, `SetSyncStandbys`) report their outcome
+    ///   later, as an input of its own; the core waits in its state
+    ///   (`Promoting`, ...) and keeps renewing meanwhile.
     /// - `Exit` ends the driver; nothing after it runs.
     /// - The driver feeds `Tick` at [`Core::next_deadline`] (or on its own
     ///   loop, at least as often).
@@ -2762,6 +2764,35 @@ mod tests {
             },
         );
         assert_eq!(c.holder(), &KeyHolder::Other("d".into()));
+    }
+
+    #[test]
+    fn promoting_keeps_renewing_until_the_outcome_arrives() {
+        let mut c = arming_core();
+        let a = c.handle(t(300), armed_ok(false));
+        assert_eq!(a.last(), Some(&Action::Promote));
+        // pg_promote runs off the loop: ticks and renewals go on meanwhile.
+        let a = c.handle(t(600), Input::Tick);
+        assert!(has(&a, |a| *a == Action::Renew { lease: 7 }), "{a:?}");
+        let a = c.handle(
+            t(700),
+            Input::Renewed {
+                sent: t(600),
+                ttl: 5,
+            },
+        );
+        assert_eq!(a[0], Action::Publish(Evidence::Lease(t(600))));
+        assert_eq!(c.role(), &Role::Promoting);
+        c.handle(t(5000), Input::Promoted);
+        assert_eq!(c.role(), &Role::Leader);
+        // An outcome that arrives after a step-down changes nothing.
+        let mut c = arming_core();
+        c.handle(t(300), armed_ok(false));
+        c.handle(t(400), Input::Shutdown);
+        assert_eq!(c.role(), &Role::SteppingDown);
+        let a = c.handle(t(500), Input::Promoted);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(c.role(), &Role::SteppingDown);
     }
 
     // ---- Rule 8: writable only under a fresh lease
