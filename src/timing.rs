@@ -135,12 +135,14 @@ impl Budget {
     /// off the loop: PostgreSQL's observation and `synchronous_standby_names`
     /// (the observer task, each query bounded by `postgres.query_timeout`),
     /// member records (their own task and etcd connection), the audit mirror
-    /// (its own task). What still shares the loop happens at a change of
-    /// state, not per tick, and is bounded or harmless to the pings: arming
-    /// (bounded by the permit it pings on, `Arm { not_after }`), `Promote`
-    /// (one query), the fences of a step-down (pings already stopped, and the
-    /// deadline timer does not wait for the loop), acquire, release and the
-    /// key read of a follower, and the audit log's fsync of each fact.
+    /// (its own task), promotion (`pg_promote`, up to
+    /// `postgres.promote_timeout`, in a task of its own). What still shares
+    /// the loop happens at a change of state, not per tick, and is bounded
+    /// or harmless to the pings: arming (bounded by the permit it pings on,
+    /// `Arm { not_after }`), the fences of a step-down (pings already
+    /// stopped, and the deadline timer does not wait for the loop), acquire,
+    /// release and the key read of a follower, and the audit log's fsync of
+    /// each fact.
     pub fn loop_work(&self) -> Duration {
         self.request_timeout
     }

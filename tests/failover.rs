@@ -555,9 +555,11 @@ fn a_replica_too_far_behind_is_not_promoted() {
     assert!(!wr.is_empty(), "b has a walreceiver");
     signal_all(&wr, libc::SIGSTOP);
     a.pg.sql("INSERT INTO t SELECT generate_series(1000, 20999)");
+    // The lag itself: "not eligible for leadership: rejoin in progress"
+    // (logged while b first follows a) must not end the wait.
     let seen = b
         .agent()
-        .wait_log("not eligible for leadership", Duration::from_secs(30));
+        .wait_log("bytes behind the leader", Duration::from_secs(30));
     if !seen {
         signal_all(&wr, libc::SIGCONT);
         panic!("b never judged itself too far behind:\n{}", b.log());
@@ -822,4 +824,34 @@ fn a_hung_postgres_does_not_delay_the_renewals() {
     assert!(!log.contains("deadline timer fenced"), "{log}");
     assert_eq!(holder(&client, scope).as_deref(), Some("a"));
     assert_eq!(a.writable(), Some(true), "still the primary");
+}
+
+/// Rule 8 at start-up: a node whose agent cannot reach etcd does not know
+/// who leads, so a writable PostgreSQL found there (started by hand, or a
+/// primary that came back after a reset) is fenced at once, not left
+/// writable until etcd answers.
+#[test]
+fn a_writable_server_is_fenced_while_etcd_is_unreachable() {
+    let _g = serial();
+    let dead = vec![format!("http://127.0.0.1:{}", free_port())];
+    let pg = PgNode::init(free_port());
+    pg.start();
+    let mut a = Node::new("unreachable", "a", &dead, pg);
+    assert_eq!(a.writable(), Some(true));
+    a.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(20), || a.writable() != Some(true)),
+        "still writable:\n{}",
+        a.log()
+    );
+    let log = a.log();
+    assert!(
+        log.contains("PostgreSQL is writable while the key is not ours: fencing it"),
+        "{log}"
+    );
+    assert!(!log.contains("won the leader key"), "{log}");
+    assert!(
+        a.agent.as_mut().unwrap().try_exit().is_none(),
+        "keeps running"
+    );
 }

@@ -670,18 +670,28 @@ impl Agent {
                     info!("promoted (leader; no PostgreSQL configured)");
                     Some(Input::Promoted)
                 }
-                Some(pg) => match pg.promote().await {
-                    Ok(how) => {
-                        info!(?how, "promoted (leader): PostgreSQL is primary");
-                        Some(Input::Promoted)
-                    }
-                    Err(e) => {
-                        error!("promotion failed: {e}");
-                        Some(Input::PromoteFailed {
-                            reason: e.to_string(),
-                        })
-                    }
-                },
+                // Off the loop: pg_promote may wait up to
+                // postgres.promote_timeout, and renewals must go on meanwhile
+                // (the core stays Promoting until the outcome arrives).
+                Some(pg) => {
+                    let tx = self.side_tx.clone();
+                    tokio::spawn(async move {
+                        let input = match pg.promote().await {
+                            Ok(how) => {
+                                info!(?how, "promoted (leader): PostgreSQL is primary");
+                                Input::Promoted
+                            }
+                            Err(e) => {
+                                error!("promotion failed: {e}");
+                                Input::PromoteFailed {
+                                    reason: e.to_string(),
+                                }
+                            }
+                        };
+                        let _ = tx.send(input);
+                    });
+                    None
+                }
             },
             Action::Fence => {
                 match self.core.holder() {

@@ -1,0 +1,1743 @@
+use super::*;
+use proptest::prelude::*;
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// T = 5, M = 2, R = 1, loop 0.5 s, request timeout 0.4 s (the lab budget).
+fn core(mode: WatchdogMode) -> Core {
+    let budget = Budget::new(
+        Duration::from_secs(5),
+        Duration::from_secs(2),
+        Duration::from_secs(1),
+        ms(500),
+        ms(400),
+    )
+    .unwrap();
+    Core::new(CoreConfig { budget, mode })
+}
+
+fn t(ms_: u64) -> BootTime {
+    BootTime::from_nanos(ms_ * 1_000_000)
+}
+
+fn dev(path: &str, nowayout: bool) -> ArmedDevice {
+    ArmedDevice {
+        path: path.into(),
+        identity: "Software Watchdog".into(),
+        w_secs: 3,
+        nowayout,
+    }
+}
+
+fn armed_ok(nowayout: bool) -> Input {
+    Input::Armed(ArmOutcome {
+        armed: vec![dev("/dev/watchdog0", nowayout)],
+        failed: vec![],
+    })
+}
+
+fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
+    actions.iter().any(pred)
+}
+
+fn pos(actions: &[Action], pred: impl Fn(&Action) -> bool) -> usize {
+    actions.iter().position(pred).expect("action present")
+}
+
+/// Drives a core to Leader at t = 1.0 s with s = 1.0 s.
+fn leader(mode: WatchdogMode) -> Core {
+    let mut c = core(mode);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    let a = c.handle(
+        t(1000),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(1000),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
+    c.handle(t(1000), Input::Won { revision: 2 });
+    if mode != WatchdogMode::Off {
+        c.handle(t(1000), armed_ok(false));
+    }
+    c.handle(t(1000), Input::Promoted);
+    assert_eq!(c.role(), &Role::Leader);
+    c
+}
+
+#[test]
+fn start_publishes_no_evidence_then_grants() {
+    let mut c = core(WatchdogMode::Required);
+    let a = c.handle(t(0), Input::Start);
+    assert_eq!(a[0], Action::Publish(Evidence::None));
+    assert!(has(&a, |a| *a == Action::Grant));
+    assert!(has(&a, |a| *a == Action::ReadKey));
+}
+
+#[test]
+fn follower_races_only_for_an_empty_key() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    let a = c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 3,
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+    let a = c.handle(
+        t(20),
+        Input::KeySeen {
+            holder: KeyHolder::Garbage,
+            revision: 4,
+        },
+    );
+    assert!(
+        !has(&a, |a| matches!(a, Action::Acquire { .. })),
+        "garbage is held by an unknown owner"
+    );
+    let a = c.handle(
+        t(30),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 5,
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
+}
+
+#[test]
+fn ineligible_follower_does_not_race() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::Eligibility {
+            eligible: false,
+            reason: "lag".into(),
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    let a = c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 5,
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+    let a = c.handle(
+        t(20),
+        Input::Eligibility {
+            eligible: true,
+            reason: String::new(),
+        },
+    );
+    assert!(has(&a, |a| matches!(a, Action::Acquire { .. })));
+}
+
+#[test]
+fn rule2_arm_before_promote() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(100),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(100),
+        },
+    );
+    let a = c.handle(t(200), Input::Won { revision: 2 });
+    assert!(
+        !has(&a, |a| *a == Action::Promote),
+        "no promote before arming"
+    );
+    assert!(
+        has(&a, |a| *a == Action::Arm { not_after: t(1100) }),
+        "{a:?}"
+    );
+    let a = c.handle(t(300), armed_ok(false));
+    let publish = pos(&a, |a| *a == Action::Publish(Evidence::Lease(t(100))));
+    let promote = pos(&a, |a| *a == Action::Promote);
+    assert!(publish < promote, "pings permitted before promotion: {a:?}");
+    assert_eq!(c.role(), &Role::Promoting);
+}
+
+#[test]
+fn rule2_stale_evidence_renews_before_arming() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 1,
+        },
+    );
+    // The key frees up 1.5 s after our last renewal: too stale to arm (M - R = 1 s).
+    c.handle(
+        t(1500),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 3,
+        },
+    );
+    let a = c.handle(t(1500), Input::Won { revision: 4 });
+    assert!(!has(&a, |a| matches!(a, Action::Arm { .. })), "{a:?}");
+    assert!(has(&a, |a| *a == Action::Renew { lease: 7 }));
+    let a = c.handle(
+        t(1600),
+        Input::Renewed {
+            sent: t(1510),
+            ttl: 5,
+        },
+    );
+    assert!(
+        has(&a, |a| *a == Action::Arm { not_after: t(2510) }),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn rule2_required_arm_failure_releases_and_backs_off() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    let a = c.handle(
+        t(20),
+        Input::Armed(ArmOutcome {
+            armed: vec![dev("/dev/watchdog1", false)],
+            failed: vec![("/dev/watchdog0".into(), "busy: held by systemd".into())],
+        }),
+    );
+    assert!(!has(&a, |a| *a == Action::Promote));
+    assert!(
+        has(&a, |a| *a == Action::Disarm),
+        "partially armed devices are disarmed"
+    );
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    assert_eq!(c.role(), &Role::Follower);
+    c.handle(t(30), Input::Released { deleted: true });
+    let a = c.handle(
+        t(40),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 5,
+        },
+    );
+    assert!(
+        !has(&a, |a| matches!(a, Action::Acquire { .. })),
+        "backs off"
+    );
+    let a = c.handle(
+        t(5100),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 6,
+        },
+    );
+    assert!(
+        has(&a, |a| matches!(a, Action::Acquire { .. })),
+        "retries after one TTL"
+    );
+}
+
+#[test]
+fn automatic_mode_leads_unarmed_and_says_so() {
+    let mut c = core(WatchdogMode::Automatic);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    let a = c.handle(
+        t(20),
+        Input::Armed(ArmOutcome {
+            armed: vec![],
+            failed: vec![("/dev/watchdog0".into(), "no such device".into())],
+        }),
+    );
+    assert!(has(&a, |a| *a == Action::Promote));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::LeadingUnarmed { .. })
+    )));
+}
+
+#[test]
+fn off_mode_never_arms() {
+    let mut c = core(WatchdogMode::Off);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    let a = c.handle(t(10), Input::Won { revision: 2 });
+    assert!(!has(&a, |a| matches!(a, Action::Arm { .. })));
+    assert!(has(&a, |a| *a == Action::Promote));
+}
+
+#[test]
+fn rule1_renewal_publishes_first_and_late_acks_are_recorded() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(
+        t(1600),
+        Input::Renewed {
+            sent: t(1500),
+            ttl: 5,
+        },
+    );
+    assert_eq!(
+        a[0],
+        Action::Publish(Evidence::Lease(t(1500))),
+        "publish before anything else"
+    );
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::RenewedLate { .. })
+    )));
+    // Acked 1.2 s after it was sent: it earns no ping (M - R = 1 s).
+    let a = c.handle(
+        t(3200),
+        Input::Renewed {
+            sent: t(2000),
+            ttl: 5,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::RenewedLate {
+            sent: t(2000),
+            acked: t(3200)
+        })));
+}
+
+#[test]
+fn rule1_out_of_order_ack_never_moves_evidence_back() {
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(
+        t(2100),
+        Input::Renewed {
+            sent: t(2000),
+            ttl: 5,
+        },
+    );
+    let a = c.handle(
+        t(2200),
+        Input::Renewed {
+            sent: t(1500),
+            ttl: 5,
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::Lease(t(2000))));
+    assert_eq!(c.last_fresh(), Some(t(2000)));
+}
+
+#[test]
+fn rule3_tick_past_deadline_steps_down() {
+    let mut c = leader(WatchdogMode::Required);
+    // s = 1.0 s, T - M = 3 s: deadline 4.0 s.
+    let a = c.handle(t(4000), Input::Tick);
+    assert!(
+        !has(&a, |a| matches!(a, Action::StepDown { .. })),
+        "at the deadline, not past it"
+    );
+    let a = c.handle(t(4001), Input::Tick);
+    assert_eq!(a[0], Action::Publish(Evidence::None), "pings stop first");
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::Deadline
+        }));
+    assert!(!has(&a, |a| *a == Action::Disarm));
+}
+
+#[test]
+fn lease_gone_or_key_lost_steps_down() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1500), Input::LeaseGone);
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::LeaseLost
+        }));
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(
+        t(1500),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 9,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::KeyLost
+        }));
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(
+        t(1500),
+        Input::Renewed {
+            sent: t(1400),
+            ttl: 0,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::LeaseLost
+        }));
+}
+
+#[test]
+fn rule4_disarm_only_after_stop_and_release() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1500), Input::Shutdown);
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::Shutdown
+        }));
+    assert!(!has(&a, |a| *a == Action::Disarm));
+    assert!(
+        !has(&a, |a| *a == Action::Publish(Evidence::None)),
+        "a clean handover keeps pinging on fresh renewals"
+    );
+    let a = c.handle(
+        t(1550),
+        Input::Renewed {
+            sent: t(1500),
+            ttl: 5,
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1500))));
+    let a = c.handle(
+        t(1600),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    assert!(!has(&a, |a| *a == Action::Disarm), "key still ours: {a:?}");
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    let a = c.handle(t(1700), Input::Released { deleted: true });
+    let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
+    let disarm = pos(&a, |a| *a == Action::Disarm);
+    assert!(none < disarm, "pings stop before the magic close");
+    let a = c.handle(t(1800), Input::Disarmed);
+    let revoke = pos(&a, |a| *a == Action::Revoke { lease: 7 });
+    let exit = pos(&a, |a| *a == Action::Exit { code: 0 });
+    assert!(revoke < exit);
+    assert_eq!(c.role(), &Role::Exited);
+}
+
+#[test]
+fn lost_lease_stops_pings_at_once_and_later_renewals_do_not_restart_them() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(
+        t(1500),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 9,
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::None));
+    let a = c.handle(
+        t(1600),
+        Input::Renewed {
+            sent: t(1550),
+            ttl: 5,
+        },
+    );
+    assert!(
+        !has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn rule4_unreachable_etcd_waits_for_expiry_before_disarm() {
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(t(4001), Input::Tick); // deadline step-down
+    let a = c.handle(
+        t(4100),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    assert!(!has(&a, |a| *a == Action::Disarm));
+    c.handle(
+        t(4200),
+        Input::ReleaseFailed {
+            error: "timeout".into(),
+        },
+    );
+    // s = 1.0 s; T = 5 s; slack 1.5 s: no disarm before 7.5 s, and no
+    // pings meanwhile (no fresh evidence): the watchdog resets the node.
+    let a = c.handle(t(7000), Input::Tick);
+    assert!(!has(&a, |a| *a == Action::Disarm));
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Publish(Evidence::Lease(_) | Evidence::Liveness(_))
+    )));
+    let a = c.handle(t(7600), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
+}
+
+#[test]
+fn timer_fencing_is_adopted_by_the_loop() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(
+        t(4100),
+        Input::FencedByTimer {
+            how: "killed".into(),
+        },
+    );
+    assert!(
+        !has(&a, |a| matches!(a, Action::StepDown { .. })),
+        "already stopped by the timer"
+    );
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::StepDownConfirmed { .. })
+    )));
+    assert_eq!(c.role(), &Role::Fenced);
+}
+
+#[test]
+fn follower_shutdown_revokes_and_exits() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    let a = c.handle(t(10), Input::Shutdown);
+    assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }));
+    assert!(has(&a, |a| *a == Action::Exit { code: 0 }));
+}
+
+#[test]
+fn rule5_nowayout_keeps_pinging_on_liveness_as_replica() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    c.handle(t(20), armed_ok(true));
+    c.handle(t(30), Input::Promoted);
+    c.handle(t(100), Input::LeaseGone);
+    c.handle(
+        t(200),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    let a = c.handle(t(300), Input::Disarmed);
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::NowayoutKeptArmed { .. })
+    )));
+    assert_eq!(c.role(), &Role::Follower);
+    let a = c.handle(t(900), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Publish(Evidence::Liveness(t(900)))));
+}
+
+fn follower_seeing(holder: KeyHolder) -> Core {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder,
+            revision: 3,
+        },
+    );
+    c
+}
+
+#[test]
+fn follower_with_a_writable_postgres_fences_every_time_then_follows() {
+    let mut c = follower_seeing(KeyHolder::Other("b".into()));
+    let a = c.handle(t(20), Input::Postgres(PgView::Primary));
+    assert_eq!(a, vec![Action::Fence], "fence first, nothing else");
+    // The fence failed: still writable on the next loop: again, at once.
+    c.handle(
+        t(30),
+        Input::Fenced {
+            ok: false,
+            how: "x".into(),
+        },
+    );
+    let a = c.handle(t(520), Input::Postgres(PgView::Primary));
+    assert_eq!(a, vec![Action::Fence]);
+    let a = c.handle(
+        t(530),
+        Input::Fenced {
+            ok: true,
+            how: "stopped".into(),
+        },
+    );
+    assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+    assert_eq!(c.pg_view(), &PgView::Down);
+}
+
+#[test]
+fn follower_asks_once_then_waits_for_the_outcome() {
+    let mut c = follower_seeing(KeyHolder::Other("b".into()));
+    let a = c.handle(t(20), Input::Postgres(PgView::Down));
+    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    let a = c.handle(t(520), Input::Postgres(PgView::Busy));
+    assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
+    let a = c.handle(t(620), Input::Postgres(PgView::Down));
+    assert!(!has(&a, |a| matches!(a, Action::Follow { .. })), "pending");
+    c.handle(
+        t(700),
+        Input::Followed {
+            leader: "b".into(),
+            ok: false,
+        },
+    );
+    let a = c.handle(t(720), Input::Postgres(PgView::Down));
+    assert!(
+        has(&a, |a| *a == Action::Follow { leader: "b".into() }),
+        "retried after a failure"
+    );
+    let a = c.handle(
+        t(820),
+        Input::Postgres(PgView::Replica {
+            following: Some("b".into()),
+        }),
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
+    // A new leader: follow it.
+    let a = c.handle(
+        t(900),
+        Input::KeySeen {
+            holder: KeyHolder::Other("c".into()),
+            revision: 9,
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Follow { leader: "c".into() }));
+}
+
+#[test]
+fn a_broken_watch_is_not_a_lost_key() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1200), Input::WatchBroken);
+    assert_eq!(a, vec![Action::ReadKey]);
+    assert_eq!(c.role(), &Role::Leader);
+    let a = c.handle(
+        t(1300),
+        Input::Renewed {
+            sent: t(1250),
+            ttl: 5,
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1250))));
+}
+
+#[test]
+fn writable_postgres_under_an_unknown_owner_is_fenced() {
+    let mut c = follower_seeing(KeyHolder::Garbage);
+    let a = c.handle(t(20), Input::Postgres(PgView::Primary));
+    assert!(has(&a, |a| *a == Action::Fence));
+}
+
+#[test]
+fn leader_whose_postgres_is_down_hands_over() {
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1200), Input::Postgres(PgView::Down));
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::PostgresDown
+        }));
+    assert!(
+        !has(&a, |a| *a == Action::Publish(Evidence::None)),
+        "key still ours: pings go on while it is released"
+    );
+    let a = c.handle(
+        t(1300),
+        Input::SteppedDown {
+            how: "already stopped".into(),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+}
+
+// ---- PostgreSQL, member records, synchronous mode (moved from the agent)
+
+fn settings(sync: bool) -> PgSettings {
+    PgSettings {
+        maximum_lag_on_failover: 1000,
+        synchronous_mode: sync,
+        host: "10.0.0.1".into(),
+        port: 5432,
+    }
+}
+
+fn managed(sync: bool) -> Core {
+    core(WatchdogMode::Required)
+        .with_node("a")
+        .with_postgres(settings(sync))
+}
+
+fn replica(lsn: u64) -> Input {
+    Input::PgObserved {
+        role: PgRole::Replica,
+        wal: Some(WalPosition {
+            timeline: 1,
+            current: None,
+            receive: Some(crate::postgres::Lsn(lsn)),
+            replay: Some(crate::postgres::Lsn(lsn)),
+        }),
+    }
+}
+
+fn primary(lsn: u64) -> Input {
+    Input::PgObserved {
+        role: PgRole::Primary,
+        wal: Some(WalPosition {
+            timeline: 1,
+            current: Some(crate::postgres::Lsn(lsn)),
+            receive: None,
+            replay: None,
+        }),
+    }
+}
+
+fn leader_record(node: &str, lsn: Option<u64>) -> Member {
+    Member {
+        node: node.into(),
+        role: "Leader".into(),
+        postgres: "primary".into(),
+        host: Some("10.0.0.2".into()),
+        port: Some(5432),
+        lsn,
+        watchdog: "required".into(),
+    }
+}
+
+/// A managed follower with lease 7 that sees `b` lead at revision 3.
+fn managed_follower() -> Core {
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 3,
+        },
+    );
+    c
+}
+
+#[test]
+fn managed_postgres_is_not_eligible_before_the_first_look() {
+    let mut c = managed(false);
+    assert_eq!(c.eligibility(), Err("PostgreSQL not observed yet"));
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    let a = c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 5,
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+    let a = c.handle(t(20), replica(100));
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+    assert_eq!(c.eligibility(), Ok(()));
+}
+
+#[test]
+fn eligibility_within_and_over_the_lag_bound_of_the_leaders_lsn() {
+    let mut c = managed_follower();
+    c.handle(
+        t(20),
+        Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", Some(5000))),
+        },
+    );
+    c.handle(t(30), replica(4000)); // 1000 behind: the bound itself
+    assert_eq!(c.eligibility(), Ok(()));
+    c.handle(
+        t(35),
+        Input::Followed {
+            leader: "b".into(),
+            ok: true,
+        },
+    );
+    c.handle(t(40), replica(3999)); // 1001 behind
+    let why = c.eligibility().unwrap_err().to_string();
+    assert!(why.contains("1001 bytes behind"), "{why}");
+    // The leader dies (key gone): its last LSN still counts.
+    let a = c.handle(
+        t(50),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 9,
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "lagging");
+    let a = c.handle(t(60), replica(4500));
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "caught up");
+    c.handle(
+        t(70),
+        Input::PgObserved {
+            role: PgRole::Down,
+            wal: None,
+        },
+    );
+    assert_eq!(c.eligibility(), Err("PostgreSQL is down"));
+    c.handle(t(80), replica(4500));
+    c.handle(
+        t(90),
+        Input::PgObserveFailed {
+            error: "password authentication failed".into(),
+        },
+    );
+    assert!(c.eligibility().unwrap_err().contains("password"));
+}
+
+#[test]
+fn member_record_is_due_on_change_and_its_lsn_at_the_cadence() {
+    let mut c = managed_follower();
+    c.handle(t(20), replica(100));
+    let a = c.handle(t(500), Input::Tick);
+    let me = match a.iter().find(|a| matches!(a, Action::PublishMember(_))) {
+        Some(Action::PublishMember(m)) => m.clone(),
+        _ => panic!("first record due: {a:?}"),
+    };
+    assert_eq!(
+        (
+            me.role.as_str(),
+            me.postgres.as_str(),
+            me.lsn,
+            me.watchdog.as_str()
+        ),
+        ("Follower", "replica", Some(100), "required")
+    );
+    assert_eq!(
+        (me.host.as_deref(), me.port),
+        (Some("10.0.0.1"), Some(5432))
+    );
+    // Not re-sent while the write is out.
+    let a = c.handle(t(1000), Input::Tick);
+    assert!(!has(&a, |a| matches!(a, Action::PublishMember(_))));
+    c.handle(
+        t(1010),
+        Input::MemberPublished {
+            member: me.clone(),
+            ok: true,
+        },
+    );
+    // The LSN moves: not before LSN_EVERY_LOOPS loops.
+    c.handle(t(1020), replica(200));
+    for i in 0..LSN_EVERY_LOOPS - 1 {
+        let a = c.handle(t(1500 + i * 500), Input::Tick);
+        assert!(!has(&a, |a| matches!(a, Action::PublishMember(_))), "{i}");
+    }
+    let a = c.handle(t(20_000), Input::Tick);
+    assert!(has(
+        &a,
+        |a| matches!(a, Action::PublishMember(m) if m.lsn == Some(200))
+    ));
+    c.handle(
+        t(20_010),
+        Input::MemberPublished {
+            member: me.clone(),
+            ok: false,
+        },
+    );
+    // A failed write is retried on the next loop; a change goes at once.
+    c.handle(
+        t(20_020),
+        Input::PgObserved {
+            role: PgRole::Down,
+            wal: None,
+        },
+    );
+    let a = c.handle(t(20_500), Input::Tick);
+    assert!(has(
+        &a,
+        |a| matches!(a, Action::PublishMember(m) if m.postgres == "down")
+    ));
+}
+
+#[test]
+fn member_record_on_a_new_lease_is_due_again() {
+    let mut c = managed_follower();
+    let a = c.handle(t(500), Input::Tick);
+    let Some(Action::PublishMember(me)) = a
+        .into_iter()
+        .find(|a| matches!(a, Action::PublishMember(_)))
+    else {
+        panic!("due")
+    };
+    c.handle(t(510), Input::LeaseGone);
+    c.handle(
+        t(520),
+        Input::LeaseGranted {
+            lease: 8,
+            sent: t(520),
+        },
+    );
+    // The reply to the write on the old lease does not count.
+    c.handle(
+        t(530),
+        Input::MemberPublished {
+            member: me,
+            ok: true,
+        },
+    );
+    let a = c.handle(t(1000), Input::Tick);
+    assert!(has(&a, |a| matches!(a, Action::PublishMember(_))), "{a:?}");
+}
+
+#[test]
+fn follow_waits_for_the_leaders_address_and_refreshes_at_the_cadence() {
+    let mut c = managed_follower();
+    let a = c.handle(
+        t(20),
+        Input::PgObserved {
+            role: PgRole::Down,
+            wal: None,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::RefreshLeaderMember { leader: "b".into() }],
+        "no follow without the leader's address"
+    );
+    let a = c.handle(
+        t(30),
+        Input::PgObserved {
+            role: PgRole::Down,
+            wal: None,
+        },
+    );
+    assert!(a.is_empty(), "one read at a time: {a:?}");
+    let a = c.handle(
+        t(40),
+        Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", Some(1))),
+        },
+    );
+    assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+    assert_eq!(c.leader_member().map(|m| m.node.as_str()), Some("b"));
+    // While the follow runs, observations read as busy (not eligible).
+    c.handle(t(50), replica(1));
+    assert_eq!(c.pg_view(), &PgView::Busy);
+    assert_eq!(c.eligibility(), Err("rejoin in progress"));
+    c.handle(
+        t(60),
+        Input::Followed {
+            leader: "b".into(),
+            ok: true,
+        },
+    );
+    c.handle(t(70), replica(1));
+    assert_eq!(
+        c.pg_view(),
+        &PgView::Replica {
+            following: Some("b".into())
+        }
+    );
+    // Steady state: the leader's record is re-read every LSN_EVERY_LOOPS loops.
+    let mut reads = 0;
+    for i in 0..LSN_EVERY_LOOPS * 2 {
+        let a = c.handle(t(500 + i * 500), Input::Tick);
+        if has(&a, |a| matches!(a, Action::RefreshLeaderMember { .. })) {
+            reads += 1;
+            c.handle(
+                t(501 + i * 500),
+                Input::LeaderMember {
+                    leader: "b".into(),
+                    member: None,
+                },
+            );
+        }
+    }
+    assert_eq!(reads, 2);
+    assert!(
+        c.leader_member().is_some(),
+        "an absent record keeps the last"
+    );
+}
+
+#[test]
+fn fence_then_follow_from_observations() {
+    let mut c = managed_follower();
+    c.handle(
+        t(15),
+        Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", None)),
+        },
+    );
+    let a = c.handle(t(20), primary(100));
+    assert_eq!(a, vec![Action::Fence]);
+    let a = c.handle(
+        t(30),
+        Input::Fenced {
+            ok: true,
+            how: "killed".into(),
+        },
+    );
+    assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+    // A stale observation of the writable server, read while the follow runs.
+    let a = c.handle(t(40), primary(100));
+    assert!(a.is_empty(), "{a:?}");
+}
+
+/// A leader, managed, in synchronous mode (s = 1.0 s).
+fn sync_leader() -> Core {
+    let mut c = managed(true);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), replica(10));
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(1000),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(1000),
+        },
+    );
+    c.handle(t(1000), Input::Won { revision: 2 });
+    c.handle(t(1000), armed_ok(false));
+    let a = c.handle(t(1000), Input::Promoted);
+    assert_eq!(
+        a.last(),
+        Some(&Action::SetSyncStandbys(String::new())),
+        "a fresh primary waits for no standby"
+    );
+    c.handle(
+        t(1000),
+        Input::SyncStandbysSet {
+            value: String::new(),
+            ok: true,
+        },
+    );
+    c.handle(t(1000), primary(20));
+    c
+}
+
+#[test]
+fn sync_names_set_when_standbys_change_and_not_resent_when_equal() {
+    let mut c = sync_leader();
+    let seen = |v: &[&str]| Input::StandbysSeen {
+        standbys: v.iter().map(|s| s.to_string()).collect(),
+    };
+    assert!(c.handle(t(1100), seen(&[])).is_empty(), "'' already set");
+    assert!(c.handle(t(1100), seen(&["pg_basebackup"])).is_empty());
+    let want = r#"FIRST 1 ("b")"#.to_string();
+    let a = c.handle(t(1200), seen(&["b"]));
+    assert_eq!(a, vec![Action::SetSyncStandbys(want.clone())]);
+    assert!(c.handle(t(1250), seen(&["b"])).is_empty(), "one at a time");
+    c.handle(
+        t(1300),
+        Input::SyncStandbysSet {
+            value: want.clone(),
+            ok: true,
+        },
+    );
+    assert!(
+        c.handle(t(1400), seen(&["b"])).is_empty(),
+        "equal: not re-sent"
+    );
+    let a = c.handle(t(1500), seen(&[]));
+    assert_eq!(a, vec![Action::SetSyncStandbys(String::new())]);
+}
+
+#[test]
+fn sync_names_left_alone_unless_leading_a_primary_in_sync_mode() {
+    let standbys = Input::StandbysSeen {
+        standbys: vec!["b".into()],
+    };
+    let mut c = managed_follower();
+    assert!(c.handle(t(20), standbys.clone()).is_empty(), "follower");
+    let mut c = sync_leader();
+    c.handle(
+        t(1100),
+        Input::PgObserved {
+            role: PgRole::Down,
+            wal: None,
+        },
+    );
+    assert!(
+        c.handle(t(1100), standbys.clone()).is_empty(),
+        "not primary"
+    );
+    let mut c = managed(false);
+    assert!(c.handle(t(20), standbys).is_empty(), "mode off");
+}
+
+#[test]
+fn nowayout_devices_are_tracked_in_the_core_only() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    c.handle(
+        t(20),
+        Input::Armed(ArmOutcome {
+            armed: vec![dev("/dev/watchdog0", true), dev("/dev/watchdog1", false)],
+            failed: vec![],
+        }),
+    );
+    assert_eq!(c.nowayout_devices(), ["/dev/watchdog0".to_string()]);
+    // Re-armed in a later term: listed once.
+    c.handle(t(30), Input::Promoted);
+    c.handle(t(100), Input::LeaseGone);
+    c.handle(t(200), Input::SteppedDown { how: "x".into() });
+    c.handle(t(300), Input::Disarmed);
+    assert_eq!(c.nowayout_devices(), ["/dev/watchdog0".to_string()]);
+    assert!(c.is_armed(), "kept armed, pinged on liveness");
+}
+
+#[test]
+fn next_deadline_is_the_next_loop_or_a_deadline_before_it() {
+    let mut c = core(WatchdogMode::Required);
+    assert_eq!(c.next_deadline(), None, "before the first tick: now");
+    c.handle(t(0), Input::Start);
+    c.handle(t(100), Input::Tick);
+    assert_eq!(c.next_deadline(), Some(t(600)), "loop 0.5 s");
+    // A leader whose last renewal was at s = 1.0 s: demotion deadline 4.0 s.
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(t(3800), Input::Tick);
+    assert_eq!(
+        c.next_deadline(),
+        Some(t(4000) + Duration::from_nanos(1)),
+        "just past the demotion deadline, before the next loop"
+    );
+    let a = c.handle(c.next_deadline().unwrap(), Input::Tick);
+    assert!(has(&a, |a| matches!(a, Action::StepDown { .. })));
+    // Backing off after a refused arm: the end of the back-off.
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    c.handle(
+        t(20),
+        Input::ArmFailed {
+            reason: "stale".into(),
+        },
+    );
+    c.handle(t(4900), Input::Tick);
+    assert_eq!(c.next_deadline(), Some(t(5020)), "back-off ends at 5.02 s");
+    c.handle(t(5100), Input::Shutdown);
+    assert_eq!(c.role(), &Role::Exited);
+    assert_eq!(c.next_deadline(), None);
+}
+
+#[test]
+fn stored_names_are_stable() {
+    assert_eq!(StepDownReason::PostgresDown.as_str(), "postgres_down");
+    assert_eq!(StepDownReason::KeyLost.as_str(), "key_lost");
+    assert_eq!(Role::SteppingDown.as_str(), "SteppingDown");
+    assert_eq!(mode_name(WatchdogMode::Automatic), "automatic");
+    assert_eq!(PgView::Replica { following: None }.as_str(), "replica");
+    for r in [
+        Role::Follower,
+        Role::Arming,
+        Role::Promoting,
+        Role::Leader,
+        Role::SteppingDown,
+        Role::Fenced,
+        Role::Exited,
+    ] {
+        assert_eq!(r.as_str(), format!("{r:?}"), "same words as before");
+    }
+}
+
+/// Won at 0.2 s on a grant sent at 0.1 s: arming must finish by 1.1 s.
+fn arming_core() -> Core {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(100),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(100),
+        },
+    );
+    let a = c.handle(t(200), Input::Won { revision: 2 });
+    assert!(has(&a, |a| *a == Action::Arm { not_after: t(1100) }));
+    c
+}
+
+#[test]
+fn rule2_promotion_rechecks_freshness_after_arming() {
+    let mut c = arming_core();
+    let a = c.handle(t(1100), armed_ok(false));
+    assert!(
+        has(&a, |a| *a == Action::Promote),
+        "fresh at the bound: {a:?}"
+    );
+    // Arming took too long: the evidence that permitted its ping is stale.
+    let mut c = arming_core();
+    let a = c.handle(t(1101), armed_ok(false));
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+    assert!(
+        !has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))),
+        "{a:?}"
+    );
+    let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
+    let disarm = pos(&a, |a| *a == Action::Disarm);
+    let release = pos(&a, |a| *a == Action::Release { lease: 7 });
+    assert!(none < disarm && disarm < release, "{a:?}");
+    assert_eq!(c.role(), &Role::Follower);
+    // Automatic mode, nothing armed: the same check.
+    let mut c = core(WatchdogMode::Automatic);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(100),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(100),
+        },
+    );
+    c.handle(t(200), Input::Won { revision: 2 });
+    let a = c.handle(
+        t(2000),
+        Input::Armed(ArmOutcome {
+            armed: vec![],
+            failed: vec![("/dev/watchdog0".into(), "gone".into())],
+        }),
+    );
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+}
+
+#[test]
+fn stale_key_events_do_not_unseat_a_leader() {
+    // The leader won at revision 2; events older than that were
+    // delivered late (the loop read and acquired before polling the watch).
+    let mut c = leader(WatchdogMode::Required);
+    for holder in [KeyHolder::Nobody, KeyHolder::Other("b".into())] {
+        let a = c.handle(
+            t(1200),
+            Input::KeySeen {
+                holder,
+                revision: 1,
+            },
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(c.role(), &Role::Leader);
+        assert_eq!(c.holder(), &KeyHolder::Us);
+    }
+    let a = c.handle(
+        t(1300),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 3,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::KeyLost
+        }));
+}
+
+#[test]
+fn a_follower_keeps_the_newest_owner_it_saw() {
+    let mut c = follower_seeing(KeyHolder::Other("b".into())); // revision 3
+    c.handle(
+        t(20),
+        Input::KeySeen {
+            holder: KeyHolder::Other("c".into()),
+            revision: 8,
+        },
+    );
+    let a = c.handle(
+        t(30),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 7,
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "{a:?}");
+    assert_eq!(c.holder(), &KeyHolder::Other("c".into()));
+    // A lost lease (an etcd restored from a snapshot runs behind):
+    // revisions count again from there.
+    c.handle(t(40), Input::LeaseGone);
+    c.handle(
+        t(50),
+        Input::KeySeen {
+            holder: KeyHolder::Other("d".into()),
+            revision: 2,
+        },
+    );
+    assert_eq!(c.holder(), &KeyHolder::Other("d".into()));
+}
+
+#[test]
+fn promoting_keeps_renewing_until_the_outcome_arrives() {
+    let mut c = arming_core();
+    let a = c.handle(t(300), armed_ok(false));
+    assert_eq!(a.last(), Some(&Action::Promote));
+    // pg_promote runs off the loop: ticks and renewals go on meanwhile.
+    let a = c.handle(t(600), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Renew { lease: 7 }), "{a:?}");
+    let a = c.handle(
+        t(700),
+        Input::Renewed {
+            sent: t(600),
+            ttl: 5,
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::Lease(t(600))));
+    assert_eq!(c.role(), &Role::Promoting);
+    c.handle(t(5000), Input::Promoted);
+    assert_eq!(c.role(), &Role::Leader);
+    // An outcome that arrives after a step-down changes nothing.
+    let mut c = arming_core();
+    c.handle(t(300), armed_ok(false));
+    c.handle(t(400), Input::Shutdown);
+    assert_eq!(c.role(), &Role::SteppingDown);
+    let a = c.handle(t(500), Input::Promoted);
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(c.role(), &Role::SteppingDown);
+}
+
+// ---- Rule 8: writable only under a fresh lease
+
+#[test]
+fn rule8_at_start_up_before_etcd_answers_a_writable_server_is_fenced() {
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start); // no lease, no key read: etcd silent
+    let a = c.handle(t(10), primary(100));
+    assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    // A broken watch makes the owner unknown again: same.
+    let mut c = managed_follower();
+    c.handle(t(20), Input::WatchBroken);
+    let a = c.handle(t(30), primary(100));
+    assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+}
+
+#[test]
+fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
+    // Backing off after a refused arm: PostgreSQL writable (started by
+    // hand) while nobody holds the key.
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), replica(10));
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    c.handle(
+        t(20),
+        Input::ArmFailed {
+            reason: "busy".into(),
+        },
+    );
+    c.handle(t(30), Input::Released { deleted: true });
+    c.handle(
+        t(40),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 3,
+        },
+    );
+    let a = c.handle(t(50), primary(100));
+    assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
+}
+
+#[test]
+fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
+    // Bootstrap: a primary started before its agent, nobody leads, the
+    // node is eligible and races at once; it fences if it loses.
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    let a = c.handle(t(10), primary(100));
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+    assert!(!has(&a, |a| *a == Action::Fence), "{a:?}");
+    let a = c.handle(
+        t(20),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 2,
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Fence), "lost the race: {a:?}");
+    // A race that etcd does not answer is no grace either.
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(t(10), primary(100));
+    c.handle(
+        t(20),
+        Input::AcquireFailed {
+            error: "timeout".into(),
+        },
+    );
+    assert_eq!(c.holder(), &KeyHolder::Unknown);
+    let a = c.handle(t(500), primary(100));
+    assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    let a = c.handle(t(520), Input::Tick);
+    assert!(has(&a, |a| *a == Action::ReadKey), "re-read: {a:?}");
+}
+
+#[test]
+fn rule8_arming_is_not_leading() {
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), replica(10));
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+        },
+    );
+    c.handle(
+        t(1000),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    // Won on stale evidence: renew first; meanwhile PostgreSQL is writable.
+    let a = c.handle(t(1500), Input::Won { revision: 2 });
+    assert!(has(&a, |a| matches!(a, Action::Renew { .. })));
+    assert_eq!(c.role(), &Role::Arming);
+    let a = c.handle(t(1600), primary(100));
+    assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+}
+
+/// Inputs a fuzzer may throw at the core, with a time step.
+fn any_input() -> impl Strategy<Value = (u64, Input)> {
+    let holder = prop_oneof![
+        Just(KeyHolder::Nobody),
+        Just(KeyHolder::Us),
+        Just(KeyHolder::Other("b".into())),
+        Just(KeyHolder::Garbage),
+    ];
+    let input = prop_oneof![
+        Just(Input::Tick),
+        (0u64..3000).prop_map(|back| Input::LeaseGranted {
+            lease: 9,
+            sent: BootTime(back)
+        }),
+        (0u64..3000, -1i64..6).prop_map(|(back, ttl)| Input::Renewed {
+            sent: BootTime(back),
+            ttl
+        }),
+        Just(Input::LeaseGone),
+        (holder, 0i64..100).prop_map(|(holder, revision)| Input::KeySeen { holder, revision }),
+        (0i64..100).prop_map(|revision| Input::Won { revision }),
+        any::<(bool, bool, bool)>().prop_map(|(ok, fail, nowayout)| Input::Armed(ArmOutcome {
+            armed: if ok {
+                vec![dev("/dev/watchdog0", nowayout)]
+            } else {
+                vec![]
+            },
+            failed: if fail {
+                vec![("/dev/watchdog1".into(), "busy".into())]
+            } else {
+                vec![]
+            },
+        })),
+        Just(Input::Promoted),
+        Just(Input::PromoteFailed { reason: "x".into() }),
+        Just(Input::SteppedDown {
+            how: "immediate".into()
+        }),
+        Just(Input::FencedByTimer {
+            how: "killed".into()
+        }),
+        any::<bool>().prop_map(|deleted| Input::Released { deleted }),
+        Just(Input::Disarmed),
+        Just(Input::Shutdown),
+        Just(Input::WatchBroken),
+        prop_oneof![
+            Just(PgView::Down),
+            Just(PgView::Primary),
+            Just(PgView::Replica { following: None }),
+            Just(PgView::Busy)
+        ]
+        .prop_map(Input::Postgres),
+        (0u64..3, 0u64..10_000).prop_map(|(r, lsn)| match r {
+            0 => primary(lsn),
+            1 => replica(lsn),
+            _ => Input::PgObserved {
+                role: PgRole::Down,
+                wal: None
+            },
+        }),
+        any::<bool>().prop_map(|ok| Input::Fenced {
+            ok,
+            how: "x".into()
+        }),
+        (0u64..10_000).prop_map(|lsn| Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", Some(lsn)))
+        }),
+        any::<bool>().prop_map(|b| Input::StandbysSeen {
+            standbys: if b { vec!["b".into()] } else { vec![] }
+        }),
+    ];
+    (0u64..1500, input)
+}
+
+proptest! {
+    /// Whatever arrives in whatever order, the action stream keeps the
+    /// orderings of rules 1, 2 and 4.
+    #[test]
+    fn orderings_hold_under_any_input_sequence(
+        mode in prop_oneof![Just(WatchdogMode::Required), Just(WatchdogMode::Automatic)],
+        steps in proptest::collection::vec(any_input(), 1..80),
+    ) {
+        let mut c = core(mode).with_node("a").with_postgres(settings(true));
+        let mut now = 10_000u64; // ms
+        c.handle(t(now), Input::Start);
+        // What the drivers would know:
+        let mut arm_ok_since_won = false; // an Armed satisfying rule 2 since the last Won
+        let mut pg_may_write = false;     // Promote emitted, no confirmed stop since
+        for (dt, mut input) in steps {
+            now += dt;
+            // Send times lie in the past.
+            match &mut input {
+                Input::LeaseGranted { sent, .. } | Input::Renewed { sent, .. } => {
+                    *sent = t(now.saturating_sub(sent.0));
+                }
+                _ => {}
+            }
+            let role_before = c.role().clone();
+            if let Input::Won { .. } = input { arm_ok_since_won = false; }
+            if let Input::Armed(o) = &input {
+                if role_before == Role::Arming && arm_before_promote(mode, o).is_ok() {
+                    arm_ok_since_won = true;
+                }
+            }
+            if matches!(input, Input::SteppedDown { .. } | Input::FencedByTimer { .. })
+                && matches!(role_before, Role::SteppingDown | Role::Arming | Role::Promoting | Role::Leader)
+            {
+                pg_may_write = false;
+            }
+            let actions = c.handle(t(now), input);
+            for a in &actions {
+                match a {
+                    Action::Promote => {
+                        prop_assert!(arm_ok_since_won, "rule 2: promote without arming: {actions:?}");
+                        prop_assert!(
+                            c.last_fresh().is_some_and(|s| timing::ping_permitted(t(now), s, &c.cfg.budget)),
+                            "rule 2: promote on stale evidence: {actions:?}"
+                        );
+                        pg_may_write = true;
+                    }
+                    Action::Disarm => {
+                        prop_assert!(!pg_may_write, "rule 4: disarm while PostgreSQL may write: {actions:?}");
+                    }
+                    Action::Arm { not_after } => {
+                        prop_assert!(*not_after >= t(now), "rule 1: arming on stale evidence");
+                    }
+                    Action::Follow { .. } => {
+                        prop_assert!(c.pg_view() != &PgView::Primary, "follow of a writable server: {actions:?}");
+                    }
+                    Action::Fence => {
+                        prop_assert!(!matches!(c.role(), Role::Promoting | Role::Leader), "fence while leading");
+                    }
+                    Action::Publish(Evidence::Lease(s)) => {
+                        prop_assert!(*s <= t(now));
+                        prop_assert!(
+                            matches!(c.role(), Role::Promoting | Role::Leader | Role::SteppingDown | Role::Fenced),
+                            "lease evidence published outside leadership: {:?}", c.role()
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
