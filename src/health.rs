@@ -25,9 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// PostgreSQL as the agent last observed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PgState {
+    #[default]
     Unknown,
     Down,
     Primary,

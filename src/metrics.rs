@@ -9,6 +9,8 @@
 use crate::clock::{self, BootTime};
 use crate::decide::Evidence;
 use crate::evidence::{EvidenceCell, PingStats};
+use crate::health::{PgState, Snapshot};
+use crate::timing::{self, Budget};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -63,6 +65,10 @@ struct Labels {
     role: String,
     holder: Option<String>,
     armed: Vec<ArmedInfo>,
+    /// For the health endpoints: PostgreSQL as last observed, and a
+    /// replica's lag behind the leader's last published position.
+    postgres: PgState,
+    lag_bytes: Option<u64>,
 }
 
 /// Everything the endpoint reports. The agent updates it; readers only read.
@@ -161,6 +167,31 @@ impl Metrics {
             l.holder = holder;
         }
         changed
+    }
+
+    /// PostgreSQL as the agent last observed it, for the health endpoints.
+    pub fn set_postgres(&self, postgres: PgState, lag_bytes: Option<u64>) {
+        let mut l = self.labels();
+        l.postgres = postgres;
+        l.lag_bytes = lag_bytes;
+    }
+
+    /// What the health endpoints judge at `now`. "Leader" is rule 1's test on
+    /// the evidence the pinger holds: the endpoint stops saying "primary" at
+    /// the instant the pings stop.
+    pub fn health_snapshot(&self, now: BootTime, budget: &Budget) -> Snapshot {
+        let fresh = match self.evidence.get().map(|e| e.load()) {
+            Some(Evidence::Lease(s)) => timing::ping_permitted(now, s, budget),
+            _ => false,
+        };
+        let l = self.labels();
+        Snapshot {
+            node: self.node.clone(),
+            leader_fresh: fresh && self.leader.load(Relaxed) == 1,
+            holder: l.holder.clone(),
+            postgres: l.postgres,
+            lag_bytes: l.lag_bytes,
+        }
     }
 
     pub fn add_armed(&self, d: ArmedInfo) {
@@ -505,6 +536,38 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/primary` follows rule 1 on the evidence the pinger holds: it stops
+    /// the instant pings would, and never for a node that does not lead.
+    #[test]
+    fn health_snapshot_is_leader_only_on_fresh_lease_evidence() {
+        let s = |secs: f64| BootTime::from_nanos((secs * 1e9) as u64);
+        let budget = Budget::new(
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+            Duration::from_millis(400),
+        )
+        .unwrap();
+        let m = Metrics::new("a", "main", 3);
+        let cell = Arc::new(EvidenceCell::default());
+        m.attach(Arc::new(PingStats::default()), cell.clone());
+        m.set_postgres(PgState::Primary, None);
+        m.set_state("leader", Some("a".into()), true, Some(s(10.0)));
+        cell.store(Evidence::Lease(s(10.0)));
+        let snap = m.health_snapshot(s(10.9), &budget);
+        assert!(snap.leader_fresh && snap.postgres == PgState::Primary, "{snap:?}");
+        // Past s + M - R: the pinger stops, and so does "leader".
+        assert!(!m.health_snapshot(s(11.1), &budget).leader_fresh);
+        // Pings on liveness (a nowayout replica) are no leadership.
+        cell.store(Evidence::Liveness(s(10.0)));
+        assert!(!m.health_snapshot(s(10.5), &budget).leader_fresh);
+        // Lease evidence but not leading (a step-down still renewing).
+        cell.store(Evidence::Lease(s(10.0)));
+        m.set_state("stepping_down", Some("a".into()), false, Some(s(10.0)));
+        assert!(!m.health_snapshot(s(10.5), &budget).leader_fresh);
+    }
 
     #[test]
     fn renders_and_serves_metrics_and_status() {

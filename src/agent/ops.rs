@@ -3,7 +3,8 @@
 //! core's state, and decides nothing.
 
 use crate::config::Config;
-use crate::decide::{Core, Fact, Input, KeyHolder, Role};
+use crate::decide::{Core, Fact, Input, KeyHolder, PgView, Role};
+use crate::health::PgState;
 use crate::metrics::{self, ArmedInfo, Metrics};
 use crate::notify::Notifier;
 use crate::timing::Budget;
@@ -58,6 +59,15 @@ impl Ops {
             &cfg.scope,
             crate::timing::target_timeout(budget) as u64,
         ));
+        if let Some(listen) = &cfg.health.listen {
+            let (m, b) = (metrics.clone(), *budget);
+            let addr = crate::health::serve(
+                listen,
+                Arc::new(move || m.health_snapshot(crate::clock::now(), &b)),
+            )
+            .map_err(|e| format!("health.listen {listen}: cannot listen: {e}"))?;
+            info!(%addr, "health endpoints: /primary /replica /read-only /leader /health");
+        }
         if let Some(listen) = &cfg.metrics.listen {
             let addr = metrics::serve(listen, metrics.clone())
                 .map_err(|e| format!("metrics.listen {listen}: cannot listen: {e}"))?;
@@ -137,6 +147,7 @@ impl Ops {
         let changed =
             self.metrics
                 .set_state(core.role().as_str(), holder, leader, core.last_fresh());
+        self.metrics.set_postgres(pg_state(core.pg_view()), lag_bytes(core));
         if looped {
             self.metrics.loops.fetch_add(1, Relaxed);
             self.notify.watchdog();
@@ -152,4 +163,22 @@ impl Ops {
     pub fn stopping(&self) {
         self.notify.stopping();
     }
+}
+
+/// The health endpoints' word for PostgreSQL's state.
+fn pg_state(v: &PgView) -> PgState {
+    match v {
+        PgView::Unmanaged => PgState::Unknown,
+        PgView::Down => PgState::Down,
+        PgView::Primary => PgState::Primary,
+        PgView::Replica { .. } => PgState::Replica,
+        PgView::Busy => PgState::Busy,
+    }
+}
+
+/// A replica's lag behind the leader's last published LSN, in bytes.
+fn lag_bytes(core: &Core) -> Option<u64> {
+    let own = core.member()?.lsn?;
+    let leader = core.leader_member()?.lsn?;
+    Some(leader.saturating_sub(own))
 }

@@ -32,6 +32,20 @@ pub struct Config {
     /// The Prometheus `/metrics` and JSON `/status` endpoint (off by default).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Health endpoints for load balancers (off by default).
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[health]`: `/primary`, `/replica`, `/read-only`, `/leader`, `/health`
+/// for HAProxy and VIP managers (see `crate::health`). They reveal only the
+/// node's role, so they may listen on the node's own address.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `IP:PORT` to listen on, e.g. `0.0.0.0:8008`. Absent: no endpoint.
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// `[metrics]`: an HTTP endpoint for Prometheus and `leasedog status`.
@@ -389,6 +403,14 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Some(l) = &self.health.listen {
+            l.parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    "health.listen",
+                    format!("{l:?} is not an IP:PORT address: {e}"),
+                )
+            })?;
         }
         if !self.etcd.prefix.starts_with('/') {
             return Err(invalid("etcd.prefix", "must start with '/'"));
