@@ -13,6 +13,7 @@ need_pkgs=(
   iproute2 procps psmisc       # ip, ps/pgrep, fuser
   dpkg-dev                     # dpkg-deb checks of the package
   openssl                      # certificates for the etcd TLS tests (tests/ops.rs)
+  haproxy                      # a real load balancer in front of a cluster (tests/haproxy.rs)
   stress-ng                    # CPU, memory and disk pressure for the ping lateness benchmark (examples/stress.rs)
 )
 
@@ -67,6 +68,7 @@ need "cpio" cpio --version
 need "systemd-analyze (systemd)" systemd-analyze --version
 need "udevadm (udev)" udevadm --version
 need "openssl" openssl version
+need "haproxy" /usr/sbin/haproxy -v
 need "dpkg-deb (dpkg-dev)" dpkg-deb --version
 need "cargo-deb" cargo deb --version
 # The lab's kernel comes from Debian's archive at test time (testbed::lab::kernel):

@@ -557,7 +557,10 @@ mod tests {
         m.set_state("leader", Some("a".into()), true, Some(s(10.0)));
         cell.store(Evidence::Lease(s(10.0)));
         let snap = m.health_snapshot(s(10.9), &budget);
-        assert!(snap.leader_fresh && snap.postgres == PgState::Primary, "{snap:?}");
+        assert!(
+            snap.leader_fresh && snap.postgres == PgState::Primary,
+            "{snap:?}"
+        );
         // Past s + M - R: the pinger stops, and so does "leader".
         assert!(!m.health_snapshot(s(11.1), &budget).leader_fresh);
         // Pings on liveness (a nowayout replica) are no leadership.

@@ -147,7 +147,8 @@ impl Ops {
         let changed =
             self.metrics
                 .set_state(core.role().as_str(), holder, leader, core.last_fresh());
-        self.metrics.set_postgres(pg_state(core.pg_view()), lag_bytes(core));
+        self.metrics
+            .set_postgres(pg_state(core.pg_view()), lag_bytes(core));
         if looped {
             self.metrics.loops.fetch_add(1, Relaxed);
             self.notify.watchdog();
