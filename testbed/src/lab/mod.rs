@@ -62,6 +62,7 @@ pub mod kernel;
 pub mod proc;
 pub mod qmp;
 pub mod scenario;
+pub mod systemd;
 
 pub use guest::{
     shell_quote, Effect, Guest, GuestSpec, GuestWatchdog, RunOutput, SoftdogOpts, Spawned,
