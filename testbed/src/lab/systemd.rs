@@ -19,6 +19,8 @@
 use super::kernel::Kernel;
 use super::proc::{host_boottime, spawn_tied, ChildGuard};
 use super::qmp::{Qmp, QmpEvent};
+use super::scenario::{config, holder, Dog, Lab, GUEST_NODE, HOST_NODE, KILL_AFTER_STALL, T};
+use crate::etcd::EventKind;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -493,4 +495,349 @@ pub fn run_to_poweroff(exec_start: &str, driver: &str) -> Result<String, String>
         return Err(format!("the guest did not power off:\n{}", g.console_log()));
     }
     Ok(g.console_log())
+}
+
+/// Scenario 5 under systemd: what one trial measured, on the host's
+/// CLOCK_BOOTTIME.
+#[derive(Debug, Clone)]
+pub struct KillTrial {
+    pub dog: Dog,
+    /// The unit kept `FileDescriptorStoreMax=16` (else 0: no store).
+    pub fdstore: bool,
+    /// QEMU started -> the guest's agent won the key.
+    pub boot: Duration,
+    pub wall: Duration,
+    /// SIGSTOP and SIGKILL of the agent's main pid took effect (the
+    /// driver's kernel-log marks, mapped to the host clock).
+    pub stopped_at: Duration,
+    pub killed_at: Option<Duration>,
+    /// QEMU's reset event (name, host time).
+    pub reset: Option<(String, Duration)>,
+    pub key_deleted: Option<Duration>,
+    pub new_leader: Option<Duration>,
+    /// The kernel's "watchdog did not stop!" (the close that pings), if any
+    /// was printed before the reset.
+    pub did_not_stop: Option<Duration>,
+    /// The restarted agent's "handed back" line (host arrival), if it ran.
+    pub restarted: Option<Duration>,
+    /// What the driver saw right after the kill (`systemctl show`).
+    pub after_kill: Option<String>,
+    pub notes: Vec<String>,
+    /// The console (the agent's log, systemd's, the kernel's).
+    pub console: String,
+}
+
+fn rel(d: Duration, from: Duration) -> f64 {
+    d.as_secs_f64() - from.as_secs_f64()
+}
+
+impl KillTrial {
+    /// key deleted - reset, seconds.
+    pub fn slack(&self) -> Option<f64> {
+        Some(rel(self.key_deleted?, self.reset.as_ref()?.1))
+    }
+    /// The kill took effect before the reset: the trial tested the kill's
+    /// close (after the reset there is nothing left to ping).
+    pub fn killed_before_reset(&self) -> bool {
+        matches!((self.killed_at, &self.reset), (Some(k), Some(r)) if k < r.1)
+    }
+    /// The restarted agent ran before the reset.
+    pub fn restarted_before_reset(&self) -> bool {
+        matches!((self.restarted, &self.reset), (Some(a), Some(r)) if a < r.1)
+            || (self.restarted.is_some() && self.reset.is_none())
+    }
+    /// stall -> reset, seconds.
+    pub fn reset_after_stall(&self) -> Option<f64> {
+        Some(rel(self.reset.as_ref()?.1, self.stopped_at))
+    }
+    /// stall -> the host replica's key, seconds.
+    pub fn failover(&self) -> Option<f64> {
+        Some(rel(self.new_leader?, self.stopped_at))
+    }
+
+    /// One line for logs.
+    pub fn summary(&self) -> String {
+        let r = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| {
+                format!("{:+.3}", rel(d, self.stopped_at))
+            })
+        };
+        format!(
+            "systemd, fd store {} ({}): kill {}, \"did not stop\" {}, reset {} {}, key deleted {}, \
+             new leader {}, restarted agent {} (s after the stall); slack {}; boot {:.1} s, trial {:.1} s",
+            if self.fdstore { "on" } else { "off" },
+            self.dog.name(),
+            r(self.killed_at),
+            r(self.did_not_stop),
+            self.reset.as_ref().map_or("none", |x| x.0.as_str()),
+            r(self.reset.as_ref().map(|x| x.1)),
+            r(self.key_deleted),
+            r(self.new_leader),
+            r(self.restarted),
+            self.slack().map_or("-".into(), |s| format!("{s:.3} s")),
+            self.boot.as_secs_f64(),
+            self.wall.as_secs_f64(),
+        )
+    }
+}
+
+/// How to run a [`kill_trial`].
+#[derive(Debug, Clone, Copy)]
+pub struct KillOpts {
+    /// i6300esb or softdog (one per guest).
+    pub dog: Dog,
+    /// `FileDescriptorStoreMax=16` as shipped; `false`: 0, no store.
+    pub fdstore: bool,
+    /// SIGSTOP -> SIGKILL ([`KILL_AFTER_STALL`] in the benchmark).
+    pub kill_after: Duration,
+    /// softdog with `soft_noboot=1`: its expiry is the kernel's
+    /// "softdog: Triggered - Reboot ignored", the guest lives on, and the
+    /// restarted agent (`RestartSec=` T after the kill) can be watched with
+    /// the handed-back device: a second "Triggered" `W` or more later
+    /// would mean something pinged it after it fired.
+    pub observe_restart: bool,
+}
+
+impl KillOpts {
+    pub fn new(dog: Dog, fdstore: bool) -> KillOpts {
+        KillOpts {
+            dog,
+            fdstore,
+            kill_after: KILL_AFTER_STALL,
+            observe_restart: false,
+        }
+    }
+}
+
+/// The driver of a trial: waits for the host's `go` (the replica is up),
+/// stops the agent's main pid, kills it `kill_after` later, marks both in
+/// the kernel log, reports the unit's state, then waits for the reset (or,
+/// observing the restart, reports and powers off after `linger` s).
+fn kill_driver(kill_after: Duration, linger: u64) -> String {
+    let kill_after = kill_after.as_secs_f64();
+    format!(
+        r#"log() {{ echo "LABDRV $*" > /dev/kmsg; }}
+i=0; until [ -e {CTL_DIR}/go ]; do i=$((i+1)); if [ $i -gt 3000 ]; then log "no go"; systemctl poweroff -ff; fi; sleep 0.1; done
+pid=$(systemctl show -p MainPID --value leasedog.service)
+log "before: pid $pid store $(systemctl show -p NFileDescriptorStore --value leasedog.service)"
+kill -STOP "$pid" && log "STOPPED $pid"
+sleep {kill_after}
+kill -KILL "$pid" && log "KILLED $pid"
+sleep 0.5
+log "AFTERKILL $(systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts -p ActiveState -p SubState | tr '\n' ' ')"
+sleep {linger}
+log "NORESET $(systemctl show leasedog.service -p NFileDescriptorStore -p NRestarts -p ActiveState -p SubState | tr '\n' ' ')"
+systemctl poweroff -ff
+"#
+    )
+}
+
+/// One trial of scenario 5 with the agent as a systemd service: a guest
+/// booting systemd 252 runs `leasedog run` under the shipped unit (its
+/// `FileDescriptorStoreMax=16`, or 0 without `fdstore`; `Restart=on-failure`,
+/// `RestartSec=` T) against the lab's etcd, with one real watchdog (`dog`:
+/// i6300esb or softdog). Once it leads and the host replica is up, its main
+/// pid is stopped and killed [`KILL_AFTER_STALL`] later.
+pub fn kill_trial(lab: &Lab, opts: KillOpts) -> Result<KillTrial, String> {
+    let KillOpts {
+        dog,
+        fdstore,
+        kill_after,
+        observe_restart,
+    } = opts;
+    if observe_restart && dog != Dog::Softdog {
+        return Err("observing the restart needs softdog (soft_noboot=1)".into());
+    }
+    let t0 = Instant::now();
+    let scope = lab.new_scope();
+    let watch = lab.watch(&scope)?;
+    let ctl = lab.work().join(format!("sd-{scope}"));
+    fs::create_dir_all(&ctl).map_err(|e| format!("{}: {e}", ctl.display()))?;
+    let devices = match dog {
+        Dog::I6300esb => "[[watchdog.device]]\nkind = \"device\"\npath = \"/dev/watchdog0\"\n",
+        Dog::Softdog => "[[watchdog.device]]\nkind = \"softdog\"\n",
+        Dog::Both => return Err("one watchdog per systemd trial".into()),
+    };
+    let cfg = config(
+        &scope,
+        GUEST_NODE,
+        &format!("http://10.0.2.2:{}", lab.etcd.client_port()),
+        "keep-pinging",
+        devices,
+        "/var/lib/leasedog",
+    );
+    let store = if fdstore {
+        ""
+    } else {
+        "FileDescriptorStoreMax=0\n"
+    };
+    let g = SystemdGuest::boot(SystemdSpec {
+        name: format!("kill-{}", dog.name()),
+        dropin: format!(
+            "[Unit]\nStartLimitIntervalSec=0\n\
+             [Service]\nExecStart=\nExecStart={bin} run --config /etc/leasedog/leasedog.toml\n\
+             Restart=on-failure\nRestartSec={restart}s\n{store}\
+             StandardOutput=journal+console\nStandardError=journal+console\n",
+            bin = lab.bin.display(),
+            restart = T.as_secs(),
+        ),
+        driver: kill_driver(kill_after, if observe_restart { 20 } else { 40 }),
+        files: vec![("/etc/leasedog/leasedog.toml".into(), cfg.into_bytes())],
+        softdog: (dog == Dog::Softdog).then(|| {
+            if observe_restart {
+                "nowayout=0 soft_noboot=1".to_string()
+            } else {
+                "nowayout=0".to_string()
+            }
+        }),
+        i6300esb: dog == Dog::I6300esb,
+        network: true,
+        ctl_dir: Some(ctl.clone()),
+        ..SystemdSpec::default()
+    })?;
+    let fail = |what: String| format!("{what}\n--- console ---\n{}", g.console_log());
+    let won = watch
+        .wait_for(
+            |e| e.kind == EventKind::Put && holder(&e.value).as_deref() == Some(GUEST_NODE),
+            Duration::from_secs(300),
+        )
+        .ok_or_else(|| fail("the guest's agent did not win the key within 300 s".into()))?;
+    let boot = Duration::from_nanos(won.boottime_ns).saturating_sub(g.spawned_at());
+    g.wait_line("promoted (leader", Duration::from_secs(30))
+        .ok_or_else(|| fail("the guest's agent won but did not promote".into()))?;
+    let replica = lab.host_replica(&scope, HOST_NODE)?;
+    if !crate::wait_until(Duration::from_secs(20), || {
+        replica.log().contains("connected to etcd")
+    }) {
+        return Err(fail(format!(
+            "the host replica did not connect:\n{}",
+            replica.log()
+        )));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(r) = g.qmp().reset_event() {
+        return Err(fail(format!("the guest reset while healthy: {r:?}")));
+    }
+    fs::write(ctl.join("go"), "go\n").map_err(|e| e.to_string())?;
+    let when = |l: &Line| {
+        l.kernel_time()
+            .and_then(|t| g.kernel_to_host(t))
+            .unwrap_or(l.host)
+    };
+    let stopped = g
+        .wait_line("LABDRV STOPPED", Duration::from_secs(60))
+        .ok_or_else(|| fail("the driver never stopped the agent".into()))?;
+    let stopped_at = when(&stopped);
+    let reset = if observe_restart {
+        // No reset: the expiry is a log line; then watch the restarted
+        // agent until the driver powers off.
+        let fired = g.wait_line("softdog: Triggered", Duration::from_secs(30));
+        g.wait_exit(Duration::from_secs(90));
+        fired.map(|l| QmpEvent {
+            name: "softdog Triggered (soft_noboot)".into(),
+            data: serde_json::Value::Null,
+            qmp_time: std::time::SystemTime::now(),
+            boottime: when(&l),
+            received: l.host,
+        })
+    } else {
+        g.wait_reset(Duration::from_secs(30))
+    };
+    let deleted = watch.wait_for(
+        |e| e.kind == EventKind::Delete && e.boottime_ns >= stopped_at.as_nanos() as u64,
+        Duration::from_secs(30),
+    );
+    let new_leader = watch.wait_for(
+        |e| {
+            e.kind == EventKind::Put
+                && e.boottime_ns >= stopped_at.as_nanos() as u64
+                && holder(&e.value).as_deref() == Some(HOST_NODE)
+        },
+        Duration::from_secs(30),
+    );
+    // The console may lag QEMU's exit by a poll.
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = g.line("LABDRV KILLED").map(|l| when(&l));
+    let mut notes = Vec::new();
+    let reset_at = reset.as_ref().map(|r| r.boottime);
+    let before_reset = |t: Duration| reset_at.is_none_or(|r| t <= r);
+    let did_not_stop = g
+        .line("did not stop")
+        .map(|l| when(&l))
+        .filter(|t| before_reset(*t));
+    let restarted = g.line("handed back").map(|l| l.host);
+    if let Some(l) = g.line("handed back") {
+        notes.push(format!("restarted agent: {}", l.text.trim()));
+    }
+    let after_kill = g.line("LABDRV AFTERKILL").map(|l| {
+        l.text
+            .split_once("AFTERKILL")
+            .map_or("", |x| x.1)
+            .trim()
+            .to_string()
+    });
+    if let Some(l) = g.line("LABDRV before:") {
+        notes.push(
+            l.text
+                .split_once("LABDRV")
+                .map_or("", |x| x.1)
+                .trim()
+                .to_string(),
+        );
+    }
+    if let Some(l) = g.line("LABDRV NORESET") {
+        let state = l
+            .text
+            .split_once("NORESET")
+            .map_or("", |x| x.1)
+            .trim()
+            .to_string();
+        if observe_restart {
+            let fires: Vec<String> = g
+                .lines()
+                .iter()
+                .filter(|l| l.text.contains("softdog: Triggered"))
+                .map(|l| format!("{:+.3}", rel(when(l), stopped_at)))
+                .collect();
+            notes.push(format!(
+                "softdog fired at {} s after the stall (a second firing means a ping after the \
+                 first); unit at the end: {state}",
+                fires.join(", ")
+            ));
+            for l in g.lines().iter().filter(|l| {
+                l.host > restarted.unwrap_or(Duration::MAX)
+                    && (l.text.contains("leasedog[") || l.text.contains("leasedog:"))
+            }) {
+                notes.push(format!(
+                    "  {:+.3} {}",
+                    rel(l.host, stopped_at),
+                    l.text.trim()
+                ));
+            }
+        } else {
+            notes.push(format!("no reset within 40 s of the kill; unit: {state}"));
+        }
+    }
+    Ok(KillTrial {
+        dog,
+        fdstore,
+        boot,
+        wall: t0.elapsed(),
+        stopped_at,
+        killed_at,
+        reset: reset.map(|r| {
+            let name = match r.data.get("action").and_then(|a| a.as_str()) {
+                Some(a) => format!("{} ({a})", r.name),
+                None => r.name.clone(),
+            };
+            (name, r.boottime)
+        }),
+        key_deleted: deleted.map(|e| Duration::from_nanos(e.boottime_ns)),
+        new_leader: new_leader.map(|e| Duration::from_nanos(e.boottime_ns)),
+        did_not_stop,
+        restarted,
+        after_kill,
+        notes,
+        console: g.console_log(),
+    })
 }
