@@ -11,6 +11,15 @@
 //!   prints how long it went on believing it led after the resume, the
 //!   overlap with the replica's leadership (its pings stop before its
 //!   step-down) and whether its watchdog fired (a VM pause is a limit of any lease).
+//! - `leasedog-lab systemd-kill [--trials N] [--fdstore on|off|both] [--observe-restart]`:
+//!   scenario 5 (stalled, then killed) with the agent run by systemd 252 as
+//!   PID 1 under the shipped unit, with its fd store (`on`, the default) or
+//!   without (`FileDescriptorStoreMax=0`); prints the slack, the stall ->
+//!   reset time, whether the kernel's close pinged the device ("watchdog did
+//!   not stop!") and whether the restarted agent ran before the reset. With
+//!   `--observe-restart`, softdog only, with `soft_noboot=1`: the guest
+//!   survives the expiry, and the restarted agent's log and any later
+//!   firing of the handed-back device are printed.
 //! - `leasedog-lab demo`: an etcd on the host and two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
 //!   guest takes the key; prints a host-clock timeline and the verdict.
@@ -46,6 +55,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4,5] [--json PATH]\n       \
          leasedog-lab pause [--trials N] [--seconds P]\n       \
+         leasedog-lab systemd-kill [--trials N] [--fdstore on|off|both] [--observe-restart]\n       \
          leasedog-lab demo"
     );
     ExitCode::from(2)
@@ -57,6 +67,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(),
         Some("pause") => pause(&args[1..]),
+        Some("systemd-kill") => systemd_kill(&args[1..]),
         _ => usage(),
     }
 }
@@ -526,4 +537,134 @@ fn audit_after_reboot(
     Ok(format!(
         "\n$ leasedog audit timeline --no-etcd pg1.audit.jsonl pg2.audit.jsonl   (exit {code})\n{text}"
     ))
+}
+
+/// Scenario 5 under systemd (issue 10 item 3): `lab::systemd::kill_trial`.
+fn systemd_kill(args: &[String]) -> ExitCode {
+    use leasedog_testbed::lab::systemd::{kill_trial, KillOpts, KillTrial};
+    let mut trials = 10usize;
+    let mut modes = vec![true];
+    let mut observe = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--observe-restart" {
+            observe = true;
+            continue;
+        }
+        match (a.as_str(), it.next().map(String::as_str)) {
+            ("--trials", Some(n)) => match n.parse() {
+                Ok(n) => trials = n,
+                Err(_) => return usage(),
+            },
+            ("--fdstore", Some("on")) => modes = vec![true],
+            ("--fdstore", Some("off")) => modes = vec![false],
+            ("--fdstore", Some("both")) => modes = vec![true, false],
+            _ => return usage(),
+        }
+    }
+    let bin = agent_bin();
+    eprintln!("agent: {}", bin.display());
+    let lab = match Lab::start(&bin) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("leasedog-lab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = Instant::now();
+    let mut rows: Vec<(bool, Vec<KillTrial>, usize)> = Vec::new();
+    for &fdstore in &modes {
+        let (mut done, mut errors) = (Vec::new(), 0usize);
+        for i in 0..trials {
+            let dog = if i % 2 == 0 && !observe {
+                Dog::I6300esb
+            } else {
+                Dog::Softdog
+            };
+            let opts = KillOpts {
+                observe_restart: observe,
+                ..KillOpts::new(dog, fdstore)
+            };
+            match kill_trial(&lab, opts) {
+                Ok(t) => {
+                    eprintln!("[{}/{trials}] {}", i + 1, t.summary());
+                    for n in &t.notes {
+                        eprintln!("    {n}");
+                    }
+                    if let Some(a) = &t.after_kill {
+                        eprintln!("    after the kill: {a}");
+                    }
+                    done.push(t);
+                }
+                Err(e) => {
+                    eprintln!("[{}/{trials}] {} FAILED: {e}", i + 1, dog.name());
+                    errors += 1;
+                }
+            }
+        }
+        rows.push((fdstore, done, errors));
+    }
+    println!(
+        "\nscenario 5 under systemd 252 (SIGSTOP, SIGKILL {:.2} s later; Restart=on-failure, \
+         RestartSec={} s); slack = key deleted - reset, host CLOCK_BOOTTIME; T = 5 s, M = 2 s, \
+         R = {} s, W = 3 s; seconds, median [min-max]",
+        scenario::KILL_AFTER_STALL.as_secs_f64(),
+        scenario::T.as_secs(),
+        R.as_secs()
+    );
+    println!(
+        "{:<10} {:>7} {:>20} {:>9} {:>20} {:>12} {:>20} {:>13} {:>16} {:>18}",
+        "fd store",
+        "trials",
+        "slack",
+        "slack<=R",
+        "stall->reset",
+        "kill<reset",
+        "fault->new leader",
+        "did not stop",
+        "restart<reset",
+        "wall per trial"
+    );
+    let mut bad = false;
+    for (fdstore, done, errors) in &rows {
+        let slack: Vec<f64> = done.iter().filter_map(KillTrial::slack).collect();
+        let unfenced = done
+            .iter()
+            .filter(|t| t.slack().is_none_or(|s| s <= R.as_secs_f64()))
+            .count();
+        let reset: Vec<f64> = done
+            .iter()
+            .filter_map(KillTrial::reset_after_stall)
+            .collect();
+        let failover: Vec<f64> = done.iter().filter_map(KillTrial::failover).collect();
+        let wall: Vec<f64> = done.iter().map(|t| t.wall.as_secs_f64()).collect();
+        let pinged = done.iter().filter(|t| t.did_not_stop.is_some()).count();
+        let restarted = done.iter().filter(|t| t.restarted_before_reset()).count();
+        // A kill after the reset would test nothing.
+        let killed_first = done.iter().filter(|t| t.killed_before_reset()).count();
+        bad |= *errors > 0 || (*fdstore && unfenced > 0);
+        println!(
+            "{:<10} {:>7} {:>20} {:>9} {:>20} {:>12} {:>20} {:>13} {:>16} {:>18}",
+            if *fdstore { "on (16)" } else { "off (0)" },
+            if *errors > 0 {
+                format!("{}+{errors}err", done.len())
+            } else {
+                done.len().to_string()
+            },
+            fmt_stats(&slack),
+            unfenced,
+            fmt_stats(&reset),
+            format!("{killed_first} of {}", done.len()),
+            fmt_stats(&failover),
+            format!("{pinged} of {}", done.len()),
+            format!("{restarted} of {}", done.len()),
+            fmt_stats(&wall),
+        );
+    }
+    println!("total wall time {:.0} s", started.elapsed().as_secs_f64());
+    if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

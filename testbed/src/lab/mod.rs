@@ -34,6 +34,10 @@
 //!   (`bench`, `demo`) use it. [`GuestSpec::rw_shares`] keeps a guest's
 //!   audit folder on the host across its reset; [`GuestSpec::reboot`] with
 //!   [`Guest::wait_rebooted`] lets the same QEMU boot it again.
+//! - [`systemd`] boots systemd 252 as PID 1 instead (the shipped
+//!   `leasedog.service`, a drop-in, a driver script): its fd store tests
+//!   (`tests/watchdog.rs`) and scenario 5 with the agent as a service
+//!   ([`systemd::kill_trial`], `leasedog-lab systemd-kill`, tests/lab_systemd.rs).
 //! - Dropping a [`Guest`] kills QEMU's process group; QEMU also gets SIGKILL
 //!   if the test process dies. `LEASEDOG_LAB_KEEP=1` keeps the guest's temp
 //!   folder (console.log, qemu.log).
@@ -62,6 +66,7 @@ pub mod kernel;
 pub mod proc;
 pub mod qmp;
 pub mod scenario;
+pub mod systemd;
 
 pub use guest::{
     shell_quote, Effect, Guest, GuestSpec, GuestWatchdog, RunOutput, SoftdogOpts, Spawned,
