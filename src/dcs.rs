@@ -92,8 +92,16 @@ pub enum Acquire {
 /// A change of the leader key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaderEvent {
-    Put { holder: Holder, revision: i64 },
-    Deleted { revision: i64 },
+    Put {
+        holder: Holder,
+        revision: i64,
+    },
+    /// `lease`: the lease the deleted key was on (the watch's previous
+    /// value), when etcd still had it.
+    Deleted {
+        revision: i64,
+        lease: Option<LeaseId>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -822,7 +830,8 @@ impl Dcs {
     /// Watches the leader key for changes after store revision
     /// `after_revision` (0: from now). Returns once etcd confirmed the watch.
     pub async fn watch_leader(&mut self, after_revision: i64) -> Result<LeaderWatch, DcsError> {
-        let mut opts = WatchOptions::new();
+        // The previous value names the lease a deleted key was on.
+        let mut opts = WatchOptions::new().with_prev_key();
         if after_revision > 0 {
             opts = opts.with_start_revision(after_revision + 1);
         }
@@ -908,7 +917,10 @@ impl LeaderWatch {
             let Some(kv) = e.kv() else { continue };
             let revision = kv.mod_revision();
             self.pending.push_back(match e.event_type() {
-                EventType::Delete => LeaderEvent::Deleted { revision },
+                EventType::Delete => LeaderEvent::Deleted {
+                    revision,
+                    lease: e.prev_kv().map(|p| LeaseId(p.lease())).filter(|l| l.0 != 0),
+                },
                 EventType::Put => LeaderEvent::Put {
                     holder: holder_of(&self.node, kv),
                     revision,

@@ -419,7 +419,10 @@ async fn follower_watch_sees_delete_promptly_on_revoke() {
     let t = Instant::now();
     primary.revoke(l).await.unwrap();
     let ev = next_event(&mut watch, Duration::from_secs(5)).await;
-    assert!(matches!(ev, LeaderEvent::Deleted { revision } if revision > rev));
+    assert!(
+        matches!(ev, LeaderEvent::Deleted { revision, lease } if revision > rev && lease == Some(l)),
+        "{ev:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // The host-side watch agrees.
     assert!(
@@ -485,4 +488,40 @@ async fn frozen_cluster_member_costs_at_most_a_failover() {
         );
         sync(|| cl.resume(frozen)).unwrap();
     }
+}
+
+/// A deletion is not an expiry (docs/fencing.md): `etcdctl del` of the
+/// leader key leaves its holder's lease alive. The watch's deletion event
+/// names that lease (its previous value), and `time_to_live` tells a winner
+/// whether it is gone yet: alive after the delete, gone after its holder's
+/// revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_key_names_its_lease_which_outlives_the_deletion() {
+    let etcd = sync(EtcdServer::start).unwrap();
+    let c = cfg(etcd.endpoints(), 2.0);
+    let mut primary = Dcs::connect(&c, SCOPE, "a").await.unwrap();
+    let mut follower = Dcs::connect(&c, SCOPE, "b").await.unwrap();
+    let l = primary.grant(30).await.unwrap();
+    assert!(matches!(
+        primary.try_acquire(l).await.unwrap(),
+        Acquire::Won { .. }
+    ));
+    let (_, rev) = follower.leader().await.unwrap();
+    let mut watch = follower.watch_leader(rev).await.unwrap();
+    let eps = etcd.endpoints();
+    let key = primary.leader_key().to_string();
+    // `etcdctl del`; the blocking client lives and dies off the runtime.
+    assert!(sync(|| BlockingClient::connect(&eps).unwrap().delete(&key)).unwrap());
+    let ev = next_event(&mut watch, Duration::from_secs(5)).await;
+    assert!(
+        matches!(ev, LeaderEvent::Deleted { lease, .. } if lease == Some(l)),
+        "{ev:?}"
+    );
+    let ttl = follower.time_to_live(l).await.unwrap();
+    assert!(
+        ttl.is_some_and(|t| t > 20),
+        "the holder's lease lives on: {ttl:?}"
+    );
+    primary.revoke(l).await.unwrap();
+    assert_eq!(follower.time_to_live(l).await.unwrap(), None);
 }

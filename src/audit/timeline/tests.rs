@@ -94,6 +94,8 @@ impl Node {
             Event::Acquired {
                 lease: 7,
                 s_ns: (s * 1e9) as u64,
+                revision: Some(rev),
+                postgres: None,
             },
         )
     }
