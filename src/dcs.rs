@@ -89,6 +89,15 @@ pub enum Acquire {
     Held { holder: Holder, revision: i64 },
 }
 
+/// The outcome of [`Dcs::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// The transaction deleted the key (it was ours, on `lease`, until then).
+    pub deleted: bool,
+    /// The store revision of the transaction: the deletion's when `deleted`.
+    pub revision: i64,
+}
+
 /// A change of the leader key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaderEvent {
@@ -785,10 +794,10 @@ impl Dcs {
 
     /// Deletes the leader key only if it is ours under `lease` (value and
     /// lease compared in one transaction), then revokes `lease`. Returns
-    /// whether the key was deleted. The revoke is best effort: a lease that
+    /// whether the key was deleted, and the transaction's revision. The revoke is best effort: a lease that
     /// is no longer renewed expires within its TTL; call
     /// [`revoke`](Self::revoke) to see its error.
-    pub async fn release(&mut self, lease: LeaseId) -> Result<bool, DcsError> {
+    pub async fn release(&mut self, lease: LeaseId) -> Result<Released, DcsError> {
         let key = self.leader_key.clone();
         let txn = Txn::new()
             .when([
@@ -797,9 +806,13 @@ impl Dcs {
             ])
             .and_then([TxnOp::delete(key, None)]);
         let mut kv = self.client.kv_client();
-        let deleted = self.call("release", kv.txn(txn)).await?.succeeded();
+        let r = self.call("release", kv.txn(txn)).await?;
+        let released = Released {
+            deleted: r.succeeded(),
+            revision: r.header().map(|h| h.revision()).unwrap_or(0),
+        };
         let _ = self.revoke(lease).await;
-        Ok(deleted)
+        Ok(released)
     }
 
     /// Revokes `lease`, deleting every key attached to it. Revoking a lease

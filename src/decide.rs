@@ -32,6 +32,11 @@ use std::time::Duration;
 /// `s` is surely gone by `s + T + EXPIRY_SLACK` as far as this node can tell.
 pub const EXPIRY_SLACK: Duration = Duration::from_millis(1500);
 
+/// Unanswered releases in a row after which the lease that holds the key
+/// is let go (no longer renewed, revoked if etcd answers): a node that
+/// cannot release must not hold the key forever.
+pub const RELEASE_ATTEMPTS: u32 = 3;
+
 /// Who holds the leader key, as far as the last read or watch event says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyHolder {
@@ -214,9 +219,11 @@ pub enum Input {
     FencedByTimer {
         how: String,
     },
-    /// The key was deleted by our release (true) or was no longer ours (false).
+    /// The key was deleted by our release (true) or was no longer ours
+    /// (false); `revision`: the release transaction's etcd revision.
     Released {
         deleted: bool,
+        revision: Option<i64>,
     },
     ReleaseFailed {
         error: String,
@@ -335,6 +342,15 @@ pub enum Fact {
     },
     Released {
         deleted: bool,
+        revision: Option<i64>,
+    },
+    /// A release was not answered (`attempts` in a row). `abandoned`: the
+    /// lease that holds the key is no longer renewed (revoked if etcd
+    /// answers, else it expires), rather than hold the key forever.
+    ReleaseFailed {
+        error: String,
+        attempts: u32,
+        abandoned: bool,
     },
     /// Won after a holder on `lease`: promotion waits until it is gone.
     AwaitingPreviousLease {
@@ -552,6 +568,11 @@ pub struct Core {
     /// The lease of the last other holder of the key seen (a read, a watch
     /// event, or a deletion's previous value).
     prev_lease: Option<i64>,
+    /// Releases failed in a row (see [`RELEASE_ATTEMPTS`]).
+    release_failures: u32,
+    /// A follower's release of the key on this lease (after a refused arming
+    /// or a give-back) is still to be answered: retried every loop.
+    unreleased: Option<i64>,
     /// Armed (or arming) after a win whose `Promote` is held back: until the
     /// previous holder's lease is gone, and until the evidence is fresh.
     hold: Option<PromoteHold>,
@@ -602,6 +623,8 @@ impl Core {
             ticks: 0,
             last_tick: None,
             prev_lease: None,
+            release_failures: 0,
+            unreleased: None,
             hold: None,
         }
     }
@@ -836,15 +859,17 @@ impl Core {
             Input::StepDownFailed { reason } => {
                 out.push(Action::Record(Fact::StepDownFailed { reason }));
             }
-            Input::Released { deleted } => {
+            Input::Released { deleted, revision } => {
                 self.key_gone = true;
+                self.release_failures = 0;
+                self.unreleased = None;
                 if self.holder == KeyHolder::Us {
                     self.holder = KeyHolder::Unknown;
                 }
-                out.push(Action::Record(Fact::Released { deleted }));
+                out.push(Action::Record(Fact::Released { deleted, revision }));
                 self.after_fenced(now, &mut out);
             }
-            Input::ReleaseFailed { .. } => {}
+            Input::ReleaseFailed { error } => self.on_release_failed(error, &mut out),
             Input::Disarmed => {
                 self.armed = false;
                 out.push(Action::Record(Fact::Disarmed));
@@ -963,6 +988,9 @@ impl Core {
         }
         match self.lease {
             Some(lease) => out.push(Action::Renew { lease }),
+            // A fenced node that let its lease go waits for the key's expiry
+            // first: lease evidence is only ever the key's lease's.
+            None if self.role == Role::Fenced && !self.key_gone => {}
             None if !self.granting && !self.shutting_down => {
                 self.granting = true;
                 out.push(Action::Grant);
@@ -985,6 +1013,11 @@ impl Core {
                 }
                 if self.holder == KeyHolder::Unknown {
                     out.push(Action::ReadKey);
+                }
+                if let (Some(l), Some(lease)) = (self.unreleased, self.lease) {
+                    if l == lease {
+                        out.push(Action::Release { lease });
+                    }
                 }
                 self.maybe_acquire(now, out);
                 self.maybe_exit(out);
@@ -1030,6 +1063,8 @@ impl Core {
         self.key_revision = 0;
         self.lease = None;
         self.s = None;
+        self.release_failures = 0;
+        self.unreleased = None;
         out.push(Action::Record(Fact::LeaseLost { last_s }));
         if self.leading() {
             self.key_gone = true;
@@ -1442,9 +1477,7 @@ impl Core {
         if self.armed {
             out.push(Action::Disarm);
         }
-        if let Some(lease) = self.lease {
-            out.push(Action::Release { lease });
-        }
+        self.release_as_follower(out);
     }
 
     /// Rule 2's other half: arming failed in required mode (or could not
@@ -1462,9 +1495,49 @@ impl Core {
             out.push(Action::Publish(Evidence::None));
             out.push(Action::Disarm);
         }
+        self.release_as_follower(out);
+    }
+
+    /// A follower still holding the key (a refused arming, a give-back):
+    /// release it, retried every loop until answered.
+    fn release_as_follower(&mut self, out: &mut Vec<Action>) {
         if let Some(lease) = self.lease {
+            self.unreleased = Some(lease);
             out.push(Action::Release { lease });
         }
+    }
+
+    /// Rule 7 and liveness: every unanswered release is recorded; after
+    /// [`RELEASE_ATTEMPTS`] the lease holding the key is let go. A leader
+    /// (fenced: PostgreSQL stopped) then waits for that lease's expiry
+    /// before it disarms, and takes no new lease until then; a follower
+    /// takes a new one at once.
+    fn on_release_failed(&mut self, error: String, out: &mut Vec<Action>) {
+        if self.key_gone && self.unreleased.is_none() {
+            return; // a late answer: the key is gone already
+        }
+        self.release_failures += 1;
+        let attempts = self.release_failures;
+        let abandon = attempts >= RELEASE_ATTEMPTS && self.lease.is_some();
+        out.push(Action::Record(Fact::ReleaseFailed {
+            error,
+            attempts,
+            abandoned: abandon,
+        }));
+        if !abandon {
+            return;
+        }
+        let lease = self.lease.take().expect("checked");
+        self.release_failures = 0;
+        self.unreleased = None;
+        if self.role == Role::Fenced {
+            // Its evidence goes with the lease: pings stop now, and `s`
+            // stays for the expiry estimate (`after_fenced`).
+            out.push(Action::Publish(Evidence::None));
+        } else {
+            self.s = None;
+        }
+        out.push(Action::Revoke { lease });
     }
 
     fn step_down(&mut self, reason: StepDownReason, out: &mut Vec<Action>) {

@@ -402,6 +402,16 @@ fn sigterm_hands_over_cleanly() {
         "no ping after disarm"
     );
     assert_eq!(wait_holder(&client, "term", Duration::from_secs(10)), "b");
+    // The audit keeps the verdicts' inputs: the release's revision, and the
+    // acquisition's revision and PostgreSQL state (unmanaged here).
+    let audit = a.audit();
+    let released = audit.iter().find(|r| r["event"] == "released").unwrap();
+    assert_eq!(released["deleted"], true, "{released}");
+    assert!(released["revision"].as_i64().unwrap() > 0, "{released}");
+    assert_eq!(released["rev"], released["revision"]);
+    let acquired = audit.iter().find(|r| r["event"] == "acquired").unwrap();
+    assert_eq!(acquired["revision"], acquired["rev"], "{acquired}");
+    assert_eq!(acquired["postgres"], "unmanaged", "{acquired}");
     assert!(
         t_term.elapsed() < Duration::from_secs(T),
         "handover faster than a lease expiry: {:?}",

@@ -87,7 +87,7 @@ async fn acquire_race_release_and_watch() {
     }
 
     // The loser's release touches nothing (and revokes only its own lease).
-    assert!(!loser.release(ll).await.unwrap());
+    assert!(!loser.release(ll).await.unwrap().deleted);
     assert_eq!(
         loser.leader().await.unwrap().0,
         Holder::Node {
@@ -98,15 +98,25 @@ async fn acquire_race_release_and_watch() {
     assert!(matches!(loser.renew(ll).await, Renewal::Gone));
 
     // The winner's release deletes the key and revokes its lease.
-    assert!(winner.release(wl).await.unwrap());
+    // Its revision is the deletion's (the audit's `released` record keeps it).
+    let r = winner.release(wl).await.unwrap();
+    assert!(r.deleted);
     assert_eq!(winner.leader().await.unwrap().0, Holder::Nobody);
     assert!(matches!(winner.renew(wl).await, Renewal::Gone));
-    assert!(matches!(
-        next_event(&mut watch, Duration::from_secs(5)).await,
-        LeaderEvent::Deleted { .. }
-    ));
+    match next_event(&mut watch, Duration::from_secs(5)).await {
+        LeaderEvent::Deleted { revision, lease } => {
+            assert_eq!(
+                revision, r.revision,
+                "the release's revision is the deletion's"
+            );
+            assert_eq!(lease, Some(wl));
+        }
+        e => panic!("expected the deletion, got {e:?}"),
+    }
     // Releasing twice is a no-op.
-    assert!(!winner.release(wl).await.unwrap());
+    let again = winner.release(wl).await.unwrap();
+    assert!(!again.deleted);
+    assert!(again.revision >= r.revision);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +159,7 @@ async fn garbage_in_the_leader_key_is_an_unknown_holder() {
         Holder::Unknown { .. }
     ));
     // And release never deletes what is not ours.
-    assert!(!d.release(l).await.unwrap());
+    assert!(!d.release(l).await.unwrap().deleted);
     assert!(matches!(
         d.leader().await.unwrap().0,
         Holder::Unknown { .. }

@@ -386,7 +386,19 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
         ),
         Fact::StepDownConfirmed { how } => (None, Event::StepDownConfirmed { how }),
         Fact::StepDownFailed { reason } => (None, Event::StepDownFailed { reason }),
-        Fact::Released { deleted } => (None, Event::released(None, deleted)),
+        Fact::Released { deleted, revision } => (revision, Event::released(revision, deleted)),
+        Fact::ReleaseFailed {
+            error,
+            attempts,
+            abandoned,
+        } => (
+            None,
+            Event::ReleaseFailed {
+                error,
+                attempts,
+                abandoned,
+            },
+        ),
         Fact::Disarmed => (
             None,
             Event::Disarmed {
@@ -816,7 +828,10 @@ impl Agent {
                     Err(e) => return Some(Input::ReleaseFailed { error: e }),
                 };
                 match d.release(LeaseId(lease)).await {
-                    Ok(deleted) => Some(Input::Released { deleted }),
+                    Ok(r) => Some(Input::Released {
+                        deleted: r.deleted,
+                        revision: Some(r.revision),
+                    }),
                     Err(e) => {
                         warn!("release failed: {e}");
                         Some(Input::ReleaseFailed {

@@ -247,6 +247,14 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deleted: Option<bool>,
     },
+    /// A release went unanswered (`attempts` in a row); `abandoned`: the
+    /// lease that holds the key is let go (no longer renewed, revoked if
+    /// etcd answers) rather than hold the key forever.
+    ReleaseFailed {
+        error: String,
+        attempts: u32,
+        abandoned: bool,
+    },
     Disarmed {
         device: String,
     },
@@ -289,6 +297,7 @@ impl Event {
             Event::StepDownBegun { .. } => "step_down_begun",
             Event::StepDownConfirmed { .. } => "step_down_confirmed",
             Event::Released { .. } => "released",
+            Event::ReleaseFailed { .. } => "release_failed",
             Event::Disarmed { .. } => "disarmed",
             Event::Shutdown { .. } => "shutdown",
             Event::TornTailRecovered { .. } => "torn_tail_recovered",

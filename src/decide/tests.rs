@@ -277,7 +277,13 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
     );
     assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
     assert_eq!(c.role(), &Role::Follower);
-    c.handle(t(30), Input::Released { deleted: true });
+    c.handle(
+        t(30),
+        Input::Released {
+            deleted: true,
+            revision: Some(9),
+        },
+    );
     let a = c.handle(
         t(40),
         Input::KeySeen {
@@ -499,7 +505,13 @@ fn rule4_disarm_only_after_stop_and_release() {
     );
     assert!(!has(&a, |a| *a == Action::Disarm), "key still ours: {a:?}");
     assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
-    let a = c.handle(t(1700), Input::Released { deleted: true });
+    let a = c.handle(
+        t(1700),
+        Input::Released {
+            deleted: true,
+            revision: Some(9),
+        },
+    );
     let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
     let disarm = pos(&a, |a| *a == Action::Disarm);
     assert!(none < disarm, "pings stop before the magic close");
@@ -1545,7 +1557,13 @@ fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
             reason: "busy".into(),
         },
     );
-    c.handle(t(30), Input::Released { deleted: true });
+    c.handle(
+        t(30),
+        Input::Released {
+            deleted: true,
+            revision: Some(9),
+        },
+    );
     c.handle(
         t(40),
         Input::KeySeen {
@@ -1704,7 +1722,13 @@ fn any_input() -> impl Strategy<Value = (u64, Input)> {
         Just(Input::FencedByTimer {
             how: "killed".into()
         }),
-        any::<bool>().prop_map(|deleted| Input::Released { deleted }),
+        any::<bool>().prop_map(|deleted| Input::Released {
+            deleted,
+            revision: None
+        }),
+        Just(Input::ReleaseFailed {
+            error: "timeout".into()
+        }),
         Just(Input::Disarmed),
         Just(Input::Shutdown),
         Just(Input::WatchBroken),
@@ -2071,4 +2095,120 @@ fn rule8_fence_is_recorded_as_fenced_not_leader() {
             ok: true,
         })
     );
+}
+
+fn release_failed(c: &mut Core, at: u64) -> Vec<Action> {
+    c.handle(
+        t(at),
+        Input::ReleaseFailed {
+            error: "etcd: release timed out".into(),
+        },
+    )
+}
+
+/// Issue 10 item 10: a follower whose release (after a refused arming) goes
+/// unanswered retried nothing and renewed the lease holding the key
+/// forever: the scope had no leader until a restart. Now the release is
+/// retried every loop, and after `RELEASE_ATTEMPTS` the lease is let go.
+#[test]
+fn an_unanswered_release_is_retried_each_loop_then_the_lease_is_let_go() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+            lease: None,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    let a = c.handle(
+        t(20),
+        Input::Armed(ArmOutcome {
+            armed: vec![],
+            failed: vec![("/dev/watchdog0".into(), "busy".into())],
+        }),
+    );
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    let mut now = 20;
+    for attempt in 1..RELEASE_ATTEMPTS {
+        let a = release_failed(&mut c, now + 5);
+        assert_eq!(
+            a,
+            vec![Action::Record(Fact::ReleaseFailed {
+                error: "etcd: release timed out".into(),
+                attempts: attempt,
+                abandoned: false,
+            })]
+        );
+        now += 500;
+        let a = c.handle(t(now), Input::Tick);
+        assert!(
+            has(&a, |a| *a == Action::Release { lease: 7 }),
+            "retried: {a:?}"
+        );
+    }
+    let a = release_failed(&mut c, now + 5);
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::ReleaseFailed {
+            error: "etcd: release timed out".into(),
+            attempts: RELEASE_ATTEMPTS,
+            abandoned: true,
+        })));
+    assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }), "{a:?}");
+    assert_eq!(c.lease(), None);
+    // The key's lease is no longer renewed: it expires if the revoke is
+    // not answered either. A new lease for this node.
+    let a = c.handle(t(now + 500), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Grant), "{a:?}");
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Renew { .. } | Action::Release { .. }
+    )));
+}
+
+/// The same for a leader's release after its step-down: it lets the lease
+/// go, stops pinging, takes no new lease, and disarms only once the key
+/// has surely expired (rule 4).
+#[test]
+fn a_fenced_leader_that_cannot_release_lets_its_lease_expire_before_disarming() {
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(t(1100), Input::Shutdown);
+    let a = c.handle(
+        t(1200),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    let mut now = 1200;
+    for _ in 1..RELEASE_ATTEMPTS {
+        release_failed(&mut c, now + 5);
+        now += 500;
+        let a = c.handle(t(now), Input::Tick);
+        assert!(has(&a, |a| *a == Action::Release { lease: 7 }), "{a:?}");
+    }
+    let a = release_failed(&mut c, now + 5);
+    assert!(has(&a, |a| *a == Action::Publish(Evidence::None)));
+    assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }), "{a:?}");
+    assert!(!has(&a, |a| *a == Action::Disarm), "not before the expiry");
+    let a = c.handle(t(now + 500), Input::Tick);
+    assert!(
+        !has(&a, |a| matches!(
+            a,
+            Action::Grant | Action::Renew { .. } | Action::Release { .. } | Action::Disarm
+        )),
+        "{a:?}"
+    );
+    // s = 1.0 s, T = 5 s: surely expired after 7.5 s.
+    let a = c.handle(t(7600), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
 }
