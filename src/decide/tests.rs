@@ -2212,3 +2212,31 @@ fn a_fenced_leader_that_cannot_release_lets_its_lease_expire_before_disarming() 
     let a = c.handle(t(7600), Input::Tick);
     assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
 }
+
+/// While a won key waits for the previous holder's lease, rule 3 still
+/// holds: renewals that stop coming end in a step-down at `s + T - M`,
+/// never in a promotion.
+#[test]
+fn waiting_for_the_previous_lease_without_renewals_steps_down_at_the_deadline() {
+    let (mut c, _) = won_after_a_deletion(1000);
+    // s = 1.0 s, T - M = 3 s: past 4.0 s the loop steps down.
+    let a = c.handle(t(3900), Input::Tick);
+    assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
+    let a = c.handle(t(4001), Input::Tick);
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::StepDown {
+            reason: StepDownReason::Deadline
+        }
+    )));
+    assert!(!has(&a, |a| *a == Action::Promote));
+    let a = c.handle(
+        t(4010),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+}
