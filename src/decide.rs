@@ -32,6 +32,11 @@ use std::time::Duration;
 /// `s` is surely gone by `s + T + EXPIRY_SLACK` as far as this node can tell.
 pub const EXPIRY_SLACK: Duration = Duration::from_millis(1500);
 
+/// Unanswered releases in a row after which the lease that holds the key
+/// is let go (no longer renewed, revoked if etcd answers): a node that
+/// cannot release must not hold the key forever.
+pub const RELEASE_ATTEMPTS: u32 = 3;
+
 /// Who holds the leader key, as far as the last read or watch event says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyHolder {
@@ -168,10 +173,21 @@ pub enum Input {
     },
     /// etcd answered that the lease no longer exists (TTL <= 0).
     LeaseGone,
-    /// The leader key as read or watched.
+    /// The leader key as read or watched. `lease`: the etcd lease the key
+    /// is attached to; for a deletion, the lease the deleted key was on (the
+    /// watch's previous value); `None` when absent or not known.
     KeySeen {
         holder: KeyHolder,
         revision: i64,
+        lease: Option<i64>,
+    },
+    /// Outcome of `CheckLeaseGone`: whether `lease` still exists in etcd,
+    /// with its remaining TTL in seconds (0 when gone). Not sent when etcd
+    /// did not answer: the core asks again on its next loop.
+    PreviousLease {
+        lease: i64,
+        alive: bool,
+        ttl: i64,
     },
     /// Our compare-and-set created the key at `revision`.
     Won {
@@ -203,9 +219,11 @@ pub enum Input {
     FencedByTimer {
         how: String,
     },
-    /// The key was deleted by our release (true) or was no longer ours (false).
+    /// The key was deleted by our release (true) or was no longer ours
+    /// (false); `revision`: the release transaction's etcd revision.
     Released {
         deleted: bool,
+        revision: Option<i64>,
     },
     ReleaseFailed {
         error: String,
@@ -281,6 +299,16 @@ pub enum Fact {
         lease: i64,
         revision: i64,
         s: BootTime,
+        /// PostgreSQL as last observed when the key was won
+        /// ([`PgView::as_str`]).
+        postgres: &'static str,
+    },
+    /// Rule 8: PostgreSQL was writable while this node did not lead and was
+    /// fenced (`ok`: confirmed stopped).
+    FencedNotLeader {
+        holder: KeyHolder,
+        how: String,
+        ok: bool,
     },
     LeaderSeen {
         holder: KeyHolder,
@@ -314,6 +342,31 @@ pub enum Fact {
     },
     Released {
         deleted: bool,
+        revision: Option<i64>,
+    },
+    /// A release was not answered (`attempts` in a row). `abandoned`: the
+    /// lease that holds the key is no longer renewed (revoked if etcd
+    /// answers, else it expires), rather than hold the key forever.
+    ReleaseFailed {
+        error: String,
+        attempts: u32,
+        abandoned: bool,
+    },
+    /// Won after a holder on `lease`: promotion waits until it is gone.
+    AwaitingPreviousLease {
+        lease: i64,
+    },
+    /// The previous holder's lease is gone (`waited` since the win):
+    /// promotion may follow.
+    PreviousLeaseGone {
+        lease: i64,
+        waited: Duration,
+    },
+    /// The previous holder's lease outlived `T + EXPIRY_SLACK` after the
+    /// win: its holder still renews it; the key is given back unpromoted.
+    PreviousLeaseAlive {
+        lease: i64,
+        ttl: i64,
     },
     Disarmed,
     NowayoutKeptArmed {
@@ -342,6 +395,13 @@ pub enum Action {
     /// action after a renewal, before any other etcd or PostgreSQL work.
     Publish(Evidence),
     Promote,
+    /// Ask etcd whether `lease` (the previous holder's) still exists
+    /// (`LeaseTimeToLive`). Outcome: [`Input::PreviousLease`]. A deletion
+    /// of the key is not an expiry: the winner promotes only once the lease
+    /// that held the key before it is gone (docs/fencing.md).
+    CheckLeaseGone {
+        lease: i64,
+    },
     StepDown {
         reason: StepDownReason,
     },
@@ -505,6 +565,28 @@ pub struct Core {
     /// Loops (ticks) so far, for the member and re-read cadences.
     ticks: u64,
     last_tick: Option<BootTime>,
+    /// The lease of the last other holder of the key seen (a read, a watch
+    /// event, or a deletion's previous value).
+    prev_lease: Option<i64>,
+    /// Releases failed in a row (see [`RELEASE_ATTEMPTS`]).
+    release_failures: u32,
+    /// A follower's release of the key on this lease (after a refused arming
+    /// or a give-back) is still to be answered: retried every loop.
+    unreleased: Option<i64>,
+    /// Armed (or arming) after a win whose `Promote` is held back: until the
+    /// previous holder's lease is gone, and until the evidence is fresh.
+    hold: Option<PromoteHold>,
+}
+
+/// Why a won key's promotion waits (see [`Core::try_promote`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PromoteHold {
+    /// The previous holder's lease, until etcd says it is gone.
+    lease: Option<i64>,
+    /// When the key was won: the wait is bounded by `T + EXPIRY_SLACK`.
+    since: BootTime,
+    /// Arming is done: only the hold keeps `Promote` back.
+    armed: bool,
 }
 
 impl Core {
@@ -540,6 +622,10 @@ impl Core {
             sync_pending: false,
             ticks: 0,
             last_tick: None,
+            prev_lease: None,
+            release_failures: 0,
+            unreleased: None,
+            hold: None,
         }
     }
 
@@ -700,7 +786,14 @@ impl Core {
             }
             Input::RenewFailed { .. } => {}
             Input::LeaseGone => self.on_lease_gone(now, &mut out),
-            Input::KeySeen { holder, revision } => self.on_key(now, holder, revision, &mut out),
+            Input::KeySeen {
+                holder,
+                revision,
+                lease,
+            } => self.on_key(now, holder, revision, lease, &mut out),
+            Input::PreviousLease { lease, alive, ttl } => {
+                self.on_previous_lease(now, lease, alive, ttl, &mut out)
+            }
             Input::Won { revision } => self.on_won(now, revision, &mut out),
             Input::AcquireFailed { .. } => {
                 // Unanswered: who holds the key is unknown until re-read (a
@@ -739,6 +832,18 @@ impl Core {
                     self.stopped = true;
                     self.role = Role::Fenced;
                     out.push(Action::Record(Fact::StepDownConfirmed { how }));
+                    if self.key_gone {
+                        // The key was taken or deleted (not released by us):
+                        // revoke the lease it was on, now that PostgreSQL is
+                        // confirmed stopped. A winner promotes only once that
+                        // lease is gone, so a hand-deleted key hands over in
+                        // a loop or two instead of a full TTL. A new lease
+                        // is granted at the next loop.
+                        if let Some(lease) = self.lease.take() {
+                            self.s = None;
+                            out.push(Action::Revoke { lease });
+                        }
+                    }
                     self.after_fenced(now, &mut out);
                 }
             }
@@ -754,15 +859,17 @@ impl Core {
             Input::StepDownFailed { reason } => {
                 out.push(Action::Record(Fact::StepDownFailed { reason }));
             }
-            Input::Released { deleted } => {
+            Input::Released { deleted, revision } => {
                 self.key_gone = true;
+                self.release_failures = 0;
+                self.unreleased = None;
                 if self.holder == KeyHolder::Us {
                     self.holder = KeyHolder::Unknown;
                 }
-                out.push(Action::Record(Fact::Released { deleted }));
+                out.push(Action::Record(Fact::Released { deleted, revision }));
                 self.after_fenced(now, &mut out);
             }
-            Input::ReleaseFailed { .. } => {}
+            Input::ReleaseFailed { error } => self.on_release_failed(error, &mut out),
             Input::Disarmed => {
                 self.armed = false;
                 out.push(Action::Record(Fact::Disarmed));
@@ -798,7 +905,14 @@ impl Core {
                 let why = format!("cannot observe PostgreSQL: {error}");
                 self.set_eligibility(now, Err(why), &mut out);
             }
-            Input::Fenced { ok, .. } => {
+            Input::Fenced { ok, how } => {
+                // Only rule 8 fences (`follow_leader`): on the record, as
+                // no change of leader.
+                out.push(Action::Record(Fact::FencedNotLeader {
+                    holder: self.holder.clone(),
+                    how,
+                    ok,
+                }));
                 if ok {
                     self.pg = PgView::Down;
                     self.follow_leader(now, &mut out);
@@ -874,6 +988,9 @@ impl Core {
         }
         match self.lease {
             Some(lease) => out.push(Action::Renew { lease }),
+            // A fenced node that let its lease go waits for the key's expiry
+            // first: lease evidence is only ever the key's lease's.
+            None if self.role == Role::Fenced && !self.key_gone => {}
             None if !self.granting && !self.shutting_down => {
                 self.granting = true;
                 out.push(Action::Grant);
@@ -885,6 +1002,10 @@ impl Core {
                 reason: StepDownReason::Deadline,
             }),
             Role::Fenced => self.after_fenced(now, out),
+            // Re-ask whether the previous holder's lease is gone.
+            Role::Promoting if self.hold.is_some_and(|h| h.lease.is_some()) => {
+                self.try_promote(now, out)
+            }
             Role::Follower => {
                 if self.armed {
                     // Only nowayout devices stay armed in a follower.
@@ -892,6 +1013,11 @@ impl Core {
                 }
                 if self.holder == KeyHolder::Unknown {
                     out.push(Action::ReadKey);
+                }
+                if let (Some(l), Some(lease)) = (self.unreleased, self.lease) {
+                    if l == lease {
+                        out.push(Action::Release { lease });
+                    }
                 }
                 self.maybe_acquire(now, out);
                 self.maybe_exit(out);
@@ -915,6 +1041,10 @@ impl Core {
                 if !timing::ping_permitted(now, sent, self.budget()) {
                     out.push(Action::Record(Fact::RenewedLate { sent, acked: now }));
                 }
+                // A promotion held back only for fresh evidence goes now.
+                if self.hold.is_some_and(|h| h.lease.is_none()) {
+                    self.try_promote(now, out);
+                }
             }
             Role::Arming if !self.armed && self.fresh(now) => {
                 out.push(Action::Arm {
@@ -933,6 +1063,8 @@ impl Core {
         self.key_revision = 0;
         self.lease = None;
         self.s = None;
+        self.release_failures = 0;
+        self.unreleased = None;
         out.push(Action::Record(Fact::LeaseLost { last_s }));
         if self.leading() {
             self.key_gone = true;
@@ -952,12 +1084,26 @@ impl Core {
         }
     }
 
-    fn on_key(&mut self, now: BootTime, holder: KeyHolder, revision: i64, out: &mut Vec<Action>) {
+    fn on_key(
+        &mut self,
+        now: BootTime,
+        holder: KeyHolder,
+        revision: i64,
+        lease: Option<i64>,
+        out: &mut Vec<Action>,
+    ) {
         // etcd's revisions order every read and event: one older than the
         // newest seen (a watch event delivered after a newer read, or after
         // the revision at which we won) says nothing about the key now.
         if revision > 0 && revision < self.key_revision {
             return;
+        }
+        // Another holder's lease (also the one a deleted key was on): a win
+        // after it promotes only once it is gone. Lease 0 never expires.
+        if let Some(l) = lease.filter(|l| *l != 0 && Some(*l) != self.lease) {
+            if holder != KeyHolder::Us {
+                self.prev_lease = Some(l);
+            }
         }
         self.key_revision = self.key_revision.max(revision);
         let changed = holder != self.holder;
@@ -1176,18 +1322,30 @@ impl Core {
         self.stopped = false;
         self.following = None;
         self.role = Role::Arming;
+        let previous = self.prev_lease.take().filter(|l| *l != lease);
+        self.hold = Some(PromoteHold {
+            lease: previous,
+            since: now,
+            armed: false,
+        });
         out.push(Action::Record(Fact::Acquired {
             lease,
             revision,
             s: self.s.unwrap_or(now),
+            postgres: self.pg.as_str(),
         }));
+        if let Some(previous) = previous {
+            out.push(Action::Record(Fact::AwaitingPreviousLease {
+                lease: previous,
+            }));
+        }
         if self.cfg.mode == WatchdogMode::Off {
             out.push(Action::Record(Fact::LeadingUnarmed {
                 reason: "watchdog mode is off".into(),
             }));
             self.role = Role::Promoting;
             out.push(Action::Publish(Evidence::None));
-            out.push(Action::Promote);
+            self.hold_armed(now, out);
         } else if self.fresh(now) {
             // Devices still open from an earlier term (nowayout) are re-checked
             // and pinged by the same arming step.
@@ -1245,11 +1403,81 @@ impl Core {
 
     /// Devices armed (or not needed) on fresh evidence: publish lease
     /// evidence, then promote.
-    fn arm_done(&mut self, _now: BootTime, out: &mut Vec<Action>) {
+    fn arm_done(&mut self, now: BootTime, out: &mut Vec<Action>) {
         self.role = Role::Promoting;
         let ev = self.s.map_or(Evidence::None, Evidence::Lease);
         out.push(Action::Publish(ev));
+        self.hold_armed(now, out);
+    }
+
+    /// Arming is done (rule 2): promote now, or once the hold is lifted.
+    fn hold_armed(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        if let Some(h) = self.hold.as_mut() {
+            h.armed = true;
+        }
+        self.try_promote(now, out);
+    }
+
+    /// A deletion is not an expiry (docs/fencing.md): a won key is promoted
+    /// only once the previous holder's lease is gone (its holder revoked it
+    /// after its confirmed stop, or it expired), asked of etcd once per loop
+    /// while the lease lives, and only on fresh evidence (rule 2's recheck;
+    /// else at the next fresh renewal). If the lease still lives
+    /// `T + EXPIRY_SLACK` after the win, its holder is renewing it: the key
+    /// is given back unpromoted, as after a refused arming.
+    fn try_promote(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        let Some(h) = self.hold else { return };
+        if self.role != Role::Promoting || !h.armed {
+            return;
+        }
+        if let Some(lease) = h.lease {
+            out.push(Action::CheckLeaseGone { lease });
+            return;
+        }
+        if self.cfg.mode != WatchdogMode::Off && !self.fresh(now) {
+            return; // the next fresh renewal promotes
+        }
+        self.hold = None;
         out.push(Action::Promote);
+    }
+
+    fn on_previous_lease(
+        &mut self,
+        now: BootTime,
+        lease: i64,
+        alive: bool,
+        ttl: i64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(h) = self.hold.as_mut() else { return };
+        if h.lease != Some(lease) || self.role != Role::Promoting {
+            return;
+        }
+        if !alive {
+            h.lease = None;
+            let waited = now.saturating_since(h.since);
+            out.push(Action::Record(Fact::PreviousLeaseGone { lease, waited }));
+            self.try_promote(now, out);
+            return;
+        }
+        if now > h.since + self.budget().ttl + EXPIRY_SLACK {
+            self.hold = None;
+            out.push(Action::Record(Fact::PreviousLeaseAlive { lease, ttl }));
+            self.give_back(now, out);
+        }
+    }
+
+    /// A won key that cannot be promoted (the previous holder renews its
+    /// lease): nothing was promoted, so disarm, release and back off one TTL.
+    fn give_back(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        self.role = Role::Follower;
+        self.stopped = true;
+        self.backoff_until = now + self.budget().ttl;
+        out.push(Action::Publish(Evidence::None));
+        if self.armed {
+            out.push(Action::Disarm);
+        }
+        self.release_as_follower(out);
     }
 
     /// Rule 2's other half: arming failed in required mode (or could not
@@ -1258,6 +1486,7 @@ impl Core {
         for (device, reason) in failed {
             out.push(Action::Record(Fact::ArmFailed { device, reason }));
         }
+        self.hold = None;
         self.role = Role::Follower;
         self.stopped = true;
         self.backoff_until = now + self.budget().ttl;
@@ -1266,12 +1495,53 @@ impl Core {
             out.push(Action::Publish(Evidence::None));
             out.push(Action::Disarm);
         }
+        self.release_as_follower(out);
+    }
+
+    /// A follower still holding the key (a refused arming, a give-back):
+    /// release it, retried every loop until answered.
+    fn release_as_follower(&mut self, out: &mut Vec<Action>) {
         if let Some(lease) = self.lease {
+            self.unreleased = Some(lease);
             out.push(Action::Release { lease });
         }
     }
 
+    /// Rule 7 and liveness: every unanswered release is recorded; after
+    /// [`RELEASE_ATTEMPTS`] the lease holding the key is let go. A leader
+    /// (fenced: PostgreSQL stopped) then waits for that lease's expiry
+    /// before it disarms, and takes no new lease until then; a follower
+    /// takes a new one at once.
+    fn on_release_failed(&mut self, error: String, out: &mut Vec<Action>) {
+        if self.key_gone && self.unreleased.is_none() {
+            return; // a late answer: the key is gone already
+        }
+        self.release_failures += 1;
+        let attempts = self.release_failures;
+        let abandon = attempts >= RELEASE_ATTEMPTS && self.lease.is_some();
+        out.push(Action::Record(Fact::ReleaseFailed {
+            error,
+            attempts,
+            abandoned: abandon,
+        }));
+        if !abandon {
+            return;
+        }
+        let lease = self.lease.take().expect("checked");
+        self.release_failures = 0;
+        self.unreleased = None;
+        if self.role == Role::Fenced {
+            // Its evidence goes with the lease: pings stop now, and `s`
+            // stays for the expiry estimate (`after_fenced`).
+            out.push(Action::Publish(Evidence::None));
+        } else {
+            self.s = None;
+        }
+        out.push(Action::Revoke { lease });
+    }
+
     fn step_down(&mut self, reason: StepDownReason, out: &mut Vec<Action>) {
+        self.hold = None;
         let deadline = self.s.map(|s| timing::demotion_deadline(s, self.budget()));
         self.role = Role::SteppingDown;
         // Pings stop first: if the stop hangs, the watchdog finishes the job.

@@ -402,6 +402,16 @@ fn sigterm_hands_over_cleanly() {
         "no ping after disarm"
     );
     assert_eq!(wait_holder(&client, "term", Duration::from_secs(10)), "b");
+    // The audit keeps the verdicts' inputs: the release's revision, and the
+    // acquisition's revision and PostgreSQL state (unmanaged here).
+    let audit = a.audit();
+    let released = audit.iter().find(|r| r["event"] == "released").unwrap();
+    assert_eq!(released["deleted"], true, "{released}");
+    assert!(released["revision"].as_i64().unwrap() > 0, "{released}");
+    assert_eq!(released["rev"], released["revision"]);
+    let acquired = audit.iter().find(|r| r["event"] == "acquired").unwrap();
+    assert_eq!(acquired["revision"], acquired["rev"], "{acquired}");
+    assert_eq!(acquired["postgres"], "unmanaged", "{acquired}");
     assert!(
         t_term.elapsed() < Duration::from_secs(T),
         "handover faster than a lease expiry: {:?}",
@@ -549,4 +559,105 @@ fn other_signals_neither_kill_nor_unseat_the_leader() {
     let st = a.proc_.wait_exit(Duration::from_secs(10)).expect("exits");
     assert_eq!(st.code(), Some(0), "{}", a.proc_.log());
     assert!(a.disarmed());
+}
+
+impl Node {
+    /// This node's audit records (the fake device config puts the log in
+    /// `audit/` next to the device record).
+    fn audit(&self) -> Vec<serde_json::Value> {
+        let log = self
+            .record
+            .parent()
+            .unwrap()
+            .join("audit")
+            .join(format!("{}.audit.jsonl", self.name));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    /// `wall_ns` of this node's first audit record of `event`.
+    fn first(&self, event: &str) -> Option<u64> {
+        self.audit()
+            .iter()
+            .find(|r| r["event"] == event)
+            .and_then(|r| r["wall_ns"].as_u64())
+    }
+}
+
+/// Issue 10 item 7, a deletion that is not an expiry: `etcdctl del` of the
+/// leader key while its holder runs. The replica wins the key at once, but
+/// promotes only once the old leader's lease is gone; the old leader stops
+/// pinging, confirms its step-down, then revokes that lease, so the
+/// handover takes a loop or two rather than a TTL. Before the fix the
+/// replica promoted about 0.15 s after the delete while the old leader
+/// still renewed its lease (it never revoked it).
+#[test]
+fn a_deleted_leader_key_is_not_an_expiry_the_winner_waits_for_the_old_lease() {
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut a = spawn("del", "a", &eps);
+    assert_eq!(wait_holder(&client, "del", Duration::from_secs(20)), "a");
+    let mut b = spawn("del", "b", &eps);
+    assert!(
+        wait_until(Duration::from_secs(10), || b
+            .first("lease_granted")
+            .is_some()),
+        "b never got a lease: {}",
+        b.proc_.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let old = client.get_kv(&leader_key("del")).unwrap().unwrap();
+    assert_eq!(holder_name(&old.value).as_deref(), Some("a"));
+    assert!(client.lease_ttl(old.lease).unwrap() > 0);
+    let t_del = Instant::now();
+    assert!(client.delete(&leader_key("del")).unwrap());
+    // Promotion read first, the lease second: both true means b promoted
+    // while a's lease still lived.
+    let mut promoted_at = None;
+    while t_del.elapsed() < Duration::from_secs(3 * T) {
+        let promoted = b.first("promoted").is_some();
+        let alive = client.lease_ttl(old.lease).unwrap() > 0;
+        assert!(
+            !(promoted && alive),
+            "b promoted {:?} after the delete while a's lease {:x} still lives\n--- a ---\n{}\n--- b ---\n{}",
+            t_del.elapsed(),
+            old.lease,
+            a.proc_.log(),
+            b.proc_.log()
+        );
+        if promoted {
+            promoted_at = Some(t_del.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let promoted_at = promoted_at.unwrap_or_else(|| {
+        panic!(
+            "b never promoted\n--- a ---\n{}\n--- b ---\n{}",
+            a.proc_.log(),
+            b.proc_.log()
+        )
+    });
+    assert_eq!(wait_holder(&client, "del", Duration::from_secs(1)), "b");
+    // The old leader confirmed its stop before the new one promoted, and
+    // revoked its lease: a quick handover, not a TTL.
+    let confirmed = a
+        .first("step_down_confirmed")
+        .expect("a confirmed its stop");
+    let promoted = b.first("promoted").unwrap();
+    assert!(confirmed < promoted, "{confirmed} >= {promoted}");
+    assert!(b.first("awaiting_previous_lease").is_some());
+    assert!(b.first("previous_lease_gone").is_some());
+    assert!(
+        promoted_at < Duration::from_secs(T),
+        "the old leader's revoke should hand over within a TTL: {promoted_at:?}"
+    );
+    assert!(b.armed());
+    let _ = b.proc_.signal(libc::SIGTERM);
+    let _ = a.proc_.signal(libc::SIGTERM);
+    let _ = b.proc_.wait_exit(Duration::from_secs(10));
+    let _ = a.proc_.wait_exit(Duration::from_secs(10));
 }

@@ -211,10 +211,23 @@ fn clean_handover_verifies_and_is_fenced_by_step_down() {
     assert_eq!(out.matches("change at rev").count(), 1, "{out}");
     assert!(out.contains("a -> b    FENCED-BY-STEP-DOWN"), "{out}");
     assert!(out.contains("verdict: FENCED-BY-STEP-DOWN"), "{out}");
-    // Proven by a's own release, which deleted the key (no expiry assumed:
-    // b saw the deletion at a known revision).
+    // Proven by a's own release, whose revision its `released` record now
+    // keeps (issue 10 item 10): the deletion is ordered before b's win by
+    // etcd revisions alone, no expiry assumed.
+    let released_rev = a
+        .records()
+        .iter()
+        .find(|r| r["event"] == "released")
+        .and_then(|r| r["revision"].as_i64())
+        .expect("a's released record carries its revision");
     assert!(
-        out.contains("then its release deleted the key, still a's on its own lease"),
+        out.contains(&format!(
+            "and then released the key at rev {released_rev}, before b won it at rev"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("key deleted at rev {released_rev}; b won it")),
         "{out}"
     );
     assert!(
@@ -229,7 +242,11 @@ fn clean_handover_verifies_and_is_fenced_by_step_down() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("a -> b    FENCED-BY-STEP-DOWN"), "{out}");
     assert!(out.contains("etcd history only"), "{out}");
-    assert!(out.contains("its release deleted the key"), "{out}");
+    // The mirrored `released` record carries its revision too.
+    assert!(
+        out.contains(&format!("released the key at rev {released_rev}")),
+        "{out}"
+    );
 
     // --json for tooling.
     let (code, out, err) = audit(&[

@@ -87,7 +87,7 @@ async fn acquire_race_release_and_watch() {
     }
 
     // The loser's release touches nothing (and revokes only its own lease).
-    assert!(!loser.release(ll).await.unwrap());
+    assert!(!loser.release(ll).await.unwrap().deleted);
     assert_eq!(
         loser.leader().await.unwrap().0,
         Holder::Node {
@@ -98,15 +98,25 @@ async fn acquire_race_release_and_watch() {
     assert!(matches!(loser.renew(ll).await, Renewal::Gone));
 
     // The winner's release deletes the key and revokes its lease.
-    assert!(winner.release(wl).await.unwrap());
+    // Its revision is the deletion's (the audit's `released` record keeps it).
+    let r = winner.release(wl).await.unwrap();
+    assert!(r.deleted);
     assert_eq!(winner.leader().await.unwrap().0, Holder::Nobody);
     assert!(matches!(winner.renew(wl).await, Renewal::Gone));
-    assert!(matches!(
-        next_event(&mut watch, Duration::from_secs(5)).await,
-        LeaderEvent::Deleted { .. }
-    ));
+    match next_event(&mut watch, Duration::from_secs(5)).await {
+        LeaderEvent::Deleted { revision, lease } => {
+            assert_eq!(
+                revision, r.revision,
+                "the release's revision is the deletion's"
+            );
+            assert_eq!(lease, Some(wl));
+        }
+        e => panic!("expected the deletion, got {e:?}"),
+    }
     // Releasing twice is a no-op.
-    assert!(!winner.release(wl).await.unwrap());
+    let again = winner.release(wl).await.unwrap();
+    assert!(!again.deleted);
+    assert!(again.revision >= r.revision);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +159,7 @@ async fn garbage_in_the_leader_key_is_an_unknown_holder() {
         Holder::Unknown { .. }
     ));
     // And release never deletes what is not ours.
-    assert!(!d.release(l).await.unwrap());
+    assert!(!d.release(l).await.unwrap().deleted);
     assert!(matches!(
         d.leader().await.unwrap().0,
         Holder::Unknown { .. }
@@ -419,7 +429,10 @@ async fn follower_watch_sees_delete_promptly_on_revoke() {
     let t = Instant::now();
     primary.revoke(l).await.unwrap();
     let ev = next_event(&mut watch, Duration::from_secs(5)).await;
-    assert!(matches!(ev, LeaderEvent::Deleted { revision } if revision > rev));
+    assert!(
+        matches!(ev, LeaderEvent::Deleted { revision, lease } if revision > rev && lease == Some(l)),
+        "{ev:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // The host-side watch agrees.
     assert!(
@@ -485,4 +498,40 @@ async fn frozen_cluster_member_costs_at_most_a_failover() {
         );
         sync(|| cl.resume(frozen)).unwrap();
     }
+}
+
+/// A deletion is not an expiry (docs/fencing.md): `etcdctl del` of the
+/// leader key leaves its holder's lease alive. The watch's deletion event
+/// names that lease (its previous value), and `time_to_live` tells a winner
+/// whether it is gone yet: alive after the delete, gone after its holder's
+/// revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_key_names_its_lease_which_outlives_the_deletion() {
+    let etcd = sync(EtcdServer::start).unwrap();
+    let c = cfg(etcd.endpoints(), 2.0);
+    let mut primary = Dcs::connect(&c, SCOPE, "a").await.unwrap();
+    let mut follower = Dcs::connect(&c, SCOPE, "b").await.unwrap();
+    let l = primary.grant(30).await.unwrap();
+    assert!(matches!(
+        primary.try_acquire(l).await.unwrap(),
+        Acquire::Won { .. }
+    ));
+    let (_, rev) = follower.leader().await.unwrap();
+    let mut watch = follower.watch_leader(rev).await.unwrap();
+    let eps = etcd.endpoints();
+    let key = primary.leader_key().to_string();
+    // `etcdctl del`; the blocking client lives and dies off the runtime.
+    assert!(sync(|| BlockingClient::connect(&eps).unwrap().delete(&key)).unwrap());
+    let ev = next_event(&mut watch, Duration::from_secs(5)).await;
+    assert!(
+        matches!(ev, LeaderEvent::Deleted { lease, .. } if lease == Some(l)),
+        "{ev:?}"
+    );
+    let ttl = follower.time_to_live(l).await.unwrap();
+    assert!(
+        ttl.is_some_and(|t| t > 20),
+        "the holder's lease lives on: {ttl:?}"
+    );
+    primary.revoke(l).await.unwrap();
+    assert_eq!(follower.time_to_live(l).await.unwrap(), None);
 }

@@ -850,6 +850,24 @@ fn a_writable_server_is_fenced_while_etcd_is_unreachable() {
         "{log}"
     );
     assert!(!log.contains("won the leader key"), "{log}");
+    // Rule 8's fence is on the record (rule 7), with nobody known to hold
+    // the key, and confirmed.
+    let audit = a.dir.path().join("audit").join("a.audit.jsonl");
+    let fenced = || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["event"] == "fenced_not_leader")
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || fenced().is_some()),
+        "no fenced_not_leader record in {}",
+        audit.display()
+    );
+    let r = fenced().unwrap();
+    assert_eq!(r["holder"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["ok"], true, "{r}");
     assert!(
         a.agent.as_mut().unwrap().try_exit().is_none(),
         "keeps running"

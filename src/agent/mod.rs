@@ -303,18 +303,52 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
     let ns = |t: clock::BootTime| t.as_nanos();
     match fact.clone() {
         Fact::LeaseGranted { lease } => (None, Event::LeaseGranted { lease }),
-        Fact::Acquired { lease, revision, s } => {
-            (Some(revision), Event::Acquired { lease, s_ns: ns(s) })
-        }
+        Fact::Acquired {
+            lease,
+            revision,
+            s,
+            postgres,
+        } => (
+            Some(revision),
+            Event::Acquired {
+                lease,
+                s_ns: ns(s),
+                revision: Some(revision),
+                postgres: Some(postgres.into()),
+            },
+        ),
         Fact::LeaderSeen { holder, revision } => (
             Some(revision),
             Event::LeaderSeen {
-                holder: match holder {
-                    KeyHolder::Nobody | KeyHolder::Unknown => None,
-                    KeyHolder::Us => Some("(this node)".into()),
-                    KeyHolder::Other(n) => Some(n),
-                    KeyHolder::Garbage => Some("(not a leasedog record)".into()),
-                },
+                holder: holder_name(holder),
+            },
+        ),
+        Fact::FencedNotLeader { holder, how, ok } => (
+            None,
+            Event::FencedNotLeader {
+                holder: holder_name(holder),
+                how,
+                ok,
+            },
+        ),
+        Fact::AwaitingPreviousLease { lease } => (
+            None,
+            Event::AwaitingPreviousLease {
+                lease: LeaseId(lease).to_string(),
+            },
+        ),
+        Fact::PreviousLeaseGone { lease, waited } => (
+            None,
+            Event::PreviousLeaseGone {
+                lease: LeaseId(lease).to_string(),
+                waited_ns: waited.as_nanos() as u64,
+            },
+        ),
+        Fact::PreviousLeaseAlive { lease, ttl } => (
+            None,
+            Event::PreviousLeaseAlive {
+                lease: LeaseId(lease).to_string(),
+                ttl_s: ttl,
             },
         ),
         Fact::RenewedLate { sent, acked } => (
@@ -352,7 +386,19 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
         ),
         Fact::StepDownConfirmed { how } => (None, Event::StepDownConfirmed { how }),
         Fact::StepDownFailed { reason } => (None, Event::StepDownFailed { reason }),
-        Fact::Released { deleted } => (None, Event::released(None, deleted)),
+        Fact::Released { deleted, revision } => (revision, Event::released(revision, deleted)),
+        Fact::ReleaseFailed {
+            error,
+            attempts,
+            abandoned,
+        } => (
+            None,
+            Event::ReleaseFailed {
+                error,
+                attempts,
+                abandoned,
+            },
+        ),
         Fact::Disarmed => (
             None,
             Event::Disarmed {
@@ -366,6 +412,31 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
                 reason: "signal".into(),
             },
         ),
+    }
+}
+
+/// How an audit record names a holder (null: nobody or unknown).
+fn holder_name(holder: KeyHolder) -> Option<String> {
+    match holder {
+        KeyHolder::Nobody | KeyHolder::Unknown => None,
+        KeyHolder::Us => Some("(this node)".into()),
+        KeyHolder::Other(n) => Some(n),
+        KeyHolder::Garbage => Some("(not a leasedog record)".into()),
+    }
+}
+
+/// A read or watched leader key as the core's input, with its lease.
+fn key_seen(h: Holder, current: Option<i64>, revision: i64) -> Input {
+    let lease = match &h {
+        Holder::Nobody => None,
+        Holder::Us { lease } | Holder::Node { lease, .. } | Holder::Unknown { lease, .. } => {
+            Some(lease.0).filter(|l| *l != 0)
+        }
+    };
+    Input::KeySeen {
+        holder: key_holder(h, current),
+        revision,
+        lease,
     }
 }
 
@@ -454,8 +525,11 @@ impl Agent {
                 }
                 Some(input) = side_rx.recv() => input,
                 ev = next_watch(&mut self.watch) => match ev {
-                    Ok(dcs::LeaderEvent::Put { holder, revision }) => Input::KeySeen { holder: key_holder(holder, self.core.lease()), revision },
-                    Ok(dcs::LeaderEvent::Deleted { revision }) => Input::KeySeen { holder: KeyHolder::Nobody, revision },
+                    Ok(dcs::LeaderEvent::Put { holder, revision }) => key_seen(holder, self.core.lease(), revision),
+                    Ok(dcs::LeaderEvent::Deleted { revision, lease }) => {
+                        info!(revision, lease = ?lease.map(|l| l.to_string()), "the leader key was deleted");
+                        Input::KeySeen { holder: KeyHolder::Nobody, revision, lease: lease.map(|l| l.0) }
+                    }
                     Err(e) => {
                         warn!("leader watch broke: {e}; re-reading");
                         self.watch = None;
@@ -634,10 +708,7 @@ impl Agent {
                                 Err(e) => warn!("cannot watch the leader key: {e}"),
                             }
                         }
-                        Some(Input::KeySeen {
-                            holder: key_holder(holder, current),
-                            revision,
-                        })
+                        Some(key_seen(holder, current, revision))
                     }
                     Err(e) => {
                         warn!("cannot read the leader key: {e}");
@@ -655,10 +726,9 @@ impl Agent {
                         info!(revision, "won the leader key");
                         Some(Input::Won { revision })
                     }
-                    Ok(Acquire::Held { holder, revision }) => Some(Input::KeySeen {
-                        holder: key_holder(holder, Some(lease)),
-                        revision,
-                    }),
+                    Ok(Acquire::Held { holder, revision }) => {
+                        Some(key_seen(holder, Some(lease), revision))
+                    }
                     Err(e) => Some(Input::AcquireFailed {
                         error: e.to_string(),
                     }),
@@ -758,12 +828,43 @@ impl Agent {
                     Err(e) => return Some(Input::ReleaseFailed { error: e }),
                 };
                 match d.release(LeaseId(lease)).await {
-                    Ok(deleted) => Some(Input::Released { deleted }),
+                    Ok(r) => Some(Input::Released {
+                        deleted: r.deleted,
+                        revision: Some(r.revision),
+                    }),
                     Err(e) => {
                         warn!("release failed: {e}");
                         Some(Input::ReleaseFailed {
                             error: e.to_string(),
                         })
+                    }
+                }
+            }
+            Action::CheckLeaseGone { lease } => {
+                let d = match self.dcs().await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!("cannot ask etcd about the previous holder's lease: {e}");
+                        return None;
+                    }
+                };
+                match d.time_to_live(LeaseId(lease)).await {
+                    Ok(ttl) => {
+                        let alive = ttl.is_some();
+                        if alive {
+                            info!(lease = %LeaseId(lease), ttl, "the previous holder's lease still lives: not promoting yet");
+                        } else {
+                            info!(lease = %LeaseId(lease), "the previous holder's lease is gone");
+                        }
+                        Some(Input::PreviousLease {
+                            lease,
+                            alive,
+                            ttl: ttl.unwrap_or(0),
+                        })
+                    }
+                    Err(e) => {
+                        warn!("cannot ask etcd about the previous holder's lease: {e}");
+                        None
                     }
                 }
             }
@@ -791,8 +892,9 @@ impl Agent {
             }
             Action::Revoke { lease } => {
                 if let Ok(d) = self.dcs().await {
-                    if let Err(e) = d.revoke(LeaseId(lease)).await {
-                        warn!("lease revoke failed: {e} (it will expire)");
+                    match d.revoke(LeaseId(lease)).await {
+                        Ok(()) => info!(lease = %LeaseId(lease), "lease revoked"),
+                        Err(e) => warn!("lease revoke failed: {e} (it will expire)"),
                     }
                 }
                 None

@@ -129,6 +129,41 @@ pub enum Event {
     Acquired {
         lease: i64,
         s_ns: u64,
+        /// The winning revision (also in the record's `rev`); absent from
+        /// logs of older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<i64>,
+        /// PostgreSQL as the agent last observed it when it won
+        /// (`PgView::as_str`: `primary`, `replica`, `down`, `busy`,
+        /// `unmanaged`); absent from logs of older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        postgres: Option<String>,
+    },
+    /// Won after a holder on `lease` (hex as etcdctl prints it): the
+    /// promotion waits until that lease is gone (a deletion is not an
+    /// expiry, docs/fencing.md).
+    AwaitingPreviousLease {
+        lease: String,
+    },
+    /// The previous holder's lease is gone, `waited_ns` after the win.
+    PreviousLeaseGone {
+        lease: String,
+        waited_ns: u64,
+    },
+    /// The previous holder's lease still lived `T + 1.5 s` after the win:
+    /// the key is given back unpromoted.
+    PreviousLeaseAlive {
+        lease: String,
+        ttl_s: i64,
+    },
+    /// Rule 8: PostgreSQL was writable while this node did not lead; the
+    /// agent fenced it (`how`: the fence's outcome). `holder`: the key's
+    /// holder as the agent saw it (null: nobody or unknown). Not a change
+    /// of leader: the timeline lists it, under no verdict.
+    FencedNotLeader {
+        holder: Option<String>,
+        how: String,
+        ok: bool,
     },
     /// A change of holder observed, at revision `rev`; `None` = key deleted.
     LeaderSeen {
@@ -212,6 +247,14 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deleted: Option<bool>,
     },
+    /// A release went unanswered (`attempts` in a row); `abandoned`: the
+    /// lease that holds the key is let go (no longer renewed, revoked if
+    /// etcd answers) rather than hold the key forever.
+    ReleaseFailed {
+        error: String,
+        attempts: u32,
+        abandoned: bool,
+    },
     Disarmed {
         device: String,
     },
@@ -234,6 +277,10 @@ impl Event {
             Event::Startup { .. } => "startup",
             Event::LeaseGranted { .. } => "lease_granted",
             Event::Acquired { .. } => "acquired",
+            Event::AwaitingPreviousLease { .. } => "awaiting_previous_lease",
+            Event::PreviousLeaseGone { .. } => "previous_lease_gone",
+            Event::PreviousLeaseAlive { .. } => "previous_lease_alive",
+            Event::FencedNotLeader { .. } => "fenced_not_leader",
             Event::LeaderSeen { .. } => "leader_seen",
             Event::RenewedLate { .. } => "renewed_late",
             Event::LeaseLost { .. } => "lease_lost",
@@ -250,6 +297,7 @@ impl Event {
             Event::StepDownBegun { .. } => "step_down_begun",
             Event::StepDownConfirmed { .. } => "step_down_confirmed",
             Event::Released { .. } => "released",
+            Event::ReleaseFailed { .. } => "release_failed",
             Event::Disarmed { .. } => "disarmed",
             Event::Shutdown { .. } => "shutdown",
             Event::TornTailRecovered { .. } => "torn_tail_recovered",
@@ -404,6 +452,8 @@ mod tests {
             Event::Acquired {
                 lease: 7_587_000_000_000_000,
                 s_ns: u64::MAX,
+                revision: Some(i64::MAX),
+                postgres: Some("replica".into()),
             },
             Event::LeaderSeen { holder: None },
             Event::LeaderSeen {

@@ -55,6 +55,7 @@ fn leader(mode: WatchdogMode) -> Core {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     let a = c.handle(
@@ -99,6 +100,7 @@ fn follower_races_only_for_an_empty_key() {
         Input::KeySeen {
             holder: KeyHolder::Other("b".into()),
             revision: 3,
+            lease: None,
         },
     );
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
@@ -107,6 +109,7 @@ fn follower_races_only_for_an_empty_key() {
         Input::KeySeen {
             holder: KeyHolder::Garbage,
             revision: 4,
+            lease: None,
         },
     );
     assert!(
@@ -118,6 +121,7 @@ fn follower_races_only_for_an_empty_key() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 5,
+            lease: None,
         },
     );
     assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
@@ -146,6 +150,7 @@ fn ineligible_follower_does_not_race() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 5,
+            lease: None,
         },
     );
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
@@ -168,6 +173,7 @@ fn rule2_arm_before_promote() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -209,6 +215,7 @@ fn rule2_stale_evidence_renews_before_arming() {
         Input::KeySeen {
             holder: KeyHolder::Other("b".into()),
             revision: 1,
+            lease: None,
         },
     );
     // The key frees up 1.5 s after our last renewal: too stale to arm (M - R = 1 s).
@@ -217,6 +224,7 @@ fn rule2_stale_evidence_renews_before_arming() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 3,
+            lease: None,
         },
     );
     let a = c.handle(t(1500), Input::Won { revision: 4 });
@@ -244,6 +252,7 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -268,12 +277,19 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
     );
     assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
     assert_eq!(c.role(), &Role::Follower);
-    c.handle(t(30), Input::Released { deleted: true });
+    c.handle(
+        t(30),
+        Input::Released {
+            deleted: true,
+            revision: Some(9),
+        },
+    );
     let a = c.handle(
         t(40),
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 5,
+            lease: None,
         },
     );
     assert!(
@@ -285,6 +301,7 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 6,
+            lease: None,
         },
     );
     assert!(
@@ -302,6 +319,7 @@ fn automatic_mode_leads_unarmed_and_says_so() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -335,6 +353,7 @@ fn off_mode_never_arms() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -436,6 +455,7 @@ fn lease_gone_or_key_lost_steps_down() {
         Input::KeySeen {
             holder: KeyHolder::Other("b".into()),
             revision: 9,
+            lease: None,
         },
     );
     assert!(has(&a, |a| *a
@@ -485,7 +505,13 @@ fn rule4_disarm_only_after_stop_and_release() {
     );
     assert!(!has(&a, |a| *a == Action::Disarm), "key still ours: {a:?}");
     assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
-    let a = c.handle(t(1700), Input::Released { deleted: true });
+    let a = c.handle(
+        t(1700),
+        Input::Released {
+            deleted: true,
+            revision: Some(9),
+        },
+    );
     let none = pos(&a, |a| *a == Action::Publish(Evidence::None));
     let disarm = pos(&a, |a| *a == Action::Disarm);
     assert!(none < disarm, "pings stop before the magic close");
@@ -504,6 +530,7 @@ fn lost_lease_stops_pings_at_once_and_later_renewals_do_not_restart_them() {
         Input::KeySeen {
             holder: KeyHolder::Other("b".into()),
             revision: 9,
+            lease: None,
         },
     );
     assert_eq!(a[0], Action::Publish(Evidence::None));
@@ -594,6 +621,7 @@ fn rule5_nowayout_keeps_pinging_on_liveness_as_replica() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -638,6 +666,7 @@ fn follower_seeing(holder: KeyHolder) -> Core {
         Input::KeySeen {
             holder,
             revision: 3,
+            lease: None,
         },
     );
     c
@@ -665,7 +694,17 @@ fn follower_with_a_writable_postgres_fences_every_time_then_follows() {
             how: "stopped".into(),
         },
     );
-    assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+    assert_eq!(
+        a,
+        vec![
+            Action::Record(Fact::FencedNotLeader {
+                holder: KeyHolder::Other("b".into()),
+                how: "stopped".into(),
+                ok: true,
+            }),
+            Action::Follow { leader: "b".into() }
+        ]
+    );
     assert_eq!(c.pg_view(), &PgView::Down);
 }
 
@@ -703,6 +742,7 @@ fn follower_asks_once_then_waits_for_the_outcome() {
         Input::KeySeen {
             holder: KeyHolder::Other("c".into()),
             revision: 9,
+            lease: None,
         },
     );
     assert!(has(&a, |a| *a == Action::Follow { leader: "c".into() }));
@@ -821,6 +861,7 @@ fn managed_follower() -> Core {
         Input::KeySeen {
             holder: KeyHolder::Other("b".into()),
             revision: 3,
+            lease: None,
         },
     );
     c
@@ -843,6 +884,7 @@ fn managed_postgres_is_not_eligible_before_the_first_look() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 5,
+            lease: None,
         },
     );
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
@@ -879,6 +921,7 @@ fn eligibility_within_and_over_the_lag_bound_of_the_leaders_lsn() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 9,
+            lease: None,
         },
     );
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "lagging");
@@ -1088,7 +1131,17 @@ fn fence_then_follow_from_observations() {
             how: "killed".into(),
         },
     );
-    assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+    assert_eq!(
+        a,
+        vec![
+            Action::Record(Fact::FencedNotLeader {
+                holder: KeyHolder::Other("b".into()),
+                how: "killed".into(),
+                ok: true,
+            }),
+            Action::Follow { leader: "b".into() }
+        ]
+    );
     // A stale observation of the writable server, read while the follow runs.
     let a = c.handle(t(40), primary(100));
     assert!(a.is_empty(), "{a:?}");
@@ -1104,6 +1157,7 @@ fn sync_leader() -> Core {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1191,6 +1245,7 @@ fn nowayout_devices_are_tracked_in_the_core_only() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1243,6 +1298,7 @@ fn next_deadline_is_the_next_loop_or_a_deadline_before_it() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1295,6 +1351,7 @@ fn arming_core() -> Core {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1338,6 +1395,7 @@ fn rule2_promotion_rechecks_freshness_after_arming() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1370,6 +1428,7 @@ fn stale_key_events_do_not_unseat_a_leader() {
             Input::KeySeen {
                 holder,
                 revision: 1,
+                lease: None,
             },
         );
         assert!(a.is_empty(), "{a:?}");
@@ -1381,6 +1440,7 @@ fn stale_key_events_do_not_unseat_a_leader() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 3,
+            lease: None,
         },
     );
     assert!(has(&a, |a| *a
@@ -1397,6 +1457,7 @@ fn a_follower_keeps_the_newest_owner_it_saw() {
         Input::KeySeen {
             holder: KeyHolder::Other("c".into()),
             revision: 8,
+            lease: None,
         },
     );
     let a = c.handle(
@@ -1404,6 +1465,7 @@ fn a_follower_keeps_the_newest_owner_it_saw() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 7,
+            lease: None,
         },
     );
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "{a:?}");
@@ -1416,6 +1478,7 @@ fn a_follower_keeps_the_newest_owner_it_saw() {
         Input::KeySeen {
             holder: KeyHolder::Other("d".into()),
             revision: 2,
+            lease: None,
         },
     );
     assert_eq!(c.holder(), &KeyHolder::Other("d".into()));
@@ -1477,6 +1540,7 @@ fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1493,12 +1557,19 @@ fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
             reason: "busy".into(),
         },
     );
-    c.handle(t(30), Input::Released { deleted: true });
+    c.handle(
+        t(30),
+        Input::Released {
+            deleted: true,
+            revision: Some(9),
+        },
+    );
     c.handle(
         t(40),
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 3,
+            lease: None,
         },
     );
     let a = c.handle(t(50), primary(100));
@@ -1524,6 +1595,7 @@ fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     let a = c.handle(t(10), primary(100));
@@ -1534,6 +1606,7 @@ fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
         Input::KeySeen {
             holder: KeyHolder::Other("b".into()),
             revision: 2,
+            lease: None,
         },
     );
     assert!(has(&a, |a| *a == Action::Fence), "lost the race: {a:?}");
@@ -1552,6 +1625,7 @@ fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(t(10), primary(100));
@@ -1578,6 +1652,7 @@ fn rule8_arming_is_not_leading() {
         Input::KeySeen {
             holder: KeyHolder::Nobody,
             revision: 1,
+            lease: None,
         },
     );
     c.handle(
@@ -1614,7 +1689,18 @@ fn any_input() -> impl Strategy<Value = (u64, Input)> {
             ttl
         }),
         Just(Input::LeaseGone),
-        (holder, 0i64..100).prop_map(|(holder, revision)| Input::KeySeen { holder, revision }),
+        (holder, 0i64..100, proptest::option::of(10i64..13)).prop_map(
+            |(holder, revision, lease)| Input::KeySeen {
+                holder,
+                revision,
+                lease
+            }
+        ),
+        (10i64..13, any::<bool>()).prop_map(|(lease, alive)| Input::PreviousLease {
+            lease,
+            alive,
+            ttl: if alive { 3 } else { 0 }
+        }),
         (0i64..100).prop_map(|revision| Input::Won { revision }),
         any::<(bool, bool, bool)>().prop_map(|(ok, fail, nowayout)| Input::Armed(ArmOutcome {
             armed: if ok {
@@ -1636,7 +1722,13 @@ fn any_input() -> impl Strategy<Value = (u64, Input)> {
         Just(Input::FencedByTimer {
             how: "killed".into()
         }),
-        any::<bool>().prop_map(|deleted| Input::Released { deleted }),
+        any::<bool>().prop_map(|deleted| Input::Released {
+            deleted,
+            revision: None
+        }),
+        Just(Input::ReleaseFailed {
+            error: "timeout".into()
+        }),
         Just(Input::Disarmed),
         Just(Input::Shutdown),
         Just(Input::WatchBroken),
@@ -1684,6 +1776,9 @@ proptest! {
         // What the drivers would know:
         let mut arm_ok_since_won = false; // an Armed satisfying rule 2 since the last Won
         let mut pg_may_write = false;     // Promote emitted, no confirmed stop since
+        // A deletion is not an expiry: the lease of the last other holder
+        // seen, the one a win waits for, and the newest key revision.
+        let (mut prev_seen, mut awaited, mut key_rev) = (None::<i64>, None::<i64>, 0i64);
         for (dt, mut input) in steps {
             now += dt;
             // Send times lie in the past.
@@ -1705,10 +1800,28 @@ proptest! {
             {
                 pg_may_write = false;
             }
+            match &input {
+                Input::KeySeen { holder, revision, lease } if !(*revision > 0 && *revision < key_rev) => {
+                    key_rev = key_rev.max(*revision);
+                    if *holder != KeyHolder::Us && lease.is_some() {
+                        prev_seen = *lease;
+                    }
+                }
+                Input::Won { revision } if role_before == Role::Follower && c.lease().is_some() => {
+                    key_rev = key_rev.max(*revision);
+                    awaited = prev_seen.take();
+                }
+                Input::LeaseGone => key_rev = 0,
+                Input::Renewed { ttl, .. } if *ttl <= 0 => key_rev = 0,
+                Input::PreviousLease { lease, alive: false, .. }
+                    if role_before == Role::Promoting && awaited == Some(*lease) => awaited = None,
+                _ => {}
+            }
             let actions = c.handle(t(now), input);
             for a in &actions {
                 match a {
                     Action::Promote => {
+                        prop_assert!(awaited.is_none(), "promote before the previous lease is gone: {actions:?}");
                         prop_assert!(arm_ok_since_won, "rule 2: promote without arming: {actions:?}");
                         prop_assert!(
                             c.last_fresh().is_some_and(|s| timing::ping_permitted(t(now), s, &c.cfg.budget)),
@@ -1740,4 +1853,390 @@ proptest! {
             }
         }
     }
+}
+
+/// A follower that saw "b" hold the key on lease 42, then its deletion
+/// (`etcdctl del`: the watch's previous value names lease 42), races and wins.
+fn won_after_a_deletion(at: u64) -> (Core, Vec<Action>) {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(at),
+        },
+    );
+    c.handle(
+        t(at),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 3,
+            lease: Some(42),
+        },
+    );
+    let a = c.handle(
+        t(at),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 4,
+            lease: Some(42),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
+    let a = c.handle(t(at), Input::Won { revision: 5 });
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::AwaitingPreviousLease { lease: 42 })));
+    assert!(
+        has(&a, |a| matches!(a, Action::Arm { .. })),
+        "arming proceeds: {a:?}"
+    );
+    let a = c.handle(t(at), armed_ok(false));
+    (c, a)
+}
+
+#[test]
+fn deletion_is_not_an_expiry_promotion_waits_for_the_previous_lease() {
+    let (mut c, a) = won_after_a_deletion(1000);
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+    assert!(
+        has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }),
+        "{a:?}"
+    );
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Publish(Evidence::Lease(_))
+    )));
+    assert_eq!(c.role(), &Role::Promoting);
+    // Still alive: wait, renewing, and ask again at the next loop.
+    let a = c.handle(
+        t(1010),
+        Input::PreviousLease {
+            lease: 42,
+            alive: true,
+            ttl: 4,
+        },
+    );
+    assert!(a.is_empty(), "{a:?}");
+    let a = c.handle(t(1500), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Renew { lease: 7 }));
+    assert!(
+        pos(&a, |a| *a == Action::Renew { lease: 7 })
+            < pos(&a, |a| *a == Action::CheckLeaseGone { lease: 42 })
+    );
+    c.handle(
+        t(1510),
+        Input::Renewed {
+            sent: t(1500),
+            ttl: 5,
+        },
+    );
+    // Gone (its holder revoked it after its confirmed stop): promote.
+    let a = c.handle(
+        t(1520),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::PreviousLeaseGone {
+            lease: 42,
+            waited: ms(520)
+        })));
+    assert_eq!(a.last(), Some(&Action::Promote), "{a:?}");
+}
+
+#[test]
+fn a_win_after_no_other_holder_promotes_at_once() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+            lease: None,
+        },
+    );
+    c.handle(t(0), Input::Won { revision: 2 });
+    let a = c.handle(t(0), armed_ok(false));
+    assert_eq!(a.last(), Some(&Action::Promote));
+    assert!(!has(&a, |a| matches!(a, Action::CheckLeaseGone { .. })));
+}
+
+#[test]
+fn previous_lease_gone_on_stale_evidence_waits_for_a_fresh_renewal() {
+    let (mut c, _) = won_after_a_deletion(1000);
+    // M - R = 1 s: at 2.2 s the evidence of 1.0 s is stale.
+    let a = c.handle(
+        t(2200),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+    let a = c.handle(
+        t(2300),
+        Input::Renewed {
+            sent: t(2250),
+            ttl: 5,
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::Lease(t(2250))));
+    assert_eq!(a.last(), Some(&Action::Promote), "{a:?}");
+}
+
+#[test]
+fn previous_lease_alive_past_t_plus_slack_gives_the_key_back_unpromoted() {
+    let (mut c, _) = won_after_a_deletion(1000);
+    let mut now = 1000;
+    while now < 8000 {
+        now += 400;
+        c.handle(t(now), Input::Tick);
+        c.handle(
+            t(now + 5),
+            Input::Renewed {
+                sent: t(now),
+                ttl: 5,
+            },
+        );
+        let a = c.handle(
+            t(now + 10),
+            Input::PreviousLease {
+                lease: 42,
+                alive: true,
+                ttl: 4,
+            },
+        );
+        // T + EXPIRY_SLACK = 6.5 s after the win at 1.0 s.
+        if now + 10 <= 7500 {
+            assert!(a.is_empty(), "at {now}: {a:?}");
+        } else {
+            assert!(has(&a, |a| *a
+                == Action::Record(Fact::PreviousLeaseAlive {
+                    lease: 42,
+                    ttl: 4
+                })));
+            assert!(has(&a, |a| *a == Action::Disarm));
+            assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+            assert!(!has(&a, |a| *a == Action::Promote));
+            assert_eq!(c.role(), &Role::Follower);
+            return;
+        }
+    }
+    panic!("never gave the key back");
+}
+
+#[test]
+fn old_leader_revokes_its_lease_after_a_confirmed_step_down_on_key_lost() {
+    let mut c = leader(WatchdogMode::Required);
+    // `etcdctl del` of our key while we lead.
+    let a = c.handle(
+        t(1100),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 9,
+            lease: Some(7),
+        },
+    );
+    assert_eq!(a[0], Action::Publish(Evidence::None));
+    assert!(
+        !has(&a, |a| matches!(a, Action::Revoke { .. })),
+        "not before the stop: {a:?}"
+    );
+    let a = c.handle(
+        t(1200),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    let confirmed = pos(&a, |a| {
+        matches!(a, Action::Record(Fact::StepDownConfirmed { .. }))
+    });
+    let revoke = pos(&a, |a| *a == Action::Revoke { lease: 7 });
+    assert!(confirmed < revoke, "{a:?}");
+    assert!(has(&a, |a| *a == Action::Disarm));
+    assert_eq!(c.lease(), None);
+    // A new lease next loop; no renewal of the revoked one.
+    c.handle(t(1250), Input::Disarmed);
+    let a = c.handle(t(1700), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Grant), "{a:?}");
+    assert!(!has(&a, |a| matches!(a, Action::Renew { .. })));
+}
+
+#[test]
+fn rule8_fence_is_recorded_as_fenced_not_leader() {
+    let mut c = managed_follower();
+    let a = c.handle(t(20), primary(100));
+    assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
+    let a = c.handle(
+        t(30),
+        Input::Fenced {
+            ok: true,
+            how: "PostgreSQL stopped (immediate)".into(),
+        },
+    );
+    assert_eq!(
+        a[0],
+        Action::Record(Fact::FencedNotLeader {
+            holder: KeyHolder::Other("b".into()),
+            how: "PostgreSQL stopped (immediate)".into(),
+            ok: true,
+        })
+    );
+}
+
+fn release_failed(c: &mut Core, at: u64) -> Vec<Action> {
+    c.handle(
+        t(at),
+        Input::ReleaseFailed {
+            error: "etcd: release timed out".into(),
+        },
+    )
+}
+
+/// Issue 10 item 10: a follower whose release (after a refused arming) goes
+/// unanswered retried nothing and renewed the lease holding the key
+/// forever: the scope had no leader until a restart. Now the release is
+/// retried every loop, and after `RELEASE_ATTEMPTS` the lease is let go.
+#[test]
+fn an_unanswered_release_is_retried_each_loop_then_the_lease_is_let_go() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 1,
+            lease: None,
+        },
+    );
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(t(10), Input::Won { revision: 2 });
+    let a = c.handle(
+        t(20),
+        Input::Armed(ArmOutcome {
+            armed: vec![],
+            failed: vec![("/dev/watchdog0".into(), "busy".into())],
+        }),
+    );
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    let mut now = 20;
+    for attempt in 1..RELEASE_ATTEMPTS {
+        let a = release_failed(&mut c, now + 5);
+        assert_eq!(
+            a,
+            vec![Action::Record(Fact::ReleaseFailed {
+                error: "etcd: release timed out".into(),
+                attempts: attempt,
+                abandoned: false,
+            })]
+        );
+        now += 500;
+        let a = c.handle(t(now), Input::Tick);
+        assert!(
+            has(&a, |a| *a == Action::Release { lease: 7 }),
+            "retried: {a:?}"
+        );
+    }
+    let a = release_failed(&mut c, now + 5);
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::ReleaseFailed {
+            error: "etcd: release timed out".into(),
+            attempts: RELEASE_ATTEMPTS,
+            abandoned: true,
+        })));
+    assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }), "{a:?}");
+    assert_eq!(c.lease(), None);
+    // The key's lease is no longer renewed: it expires if the revoke is
+    // not answered either. A new lease for this node.
+    let a = c.handle(t(now + 500), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Grant), "{a:?}");
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Renew { .. } | Action::Release { .. }
+    )));
+}
+
+/// The same for a leader's release after its step-down: it lets the lease
+/// go, stops pinging, takes no new lease, and disarms only once the key
+/// has surely expired (rule 4).
+#[test]
+fn a_fenced_leader_that_cannot_release_lets_its_lease_expire_before_disarming() {
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(t(1100), Input::Shutdown);
+    let a = c.handle(
+        t(1200),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    let mut now = 1200;
+    for _ in 1..RELEASE_ATTEMPTS {
+        release_failed(&mut c, now + 5);
+        now += 500;
+        let a = c.handle(t(now), Input::Tick);
+        assert!(has(&a, |a| *a == Action::Release { lease: 7 }), "{a:?}");
+    }
+    let a = release_failed(&mut c, now + 5);
+    assert!(has(&a, |a| *a == Action::Publish(Evidence::None)));
+    assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }), "{a:?}");
+    assert!(!has(&a, |a| *a == Action::Disarm), "not before the expiry");
+    let a = c.handle(t(now + 500), Input::Tick);
+    assert!(
+        !has(&a, |a| matches!(
+            a,
+            Action::Grant | Action::Renew { .. } | Action::Release { .. } | Action::Disarm
+        )),
+        "{a:?}"
+    );
+    // s = 1.0 s, T = 5 s: surely expired after 7.5 s.
+    let a = c.handle(t(7600), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
+}
+
+/// While a won key waits for the previous holder's lease, rule 3 still
+/// holds: renewals that stop coming end in a step-down at `s + T - M`,
+/// never in a promotion.
+#[test]
+fn waiting_for_the_previous_lease_without_renewals_steps_down_at_the_deadline() {
+    let (mut c, _) = won_after_a_deletion(1000);
+    // s = 1.0 s, T - M = 3 s: past 4.0 s the loop steps down.
+    let a = c.handle(t(3900), Input::Tick);
+    assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
+    let a = c.handle(t(4001), Input::Tick);
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::StepDown {
+            reason: StepDownReason::Deadline
+        }
+    )));
+    assert!(!has(&a, |a| *a == Action::Promote));
+    let a = c.handle(
+        t(4010),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
 }

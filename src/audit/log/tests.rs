@@ -341,7 +341,15 @@ fn a_leaders_clean_stop_is_a_clean_shutdown_at_the_next_boot() {
 /// The records of a leader's SIGTERM, in the order the agent writes them.
 fn leader_stop() -> Vec<(Option<i64>, Event)> {
     vec![
-        (Some(10), Event::Acquired { lease: 7, s_ns: 1 }),
+        (
+            Some(10),
+            Event::Acquired {
+                lease: 7,
+                s_ns: 1,
+                revision: None,
+                postgres: None,
+            },
+        ),
         (
             None,
             Event::Armed {

@@ -94,6 +94,8 @@ impl Node {
             Event::Acquired {
                 lease: 7,
                 s_ns: (s * 1e9) as u64,
+                revision: Some(rev),
+                postgres: None,
             },
         )
     }
@@ -936,4 +938,45 @@ fn an_unusable_recorded_budget_is_named_not_used() {
     assert!(m[0].contains("does not satisfy R < M < T"), "{m:?}");
     assert_eq!(c.old.last_permitted_ping_ns, None);
     assert_eq!(c.old.armed[0].w_ok, None);
+}
+
+/// A rule-8 fence (a writable server on a node that does not lead) is on
+/// the record as `fenced_not_leader`, and it is not a change of leader: the
+/// timeline's verdicts and changes are the same with or without it.
+#[test]
+fn a_rule8_fence_is_no_change_of_leader() {
+    let fenced = |holder: &str| Event::FencedNotLeader {
+        holder: Some(holder.into()),
+        how: "PostgreSQL stopped (immediate) in 0.2 s".into(),
+        ok: true,
+    };
+    let old_leader = || {
+        let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+        pg1.at(104.0)
+            .rec(
+                None,
+                Event::StepDownBegun {
+                    reason: "shutdown".into(),
+                    deadline_ns: 103 * S,
+                },
+            )
+            .rec(
+                None,
+                Event::StepDownConfirmed {
+                    how: "stopped".into(),
+                },
+            )
+            .rec(None, Event::released(Some(20), true));
+        pg1
+    };
+    let plain = one(timeline(&[old_leader().recs, new_leader(21).recs], &[]));
+    let mut pg1 = old_leader();
+    pg1.rec(None, fenced("pg2"));
+    let mut pg3 = Node::new("pg3", "boot-c");
+    pg3.startup(Some(0), false).rec(None, fenced("pg2"));
+    let with = one(timeline(&[pg1.recs, new_leader(21).recs, pg3.recs], &[]));
+    assert_eq!(with.verdict, Verdict::FencedByStepDown, "{with:#?}");
+    assert_eq!(with.verdict, plain.verdict);
+    assert_eq!(with.acquired_rev, plain.acquired_rev);
+    assert_eq!(with.old.node, "pg1");
 }
