@@ -290,6 +290,14 @@ fn unit_settings_fit_the_fencing_design() {
     // PostgreSQL's shared memory belongs to the same user.
     assert_eq!(one(&s, "User"), "postgres");
     assert_eq!(one(&s, "RemoveIPC"), "no");
+    // PostgreSQL runs in the unit, in a cgroup delegated to the agent, and
+    // writes only its data and socket directories.
+    assert_eq!(one(&s, "Delegate"), "yes");
+    assert_eq!(one(&s, "ProtectControlGroups"), "no");
+    let mut rw = setting(&s, "ReadWritePaths");
+    rw.sort();
+    assert_eq!(rw, ["-/run/postgresql", "/var/lib/postgresql"]);
+    assert_eq!(one(&s, "ProtectSystem"), "strict");
 
     // Devices: only the watchdogs, by the kernel's name for their major.
     assert_eq!(one(&s, "DevicePolicy"), "closed");

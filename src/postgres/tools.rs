@@ -224,7 +224,9 @@ impl Pg {
             )));
         }
         self.clear_stale_lock_files().await?;
-        let mut opts = format!("-c port={}", self.cfg.port);
+        // jit=off: the packaged unit denies writable+executable memory
+        // (MemoryDenyWriteExecute=yes), which LLVM's JIT needs.
+        let mut opts = format!("-c port={} -c jit=off", self.cfg.port);
         if self.cfg.host.starts_with('/') {
             opts.push_str(&format!(" -c unix_socket_directories='{}'", self.cfg.host));
         }
@@ -239,7 +241,12 @@ impl Pg {
             .arg("-l")
             .arg(self.log_file())
             .arg("-o")
-            .arg(opts);
+            .arg(opts)
+            // The agent runs at oom_score_adj -1000 (the unit's
+            // OOMScoreAdjust): the postmaster keeps it, its children go back
+            // to 0, as PostgreSQL's documentation recommends.
+            .env("PG_OOM_ADJUST_FILE", "/proc/self/oom_score_adj")
+            .env("PG_OOM_ADJUST_VALUE", "0");
         self.run("pg_ctl start", c, t + Duration::from_secs(5))
             .await?;
         Ok(())
