@@ -979,7 +979,9 @@ fn boot_guest(units: &[(&str, String)], init_extra: &str) -> String {
     .unwrap();
     fs::copy(repo(CONFFILE), inject.join("etc/leasedog/leasedog.toml")).unwrap();
     for (name, text) in units {
-        fs::write(inject.join("etc/systemd/system").join(name), text).unwrap();
+        let path = inject.join("etc/systemd/system").join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
     }
     let gid = GUEST_GID;
     let init = format!(
@@ -1200,8 +1202,15 @@ fn postgres_runs_in_the_delegated_cgroup_under_systemd_252() {
              StandardOutput=journal+console\n\
              ExecStart=/bin/sh -c 'sleep 2; \
                systemctl show leasedog.service -p Result -p StatusText | sed \"s/^/REPORT /\"; \
+               systemctl start postgresql@15-main.service; \
+               systemctl show postgresql@15-main.service -p ConditionResult -p ActiveState \
+                 | sed \"s/^/REPORT distro /\"; \
                systemctl poweroff -ff'\n"
                 .to_string(),
+        ),
+        (
+            "postgresql@.service.d/50-leasedog.conf",
+            read("systemd/postgresql@.service.d/50-leasedog.conf"),
         ),
         (
             "leasedogtest.target",
@@ -1238,6 +1247,7 @@ fn postgres_runs_in_the_delegated_cgroup_under_systemd_252() {
         "/usr read-only",
         "cgroup fence",
         "fast stop",
+        "15/main marked as the agent's",
     ] {
         println!(
             "PROBE {name}: {}",
@@ -1250,6 +1260,18 @@ fn postgres_runs_in_the_delegated_cgroup_under_systemd_252() {
     }
     assert!(
         log.lines().any(|l| l.contains("REPORT Result=success")),
+        "{log}"
+    );
+    // The packaged drop-in keeps Debian's unit from starting a cluster the
+    // agent has marked as its own, even when asked to.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("REPORT distro ConditionResult=no")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("REPORT distro ActiveState=inactive")),
         "{log}"
     );
 }
@@ -1311,6 +1333,15 @@ fn guest_postgres_probe() {
             .as_deref()
             .is_some_and(|c| c.contains("systemctl disable --now postgresql@15-main")),
         format!("{conflict:?}"),
+    );
+    let marked = leasedog::postgres::mark_managed(
+        Path::new(leasedog::postgres::MANAGED_DIR),
+        Path::new("/var/lib/postgresql/15/main"),
+    );
+    report(
+        "15/main marked as the agent's",
+        marked.as_ref().is_ok_and(|m| m == &["15-main"]),
+        format!("{marked:?}"),
     );
     let none = leasedog::postgres::distro_unit_conflict(Path::new(&data));
     report(

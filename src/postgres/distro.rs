@@ -35,33 +35,23 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     a == b || canon(a) == canon(b)
 }
 
-/// [`distro_unit_conflict`] on a file system tree at `root` (`/` for the
-/// real one), asking `is_active(unit)` whether a unit runs (None: cannot
-/// tell). Paths read from the configuration are taken inside `root`.
-pub fn distro_unit_conflict_in(
-    root: &Path,
-    data_dir: &Path,
-    is_active: &dyn Fn(&str) -> Option<bool>,
-) -> Option<String> {
+/// The distribution's clusters (`VERSION`, `CLUSTER`, their `/etc` directory
+/// inside `root`) whose data directory is `data_dir`.
+fn clusters_for(root: &Path, data_dir: &Path) -> Vec<(String, String, PathBuf)> {
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    let etc = inside(Path::new("/etc/postgresql"));
-    let mut problems = Vec::new();
-    let mut versions: Vec<PathBuf> = std::fs::read_dir(&etc)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    versions.sort();
-    for vdir in versions {
-        let mut clusters: Vec<PathBuf> = std::fs::read_dir(&vdir)
+    let list = |d: &Path| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.path())
             .collect();
-        clusters.sort();
-        for cdir in clusters {
+        v.sort();
+        v
+    };
+    let mut out = Vec::new();
+    for vdir in list(&inside(Path::new("/etc/postgresql"))) {
+        for cdir in list(&vdir) {
             let (Some(version), Some(cluster)) = (
                 vdir.file_name().and_then(|n| n.to_str()),
                 cdir.file_name().and_then(|n| n.to_str()),
@@ -75,55 +65,96 @@ pub fn distro_unit_conflict_in(
                 || PathBuf::from(format!("/var/lib/postgresql/{version}/{cluster}")),
                 PathBuf::from,
             );
-            if !same_dir(&inside(&configured), &inside(data_dir)) {
-                continue;
-            }
-            let unit = format!("postgresql@{version}-{cluster}.service");
-            let mut why = Vec::new();
-            let start = std::fs::read_to_string(cdir.join("start.conf"))
-                .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
-                        .find(|l| !l.is_empty())
-                })
-                .unwrap_or_else(|| "auto".into());
-            if start == "auto" {
-                why.push(format!(
-                    "{}/start.conf is \"auto\" (postgresql.service starts it at boot)",
-                    cdir.strip_prefix(root)
-                        .map_or(cdir.clone(), |p| Path::new("/").join(p))
-                        .display()
-                ));
-            }
-            for wants in [
-                "etc/systemd/system/multi-user.target.wants",
-                "etc/systemd/system/postgresql.service.wants",
-                "run/systemd/system/multi-user.target.wants",
-            ] {
-                let link = root.join(wants).join(&unit);
-                if link.symlink_metadata().is_ok() {
-                    why.push(format!("it is enabled (/{wants}/{unit})"));
-                }
-            }
-            if is_active(&unit) == Some(true) {
-                why.push("it is active".into());
-            }
-            if !why.is_empty() {
-                problems.push(format!(
-                    "{unit} manages the same data directory {} ({}): after a reset it would \
-                     start a former primary writable before leasedog looks; leasedog starts \
-                     PostgreSQL itself, always as a standby. Fix: `systemctl disable --now {}` \
-                     and `pg_conftool {version} {cluster} set start_conf manual` (or write \
-                     \"manual\" or \"disabled\" to /etc/postgresql/{version}/{cluster}/start.conf)",
-                    data_dir.display(),
-                    why.join(", "),
-                    unit.trim_end_matches(".service"),
-                ));
+            if same_dir(&inside(&configured), &inside(data_dir)) {
+                out.push((version.to_string(), cluster.to_string(), cdir));
             }
         }
     }
+    out
+}
+
+/// [`distro_unit_conflict`] on a file system tree at `root` (`/` for the
+/// real one), asking `is_active(unit)` whether a unit runs (None: cannot
+/// tell). Paths read from the configuration are taken inside `root`.
+pub fn distro_unit_conflict_in(
+    root: &Path,
+    data_dir: &Path,
+    is_active: &dyn Fn(&str) -> Option<bool>,
+) -> Option<String> {
+    let mut problems = Vec::new();
+    for (version, cluster, cdir) in clusters_for(root, data_dir) {
+        let unit = format!("postgresql@{version}-{cluster}.service");
+        let mut why = Vec::new();
+        let start = std::fs::read_to_string(cdir.join("start.conf"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+                    .find(|l| !l.is_empty())
+            })
+            .unwrap_or_else(|| "auto".into());
+        if start == "auto" {
+            why.push(format!(
+                "/etc/postgresql/{version}/{cluster}/start.conf is \"auto\" (postgresql.service starts it at boot)"
+            ));
+        }
+        for wants in [
+            "etc/systemd/system/multi-user.target.wants",
+            "etc/systemd/system/postgresql.service.wants",
+            "run/systemd/system/multi-user.target.wants",
+        ] {
+            if root.join(wants).join(&unit).symlink_metadata().is_ok() {
+                why.push(format!("it is enabled (/{wants}/{unit})"));
+            }
+        }
+        if is_active(&unit) == Some(true) {
+            why.push("it is active".into());
+        }
+        if !why.is_empty() {
+            problems.push(format!(
+                "{unit} manages the same data directory {} ({}): after a reset it would \
+                 start a former primary writable before leasedog looks; leasedog starts \
+                 PostgreSQL itself, always as a standby. Fix: `systemctl disable --now {}` \
+                 and `pg_conftool {version} {cluster} set start_conf manual` (or write \
+                 \"manual\" or \"disabled\" to /etc/postgresql/{version}/{cluster}/start.conf)",
+                data_dir.display(),
+                why.join(", "),
+                unit.trim_end_matches(".service"),
+            ));
+        }
+    }
     (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// Where the agent records the clusters it runs; the packaged drop-in
+/// `postgresql@.service.d/50-leasedog.conf` has
+/// `ConditionPathExists=!/var/lib/leasedog/managed/%i`.
+pub const MANAGED_DIR: &str = "/var/lib/leasedog/managed";
+
+/// Records in `dir` ([`MANAGED_DIR`]) that this agent runs the
+/// distribution's cluster(s) whose data directory is `data_dir`: one empty
+/// file `VERSION-CLUSTER` each. From then on the packaged drop-in keeps
+/// `postgresql@VERSION-CLUSTER` from ever starting it, even if someone
+/// re-enables it or sets `start.conf` back to `auto`: after a reset only the
+/// agent starts it, read-only. Returns the names recorded (none for a data
+/// directory the distribution does not know).
+pub fn mark_managed(dir: &Path, data_dir: &Path) -> std::io::Result<Vec<String>> {
+    mark_managed_in(Path::new("/"), dir, data_dir)
+}
+
+/// [`mark_managed`] reading the distribution's configuration under `root`.
+pub fn mark_managed_in(root: &Path, dir: &Path, data_dir: &Path) -> std::io::Result<Vec<String>> {
+    let names: Vec<String> = clusters_for(root, data_dir)
+        .into_iter()
+        .map(|(v, c, _)| format!("{v}-{c}"))
+        .collect();
+    if !names.is_empty() {
+        std::fs::create_dir_all(dir)?;
+    }
+    for n in &names {
+        std::fs::write(dir.join(n), "")?;
+    }
+    Ok(names)
 }
 
 /// The start-up refusal: the error text if a distribution unit
@@ -238,6 +269,26 @@ mod tests {
         cluster(r.path(), "15", "main", Some("/srv/pg/15"), Some("disabled"));
         fs::remove_file(wants.join("postgresql@15-main.service")).unwrap();
         assert_eq!(distro_unit_conflict_in(r.path(), data, &never), None);
+    }
+
+    #[test]
+    fn the_agent_marks_the_clusters_it_runs_for_the_drop_in() {
+        let r = tempfile::tempdir().unwrap();
+        cluster(r.path(), "15", "main", None, Some("manual"));
+        cluster(r.path(), "15", "other", Some("/srv/other"), Some("auto"));
+        let dir = r.path().join("managed");
+        let names =
+            mark_managed_in(r.path(), &dir, Path::new("/var/lib/postgresql/15/main")).unwrap();
+        assert_eq!(names, ["15-main"]);
+        assert!(dir.join("15-main").is_file() && !dir.join("15-other").exists());
+        // %i of postgresql@15-main.service is "15-main": the drop-in's path.
+        let dropin = include_str!("../../systemd/postgresql@.service.d/50-leasedog.conf");
+        assert!(
+            dropin.contains(&format!("ConditionPathExists=!{MANAGED_DIR}/%i")),
+            "{dropin}"
+        );
+        let none = mark_managed_in(r.path(), &r.path().join("m2"), Path::new("/srv/x")).unwrap();
+        assert!(none.is_empty() && !r.path().join("m2").exists());
     }
 
     #[test]

@@ -37,7 +37,7 @@ mod tools;
 
 pub use crate::config::postgres::{PgConfig, ReplicationConfig, REWIND_GRANTS_SQL};
 pub use cgroup::PgCgroup;
-pub use distro::{distro_unit_conflict, distro_unit_conflict_in};
+pub use distro::{distro_unit_conflict, distro_unit_conflict_in, mark_managed, MANAGED_DIR};
 pub use fence::{
     read_postmaster_pid, stop_fast_fence_blocking, stop_fast_fence_cgroup, stop_fast_fence_in,
     StopHow, StopReport, Switchover,
