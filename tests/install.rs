@@ -297,10 +297,18 @@ fn unit_settings_fit_the_fencing_design() {
     // PostgreSQL runs in the unit, in a cgroup delegated to the agent, and
     // writes only its data and socket directories.
     assert_eq!(one(&s, "Delegate"), "yes");
-    assert_eq!(one(&s, "ProtectControlGroups"), "no");
+    assert_eq!(one(&s, "ProtectControlGroups"), "yes");
     let mut rw = setting(&s, "ReadWritePaths");
     rw.sort();
-    assert_eq!(rw, ["-/run/postgresql", "/var/lib/postgresql"]);
+    assert_eq!(
+        rw,
+        [
+            "-/run/postgresql",
+            "-/sys/fs/cgroup/system.slice/leasedog.service",
+            "-/sys/fs/cgroup/unified/system.slice/leasedog.service",
+            "/var/lib/postgresql"
+        ]
+    );
     assert_eq!(one(&s, "ProtectSystem"), "strict");
 
     // Devices: only the watchdogs, by the kernel's name for their major.
@@ -1246,6 +1254,7 @@ fn postgres_runs_in_the_delegated_cgroup_under_systemd_252() {
         "/etc read-only",
         "/usr read-only",
         "cgroup fence",
+        "cgroup freeze and kill",
         "fast stop",
         "15/main marked as the agent's",
     ] {
@@ -1413,6 +1422,21 @@ fn guest_postgres_probe() {
         "cgroup fence",
         fence.is_ok() && left.as_ref().is_some_and(|l| l.is_empty()),
         format!("{fence:?} left {left:?}"),
+    );
+    // The kill path itself (freeze, cgroup.kill) under the sandbox: the
+    // immediate stop above may not have needed it.
+    let restarted = rt.block_on(pg.start_as_standby(None));
+    let killed = restarted.map_err(|e| e.to_string()).and_then(|()| {
+        cg.as_ref()
+            .ok_or("no cgroup".to_string())?
+            .freeze_and_kill(Duration::from_secs(20))
+            .map_err(|e| e.to_string())
+    });
+    let left = cg.as_ref().and_then(|g| g.procs().ok());
+    report(
+        "cgroup freeze and kill",
+        killed.as_ref().is_ok_and(|k| k.len() >= 4) && left.as_ref().is_some_and(|l| l.is_empty()),
+        format!("{killed:?} left {left:?}"),
     );
     let again = rt.block_on(pg.start_as_standby(None));
     let stop = again.map_err(|e| e.to_string()).and_then(|()| {

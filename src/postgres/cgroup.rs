@@ -144,8 +144,9 @@ impl PgCgroup {
 
     /// The delegated cgroup of the running agent, set up
     /// ([`PgCgroup::set_up_under`]), or None where no cgroup is delegated
-    /// (cgroup2 not mounted, the root cgroup, a unit without `Delegate=yes`):
-    /// the fence then scans `/proc`. An agent already moved into its `agent`
+    /// (cgroup2 not mounted, the root cgroup, a unit without `Delegate=yes`)
+    /// or where it cannot be set up (logged as an error): the fence then
+    /// scans `/proc`. An agent already moved into its `agent`
     /// leaf (a second driver in the same process) finds the same group.
     pub fn delegated() -> Result<Option<PgCgroup>, PgError> {
         let Some(mount) = std::fs::read_to_string("/proc/self/mountinfo")
@@ -162,7 +163,21 @@ impl PgCgroup {
             _ if delegated(&own, &mount) => own,
             _ => return Ok(None),
         };
-        PgCgroup::set_up_under(&base).map(Some)
+        match PgCgroup::set_up_under(&base) {
+            Ok(g) => Ok(Some(g)),
+            // Delegated, but not writable here (a sandbox that keeps the
+            // hierarchy read-only): PostgreSQL then runs in the agent's own
+            // cgroup and the fence scans /proc, which still fails loudly
+            // when blind. Said at start-up, not hidden.
+            Err(e) => {
+                tracing::error!(
+                    "cgroup {} is delegated but cannot be set up ({e}): PostgreSQL will NOT \
+                     run in a cgroup of its own; the fence falls back to the /proc scan",
+                    base.display()
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// The pids in the group (`cgroup.procs`; exited processes leave it at
