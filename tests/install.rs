@@ -12,7 +12,9 @@
 //!
 //! `unit_sandbox_works_under_real_systemd` boots the unit under real systemd in
 //! a QEMU guest (~80 s under TCG; qemu-system-x86, busybox-static, cpio, the
-//! `postgres` user, and the lab's kernel, fetched into its cache on first use).
+//! `postgres` user, and the lab's kernel, fetched into its cache on first use);
+//! `postgres_runs_in_the_delegated_cgroup_under_systemd_252` boots it again
+//! with the driver (this test binary) as ExecStart and PostgreSQL 15 (~40 s).
 
 use leasedog::config::{Config, ConfigError, WatchdogMode};
 use std::collections::BTreeMap;
@@ -28,6 +30,8 @@ const RULES: &str = "udev/60-leasedog-watchdog.rules";
 const SYSUSERS: &str = "systemd/sysusers.d/leasedog.conf";
 const CONFFILE: &str = "debian/leasedog.toml";
 const GROUP: &str = "leasedog";
+/// The `leasedog` group's gid in the QEMU guest.
+const GUEST_GID: u32 = 990;
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -290,6 +294,22 @@ fn unit_settings_fit_the_fencing_design() {
     // PostgreSQL's shared memory belongs to the same user.
     assert_eq!(one(&s, "User"), "postgres");
     assert_eq!(one(&s, "RemoveIPC"), "no");
+    // PostgreSQL runs in the unit, in a cgroup delegated to the agent, and
+    // writes only its data and socket directories.
+    assert_eq!(one(&s, "Delegate"), "yes");
+    assert_eq!(one(&s, "ProtectControlGroups"), "yes");
+    let mut rw = setting(&s, "ReadWritePaths");
+    rw.sort();
+    assert_eq!(
+        rw,
+        [
+            "-/run/postgresql",
+            "-/sys/fs/cgroup/system.slice/leasedog.service",
+            "-/sys/fs/cgroup/unified/system.slice/leasedog.service",
+            "/var/lib/postgresql"
+        ]
+    );
+    assert_eq!(one(&s, "ProtectSystem"), "strict");
 
     // Devices: only the watchdogs, by the kernel's name for their major.
     assert_eq!(one(&s, "DevicePolicy"), "closed");
@@ -897,8 +917,13 @@ impl Drop for Qemu {
 /// the sandbox still lets the agent do its job (mlockall and SCHED_FIFO without
 /// capabilities, both watchdog nodes opened through the group, SIGKILL of a
 /// PostgreSQL-owned process, sd_notify) and nothing beyond it.
-#[test]
-fn unit_sandbox_works_under_real_systemd() {
+/// Boots the host's root (9p, read-only, under a tmpfs overlay) with real
+/// systemd 252 as PID 1 in a QEMU guest: the shipped unit, udev rule and
+/// conffile, plus `units` (name under /etc/systemd/system, text) and
+/// `init_extra` (shell run by the initramfs before switch_root, the new
+/// root at /newroot); the guest starts `leasedogtest.target` and must power
+/// itself off. Returns the console log.
+fn boot_guest(units: &[(&str, String)], init_extra: &str) -> String {
     let kernel = lab_kernel();
     let qemu = tool("qemu-system-x86_64", "the Debian package `qemu-system-x86`");
     let busybox = tool("busybox", "the Debian package `busybox-static`");
@@ -961,39 +986,12 @@ fn unit_sandbox_works_under_real_systemd() {
     )
     .unwrap();
     fs::copy(repo(CONFFILE), inject.join("etc/leasedog/leasedog.toml")).unwrap();
-    let units = [
-        (
-            "leasedog.service.d/probe.conf",
-            "[Unit]\nWants=sleeper.service\nAfter=sleeper.service\n\
-             [Service]\nExecStart=\nExecStart=/usr/local/bin/leasedog-probe\n\
-             Restart=no\nStandardOutput=journal+console\n",
-        ),
-        (
-            "sleeper.service",
-            // systemd turns $$ into $, so $$$$ reaches sh as its own pid.
-            "[Service]\nUser=postgres\nRuntimeDirectory=leasedog-sleeper\n\
-             ExecStart=/bin/sh -c 'echo $$$$ > /run/leasedog-sleeper/pid; exec sleep 1000'\n",
-        ),
-        (
-            "reporter.service",
-            "[Unit]\nAfter=leasedog.service\n[Service]\nType=oneshot\n\
-             StandardOutput=journal+console\n\
-             ExecStart=/bin/sh -c 'sleep 2; \
-               systemctl show leasedog.service -p Result -p StatusText | sed \"s/^/REPORT /\"; \
-               systemctl show sleeper.service -p ActiveState -p ExecMainStatus | sed \"s/^/REPORT sleeper/\"; \
-               ls -ln /dev/watchdog /dev/watchdog0 | sed \"s/^/REPORT node /\"; \
-               systemctl poweroff -ff'\n",
-        ),
-        (
-            "leasedogtest.target",
-            "[Unit]\nRequires=leasedog.service reporter.service\n\
-             After=leasedog.service reporter.service\n",
-        ),
-    ];
     for (name, text) in units {
-        fs::write(inject.join("etc/systemd/system").join(name), text).unwrap();
+        let path = inject.join("etc/systemd/system").join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
     }
-    let gid = 990;
+    let gid = GUEST_GID;
     let init = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -1009,9 +1007,11 @@ fn unit_sandbox_works_under_real_systemd() {
          echo leasedog:x:{gid}: >> /newroot/etc/group\n\
          chown 0:{gid} /newroot/etc/leasedog/leasedog.toml; chmod 0640 /newroot/etc/leasedog/leasedog.toml\n\
          umount /proc /sys\n\
+         {init_extra}\n\
          mount --move /dev /newroot/dev\n\
          exec switch_root /newroot /lib/systemd/systemd systemd.unit=leasedogtest.target\n",
         mods = MODULES[..MODULES.len() - 1].join(" "),
+        init_extra = init_extra,
         // The package's softdog options, as modprobe would pass them.
         softdog = read("systemd/modprobe.d/leasedog-softdog.conf")
             .lines()
@@ -1071,6 +1071,45 @@ fn unit_sandbox_works_under_real_systemd() {
     }
     println!("guest ran {:?}", started.elapsed());
     let log = String::from_utf8_lossy(&fs::read(&console).unwrap()).into_owned();
+    log
+}
+
+#[test]
+fn unit_sandbox_works_under_real_systemd() {
+    let units: Vec<(&str, String)> = [
+        (
+            "leasedog.service.d/probe.conf",
+            "[Unit]\nWants=sleeper.service\nAfter=sleeper.service\n\
+             [Service]\nExecStart=\nExecStart=/usr/local/bin/leasedog-probe\n\
+             Restart=no\nStandardOutput=journal+console\n",
+        ),
+        (
+            "sleeper.service",
+            // systemd turns $$ into $, so $$$$ reaches sh as its own pid.
+            "[Service]\nUser=postgres\nRuntimeDirectory=leasedog-sleeper\n\
+             ExecStart=/bin/sh -c 'echo $$$$ > /run/leasedog-sleeper/pid; exec sleep 1000'\n",
+        ),
+        (
+            "reporter.service",
+            "[Unit]\nAfter=leasedog.service\n[Service]\nType=oneshot\n\
+             StandardOutput=journal+console\n\
+             ExecStart=/bin/sh -c 'sleep 2; \
+               systemctl show leasedog.service -p Result -p StatusText | sed \"s/^/REPORT /\"; \
+               systemctl show sleeper.service -p ActiveState -p ExecMainStatus | sed \"s/^/REPORT sleeper/\"; \
+               ls -ln /dev/watchdog /dev/watchdog0 | sed \"s/^/REPORT node /\"; \
+               systemctl poweroff -ff'\n",
+        ),
+        (
+            "leasedogtest.target",
+            "[Unit]\nRequires=leasedog.service reporter.service\n\
+             After=leasedog.service reporter.service\n",
+        ),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n, t.to_string()))
+    .collect();
+    let log = boot_guest(&units, "");
+    let gid = GUEST_GID;
     let probes: BTreeMap<String, String> = log
         .lines()
         .filter_map(|l| l.split_once("PROBE ")?.1.split_once(": "))
@@ -1129,4 +1168,285 @@ fn unit_sandbox_works_under_real_systemd() {
             "udevd did not give the node to the group: {n}"
         );
     }
+}
+
+// ------------------------------------------- PostgreSQL under the unit, for real
+
+/// The data directory the guest's PostgreSQL runs in (copied there by the
+/// initramfs from a testbed cluster of the host).
+const GUEST_DATA: &str = "/var/lib/postgresql/leasedog-guest";
+
+/// The driver itself (this test binary, through the host's root) as the
+/// unit's ExecStart under systemd 252: the shipped unit with only ExecStart
+/// (and Restart) replaced. PostgreSQL is started by the driver in the cgroup
+/// systemd delegated (`leasedog.service/postgres`, the agent in
+/// `leasedog.service/agent`), read-only, its socket in /run/postgresql, its
+/// backends back at oom_score_adj 0; the sandbox lets it write its data
+/// directory and nothing in /etc or /usr; the real Debian cluster of the host
+/// (start.conf auto) is reported as a conflict; the cgroup fence empties the
+/// group; a fast stop works.
+#[test]
+fn postgres_runs_in_the_delegated_cgroup_under_systemd_252() {
+    use leasedog_testbed::pg::{free_port, PgNode};
+    let node = PgNode::init(free_port());
+    // Its control file then records this configuration (max_connections).
+    node.start();
+    node.stop();
+    let exe = std::env::current_exe().unwrap();
+    let units: Vec<(&str, String)> = vec![
+        (
+            "leasedog.service.d/probe.conf",
+            format!(
+                "[Service]\nExecStart=\n\
+                 ExecStart={} guest_postgres_probe --exact --nocapture --test-threads=1\n\
+                 Environment=LEASEDOG_GUEST_PG={GUEST_DATA}\n\
+                 Restart=no\nStandardOutput=journal+console\n",
+                exe.display()
+            ),
+        ),
+        (
+            "reporter.service",
+            "[Unit]\nAfter=leasedog.service\n[Service]\nType=oneshot\n\
+             StandardOutput=journal+console\n\
+             ExecStart=/bin/sh -c 'sleep 2; \
+               systemctl show leasedog.service -p Result -p StatusText | sed \"s/^/REPORT /\"; \
+               systemctl start postgresql@15-main.service; \
+               systemctl show postgresql@15-main.service -p ConditionResult -p ActiveState \
+                 | sed \"s/^/REPORT distro /\"; \
+               systemctl poweroff -ff'\n"
+                .to_string(),
+        ),
+        (
+            "postgresql@.service.d/50-leasedog.conf",
+            read("systemd/postgresql@.service.d/50-leasedog.conf"),
+        ),
+        (
+            "leasedogtest.target",
+            "[Unit]\nRequires=leasedog.service reporter.service\n\
+             After=leasedog.service reporter.service\n"
+                .to_string(),
+        ),
+    ];
+    let copy = format!(
+        "cp -a /newroot{} /newroot{GUEST_DATA} || echo 'copying the data directory failed'",
+        node.data_dir().display()
+    );
+    let log = boot_guest(&units, &copy);
+    let probes: BTreeMap<String, String> = log
+        .lines()
+        .filter_map(|l| l.split_once("PROBE ")?.1.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for name in [
+        "driver",
+        "agent in its leaf",
+        "postgres cgroup",
+        "distro unit of 15/main refused",
+        "no distro unit for the agent's cluster",
+        "start as standby",
+        "postmaster in the delegated cgroup",
+        "every cluster process in the cgroup",
+        "socket in /run/postgresql",
+        "read-only",
+        "postmaster oom_score_adj",
+        "backend oom_score_adj",
+        "data directory writable",
+        "/etc read-only",
+        "/usr read-only",
+        "cgroup fence",
+        "cgroup freeze and kill",
+        "fast stop",
+        "15/main marked as the agent's",
+    ] {
+        println!(
+            "PROBE {name}: {}",
+            probes.get(name).map_or("-", |v| &v[..v.len().min(200)])
+        );
+        let got = probes
+            .get(name)
+            .unwrap_or_else(|| panic!("probe {name:?} did not report:\n{log}"));
+        assert!(got.starts_with("ok"), "probe {name}: {got}\n{log}");
+    }
+    assert!(
+        log.lines().any(|l| l.contains("REPORT Result=success")),
+        "{log}"
+    );
+    // The packaged drop-in keeps Debian's unit from starting a cluster the
+    // agent has marked as its own, even when asked to.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("REPORT distro ConditionResult=no")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("REPORT distro ActiveState=inactive")),
+        "{log}"
+    );
+}
+
+/// The guest half of the test above: runs only as the unit's ExecStart
+/// (`LEASEDOG_GUEST_PG` set); on the host it does nothing.
+#[test]
+fn guest_postgres_probe() {
+    use leasedog::postgres::{cgroup, cluster_processes, read_postmaster_pid, Pg, PgConfig, Role};
+    let Ok(data) = std::env::var("LEASEDOG_GUEST_PG") else {
+        return;
+    };
+    let report = |name: &str, ok: bool, detail: String| {
+        println!("PROBE {name}: {} {detail}", if ok { "ok" } else { "FAIL" });
+    };
+    let cgroup_of = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|t| cgroup::cgroup_path_of(&t))
+            .unwrap_or_default()
+    };
+    let notifier = leasedog::notify::Notifier::from_env();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = PgConfig::with_data_dir(&data);
+    cfg.host = "/run/postgresql".into();
+    cfg.port = 5433;
+    cfg.start_timeout = 120.0;
+    cfg.stop_timeout = 20.0;
+    let pg = match Pg::new(cfg) {
+        Ok(pg) => pg,
+        Err(e) => {
+            report("driver", false, e.to_string());
+            notifier.ready("probe failed");
+            return;
+        }
+    };
+    report("driver", true, String::new());
+    let own = cgroup_of(std::process::id());
+    report(
+        "agent in its leaf",
+        own.ends_with("/leasedog.service/agent"),
+        own,
+    );
+    let cg = pg.cgroup().cloned();
+    report(
+        "postgres cgroup",
+        cg.as_ref()
+            .is_some_and(|g| g.dir().ends_with("leasedog.service/postgres")),
+        format!("{cg:?}"),
+    );
+    let conflict =
+        leasedog::postgres::distro_unit_conflict(Path::new("/var/lib/postgresql/15/main"));
+    report(
+        "distro unit of 15/main refused",
+        conflict
+            .as_deref()
+            .is_some_and(|c| c.contains("systemctl disable --now postgresql@15-main")),
+        format!("{conflict:?}"),
+    );
+    let marked = leasedog::postgres::mark_managed(
+        Path::new(leasedog::postgres::MANAGED_DIR),
+        Path::new("/var/lib/postgresql/15/main"),
+    );
+    report(
+        "15/main marked as the agent's",
+        marked.as_ref().is_ok_and(|m| m == &["15-main"]),
+        format!("{marked:?}"),
+    );
+    let none = leasedog::postgres::distro_unit_conflict(Path::new(&data));
+    report(
+        "no distro unit for the agent's cluster",
+        none.is_none(),
+        format!("{none:?}"),
+    );
+    let started = rt.block_on(pg.start_as_standby(None));
+    let pglog =
+        fs::read_to_string(Path::new(&data).join("leasedog-postmaster.log")).unwrap_or_default();
+    report(
+        "start as standby",
+        started.is_ok(),
+        format!("{started:?} {pglog}"),
+    );
+    let pm = read_postmaster_pid(Path::new(&data)).unwrap_or(0);
+    let pm_cg = cgroup_of(pm as u32);
+    report(
+        "postmaster in the delegated cgroup",
+        pm_cg.ends_with("/leasedog.service/postgres"),
+        format!("pid {pm} in {pm_cg}"),
+    );
+    let procs = cg.as_ref().and_then(|g| g.procs().ok()).unwrap_or_default();
+    let cluster = cluster_processes(Path::new(&data));
+    report(
+        "every cluster process in the cgroup",
+        cluster.len() >= 4 && cluster.iter().all(|p| procs.contains(p)),
+        format!("cluster {cluster:?}, cgroup {procs:?}"),
+    );
+    report(
+        "socket in /run/postgresql",
+        Path::new("/run/postgresql/.s.PGSQL.5433").exists(),
+        String::new(),
+    );
+    let role = rt.block_on(pg.role());
+    report(
+        "read-only",
+        matches!(role, Ok(Role::Replica)),
+        format!("{role:?}"),
+    );
+    let adj = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    report("postmaster oom_score_adj", adj(pm) == "-1000", adj(pm));
+    let child = cluster.iter().copied().find(|&p| p != pm).unwrap_or(0);
+    report("backend oom_score_adj", adj(child) == "0", adj(child));
+    report(
+        "data directory writable",
+        Path::new(&data).join("standby.signal").exists()
+            && fs::write(Path::new(&data).join("probe"), "x").is_ok(),
+        String::new(),
+    );
+    report(
+        "/etc read-only",
+        fs::write("/etc/leasedog-probe", "x").is_err(),
+        String::new(),
+    );
+    report(
+        "/usr read-only",
+        fs::write("/usr/leasedog-probe", "x").is_err(),
+        String::new(),
+    );
+    let fence = pg.stop_fast_fence_sync();
+    let left = cg.as_ref().and_then(|g| g.procs().ok());
+    report(
+        "cgroup fence",
+        fence.is_ok() && left.as_ref().is_some_and(|l| l.is_empty()),
+        format!("{fence:?} left {left:?}"),
+    );
+    // The kill path itself (freeze, cgroup.kill) under the sandbox: the
+    // immediate stop above may not have needed it.
+    let restarted = rt.block_on(pg.start_as_standby(None));
+    let killed = restarted.map_err(|e| e.to_string()).and_then(|()| {
+        cg.as_ref()
+            .ok_or("no cgroup".to_string())?
+            .freeze_and_kill(Duration::from_secs(20))
+            .map_err(|e| e.to_string())
+    });
+    let left = cg.as_ref().and_then(|g| g.procs().ok());
+    report(
+        "cgroup freeze and kill",
+        killed.as_ref().is_ok_and(|k| k.len() >= 4) && left.as_ref().is_some_and(|l| l.is_empty()),
+        format!("{killed:?} left {left:?}"),
+    );
+    let again = rt.block_on(pg.start_as_standby(None));
+    let stop = again.map_err(|e| e.to_string()).and_then(|()| {
+        rt.block_on(pg.stop_for_switchover(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())
+    });
+    report(
+        "fast stop",
+        matches!(stop, Ok(leasedog::postgres::Switchover::Fast { .. })),
+        format!("{stop:?}"),
+    );
+    notifier.ready("probe done");
 }

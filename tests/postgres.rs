@@ -176,12 +176,14 @@ async fn fence_kills_a_sigstopped_postmaster_and_all_its_backends() {
         matches!(r, Ok(Err(_))),
         "the kept-open backend must be dead: {r:?}"
     );
-    // The killed cluster starts again (crash recovery) and kept the committed row.
+    // The killed cluster starts again (crash recovery, read-only: the driver
+    // only starts standbys) and kept the committed row.
     let d = driver(&node);
-    d.start_primary()
+    d.start_as_standby(None)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
     assert_eq!(node.sql("SELECT count(*) FROM t"), "1");
+    assert!(node.is_in_recovery());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +328,11 @@ async fn bad_input_gives_clear_errors() {
     // A directory without PG_VERSION.
     let mut c = cfg_for(&node);
     c.data_dir = Some(node.root().to_path_buf());
-    let e = Pg::new(c).unwrap().start_primary().await.unwrap_err();
+    let e = Pg::new(c)
+        .unwrap()
+        .start_as_standby(None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, PgError::WrongDataDir { .. }), "{e}");
     assert!(e.to_string().contains("no PG_VERSION"), "{e}");
 
@@ -341,7 +347,7 @@ async fn bad_input_gives_clear_errors() {
     // A data directory of another major version.
     let old = PgNode::empty(free_port());
     std::fs::write(old.data_dir().join("PG_VERSION"), "14\n").unwrap();
-    let e = driver(&old).start_primary().await.unwrap_err();
+    let e = driver(&old).start_as_standby(None).await.unwrap_err();
     assert!(e.to_string().contains("holds PostgreSQL 14"), "{e}");
 
     // bin_dir without pg_ctl.
@@ -377,13 +383,17 @@ async fn initdb_then_start_and_stop_a_first_primary() {
     let node = PgNode::empty(free_port());
     let d = driver(&node);
     assert!(matches!(
-        d.start_primary().await,
+        d.start_as_standby(None).await,
         Err(PgError::WrongDataDir { .. })
     ));
     d.initdb(&["-U", "postgres", "--auth=trust", "-N"])
         .await
         .unwrap();
-    d.start_primary().await.unwrap();
+    // Bootstrap is a standby of nobody, then the promotion the core runs
+    // after arming: the driver has no way to start it writable.
+    d.start_as_standby(None).await.unwrap();
+    assert_eq!(d.role().await.unwrap(), Role::Replica);
+    assert_eq!(d.promote().await.unwrap(), Promotion::Promoted);
     assert_eq!(d.role().await.unwrap(), Role::Primary);
     assert!(matches!(
         d.initdb(&[]).await,
@@ -457,7 +467,8 @@ fn driver_futures_are_send() {
     send(pg.rejoin(""));
     send(pg.clone_from(""));
     send(pg.initdb(&[]));
-    send(pg.start_primary());
+    send(pg.start_as_standby(None));
+    send(pg.stop_for_switchover(Duration::from_secs(1)));
     send(pg.stop_clean());
     fn sync<T: Send + Sync + Clone + 'static>(_: &T) {}
     sync(&pg);
@@ -516,7 +527,7 @@ async fn synchronous_standby_names_and_the_standby_config_coexist() {
     assert!(wait_row(&b, "SHOW synchronous_standby_names", quirky));
     assert!(!db.set_synchronous_standby_names(quirky).await.unwrap());
     let info = cfg_for(&b).replication_conninfo("127.0.0.1", a.port, odd);
-    db.write_standby_config(&info).unwrap();
+    db.write_standby_config(Some(&info)).unwrap();
     b.stop();
     b.start();
     assert!(wait_row(&b, "SHOW synchronous_standby_names", quirky));
@@ -579,4 +590,229 @@ async fn synchronous_standby_names_and_the_standby_config_coexist() {
         matches!(r, Ok(Ok(true))),
         "a commit with no standby and '' must not wait: {r:?}"
     );
+}
+
+/// Rule 8 at start: a data directory that was a primary (no standby.signal),
+/// started by the driver, comes up read-only, with or without a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_primary_started_by_the_driver_comes_up_read_only() {
+    let node = PgNode::init(free_port());
+    node.start();
+    node.sql("CREATE TABLE t (v int)");
+    node.sql("INSERT INTO t VALUES (1)");
+    assert!(!node.is_in_recovery());
+    node.stop();
+    assert!(!node.data_dir().join("standby.signal").exists());
+    let d = driver(&node);
+    d.start_as_standby(None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    assert_eq!(node.sql("SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(d.role().await.unwrap(), Role::Replica);
+    assert!(node.try_sql("INSERT INTO t VALUES (2)").is_err());
+    let auto = std::fs::read_to_string(node.data_dir().join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !auto.contains("primary_conninfo"),
+        "no leader, no conninfo: {auto}"
+    );
+    // Stopped again and restarted with a leader: still a standby, now of it.
+    d.stop_clean().await.unwrap();
+    let leader = PgNode::init(free_port());
+    leader.start();
+    let info = format!(
+        "host={} port={} user=postgres",
+        leader.socket_dir().display(),
+        leader.port
+    );
+    d.start_as_replica(&info).await.unwrap();
+    assert_eq!(node.sql("SELECT pg_is_in_recovery()"), "t");
+    let auto = std::fs::read_to_string(node.data_dir().join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains(&format!("port={}", leader.port)), "{auto}");
+}
+
+/// A planned step-down: the fast shutdown writes its checkpoint and sends
+/// everything to the connected standby before the postmaster exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_stop_is_fast_and_the_standby_has_everything() {
+    let primary = PgNode::init(free_port());
+    primary.start();
+    primary.sql("CREATE TABLE t (v text)");
+    let replica = PgNode::replica_of(&primary, free_port());
+    assert!(wait_row(
+        &primary,
+        "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+        "1"
+    ));
+    primary.sql("INSERT INTO t SELECT repeat('x', 200) FROM generate_series(1, 20000)");
+    let written: leasedog::postgres::Lsn = primary
+        .sql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    let d = driver(&primary);
+    let how = d
+        .stop_for_switchover(Duration::from_secs(20))
+        .await
+        .unwrap();
+    eprintln!("TIMING switchover stop: {how:?}");
+    assert!(
+        matches!(how, leasedog::postgres::Switchover::Fast { .. }),
+        "{how:?}"
+    );
+    assert!(cluster_processes(&primary.data_dir()).is_empty());
+    assert_eq!(d.control_state().await.unwrap(), "shut down");
+    // The shutdown checkpoint is the primary's last record: the standby
+    // received up to and past it, at once (no waiting).
+    let out = leasedog_testbed::pg::as_postgres(format!(
+        "{}/pg_controldata",
+        cfg_for(&primary).bin_dir.display()
+    ))
+    .arg("-D")
+    .arg(primary.data_dir())
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ckpt: leasedog::postgres::Lsn = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let received: leasedog::postgres::Lsn = replica
+        .sql("SELECT pg_last_wal_receive_lsn()")
+        .parse()
+        .unwrap();
+    assert!(ckpt >= written, "{ckpt} vs {written}");
+    assert!(
+        received > ckpt,
+        "standby received {received}, primary's shutdown checkpoint at {ckpt}"
+    );
+    // Nothing running: the switchover stop confirms with the fence.
+    assert!(matches!(
+        d.stop_for_switchover(Duration::from_secs(5)).await.unwrap(),
+        leasedog::postgres::Switchover::Fenced(r) if r.how == StopHow::AlreadyStopped
+    ));
+}
+
+/// A test cgroup under the cgroup2 mount, removed at the end.
+struct TestCgroup {
+    base: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    /// None (the test is skipped, loudly) without root or cgroup2.
+    fn new(name: &str) -> Option<TestCgroup> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: the cgroup fence test needs root");
+            return None;
+        }
+        let mount = leasedog::postgres::cgroup::cgroup2_mount_point()?;
+        let base = mount.join(format!("leasedog-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&base).ok()?;
+        std::fs::create_dir(base.join("postgres")).unwrap();
+        Some(TestCgroup { base })
+    }
+    fn pg(&self) -> leasedog::postgres::PgCgroup {
+        leasedog::postgres::PgCgroup::at(self.base.join("postgres"))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.base.join("postgres/cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_dir(self.base.join("postgres"));
+        let _ = std::fs::remove_dir(&self.base);
+    }
+}
+
+fn cgroup_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|t| leasedog::postgres::cgroup::cgroup_path_of(&t))
+        .unwrap_or_default()
+}
+
+/// The cgroup fence, for real: PostgreSQL started by the driver in a cgroup
+/// of its own (every process in it), extra backends, a helper the cluster
+/// forked that is not a postgres binary and ignores SIGTERM and SIGQUIT; the
+/// fence freezes and kills the group, and nothing survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cgroup_fence_kills_every_process_of_the_cluster_and_its_helpers() {
+    let Some(tcg) = TestCgroup::new("fence") else {
+        eprintln!("SKIP: no cgroup2 to test in");
+        return;
+    };
+    let node = PgNode::init(free_port());
+    // Once as a primary (its control file then records this configuration's
+    // max_connections, which a standby must not undercut), then stopped.
+    node.start();
+    node.stop();
+    let cg = tcg.pg();
+    let d = driver(&node).with_cgroup(Some(cg.clone()));
+    d.start_as_standby(None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    let pm = node.postmaster_pid().unwrap();
+    let want = format!(
+        "/{}",
+        tcg.base
+            .join("postgres")
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+    assert!(cgroup_of(pm).ends_with(&want), "{}", cgroup_of(pm));
+    let (c1, c2) = (client(&node).await, client(&node).await);
+    for c in [&c1, &c2] {
+        c.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    // A helper forked by a backend, detached, not PostgreSQL's binary, deaf
+    // to SIGTERM and SIGQUIT: the /proc scan would not recognise it.
+    c1.batch_execute(
+        "COPY (SELECT 1) TO PROGRAM 'nohup sh -c ''trap \"\" TERM QUIT HUP; while :; do sleep 1; done'' >/dev/null 2>&1 &'",
+    )
+    .await
+    .unwrap();
+    let procs = cg.procs().unwrap();
+    for p in cluster_processes(&node.data_dir()) {
+        assert!(procs.contains(&p), "postgres pid {p} outside the cgroup");
+    }
+    let helpers: Vec<i32> = procs
+        .iter()
+        .copied()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| !e.to_string_lossy().contains("postgres"))
+        })
+        .collect();
+    assert!(
+        !helpers.is_empty(),
+        "the helper runs in the group: {procs:?}"
+    );
+    assert!(
+        procs.len() >= 7,
+        "postmaster, auxiliaries, 2 backends, helper: {procs:?}"
+    );
+    let report = d.stop_fast_fence_sync().unwrap();
+    eprintln!("TIMING cgroup fence: {report:?}");
+    // The helper outlives the postmaster's SIGQUIT: only the group's kill gets it.
+    assert_eq!(report.how, StopHow::Killed);
+    for h in &helpers {
+        assert!(report.killed.contains(h), "{report:?} {helpers:?}");
+    }
+    assert!(cg.procs().unwrap().is_empty());
+    for p in &procs {
+        assert!(!process_alive(*p), "pid {p} survived the cgroup fence");
+    }
+    assert!(cluster_processes(&node.data_dir()).is_empty());
+    // The group is left thawed and empty: the next start works in it.
+    d.start_as_standby(None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    assert!(cgroup_of(node.postmaster_pid().unwrap()).ends_with(&want));
+    let again = d.stop_fast_fence_sync().unwrap();
+    assert!(cg.procs().unwrap().is_empty(), "{again:?}");
 }

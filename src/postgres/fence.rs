@@ -1,6 +1,10 @@
-//! The fence (synchronous, no tokio): FENCING.md rule 3's stop of PostgreSQL,
-//! confirmed by the [`super::procscan`] of `/proc`.
+//! The fence (synchronous, no tokio): FENCING.md rule 3's stop of PostgreSQL.
+//! Where the agent has a delegated cgroup, the whole [`super::cgroup`] is
+//! frozen and killed and confirmed empty; the [`super::procscan`] of `/proc`
+//! then stops anything of the data directory outside it, and is the whole
+//! fence where there is no cgroup.
 
+use super::cgroup::PgCgroup;
 use super::procscan::{cluster_processes, Proc, ProcFs};
 use super::{io_err, Pg, PgConfig, PgError};
 use std::collections::BTreeSet;
@@ -28,6 +32,17 @@ pub struct StopReport {
     pub postmaster: Option<i32>,
     /// Pids that received SIGKILL.
     pub killed: Vec<i32>,
+}
+
+/// How a planned step-down ([`Pg::stop_for_switchover`]) stopped PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Switchover {
+    /// The fast shutdown finished in time: shutdown checkpoint written and
+    /// sent to every connected standby.
+    Fast { took: Duration },
+    /// The fast shutdown failed or ran out of time (or nothing was running):
+    /// the immediate fence stopped it.
+    Fenced(StopReport),
 }
 
 /// The pid in the first line of `postmaster.pid`, if the file exists and parses.
@@ -79,6 +94,18 @@ fn confirm_nothing_unseen(fs: &ProcFs, data_dir: &Path) -> Result<(), PgError> {
     };
     tracing::error!("{e}; treating PostgreSQL as NOT stopped (no release, no disarm follows)");
     Err(e)
+}
+
+fn fence_of(
+    cgroup: Option<PgCgroup>,
+    data_dir: &Path,
+    immediate: Duration,
+    kill: Duration,
+) -> Result<StopReport, PgError> {
+    match cgroup {
+        Some(g) => stop_fast_fence_cgroup(&g, data_dir, immediate, kill),
+        None => stop_fast_fence_blocking(data_dir, immediate, kill),
+    }
 }
 
 /// Demotion so that no backend can commit (FENCING.md rule 3): an immediate
@@ -189,11 +216,73 @@ pub fn stop_fast_fence_in(
     })
 }
 
+/// The fence of a cluster started in `cgroup`: SIGQUIT to the postmaster (an
+/// immediate stop) bounded by `immediate`; if the group is not empty by then,
+/// freeze it (nothing in it can fork any more) and kill it (`cgroup.kill`),
+/// confirmed by an empty `cgroup.procs` within `kill`. Then the `/proc` scan
+/// fence ([`stop_fast_fence_blocking`]) for anything of the data directory
+/// outside the group (a server started by hand or by another unit), with its
+/// blind-spot check. Every process of the group counts, not only those the
+/// scan would recognise: a helper the cluster forked is killed too.
+pub fn stop_fast_fence_cgroup(
+    cgroup: &PgCgroup,
+    data_dir: &Path,
+    immediate: Duration,
+    kill: Duration,
+) -> Result<StopReport, PgError> {
+    let t0 = Instant::now();
+    let procs = cgroup.procs().map_err(io_err(format!(
+        "fence cannot read {}/cgroup.procs",
+        cgroup.dir().display()
+    )))?;
+    let mut how = StopHow::AlreadyStopped;
+    let mut killed = Vec::new();
+    let pm = read_postmaster_pid(data_dir).filter(|p| procs.contains(p));
+    if !procs.is_empty() {
+        how = StopHow::Killed;
+        if let Some(pid) = pm {
+            // SAFETY: kill has no memory-safety preconditions; the pid is in
+            // the group, so it is the cluster's postmaster.
+            if unsafe { libc::kill(pid, libc::SIGQUIT) } != 0 {
+                return Err(PgError::Signal {
+                    pid,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            let until = t0 + immediate;
+            while cgroup.procs().is_ok_and(|p| !p.is_empty()) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if cgroup.procs().is_ok_and(|p| p.is_empty()) {
+                how = StopHow::Immediate;
+            }
+        }
+        if how == StopHow::Killed {
+            killed = cgroup.freeze_and_kill(kill)?;
+        }
+    }
+    let rest = stop_fast_fence_blocking(data_dir, immediate, kill)?;
+    killed.extend(rest.killed);
+    Ok(StopReport {
+        how: match (how, rest.how) {
+            (StopHow::Killed, _) | (_, StopHow::Killed) => StopHow::Killed,
+            (StopHow::Immediate, _) | (_, StopHow::Immediate) => StopHow::Immediate,
+            _ => StopHow::AlreadyStopped,
+        },
+        took: t0.elapsed(),
+        postmaster: pm.or(rest.postmaster),
+        killed,
+    })
+}
+
 impl Pg {
     /// The fence from a plain thread (no tokio): the deadline timer of
-    /// FENCING.md rule 3 holds a clone of the driver and calls this.
+    /// FENCING.md rule 3 holds a clone of the driver and calls this. With a
+    /// delegated cgroup, [`stop_fast_fence_cgroup`]; else
+    /// [`stop_fast_fence_blocking`].
     pub fn stop_fast_fence_sync(&self) -> Result<StopReport, PgError> {
-        stop_fast_fence_blocking(
+        fence_of(
+            self.cgroup.clone(),
             self.data_dir(),
             PgConfig::secs(self.cfg.stop_timeout),
             PgConfig::secs(self.cfg.kill_timeout),
@@ -208,7 +297,8 @@ impl Pg {
             PgConfig::secs(self.cfg.stop_timeout),
             PgConfig::secs(self.cfg.kill_timeout),
         );
-        tokio::task::spawn_blocking(move || stop_fast_fence_blocking(&data, imm, kill))
+        let cg = self.cgroup.clone();
+        tokio::task::spawn_blocking(move || fence_of(cg, &data, imm, kill))
             .await
             .map_err(|e| PgError::State(format!("fence thread failed: {e}")))?
     }

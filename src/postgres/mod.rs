@@ -28,14 +28,19 @@
 //! `tools` runs `pg_ctl` & co. on the data directory, `sql` talks to the
 //! server.
 
+pub mod cgroup;
+pub mod distro;
 pub mod fence;
 pub mod procscan;
 mod sql;
 mod tools;
 
 pub use crate::config::postgres::{PgConfig, ReplicationConfig, REWIND_GRANTS_SQL};
+pub use cgroup::PgCgroup;
+pub use distro::{distro_unit_conflict, distro_unit_conflict_in, mark_managed, MANAGED_DIR};
 pub use fence::{
-    read_postmaster_pid, stop_fast_fence_blocking, stop_fast_fence_in, StopHow, StopReport,
+    read_postmaster_pid, stop_fast_fence_blocking, stop_fast_fence_cgroup, stop_fast_fence_in,
+    StopHow, StopReport, Switchover,
 };
 pub use procscan::{cluster_processes, process_alive, ProcFs};
 pub use sql::synchronous_standby_names_for;
@@ -265,6 +270,9 @@ pub struct Pg {
     os_home: PathBuf,
     /// Major version of the binaries in bin_dir, e.g. "15".
     major: String,
+    /// The cgroup PostgreSQL runs in, when one is delegated to the agent
+    /// ([`cgroup`]); None: the fence scans `/proc`.
+    cgroup: Option<PgCgroup>,
 }
 
 fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
@@ -292,6 +300,10 @@ impl Pg {
     /// Validates the configuration and checks that PostgreSQL is installed at
     /// `bin_dir` and that `os_user` exists. The data directory is checked by
     /// each action (an empty one is fine for `clone_from` / `initdb`).
+    ///
+    /// Where systemd delegated the agent's cgroup (`Delegate=yes`), this also
+    /// moves the agent into the leaf `agent` and prepares `postgres`, where
+    /// every PostgreSQL process will be started ([`PgCgroup::delegated`]).
     pub fn new(cfg: PgConfig) -> Result<Pg, PgError> {
         cfg.validate()?;
         for tool in ["pg_ctl", "postgres"] {
@@ -332,7 +344,20 @@ impl Pg {
             os_home: home,
             major,
             cfg,
+            cgroup: PgCgroup::delegated()?,
         })
+    }
+
+    /// The same driver with PostgreSQL in `cgroup` (tests; the agent's is
+    /// found by [`Pg::new`]), or in none (`/proc` scan only).
+    pub fn with_cgroup(mut self, cgroup: Option<PgCgroup>) -> Pg {
+        self.cgroup = cgroup;
+        self
+    }
+
+    /// The cgroup PostgreSQL is started in, if any.
+    pub fn cgroup(&self) -> Option<&PgCgroup> {
+        self.cgroup.as_ref()
     }
 
     pub fn config(&self) -> &PgConfig {

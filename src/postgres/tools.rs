@@ -99,8 +99,10 @@ impl Pg {
     }
 
     /// `standby.signal` plus our `primary_conninfo` line in `postgresql.auto.conf`
-    /// (any other `primary_conninfo` line there is dropped).
-    pub fn write_standby_config(&self, leader_conninfo: &str) -> Result<(), PgError> {
+    /// (any other `primary_conninfo` line there is dropped). With no leader
+    /// known (`None`) there is no `primary_conninfo` at all: the standby waits,
+    /// read-only, and streams from nobody (never from a stale leader).
+    pub fn write_standby_config(&self, leader_conninfo: Option<&str>) -> Result<(), PgError> {
         let auto = self.data_dir().join("postgresql.auto.conf");
         let old = std::fs::read_to_string(&auto).unwrap_or_default();
         let mut text: String = old
@@ -108,13 +110,15 @@ impl Pg {
             .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
             .map(|l| format!("{l}\n"))
             .collect();
-        text.push_str(&format!(
-            "primary_conninfo = '{}'  # managed by leasedog\n",
-            self.cfg
-                .with_replication_password(leader_conninfo)
-                .replace('\\', "\\\\")
-                .replace('\'', "''")
-        ));
+        if let Some(leader) = leader_conninfo {
+            text.push_str(&format!(
+                "primary_conninfo = '{}'  # managed by leasedog\n",
+                self.cfg
+                    .with_replication_password(leader)
+                    .replace('\\', "\\\\")
+                    .replace('\'', "''")
+            ));
+        }
         self.write_owned("postgresql.auto.conf", &text)?;
         self.remove_if_present("recovery.signal")?;
         self.write_owned("standby.signal", "")
@@ -131,8 +135,30 @@ impl Pg {
             });
         }
         let mut c = tokio::process::Command::new(path);
-        if let Some((uid, gid)) = self.run_as {
-            c.uid(uid).gid(gid);
+        // In the child, before exec: join PostgreSQL's cgroup first (as the
+        // agent's user, who may move processes within its delegated cgroup;
+        // os_user may not), then drop to os_user. So the tool and everything
+        // it forks (the postmaster, every backend) are in the group from
+        // their first instruction.
+        let procs = self.cgroup.as_ref().map(|g| g.procs_path());
+        let run_as = self.run_as;
+        // SAFETY: the closure only makes async-signal-safe calls (open,
+        // write, close, setgroups, setgid, setuid) and allocates nothing.
+        unsafe {
+            c.pre_exec(move || {
+                if let Some(p) = &procs {
+                    cgroup::join_in_child(p)?;
+                }
+                if let Some((uid, gid)) = run_as {
+                    if libc::setgroups(1, &gid) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
         c.current_dir("/")
             .env("HOME", &self.os_home)
@@ -181,15 +207,26 @@ impl Pg {
         self.cfg.config_dir.as_deref().unwrap_or(self.data_dir())
     }
 
+    /// The only way the driver starts the server: as a standby. It refuses
+    /// to start without `standby.signal` (a server started writable by the
+    /// agent would be rule 8's split brain); only `promote` makes it writable.
     async fn pg_ctl_start(&self) -> Result<(), PgError> {
         self.require_cluster()?;
+        if !self.data_dir().join("standby.signal").exists() {
+            return Err(PgError::State(format!(
+                "refusing to start PostgreSQL in {} without standby.signal: the agent starts it read-only only",
+                self.data_dir().display()
+            )));
+        }
         if let Some(pid) = self.live_postmaster() {
             return Err(PgError::State(format!(
                 "PostgreSQL is already running (postmaster {pid}): stop it first"
             )));
         }
         self.clear_stale_lock_files().await?;
-        let mut opts = format!("-c port={}", self.cfg.port);
+        // jit=off: the packaged unit denies writable+executable memory
+        // (MemoryDenyWriteExecute=yes), which LLVM's JIT needs.
+        let mut opts = format!("-c port={} -c jit=off", self.cfg.port);
         if self.cfg.host.starts_with('/') {
             opts.push_str(&format!(" -c unix_socket_directories='{}'", self.cfg.host));
         }
@@ -204,7 +241,12 @@ impl Pg {
             .arg("-l")
             .arg(self.log_file())
             .arg("-o")
-            .arg(opts);
+            .arg(opts)
+            // The agent runs at oom_score_adj -1000 (the unit's
+            // OOMScoreAdjust): the postmaster keeps it, its children go back
+            // to 0, as PostgreSQL's documentation recommends.
+            .env("PG_OOM_ADJUST_FILE", "/proc/self/oom_score_adj")
+            .env("PG_OOM_ADJUST_VALUE", "0");
         self.run("pg_ctl start", c, t + Duration::from_secs(5))
             .await?;
         Ok(())
@@ -246,35 +288,74 @@ impl Pg {
         Ok(())
     }
 
-    /// Starts as a standby of `leader_conninfo` (see [`PgConfig::replication_conninfo`]).
-    pub async fn start_as_replica(&self, leader_conninfo: &str) -> Result<(), PgError> {
+    /// Starts the server as a standby, always: writes `standby.signal` (and
+    /// removes `recovery.signal`), with `primary_conninfo` of the current
+    /// leader, or none while no leader is known. A data directory that was a
+    /// primary comes up read-only (`pg_is_in_recovery()`); only
+    /// [`Pg::promote`], which the core runs after arming, makes it writable.
+    /// There is no other way to start it: bootstrap is `initdb`, this, then
+    /// the promotion of a node that won the key.
+    pub async fn start_as_standby(&self, leader_conninfo: Option<&str>) -> Result<(), PgError> {
         self.require_cluster()?;
         self.write_standby_config(leader_conninfo)?;
         self.pg_ctl_start().await
     }
 
-    /// Starts as a primary (bootstrap): removes `standby.signal`/`recovery.signal` first.
-    pub async fn start_primary(&self) -> Result<(), PgError> {
-        self.require_cluster()?;
-        self.remove_if_present("standby.signal")?;
-        self.remove_if_present("recovery.signal")?;
-        self.pg_ctl_start().await
+    /// [`Pg::start_as_standby`] of `leader_conninfo` (see
+    /// [`PgConfig::replication_conninfo`]).
+    pub async fn start_as_replica(&self, leader_conninfo: &str) -> Result<(), PgError> {
+        self.start_as_standby(Some(leader_conninfo)).await
     }
 
-    /// A clean stop (`pg_ctl stop -m fast`) for switchovers; not a fence.
+    /// A clean stop (`pg_ctl stop -m fast`) of a replica before a rejoin; not
+    /// a fence. A leader's planned step-down uses [`Pg::stop_for_switchover`].
     pub async fn stop_clean(&self) -> Result<(), PgError> {
         if self.live_postmaster().is_none() {
             return Ok(());
         }
         let t = PgConfig::secs(self.cfg.start_timeout);
+        self.pg_ctl_stop_fast(t).await
+    }
+
+    /// `pg_ctl stop -m fast -w`: backends are terminated, a shutdown
+    /// checkpoint is written, and the walsenders send every record up to it
+    /// to the connected standbys before the postmaster exits. Bounded by `t`
+    /// (pg_ctl's own `-t` plus a margin for the tool itself).
+    async fn pg_ctl_stop_fast(&self, t: Duration) -> Result<(), PgError> {
         let mut c = self.tool("pg_ctl")?;
         c.args(["stop", "-w", "-m", "fast", "-t"])
             .arg(t.as_secs().max(1).to_string())
             .arg("-D")
             .arg(self.pg_ctl_dir());
-        self.run("pg_ctl stop", c, t + Duration::from_secs(5))
+        self.run("pg_ctl stop -m fast", c, t + Duration::from_secs(2))
             .await
             .map(|_| ())
+    }
+
+    /// A planned step-down (switchover, `systemctl stop`): a fast shutdown
+    /// within `within`, so the standbys receive everything the primary wrote
+    /// and the next primary misses nothing; if it does not finish in time (a
+    /// hung checkpoint, a stalled disk) or fails, the immediate fence
+    /// ([`Pg::stop_fast_fence`]) follows. Only a confirmed stop is `Ok`.
+    pub async fn stop_for_switchover(&self, within: Duration) -> Result<Switchover, PgError> {
+        let t0 = Instant::now();
+        if self.live_postmaster().is_none() {
+            return self.stop_fast_fence().await.map(Switchover::Fenced);
+        }
+        let fast = self.pg_ctl_stop_fast(within).await;
+        // Whatever pg_ctl says, confirm with the fence (which finds nothing
+        // after a clean stop); after a failed one it is the fallback.
+        let report = self.stop_fast_fence().await?;
+        match fast {
+            Ok(()) if report.how == StopHow::AlreadyStopped => {
+                Ok(Switchover::Fast { took: t0.elapsed() })
+            }
+            Ok(()) => Ok(Switchover::Fenced(report)),
+            Err(e) => {
+                tracing::warn!("fast shutdown for the switchover failed ({e}); fenced instead");
+                Ok(Switchover::Fenced(report))
+            }
+        }
     }
 
     /// `initdb` of an empty or missing data directory (first node of a scope only).
@@ -292,7 +373,7 @@ impl Pg {
     }
 
     /// Fills an empty data directory from the leader (`pg_basebackup -X stream
-    /// -R`). Does not start the server: call [`Pg::start_as_replica`].
+    /// -R`). Does not start the server: call [`Pg::start_as_standby`].
     pub async fn clone_from(&self, leader_conninfo: &str) -> Result<Duration, PgError> {
         self.require_empty()?;
         self.make_data_dir()?;
@@ -304,7 +385,7 @@ impl Pg {
             .arg(leader_conninfo);
         self.run("pg_basebackup", c, PgConfig::secs(self.cfg.clone_timeout))
             .await?;
-        self.write_standby_config(leader_conninfo)?;
+        self.write_standby_config(Some(leader_conninfo))?;
         Ok(t0.elapsed())
     }
 
