@@ -611,6 +611,10 @@ fn package_holds_the_files_at_their_paths_and_modes() {
         ),
         ("/lib/modprobe.d/leasedog-softdog.conf", "-rw-r--r--"),
         ("/lib/udev/rules.d/60-leasedog-watchdog.rules", "-rw-r--r--"),
+        (
+            "/usr/lib/systemd/system/postgresql@.service.d/50-leasedog.conf",
+            "-rw-r--r--",
+        ),
         ("/usr/share/doc/leasedog/install.md", "-rw-r--r--"),
         (
             "/usr/share/doc/leasedog/leasedog.example.toml",
