@@ -2,6 +2,7 @@
 //! loopback ports, PostgreSQL clusters, and QEMU guests with real kernel
 //! watchdogs. Everything started here is stopped when its handle drops.
 pub mod agent;
+pub mod clients;
 pub mod cluster;
 pub mod etcd;
 pub mod fence;

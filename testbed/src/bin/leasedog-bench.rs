@@ -20,9 +20,10 @@
 //! target/failover-bench.json.
 
 use leasedog_testbed::agent::AgentProcess;
+use leasedog_testbed::clients::{self, Attempt, Every, Target};
 use leasedog_testbed::etcd::{boottime_ns, EtcdServer, EventKind, KeyWatch};
 use leasedog_testbed::fence::FakeWatchdogMonitor;
-use leasedog_testbed::history::{self, History, Kind, Obs, Outcome};
+use leasedog_testbed::history::{self, History};
 use leasedog_testbed::lab::scenario::holder;
 use leasedog_testbed::pg::{free_port, processes_in, PgNode};
 use leasedog_testbed::wait_until;
@@ -266,170 +267,9 @@ fn etcd_requests(client_url: &str) -> Option<std::collections::BTreeMap<String, 
 }
 
 // ---------------------------------------------------------------------------
-// Writers and the probe (tokio-postgres on a runtime of their own)
-
-#[derive(Clone, Copy, Debug)]
-struct Attempt {
-    at_ns: u64,
-    done_ns: u64,
-    id: i64,
-    outcome: Outcome,
-    /// The node (index into the ports) that acknowledged it.
-    node: Option<usize>,
-}
-
-impl Attempt {
-    fn acked(&self) -> bool {
-        self.outcome == Outcome::Ok
-    }
-}
+// Writers and the probe: leasedog_testbed::clients, on a runtime of their own
 
 const NAMES: [&str; 2] = ["a", "b"];
-
-async fn connect(conninfo: &str) -> Option<tokio_postgres::Client> {
-    let fut = tokio_postgres::connect(conninfo, tokio_postgres::NoTls);
-    let (client, conn) = tokio::time::timeout(Duration::from_secs(2), fut)
-        .await
-        .ok()?
-        .ok()?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Some(client)
-}
-
-/// Inserts `id`; the outcome and the port of the server that committed it.
-/// A refusal by the server (read-only, duplicate) is a failure; a timeout or
-/// a broken connection after sending may have committed: unknown.
-async fn insert(c: &tokio_postgres::Client, id: i64) -> (Outcome, Option<u16>) {
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-    let q = c.query_one(
-        "INSERT INTO bench (id) VALUES ($1) RETURNING inet_server_port()",
-        &params,
-    );
-    match tokio::time::timeout(Duration::from_secs(2), q).await {
-        Ok(Ok(row)) => (Outcome::Ok, row.get::<_, Option<i32>>(0).map(|p| p as u16)),
-        Ok(Err(e)) => match e.code() {
-            Some(c)
-                if *c == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION
-                    || *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION =>
-            {
-                (Outcome::Fail, None)
-            }
-            _ => (Outcome::Unknown, None),
-        },
-        Err(_) => (Outcome::Unknown, None),
-    }
-}
-
-/// Inserts ids `base + n` every 100 ms until `stop`; `kept` keeps one
-/// connection (reconnecting only when it breaks).
-async fn writer(
-    conninfo: String,
-    ports: [u16; 2],
-    base: i64,
-    kept: bool,
-    stop: Arc<AtomicBool>,
-) -> Vec<Attempt> {
-    let mut log = Vec::new();
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut tick = tokio::time::interval(WRITE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        n += 1;
-        let id = base + n;
-        let at_ns = boottime_ns();
-        if client.as_ref().is_none_or(|c| c.is_closed()) || !kept {
-            client = connect(&conninfo).await;
-        }
-        let (outcome, port) = match &client {
-            Some(c) => insert(c, id).await,
-            None => (Outcome::Fail, None),
-        };
-        if outcome != Outcome::Ok && kept {
-            client = None; // unknown state: start over on a fresh connection
-        }
-        log.push(Attempt {
-            at_ns,
-            done_ns: boottime_ns(),
-            id,
-            outcome,
-            node: port.and_then(|p| ports.iter().position(|q| *q == p)),
-        });
-    }
-    log
-}
-
-/// Per probe round: (time, writable a, writable b), each Some(true) if any
-/// connection said `pg_is_in_recovery() = false`.
-type ProbeRow = (u64, Option<bool>, Option<bool>);
-
-/// Every single question of the probe, for the history checker.
-type ProbeObs = Vec<Obs>;
-
-async fn ask(c: &tokio_postgres::Client) -> Option<bool> {
-    let q = c.query_one("SELECT pg_is_in_recovery()", &[]);
-    let row = tokio::time::timeout(Duration::from_millis(300), q)
-        .await
-        .ok()?
-        .ok()?;
-    Some(!row.get::<_, bool>(0))
-}
-
-async fn probe(ports: [u16; 2], stop: Arc<AtomicBool>) -> (Vec<ProbeRow>, ProbeObs) {
-    let mut kept: [Option<tokio_postgres::Client>; 2] = [None, None];
-    let mut out = Vec::new();
-    let mut obs = Vec::new();
-    let mut note = |i: usize, client: &str, invoke_ns: u64, writable: Option<bool>| {
-        obs.push(Obs {
-            node: Some(NAMES[i].to_string()),
-            client: client.into(),
-            invoke_ns,
-            complete_ns: boottime_ns(),
-            kind: Kind::Probe { writable },
-        })
-    };
-    let mut tick = tokio::time::interval(WRITE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let at = boottime_ns();
-        let mut w = [None, None];
-        for i in 0..2 {
-            let ci = format!(
-                "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=1",
-                ports[i]
-            );
-            if kept[i].as_ref().is_none_or(|c| c.is_closed()) {
-                kept[i] = connect(&ci).await;
-            }
-            let asked = boottime_ns();
-            let a = match &kept[i] {
-                Some(c) => ask(c).await,
-                None => None,
-            };
-            note(i, "probe-kept", asked, a);
-            if a.is_none() {
-                kept[i] = None;
-            }
-            let asked = boottime_ns();
-            let fresh = match tokio::time::timeout(Duration::from_millis(300), connect(&ci)).await {
-                Ok(Some(c)) => ask(&c).await,
-                _ => None,
-            };
-            note(i, "probe-new", asked, fresh);
-            w[i] = match (a, fresh) {
-                (Some(true), _) | (_, Some(true)) => Some(true),
-                (None, None) => None,
-                _ => Some(false),
-            };
-        }
-        out.push((at, w[0], w[1]));
-    }
-    (out, obs)
-}
 
 // ---------------------------------------------------------------------------
 // One trial
@@ -460,26 +300,6 @@ struct Trial {
 
 fn secs_since(t0: u64, t: u64) -> f64 {
     (t as f64 - t0 as f64) / 1e9
-}
-
-/// The writer's gap: the longest stretch without an acknowledged insert,
-/// from the last acknowledged one before the stall at `t0` on (a kept
-/// connection to a stopped postmaster's backend may go on succeeding for a
-/// while after `t0`).
-fn gap(log: &[Attempt], t0: u64) -> Option<f64> {
-    let before = log
-        .iter()
-        .filter(|a| a.acked() && a.at_ns < t0)
-        .map(|a| a.at_ns)
-        .max()?;
-    let acks: Vec<u64> = log
-        .iter()
-        .filter(|a| a.acked() && a.at_ns >= before)
-        .map(|a| a.at_ns)
-        .collect();
-    acks.windows(2)
-        .map(|w| (w[1] - w[0]) as f64 / 1e9)
-        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))))
 }
 
 fn run_trial(args: &Args, rt: &tokio::runtime::Runtime, stall: Stall, sync: bool) -> Trial {
@@ -547,20 +367,33 @@ fn trial_inner(
 
     // Writers and the probe run from here to the end.
     let stop = Arc::new(AtomicBool::new(false));
-    let multi = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
-         target_session_attrs=read-write connect_timeout=1",
-        ports[0], ports[1]
-    );
-    let w_new = rt.spawn(writer(
+    let targets: Vec<Target> = NAMES
+        .iter()
+        .zip(ports)
+        .map(|(n, port)| Target {
+            name: n.to_string(),
+            port,
+        })
+        .collect();
+    let multi = clients::read_write_conninfo(&targets);
+    let every = Every::fixed(WRITE_EVERY);
+    let w_new = rt.spawn(clients::writer(
         multi.clone(),
-        ports,
+        targets.clone(),
         1_000_000_000,
         false,
+        every,
         stop.clone(),
     ));
-    let w_kept = rt.spawn(writer(multi, ports, 2_000_000_000, true, stop.clone()));
-    let p = rt.spawn(probe(ports, stop.clone()));
+    let w_kept = rt.spawn(clients::writer(
+        multi,
+        targets.clone(),
+        2_000_000_000,
+        true,
+        every,
+        stop.clone(),
+    ));
+    let p = rt.spawn(clients::probe(targets.clone(), every, true, stop.clone()));
 
     // Steady state: 10 loops of both agents.
     std::thread::sleep(Duration::from_secs(2));
@@ -666,7 +499,7 @@ fn trial_inner(
     });
     let promoted_at = probe_rows
         .iter()
-        .find(|r| r.0 > t0 && r.2 == Some(true))
+        .find(|r| r.0 > t0 && r.1[1] == Some(true))
         .map(|r| r.0);
     t.promoted_s = promoted_at.map(|p| secs_since(t0, p));
     t.reset_before_promotion = match (&was_reset, promoted_at) {
@@ -675,11 +508,11 @@ fn trial_inner(
         _ => None,
     };
     let _ = put_b;
-    t.gap_new_conn_s = gap(&log_new, t0);
-    t.gap_kept_conn_s = gap(&log_kept, t0);
+    t.gap_new_conn_s = clients::gap(&log_new, t0);
+    t.gap_kept_conn_s = clients::gap(&log_kept, t0);
     let mut both = false;
     for r in &probe_rows {
-        let now_both = r.1 == Some(true) && r.2 == Some(true);
+        let now_both = r.1[0] == Some(true) && r.1[1] == Some(true);
         if now_both && !both {
             t.two_writable_intervals += 1;
         }
@@ -699,16 +532,7 @@ fn trial_inner(
     // The history checker: writes, probes, the key's terms, the final rows.
     let mut obs = probe_obs;
     for (client, log) in [("writer-new", &log_new), ("writer-kept", &log_kept)] {
-        obs.extend(log.iter().map(|a| Obs {
-            node: a.node.map(|i| NAMES[i].to_string()),
-            client: client.into(),
-            invoke_ns: a.at_ns,
-            complete_ns: a.done_ns,
-            kind: Kind::Write {
-                id: a.id,
-                outcome: a.outcome,
-            },
-        }));
+        obs.extend(clients::write_obs(client, &targets, log));
     }
     let key_events: Vec<(u64, Option<String>)> = watch
         .events()
