@@ -56,6 +56,10 @@ pub struct GuestSpec {
     /// Guest TCP ports to forward from a free host port on 127.0.0.1
     /// (see [`Guest::host_port`]).
     pub forward_tcp: Vec<u16>,
+    /// `(host port, guest port)` pairs forwarded from the host's 127.0.0.1
+    /// as given: a server that must be reachable at the same port number on
+    /// both sides (an address a peer reads from etcd) uses `(p, p)`.
+    pub forward_tcp_fixed: Vec<(u16, u16)>,
     pub mem_mb: u32,
     pub smp: u32,
     /// Limit for boot up to the control shell answering.
@@ -81,6 +85,7 @@ impl Default for GuestSpec {
             watchdogs: Watchdogs::default(),
             watchdog_action: WatchdogAction::Poweroff,
             forward_tcp: Vec::new(),
+            forward_tcp_fixed: Vec::new(),
             mem_mb: 512,
             smp: 1,
             boot_timeout: Duration::from_secs(120),
@@ -276,6 +281,10 @@ impl Guest {
         let mut netdev = "user,id=n0".to_string();
         for &gp in &spec.forward_tcp {
             let hp = free_port()?;
+            host_ports.insert(gp, hp);
+            let _ = write!(netdev, ",hostfwd=tcp:127.0.0.1:{hp}-:{gp}");
+        }
+        for &(hp, gp) in &spec.forward_tcp_fixed {
             host_ports.insert(gp, hp);
             let _ = write!(netdev, ",hostfwd=tcp:127.0.0.1:{hp}-:{gp}");
         }

@@ -63,6 +63,7 @@
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
+pub mod pg;
 pub mod proc;
 pub mod qmp;
 pub mod scenario;

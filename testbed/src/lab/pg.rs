@@ -1,0 +1,716 @@
+//! The whole promise, end to end (issue 14): leasedog with PostgreSQL 15 in a
+//! lab guest with a real watchdog, a host node (PostgreSQL + agent with a
+//! fake device and the reset stand-in) as its synchronous standby, clients on
+//! the host recording a history, one fault, and the checker's verdict.
+//!
+//! - The guest's data directory is a copy of a template made once on the
+//!   host ([`lab_template`]: the testbed's initdb'd cluster, listening on the
+//!   guest's 10.0.2.15 as well, trusting the host's 10.0.2.2), copied into
+//!   the guest's tmpfs and started there as the primary before its agent.
+//! - Addresses are asymmetric: the guest's PostgreSQL listens on a port `G`
+//!   forwarded from the host's 127.0.0.1:`G` (the same number on both sides,
+//!   [`GuestSpec::forward_tcp_fixed`]), so its member record
+//!   (`127.0.0.1:G`) is right for the host; the host node advertises
+//!   `10.0.2.2:H`, right for the guest (QEMU's forward to the host loopback).
+//! - The host node is a copy of the same template started as a standby of
+//!   the guest (a copy of a cleanly stopped cluster is a base backup): no
+//!   `pg_basebackup` through QEMU's user network.
+//! - Clients ([`crate::clients`]): a writer connecting per insert through a
+//!   multi-host `target_session_attrs=read-write` string, a writer with a
+//!   kept connection to each node, and a probe asking each node
+//!   `pg_is_in_recovery()`, all every 50-100 ms.
+//! - Faults ([`PgFault`]): SIGSTOP of the guest's agent, or of the agent and
+//!   every PostgreSQL process. The guest's watchdog resets it; the host
+//!   node takes the key and promotes. The history is checked with
+//!   [`crate::history::check`] (terms from the key's watch), and, after the
+//!   guest rebooted and its agent wrote its start-up record,
+//!   `leasedog audit timeline` runs over both nodes' logs.
+
+use super::scenario::{
+    audit_timeline, config, holder, Dog, Lab, Node, GUEST_DIR, GUEST_NODE, HOST_NODE,
+};
+use super::{shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
+use crate::agent::AgentProcess;
+use crate::clients::{self, Attempt, Every, Target};
+use crate::etcd::{EventKind, KeyWatch};
+use crate::fence::FakeWatchdogMonitor;
+use crate::history::{self, History, Verdict};
+use crate::pg::{free_port, PgNode, BIN_DIR};
+use crate::wait_until;
+use serde_json::{json, Value};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The guest's PostgreSQL: socket folder and data directory (tmpfs).
+pub const GUEST_PG: &str = "/run/pg";
+/// Bump when the template's settings change.
+const TEMPLATE_VERSION: &str = "v3";
+/// The clients' period.
+pub const EVERY: Every = Every {
+    min: Duration::from_millis(50),
+    max: Duration::from_millis(100),
+};
+/// How long the clients run after the host node is writable.
+const HOLD_AFTER_PROMOTION: Duration = Duration::from_secs(3);
+
+/// The fault applied to the guest leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgFault {
+    /// SIGSTOP of the agent (PostgreSQL runs on until the reset).
+    Stall,
+    /// SIGSTOP of the agent and every PostgreSQL process.
+    StallAll,
+}
+
+impl PgFault {
+    pub fn name(self) -> &'static str {
+        match self {
+            PgFault::Stall => "stall",
+            PgFault::StallAll => "stall-all",
+        }
+    }
+    pub fn parse(s: &str) -> Option<PgFault> {
+        match s {
+            "stall" => Some(PgFault::Stall),
+            "stall-all" => Some(PgFault::StallAll),
+            _ => None,
+        }
+    }
+}
+
+const LAB_CONF: &str = "
+# leasedog lab: the guest's forward arrives on 10.0.2.15; on the host the
+# address does not exist and PostgreSQL only warns (127.0.0.1 is enough).
+listen_addresses = '127.0.0.1,10.0.2.15'
+";
+
+/// In the guest, connections forwarded from the host come from 10.0.2.2.
+const LAB_HBA: &str = "
+host    all             postgres 10.0.2.2/32    trust
+host    replication     postgres 10.0.2.2/32    trust
+";
+
+/// The lab's data directory template on the host, made once per machine
+/// from the testbed's (owned by `postgres`, mode 700). Both nodes start
+/// from a copy of it.
+pub fn lab_template() -> Result<PathBuf, String> {
+    let dir = PathBuf::from(format!(
+        "/tmp/leasedog-pg15-lab-template-{TEMPLATE_VERSION}"
+    ));
+    if dir.join("PG_VERSION").exists() {
+        return Ok(dir);
+    }
+    let base = PgNode::init(free_port());
+    append(&base.data_dir().join("postgresql.conf"), LAB_CONF)?;
+    append(&base.data_dir().join("pg_hba.conf"), LAB_HBA)?;
+    // Started and stopped cleanly once, so that its control file carries
+    // the settings (a standby refuses a max_connections lower than its
+    // primary's, pg_rewind wants wal_log_hints): initdb wrote its defaults.
+    base.start();
+    base.stop();
+    let tmp = PathBuf::from(format!("{}.{}", dir.display(), std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    cp_a(&base.data_dir(), &tmp)?;
+    if fs::rename(&tmp, &dir).is_err() {
+        let _ = fs::remove_dir_all(&tmp); // another process won the race
+    }
+    if !dir.join("PG_VERSION").exists() {
+        return Err(format!("no template at {}", dir.display()));
+    }
+    Ok(dir)
+}
+
+fn cp_a(from: &Path, to: &Path) -> Result<(), String> {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(|e| format!("cp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cp -a {} {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn append(path: &Path, text: &str) -> Result<(), String> {
+    let mut s = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    s.push_str(text);
+    fs::write(path, s).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `psql -c query` over TCP to 127.0.0.1:`port` (tuples only, unaligned).
+pub fn psql(port: u16, query: &str) -> Result<String, String> {
+    let out = Command::new(Path::new(BIN_DIR).join("psql"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args([
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-c", query])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn pg_section(host: &str, port: u16, data: &str, advertise: &str) -> String {
+    format!(
+        r#"[postgres]
+host = "{host}"
+port = {port}
+data_dir = "{data}"
+advertise_host = "{advertise}"
+synchronous_mode = true
+stop_timeout = 1.0
+"#
+    )
+}
+
+/// The host node: PostgreSQL (a standby of the guest at first), its agent
+/// with a fake device, and the reset stand-in watching that device.
+pub struct HostNode {
+    pub agent: AgentProcess,
+    pub agent_pid: Arc<AtomicI32>,
+    // Dropped before `pg`: no kill races the cluster's removal.
+    pub monitor: FakeWatchdogMonitor,
+    pub pg: PgNode,
+    pub dir: PathBuf,
+}
+
+impl HostNode {
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir
+            .join("audit")
+            .join(format!("{HOST_NODE}.audit.jsonl"))
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.agent.dir().join("leasedog.toml")
+    }
+}
+
+/// Starts the host node as a standby of the guest's PostgreSQL at
+/// 127.0.0.1:`guest_port`, then its agent.
+pub fn start_host_node(
+    lab: &Lab,
+    scope: &str,
+    template: &Path,
+    guest_port: u16,
+) -> Result<HostNode, String> {
+    let dir = lab.work().join(format!("{HOST_NODE}-{scope}"));
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let pg = PgNode::empty(free_port());
+    let _ = fs::remove_dir(pg.data_dir());
+    cp_a(template, &pg.data_dir())?;
+    fs::write(pg.data_dir().join("standby.signal"), "").map_err(|e| e.to_string())?;
+    append(
+        &pg.data_dir().join("postgresql.auto.conf"),
+        &format!(
+            "primary_conninfo = 'host=127.0.0.1 port={guest_port} user=postgres \
+             application_name={HOST_NODE}'\n"
+        ),
+    )?;
+    pg.start();
+    let agent_pid = Arc::new(AtomicI32::new(0));
+    let monitor =
+        FakeWatchdogMonitor::for_node(dir.join("fake.wd"), agent_pid.clone(), pg.data_dir());
+    let devices = format!(
+        "[[watchdog.device]]\nkind = \"fake\"\nrecord = \"{}\"\n",
+        dir.join("fake.wd").display()
+    );
+    let cfg = config(
+        scope,
+        HOST_NODE,
+        &lab.etcd.client_url(),
+        "keep-pinging",
+        &devices,
+        &dir.join("audit").to_string_lossy(),
+    ) + &pg_section(
+        &pg.socket_dir().to_string_lossy(),
+        pg.port,
+        &pg.data_dir().to_string_lossy(),
+        "10.0.2.2",
+    );
+    let agent = AgentProcess::spawn(&lab.bin, HOST_NODE, &cfg, &[])
+        .map_err(|e| format!("host agent: {e}"))?;
+    agent_pid.store(agent.pid() as i32, Ordering::SeqCst);
+    Ok(HostNode {
+        agent,
+        agent_pid,
+        monitor,
+        pg,
+        dir,
+    })
+}
+
+/// Boots the guest leader: its watchdog(s), 1 GiB, the PostgreSQL port
+/// forwarded at the same number, its shared audit folder.
+pub fn boot_pg_guest(lab: &Lab, scope: &str, dog: Dog, pg_port: u16) -> Result<Node, String> {
+    let share = lab.work().join(format!("{GUEST_NODE}-{scope}"));
+    fs::create_dir_all(&share).map_err(|e| format!("{}: {e}", share.display()))?;
+    let softdog = matches!(dog, Dog::Softdog | Dog::Both).then_some(SoftdogOpts {
+        margin: 30,
+        nowayout: false,
+    });
+    let guest = Guest::boot(GuestSpec {
+        name: GUEST_NODE.into(),
+        watchdogs: Watchdogs {
+            i6300esb: matches!(dog, Dog::I6300esb | Dog::Both),
+            i6300esb_nowayout: false,
+            softdog,
+        },
+        // The same QEMU reboots it, so its agent can write the start-up
+        // record the audit timeline needs.
+        watchdog_action: WatchdogAction::Reset,
+        reboot: true,
+        rw_shares: vec![(share.clone(), GUEST_DIR.into())],
+        forward_tcp_fixed: vec![(pg_port, pg_port)],
+        mem_mb: 1024,
+        ..GuestSpec::default()
+    })?;
+    Ok(Node {
+        name: GUEST_NODE.into(),
+        guest,
+        share,
+        dog,
+        agent: None,
+    })
+}
+
+/// Copies the template into the guest's tmpfs and starts PostgreSQL there
+/// (a primary, before its agent: the agent never starts a primary itself).
+pub fn start_guest_pg(g: &Guest, template: &Path, port: u16) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let data = format!("{GUEST_PG}/data");
+    g.run_ok(
+        &format!(
+            "mkdir -p {GUEST_PG} && cp -a {tpl} {data} && chown postgres:postgres {GUEST_PG} \
+             && chmod 700 {GUEST_PG} {data}",
+            tpl = shell_quote(&template.to_string_lossy()),
+        ),
+        Duration::from_secs(120),
+    )?;
+    g.run_ok(
+        &format!(
+            "cd / && HOME=/var/lib/postgresql /usr/bin/setpriv --reuid=postgres --regid=postgres \
+             --init-groups {BIN_DIR}/pg_ctl start -w -t 120 -D {data} -l {GUEST_PG}/postmaster.log \
+             -o \"-c port={port} -c unix_socket_directories='{GUEST_PG}'\" </dev/null"
+        ),
+        Duration::from_secs(150),
+    )
+    .map_err(|e| {
+        let log = g
+            .read_file(&format!("{GUEST_PG}/postmaster.log"))
+            .unwrap_or_default();
+        format!("{e}\npostmaster.log:\n{log}")
+    })?;
+    Ok(t0.elapsed())
+}
+
+/// What one end-to-end trial measured (host CLOCK_BOOTTIME).
+#[derive(Debug, Clone)]
+pub struct PgTrial {
+    pub fault: PgFault,
+    pub dog: Dog,
+    /// Guest boot to its control shell.
+    pub boot: Duration,
+    /// The template copied and PostgreSQL started in the guest.
+    pub guest_pg_start: Duration,
+    /// Trial start to the clients starting (both nodes up, synchronous).
+    pub setup: Duration,
+    pub fault_at: Duration,
+    pub reset: Option<(String, Duration)>,
+    pub key_deleted: Option<Duration>,
+    /// The host node's put of the key.
+    pub new_leader: Option<Duration>,
+    /// The first observation of the host node writable after the fault
+    /// (its completion).
+    pub writable_at: Option<Duration>,
+    /// The per-insert (multi-host) writer's longest stretch without an
+    /// acknowledged insert, from the last one before the fault.
+    pub writer_gap: Option<f64>,
+    pub verdict: Verdict,
+    /// `leasedog audit timeline` over both logs: exit code and text.
+    pub timeline: Option<(i32, String)>,
+    pub wall: Duration,
+    pub notes: Vec<String>,
+    /// The whole history, as JSON (observations, terms, final rows).
+    pub history: Value,
+}
+
+fn rel(d: Option<Duration>, t0: Duration) -> Option<f64> {
+    d.map(|d| d.as_secs_f64() - t0.as_secs_f64())
+}
+
+impl PgTrial {
+    /// Fault -> the new primary observed writable, seconds.
+    pub fn failover(&self) -> Option<f64> {
+        rel(self.writable_at, self.fault_at)
+    }
+
+    pub fn double_writable(&self) -> usize {
+        self.verdict.double_writable()
+    }
+
+    pub fn lost_acked(&self) -> usize {
+        self.verdict.lost_acked.len()
+    }
+
+    /// The timeline's verdict per change of leader (`change at rev N: a ->
+    /// b    VERDICT` lines): `a->b VERDICT`.
+    pub fn timeline_verdicts(&self) -> Vec<String> {
+        let Some((_, text)) = &self.timeline else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter(|l| l.starts_with("change at rev"))
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let arrow = w.iter().position(|x| *x == "->")?;
+                Some(format!(
+                    "{}->{} {}",
+                    w.get(arrow - 1)?,
+                    w.get(arrow + 1)?,
+                    w.last()?
+                ))
+            })
+            .collect()
+    }
+
+    pub fn to_json(&self) -> Value {
+        let t0 = self.fault_at;
+        json!({
+            "fault": self.fault.name(),
+            "watchdog": self.dog.name(),
+            "boot_s": self.boot.as_secs_f64(),
+            "guest_pg_start_s": self.guest_pg_start.as_secs_f64(),
+            "setup_s": self.setup.as_secs_f64(),
+            "wall_s": self.wall.as_secs_f64(),
+            "fault_boottime_s": t0.as_secs_f64(),
+            "reset_event": self.reset.as_ref().map(|r| r.0.clone()),
+            "reset_after_fault_s": rel(self.reset.as_ref().map(|r| r.1), t0),
+            "key_deleted_after_fault_s": rel(self.key_deleted, t0),
+            "new_leader_after_fault_s": rel(self.new_leader, t0),
+            "failover_s": self.failover(),
+            "writer_gap_s": self.writer_gap,
+            "double_writable": self.double_writable(),
+            "lost_acked": self.lost_acked(),
+            "verdict": self.verdict.to_json(),
+            "timeline_code": self.timeline.as_ref().map(|t| t.0),
+            "timeline": self.timeline.as_ref().map(|t| t.1.clone()),
+            "timeline_verdicts": self.timeline_verdicts(),
+            "notes": self.notes,
+            "history": self.history,
+        })
+    }
+
+    pub fn summary(&self) -> String {
+        let t0 = self.fault_at;
+        let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:+.2}"));
+        format!(
+            "{} ({}): reset {} {}, key deleted {}, host took key {}, writable {} s after the fault; \
+             writer gap {} s; double-writable {}, lost acked {} (ok {}, failed {}, unknown {}); \
+             timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, trial {:.1} s",
+            self.fault.name(),
+            self.dog.name(),
+            self.reset.as_ref().map_or("none", |r| r.0.as_str()),
+            f(rel(self.reset.as_ref().map(|r| r.1), t0)),
+            f(rel(self.key_deleted, t0)),
+            f(rel(self.new_leader, t0)),
+            f(self.failover()),
+            self.writer_gap.map_or("-".into(), |g| format!("{g:.2}")),
+            self.double_writable(),
+            self.lost_acked(),
+            self.verdict.writes_ok,
+            self.verdict.writes_failed,
+            self.verdict.writes_unknown,
+            self.timeline_verdicts(),
+            self.boot.as_secs_f64(),
+            self.guest_pg_start.as_secs_f64(),
+            self.setup.as_secs_f64(),
+            self.wall.as_secs_f64(),
+        )
+    }
+}
+
+fn key_events(watch: &KeyWatch) -> Vec<(u64, Option<String>)> {
+    watch
+        .events()
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::Put => (e.boottime_ns, holder(&e.value)),
+            EventKind::Delete => (e.boottime_ns, None),
+        })
+        .collect()
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+/// One end-to-end trial; see the module documentation. `rt` runs the
+/// clients.
+pub fn run_pg_trial(
+    lab: &Lab,
+    rt: &tokio::runtime::Runtime,
+    fault: PgFault,
+    dog: Dog,
+) -> Result<PgTrial, String> {
+    let t0 = Instant::now();
+    let template = lab_template()?;
+    let scope = lab.new_scope();
+    let watch = lab.watch(&scope)?;
+    let gport = free_port();
+    let mut node = boot_pg_guest(lab, &scope, dog, gport)?;
+    let guest_pg_start = start_guest_pg(&node.guest, &template, gport)?;
+    let cfg = lab.guest_config(&scope, &node, "keep-pinging")?
+        + &pg_section(GUEST_PG, gport, &format!("{GUEST_PG}/data"), "127.0.0.1");
+    node.start_agent(&lab.bin, &cfg)?;
+    if !node.wait_log("promoted (leader", Duration::from_secs(90)) {
+        return Err(format!(
+            "the guest's agent did not lead within 90 s; its log:\n{}",
+            node.agent_log()
+        ));
+    }
+    psql(gport, clients::TABLE_SQL).map_err(|e| format!("create table on the guest: {e}"))?;
+    let host = start_host_node(lab, &scope, &template, gport)?;
+    let sync = wait_until(Duration::from_secs(90), || {
+        psql(
+            gport,
+            &format!(
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{HOST_NODE}'"
+            ),
+        )
+        .is_ok_and(|s| s == "sync")
+    });
+    if !sync {
+        return Err(format!(
+            "the host node never became the guest's synchronous standby; guest agent:\n{}\nhost agent:\n{}",
+            tail(&node.agent_log(), 30),
+            tail(&host.agent.log(), 30)
+        ));
+    }
+    if let Some(r) = node.guest.reset_time() {
+        return Err(format!("the guest reset while healthy: {r:?}"));
+    }
+    let setup = t0.elapsed();
+
+    // The clients, from here to the end.
+    let targets = vec![
+        Target {
+            name: GUEST_NODE.into(),
+            port: gport,
+        },
+        Target {
+            name: HOST_NODE.into(),
+            port: host.pg.port,
+        },
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let w_new = rt.spawn(clients::writer(
+        clients::read_write_conninfo(&targets),
+        targets.clone(),
+        1_000_000_000,
+        false,
+        EVERY,
+        stop.clone(),
+    ));
+    let w_kept: Vec<_> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            rt.spawn(clients::writer(
+                clients::conninfo(t),
+                targets.clone(),
+                (i as i64 + 2) * 1_000_000_000,
+                true,
+                EVERY,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let probe = rt.spawn(clients::probe(targets.clone(), EVERY, false, stop.clone()));
+    std::thread::sleep(Duration::from_secs(3));
+    let mut notes = Vec::new();
+
+    // The fault.
+    let pid = node.pid()?;
+    let fault_at = match fault {
+        PgFault::Stall => node.guest.kill(pid, "STOP")?.host,
+        PgFault::StallAll => {
+            node.guest
+                .act(&format!("kill -STOP {pid} $(pgrep -u postgres)"))?
+                .host
+        }
+    };
+    let reset = node.guest.wait_reset(Duration::from_secs(30));
+    if reset.is_none() {
+        notes.push("no reset within 30 s of the fault".into());
+    }
+    let writable = wait_until(Duration::from_secs(40), || {
+        host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f")
+    });
+    if writable {
+        std::thread::sleep(HOLD_AFTER_PROMOTION);
+    } else {
+        notes.push("the host node was not writable within 40 s of the reset".into());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let join = |h: tokio::task::JoinHandle<Vec<Attempt>>| rt.block_on(h).map_err(|e| e.to_string());
+    let log_new = join(w_new)?;
+    let mut logs_kept = Vec::new();
+    for h in w_kept {
+        logs_kept.push(join(h)?);
+    }
+    let (_rows, probe_obs) = rt.block_on(probe).map_err(|e| e.to_string())?;
+
+    let after = |e: &crate::etcd::WatchEvent| e.boottime_ns >= ns(fault_at);
+    let events = watch.events();
+    let key_deleted = events
+        .iter()
+        .find(|e| after(e) && e.kind == EventKind::Delete)
+        .map(|e| Duration::from_nanos(e.boottime_ns));
+    let new_leader = events
+        .iter()
+        .find(|e| {
+            after(e) && e.kind == EventKind::Put && holder(&e.value).as_deref() == Some(HOST_NODE)
+        })
+        .map(|e| Duration::from_nanos(e.boottime_ns));
+    let final_rows = host
+        .pg
+        .try_sql("SELECT id FROM bench")
+        .ok()
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect());
+    let mut obs = probe_obs;
+    obs.extend(clients::write_obs("writer-new", &targets, &log_new));
+    for (t, log) in targets.iter().zip(&logs_kept) {
+        obs.extend(clients::write_obs(
+            &format!("writer-kept-{}", t.name),
+            &targets,
+            log,
+        ));
+    }
+    let writable_at = obs
+        .iter()
+        .filter(|o| o.node.as_deref() == Some(HOST_NODE) && o.invoke_ns >= ns(fault_at))
+        .filter(|o| match o.kind {
+            history::Kind::Write { outcome, .. } => outcome == history::Outcome::Ok,
+            history::Kind::Probe { writable } => writable == Some(true),
+        })
+        .map(|o| o.complete_ns)
+        .min()
+        .map(Duration::from_nanos);
+    let h = History {
+        obs,
+        terms: history::terms(&key_events(&watch)),
+        final_rows,
+        slack_ns: 50_000_000,
+    };
+    let verdict = history::check(&h);
+    let history_json = history_to_json(&h);
+
+    let mut trial = PgTrial {
+        fault,
+        dog,
+        boot: node.guest.boot_time(),
+        guest_pg_start,
+        setup,
+        fault_at,
+        reset: reset.map(|r| {
+            let name = match r.data.get("action").and_then(Value::as_str) {
+                Some(a) => format!("{} ({a})", r.name),
+                None => r.name.clone(),
+            };
+            (name, r.boottime)
+        }),
+        key_deleted,
+        new_leader,
+        writable_at,
+        writer_gap: clients::gap(&log_new, ns(fault_at)),
+        verdict,
+        timeline: None,
+        wall: Duration::ZERO,
+        notes,
+        history: history_json,
+    };
+    if trial.reset.is_some() {
+        // The guest reboots: its agent starts again on the same audit
+        // folder and records the previous boot's reset; then the auditor.
+        match node.guest.wait_rebooted(Duration::from_secs(120)) {
+            Ok(d) => {
+                trial.notes.push(format!(
+                    "rebooted: control shell {:.1} s after the reset",
+                    d.as_secs_f64()
+                ));
+                let before = node.audit().len();
+                node.start_agent(&lab.bin, &cfg)?;
+                let started = wait_until(Duration::from_secs(30), || {
+                    node.audit()
+                        .iter()
+                        .skip(before)
+                        .any(|r| r["event"] == "startup")
+                });
+                if !started {
+                    trial
+                        .notes
+                        .push("no start-up record after the reboot".into());
+                }
+                // Let it see the host's key (a leader_seen record).
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => trial.notes.push(format!("no reboot: {e}")),
+        }
+        trial.timeline = Some(audit_timeline(
+            &lab.bin,
+            &[node.audit_path(), host.audit_path()],
+            Some(&host.config_path()),
+        )?);
+    }
+    trial.wall = t0.elapsed();
+    drop(node);
+    drop(host);
+    Ok(trial)
+}
+
+fn history_to_json(h: &History) -> Value {
+    json!({
+        "obs": h.obs.iter().map(|o| {
+            let (kind, id, outcome, writable) = match &o.kind {
+                history::Kind::Write { id, outcome } => ("write", Some(*id), Some(format!("{outcome:?}")), None),
+                history::Kind::Probe { writable } => ("probe", None, None, *writable),
+            };
+            json!({
+                "node": o.node, "client": o.client, "invoke_ns": o.invoke_ns,
+                "complete_ns": o.complete_ns, "kind": kind, "id": id,
+                "outcome": outcome, "writable": writable,
+            })
+        }).collect::<Vec<_>>(),
+        "terms": h.terms.iter().map(|t| json!({"node": t.node, "from_ns": t.from_ns, "to_ns": t.to_ns})).collect::<Vec<_>>(),
+        "final_rows": h.final_rows.as_ref().map(|r| r.len()),
+    })
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

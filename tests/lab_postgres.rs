@@ -1,0 +1,66 @@
+//! The whole promise, end to end (issue 14): leasedog with PostgreSQL 15 in
+//! a QEMU guest with a real i6300esb, a host node (PostgreSQL + agent, fake
+//! device and reset stand-in) as its synchronous standby, clients on the
+//! host recording every operation. The guest leader's agent is stalled
+//! (SIGSTOP); its watchdog resets it; the host node takes the key and
+//! promotes. The clients' history must show no instant with two writable
+//! primaries and no acknowledged insert lost, and the audit timeline over
+//! both nodes' logs must call the change FENCED-BY-RESET. Timings print with
+//! --nocapture; `leasedog-lab pg` runs many trials.
+
+use leasedog_testbed::lab::pg::{run_pg_trial, PgFault};
+use leasedog_testbed::lab::scenario::{Dog, Lab};
+use std::path::Path;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
+
+#[test]
+fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
+    let lab = Lab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t =
+        run_pg_trial(&lab, &rt, PgFault::Stall, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", t.summary());
+    for n in &t.notes {
+        eprintln!("  note: {n}");
+    }
+    let v = &t.verdict;
+    let reset = t.reset.as_ref().expect("the guest's watchdog reset it").1;
+    assert!(
+        reset > t.fault_at,
+        "reset before the fault: {}",
+        t.summary()
+    );
+    let deleted = t.key_deleted.expect("the guest's key expired");
+    assert!(
+        reset < deleted,
+        "reset after the key expired: {}",
+        t.summary()
+    );
+    assert!(
+        t.new_leader.is_some(),
+        "the host node took the key: {}",
+        t.summary()
+    );
+    let failover = t.failover().expect("the host node became writable");
+    assert!(failover < 30.0, "failover {failover:.2} s: {}", t.summary());
+    assert!(
+        v.writes_ok > 20,
+        "too few acknowledged writes: {}",
+        t.summary()
+    );
+    assert_eq!(t.double_writable(), 0, "{:#}", v.to_json());
+    assert!(
+        v.lost_acked.is_empty(),
+        "lost acknowledged: {:#}",
+        v.to_json()
+    );
+    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
+    eprintln!("{text}");
+    assert!(text.contains("FENCED-BY-RESET"), "{text}");
+    assert_eq!(code, 0, "{text}");
+}
