@@ -159,11 +159,27 @@ pub async fn insert(c: &tokio_postgres::Client, id: i64) -> (Outcome, Option<u16
     }
 }
 
-/// Inserts ids `base + n` through `conninfo` at `every` until `stop`;
-/// `kept` keeps one connection (reconnecting only when it broke or an
-/// outcome was not an acknowledgement), else connects per insert.
+/// One read-write conninfo per target, to try in order: what libpq does
+/// with a multi-host string, except that each host gets its own bound on
+/// the whole connection (libpq's `connect_timeout` covers the startup
+/// exchange too; tokio-postgres's covers only the TCP connect, so a host
+/// whose TCP connect succeeds and whose server never answers, like a guest
+/// behind QEMU's forward that is stopped or rebooting, would hold up the
+/// walk until the outer bound).
+pub fn read_write_each(targets: &[Target]) -> Vec<String> {
+    targets
+        .iter()
+        .map(|t| format!("{} target_session_attrs=read-write", conninfo(t)))
+        .collect()
+}
+
+/// Inserts ids `base + n` at `every` until `stop`, connecting through the
+/// first of `conninfos` that connects (each within 1 s; a single conninfo,
+/// e.g. a multi-host one, gets 1 s per target); `kept` keeps one connection
+/// (reconnecting only when it broke or an outcome was not an
+/// acknowledgement), else connects per insert.
 pub async fn writer(
-    conninfo: String,
+    conninfos: Vec<String>,
     targets: Vec<Target>,
     base: i64,
     kept: bool,
@@ -172,7 +188,11 @@ pub async fn writer(
 ) -> Vec<Attempt> {
     let mut log = Vec::new();
     let mut client: Option<tokio_postgres::Client> = None;
-    let connect_within = Duration::from_secs(1 + targets.len() as u64);
+    let connect_within = if conninfos.len() == 1 {
+        Duration::from_secs(1 + targets.len() as u64)
+    } else {
+        Duration::from_secs(1)
+    };
     let mut n = 0;
     let mut tick = Ticker::new(every, base);
     while !stop.load(Ordering::Relaxed) {
@@ -181,7 +201,13 @@ pub async fn writer(
         let id = base + n;
         let at_ns = boottime_ns();
         if client.as_ref().is_none_or(|c| c.is_closed()) || !kept {
-            client = connect(&conninfo, connect_within).await;
+            client = None;
+            for ci in &conninfos {
+                client = connect(ci, connect_within).await;
+                if client.is_some() {
+                    break;
+                }
+            }
         }
         let (outcome, port) = match &client {
             Some(c) => insert(c, id).await,
@@ -230,10 +256,59 @@ async fn ask(c: &tokio_postgres::Client) -> Option<bool> {
     Some(!row.get::<_, bool>(0))
 }
 
+/// One target's questions of a round: on its kept connection (taken and
+/// given back), and with `fresh` on a new one.
+async fn ask_one(
+    t: Target,
+    mut kept: Option<tokio_postgres::Client>,
+    fresh: bool,
+) -> (Option<tokio_postgres::Client>, Vec<Obs>, Option<bool>) {
+    let mut obs = Vec::new();
+    let mut note = |client: &str, invoke_ns: u64, writable: Option<bool>| {
+        obs.push(Obs {
+            node: Some(t.name.clone()),
+            client: client.into(),
+            invoke_ns,
+            complete_ns: boottime_ns(),
+            kind: Kind::Probe { writable },
+        })
+    };
+    let ci = conninfo(&t);
+    if kept.as_ref().is_none_or(|c| c.is_closed()) {
+        kept = connect(&ci, Duration::from_secs(1)).await;
+    }
+    let asked = boottime_ns();
+    let a = match &kept {
+        Some(c) => ask(c).await,
+        None => None,
+    };
+    note("probe-kept", asked, a);
+    if a.is_none() {
+        kept = None;
+    }
+    let mut f = None;
+    if fresh {
+        let asked = boottime_ns();
+        f = match connect(&ci, Duration::from_millis(300)).await {
+            Some(c) => ask(&c).await,
+            None => None,
+        };
+        note("probe-new", asked, f);
+    }
+    let w = match (a, f) {
+        (Some(true), _) | (_, Some(true)) => Some(true),
+        (None, None) => None,
+        _ => Some(false),
+    };
+    (kept, obs, w)
+}
+
 /// Asks every target `pg_is_in_recovery()` at `every` until `stop`, on a
 /// kept connection (which still reaches backends of a stopped postmaster)
-/// and, with `fresh`, also on a new one per round. Returns the rounds and
-/// every single question as an observation.
+/// and, with `fresh`, also on a new one per round. The targets of a round
+/// are asked concurrently, so a node that hangs (a stopped server) does not
+/// delay the questions to the others. Returns the rounds and every single
+/// question as an observation.
 pub async fn probe(
     targets: Vec<Target>,
     every: Every,
@@ -243,52 +318,46 @@ pub async fn probe(
     let mut kept: Vec<Option<tokio_postgres::Client>> = targets.iter().map(|_| None).collect();
     let mut out = Vec::new();
     let mut obs = Vec::new();
-    let mut note = |i: usize, client: &str, invoke_ns: u64, writable: Option<bool>| {
-        obs.push(Obs {
-            node: Some(targets[i].name.clone()),
-            client: client.into(),
-            invoke_ns,
-            complete_ns: boottime_ns(),
-            kind: Kind::Probe { writable },
-        })
-    };
     let mut tick = Ticker::new(every, -1);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let at = boottime_ns();
+        let handles: Vec<_> = targets
+            .iter()
+            .zip(kept.iter_mut())
+            .map(|(t, k)| tokio::spawn(ask_one(t.clone(), k.take(), fresh)))
+            .collect();
         let mut w = Vec::with_capacity(targets.len());
-        for (i, t) in targets.iter().enumerate() {
-            let ci = conninfo(t);
-            if kept[i].as_ref().is_none_or(|c| c.is_closed()) {
-                kept[i] = connect(&ci, Duration::from_secs(1)).await;
+        for (i, h) in handles.into_iter().enumerate() {
+            match h.await {
+                Ok((k, o, x)) => {
+                    kept[i] = k;
+                    obs.extend(o);
+                    w.push(x);
+                }
+                Err(_) => w.push(None),
             }
-            let asked = boottime_ns();
-            let a = match &kept[i] {
-                Some(c) => ask(c).await,
-                None => None,
-            };
-            note(i, "probe-kept", asked, a);
-            if a.is_none() {
-                kept[i] = None;
-            }
-            let mut f = None;
-            if fresh {
-                let asked = boottime_ns();
-                f = match connect(&ci, Duration::from_millis(300)).await {
-                    Some(c) => ask(&c).await,
-                    None => None,
-                };
-                note(i, "probe-new", asked, f);
-            }
-            w.push(match (a, f) {
-                (Some(true), _) | (_, Some(true)) => Some(true),
-                (None, None) => None,
-                _ => Some(false),
-            });
         }
         out.push((at, w));
     }
     (out, obs)
+}
+
+/// The longest stretch between completions of acknowledged inserts in
+/// `log` (what an application waits), from the last one completed before
+/// `t0` on.
+pub fn gap_completed(log: &[Attempt], t0: u64) -> Option<f64> {
+    let mut acks: Vec<u64> = log
+        .iter()
+        .filter(|a| a.acked())
+        .map(|a| a.done_ns)
+        .collect();
+    acks.sort_unstable();
+    let before = acks.iter().copied().filter(|d| *d < t0).max()?;
+    acks.retain(|d| *d >= before);
+    acks.windows(2)
+        .map(|w| (w[1] - w[0]) as f64 / 1e9)
+        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))))
 }
 
 /// The longest stretch without an acknowledged insert in `log`, from the

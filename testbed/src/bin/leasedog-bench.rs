@@ -378,7 +378,7 @@ fn trial_inner(
     let multi = clients::read_write_conninfo(&targets);
     let every = Every::fixed(WRITE_EVERY);
     let w_new = rt.spawn(clients::writer(
-        multi.clone(),
+        vec![multi.clone()],
         targets.clone(),
         1_000_000_000,
         false,
@@ -386,7 +386,7 @@ fn trial_inner(
         stop.clone(),
     ));
     let w_kept = rt.spawn(clients::writer(
-        multi,
+        vec![multi],
         targets.clone(),
         2_000_000_000,
         true,

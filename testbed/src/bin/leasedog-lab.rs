@@ -20,6 +20,16 @@
 //!   `--observe-restart`, softdog only, with `soft_noboot=1`: the guest
 //!   survives the expiry, and the restarted agent's log and any later
 //!   firing of the handed-back device are printed.
+//! - `leasedog-lab pg [--trials N] [--faults stall,stall-all] [--json PATH]`:
+//!   the whole promise end to end (issue 14, `lab::pg`): leasedog with
+//!   PostgreSQL 15 in a guest with a real watchdog (i6300esb and softdog
+//!   alternating), a host node as its synchronous standby, clients on the
+//!   host recording a history; the guest's agent (or the agent and all its
+//!   PostgreSQL) is stopped; prints failover time (fault -> new primary
+//!   writable), writer gap, the history checker's double-writable and lost
+//!   acknowledged inserts, the audit timeline's verdicts and the wall time
+//!   per trial; writes every history and verdict to PATH (default
+//!   `target/lab-pg.json`).
 //! - `leasedog-lab demo`: an etcd on the host and two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
 //!   guest takes the key; prints a host-clock timeline and the verdict.
@@ -28,6 +38,7 @@
 //! must be built with `--features testing` (scenario 2's fault hook).
 
 use leasedog_testbed::etcd::EventKind;
+use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgTrial};
 use leasedog_testbed::lab::scenario::{self, holder, run_trial, Dog, Fault, Lab, NodeOpts, R};
 use leasedog_testbed::lab::Kernel;
 use serde_json::json;
@@ -56,6 +67,7 @@ fn usage() -> ExitCode {
         "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4,5] [--json PATH]\n       \
          leasedog-lab pause [--trials N] [--seconds P]\n       \
          leasedog-lab systemd-kill [--trials N] [--fdstore on|off|both] [--observe-restart]\n       \
+         leasedog-lab pg [--trials N] [--faults stall,stall-all] [--json PATH]\n       \
          leasedog-lab demo"
     );
     ExitCode::from(2)
@@ -68,6 +80,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("pause") => pause(&args[1..]),
         Some("systemd-kill") => systemd_kill(&args[1..]),
+        Some("pg") => pg(&args[1..]),
         _ => usage(),
     }
 }
@@ -261,6 +274,185 @@ fn bench(args: &[String]) -> ExitCode {
         Ok(()) => println!("wrote {}", json_path.display()),
         Err(e) => eprintln!("leasedog-lab: {}: {e}", json_path.display()),
     }
+    if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn pg(args: &[String]) -> ExitCode {
+    let mut trials = 4usize;
+    let mut faults = vec![PgFault::Stall, PgFault::StallAll];
+    let mut json_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lab-pg.json");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--trials" => match it.next().and_then(|v| v.parse().ok()) {
+                Some(n) => trials = n,
+                None => return usage(),
+            },
+            "--faults" => {
+                let Some(v) = it.next() else { return usage() };
+                faults = match v.split(',').map(|x| PgFault::parse(x.trim())).collect() {
+                    Some(f) => f,
+                    None => {
+                        eprintln!("leasedog-lab: faults are stall, stall-all");
+                        return ExitCode::from(2);
+                    }
+                };
+            }
+            "--json" => match it.next() {
+                Some(p) => json_path = PathBuf::from(p),
+                None => return usage(),
+            },
+            _ => return usage(),
+        }
+    }
+    let bin = agent_bin();
+    eprintln!("agent: {}", bin.display());
+    let lab = match Lab::start(&bin) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("leasedog-lab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let mut done: Vec<PgTrial> = Vec::new();
+    let mut errors: Vec<(PgFault, String)> = Vec::new();
+    let write = |all: &Vec<serde_json::Value>, summary: serde_json::Value| {
+        let doc = json!({
+            "budget": {"ttl_s": 5, "margin_s": 2, "reset_allowance_s": R.as_secs(), "w_s": 3},
+            "synchronous_mode": true,
+            "summary": summary,
+            "trials": all,
+        });
+        if let Some(d) = json_path.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        if let Err(e) = std::fs::write(&json_path, serde_json::to_string_pretty(&doc).unwrap()) {
+            eprintln!("leasedog-lab: {}: {e}", json_path.display());
+        }
+    };
+    for i in 0..trials {
+        let dog = if i % 2 == 0 {
+            Dog::I6300esb
+        } else {
+            Dog::Softdog
+        };
+        for &f in &faults {
+            match run_pg_trial(&lab, &rt, f, dog) {
+                Ok(t) => {
+                    eprintln!("[{}/{trials}] {}", i + 1, t.summary());
+                    for n in &t.notes {
+                        eprintln!("  note: {n}");
+                    }
+                    all.push(t.to_json());
+                    done.push(t);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "[{}/{trials}] {} ({}) FAILED: {}",
+                        i + 1,
+                        f.name(),
+                        dog.name(),
+                        e.lines().next().unwrap_or("")
+                    );
+                    all.push(json!({"fault": f.name(), "watchdog": dog.name(), "error": e}));
+                    errors.push((f, e));
+                }
+            }
+            write(&all, json!(null));
+        }
+    }
+    println!();
+    println!(
+        "end to end: PostgreSQL 15 (synchronous) under leasedog in a guest with a real watchdog, \
+         host node takes over; T = 5 s, M = 2 s, R = 1 s, W = 3 s; seconds, median [min-max]"
+    );
+    println!(
+        "{:<10} {:>6} {:>20} {:>20} {:>8} {:>8} {:<26} {:>20}",
+        "fault",
+        "trials",
+        "failover",
+        "writer gap",
+        "2-writ",
+        "lost-ack",
+        "verdicts",
+        "wall per trial"
+    );
+    let mut summary = Vec::new();
+    let mut bad = !errors.is_empty();
+    for &f in &faults {
+        let ts: Vec<&PgTrial> = done.iter().filter(|t| t.fault == f).collect();
+        let errs = errors.iter().filter(|e| e.0 == f).count();
+        let failover: Vec<f64> = ts.iter().filter_map(|t| t.failover()).collect();
+        let gap: Vec<f64> = ts.iter().filter_map(|t| t.writer_gap).collect();
+        let wall: Vec<f64> = ts.iter().map(|t| t.wall.as_secs_f64()).collect();
+        let dw: usize = ts.iter().map(|t| t.double_writable()).sum();
+        let lost: usize = ts.iter().map(|t| t.lost_acked()).sum();
+        let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
+        for t in &ts {
+            let v = t.timeline_verdicts();
+            if v.is_empty() {
+                *verdicts.entry("none".into()).or_default() += 1;
+            }
+            for x in v {
+                let word = x.split_whitespace().last().unwrap_or("").to_string();
+                *verdicts.entry(word).or_default() += 1;
+            }
+        }
+        let vtext = verdicts
+            .iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        bad |= dw > 0
+            || lost > 0
+            || failover.len() < ts.len()
+            || verdicts.keys().any(|k| k != "FENCED-BY-RESET");
+        println!(
+            "{:<10} {:>6} {:>20} {:>20} {:>8} {:>8} {:<26} {:>20}",
+            f.name(),
+            if errs > 0 {
+                format!("{}+{errs}err", ts.len())
+            } else {
+                ts.len().to_string()
+            },
+            fmt_stats(&failover),
+            fmt_stats(&gap),
+            dw,
+            lost,
+            vtext,
+            fmt_stats(&wall),
+        );
+        summary.push(json!({
+            "fault": f.name(), "trials": ts.len(), "errors": errs,
+            "failover_s": stats(&failover).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+            "writer_gap_s": stats(&gap).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+            "double_writable": dw,
+            "lost_acked": lost,
+            "timeline_verdicts": verdicts,
+            "wall_s": stats(&wall).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+        }));
+    }
+    println!(
+        "failover = fault -> first observation of the host node writable; writer gap = the \
+         per-insert read-write writer's longest wait between acknowledged inserts; 2-writ = \
+         double-writable instants the history proves; lost-ack = acknowledged ids missing \
+         on the final primary"
+    );
+    println!("total wall time {:.0} s", started.elapsed().as_secs_f64());
+    write(&all, json!(summary));
+    println!("wrote {}", json_path.display());
     if bad {
         ExitCode::FAILURE
     } else {

@@ -15,8 +15,9 @@
 //! - The host node is a copy of the same template started as a standby of
 //!   the guest (a copy of a cleanly stopped cluster is a base backup): no
 //!   `pg_basebackup` through QEMU's user network.
-//! - Clients ([`crate::clients`]): a writer connecting per insert through a
-//!   multi-host `target_session_attrs=read-write` string, a writer with a
+//! - Clients ([`crate::clients`]): a writer connecting per insert to the
+//!   first read-write node (`target_session_attrs=read-write`, each node in
+//!   turn within 1 s, as libpq walks a multi-host string), a writer with a
 //!   kept connection to each node, and a probe asking each node
 //!   `pg_is_in_recovery()`, all every 50-100 ms.
 //! - Faults ([`PgFault`]): SIGSTOP of the guest's agent, or of the agent and
@@ -346,8 +347,9 @@ pub struct PgTrial {
     /// The first observation of the host node writable after the fault
     /// (its completion).
     pub writable_at: Option<Duration>,
-    /// The per-insert (multi-host) writer's longest stretch without an
-    /// acknowledged insert, from the last one before the fault.
+    /// The per-insert (read-write) writer's longest stretch between
+    /// completions of acknowledged inserts, from the last one before the
+    /// fault.
     pub writer_gap: Option<f64>,
     pub verdict: Verdict,
     /// `leasedog audit timeline` over both logs: exit code and text.
@@ -528,7 +530,7 @@ pub fn run_pg_trial(
     ];
     let stop = Arc::new(AtomicBool::new(false));
     let w_new = rt.spawn(clients::writer(
-        clients::read_write_conninfo(&targets),
+        clients::read_write_each(&targets),
         targets.clone(),
         1_000_000_000,
         false,
@@ -540,7 +542,7 @@ pub fn run_pg_trial(
         .enumerate()
         .map(|(i, t)| {
             rt.spawn(clients::writer(
-                clients::conninfo(t),
+                vec![clients::conninfo(t)],
                 targets.clone(),
                 (i as i64 + 2) * 1_000_000_000,
                 true,
@@ -646,7 +648,7 @@ pub fn run_pg_trial(
         key_deleted,
         new_leader,
         writable_at,
-        writer_gap: clients::gap(&log_new, ns(fault_at)),
+        writer_gap: clients::gap_completed(&log_new, ns(fault_at)),
         verdict,
         timeline: None,
         wall: Duration::ZERO,
