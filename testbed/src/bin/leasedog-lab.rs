@@ -284,8 +284,8 @@ fn bench(args: &[String]) -> ExitCode {
 fn pg(args: &[String]) -> ExitCode {
     let mut trials = 4usize;
     let mut faults = vec![PgFault::Stall, PgFault::StallAll];
-    let mut json_path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lab-pg.json");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut json_path = root.parent().unwrap_or(root).join("target/lab-pg.json");
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -379,7 +379,7 @@ fn pg(args: &[String]) -> ExitCode {
          host node takes over; T = 5 s, M = 2 s, R = 1 s, W = 3 s; seconds, median [min-max]"
     );
     println!(
-        "{:<10} {:>6} {:>20} {:>20} {:>8} {:>8} {:<26} {:>20}",
+        "{:<10} {:>6} {:>20} {:>20} {:>8} {:>8} {:<52} {:>20}",
         "fault",
         "trials",
         "failover",
@@ -400,14 +400,24 @@ fn pg(args: &[String]) -> ExitCode {
         let dw: usize = ts.iter().map(|t| t.double_writable()).sum();
         let lost: usize = ts.iter().map(|t| t.lost_acked()).sum();
         let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
+        // Per watchdog: softdog keeps no boot status across a reset, so
+        // the rebooted agent cannot report the reset and the auditor (rightly)
+        // calls the change UNPROVEN; the i6300esb reports it.
+        let mut unproven_i6300esb = false;
         for t in &ts {
             let v = t.timeline_verdicts();
             if v.is_empty() {
-                *verdicts.entry("none".into()).or_default() += 1;
+                *verdicts
+                    .entry(format!("{}:none", t.dog.name()))
+                    .or_default() += 1;
             }
             for x in v {
                 let word = x.split_whitespace().last().unwrap_or("").to_string();
-                *verdicts.entry(word).or_default() += 1;
+                unproven_i6300esb |= t.dog == Dog::I6300esb && word != "FENCED-BY-RESET";
+                bad |= word == "VIOLATION";
+                *verdicts
+                    .entry(format!("{}:{word}", t.dog.name()))
+                    .or_default() += 1;
             }
         }
         let vtext = verdicts
@@ -415,12 +425,9 @@ fn pg(args: &[String]) -> ExitCode {
             .map(|(k, n)| format!("{k} x{n}"))
             .collect::<Vec<_>>()
             .join(", ");
-        bad |= dw > 0
-            || lost > 0
-            || failover.len() < ts.len()
-            || verdicts.keys().any(|k| k != "FENCED-BY-RESET");
+        bad |= dw > 0 || lost > 0 || failover.len() < ts.len() || unproven_i6300esb;
         println!(
-            "{:<10} {:>6} {:>20} {:>20} {:>8} {:>8} {:<26} {:>20}",
+            "{:<10} {:>6} {:>20} {:>20} {:>8} {:>8} {:<52} {:>20}",
             f.name(),
             if errs > 0 {
                 format!("{}+{errs}err", ts.len())

@@ -38,6 +38,11 @@
 //!   `leasedog.service`, a drop-in, a driver script): its fd store tests
 //!   (`tests/watchdog.rs`) and scenario 5 with the agent as a service
 //!   ([`systemd::kill_trial`], `leasedog-lab systemd-kill`, tests/lab_systemd.rs).
+//! - [`pg`] is the whole promise end to end (issue 14): PostgreSQL 15 under
+//!   leasedog in a guest with a real watchdog, a host node as its
+//!   synchronous standby, clients recording a history ([`crate::clients`])
+//!   checked by [`crate::history`]; `tests/lab_postgres.rs` and
+//!   `leasedog-lab pg` use it.
 //! - Dropping a [`Guest`] kills QEMU's process group; QEMU also gets SIGKILL
 //!   if the test process dies. `LEASEDOG_LAB_KEEP=1` keeps the guest's temp
 //!   folder (console.log, qemu.log).

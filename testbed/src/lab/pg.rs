@@ -529,6 +529,8 @@ pub fn run_pg_trial(
         },
     ];
     let stop = Arc::new(AtomicBool::new(false));
+    // An error below must not leave the clients running into the next trial.
+    let _stop_on_error = StopOnDrop(stop.clone());
     let w_new = rt.spawn(clients::writer(
         clients::read_write_each(&targets),
         targets.clone(),
@@ -692,6 +694,15 @@ pub fn run_pg_trial(
     drop(node);
     drop(host);
     Ok(trial)
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn history_to_json(h: &History) -> Value {
