@@ -607,6 +607,8 @@ pub struct Core {
     pg_has_data: bool,
     /// No `StartStandby` before this instant (after a failed one).
     start_backoff_until: BootTime,
+    /// A `StartStandby` runs (no `Follow` beside it).
+    starting: bool,
 }
 
 /// Why a won key's promotion waits (see [`Core::try_promote`]).
@@ -659,6 +661,7 @@ impl Core {
             hold: None,
             pg_has_data: false,
             start_backoff_until: BootTime::ZERO,
+            starting: false,
         }
     }
 
@@ -940,6 +943,7 @@ impl Core {
             }
             Input::StandbyStarted { ok } => {
                 self.busy = false;
+                self.starting = false;
                 if !ok {
                     self.start_backoff_until =
                         now + self.budget().loop_interval * START_BACKOFF_LOOPS;
@@ -1215,6 +1219,9 @@ impl Core {
             }
             return;
         }
+        if self.starting {
+            return; // a standby start runs: its outcome comes first
+        }
         if self.node.is_some() && !self.knows_leader(&leader) {
             // Its address first; the follow comes with the record.
             self.maybe_refresh_leader_member(true, out);
@@ -1245,6 +1252,7 @@ impl Core {
             return;
         }
         self.busy = true;
+        self.starting = true;
         out.push(Action::StartStandby { leader });
     }
 

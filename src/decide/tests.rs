@@ -2408,3 +2408,46 @@ fn nothing_starts_a_server_while_this_node_leads_or_shuts_down() {
     c.handle(t(15), Input::Shutdown);
     assert!(starts(&c.handle(t(20), down(true))).is_empty());
 }
+
+#[test]
+fn no_follow_starts_while_a_standby_start_runs() {
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Unknown,
+            revision: 3,
+            lease: None,
+        },
+    );
+    assert_eq!(starts(&c.handle(t(20), down(true))), vec![None]);
+    // The leader shows up while pg_ctl start runs: no Follow beside it.
+    c.handle(
+        t(30),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 4,
+            lease: None,
+        },
+    );
+    let a = c.handle(
+        t(40),
+        Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", Some(5000))),
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Follow { .. })), "{a:?}");
+    c.handle(t(50), Input::StandbyStarted { ok: true });
+    // Running as a standby of nobody: now it follows b (rewind if needed).
+    let a = c.handle(t(60), replica(4900));
+    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+}
