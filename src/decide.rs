@@ -37,6 +37,9 @@ pub const EXPIRY_SLACK: Duration = Duration::from_millis(1500);
 /// cannot release must not hold the key forever.
 pub const RELEASE_ATTEMPTS: u32 = 3;
 
+/// Loops to wait after a failed `StartStandby` before the next attempt.
+pub const START_BACKOFF_LOOPS: u32 = 10;
+
 /// Who holds the leader key, as far as the last read or watch event says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyHolder {
@@ -246,6 +249,13 @@ pub enum Input {
     PgObserved {
         role: PgRole,
         wal: Option<WalPosition>,
+        /// The data directory holds a cluster (`Pg::data_dir_state`): a
+        /// stopped server can be started as a standby.
+        has_data: bool,
+    },
+    /// Outcome of `StartStandby`.
+    StandbyStarted {
+        ok: bool,
     },
     /// The status query failed (timeout, credentials, another data
     /// directory): the server's state is unknown, so the node is not eligible.
@@ -402,8 +412,15 @@ pub enum Action {
     CheckLeaseGone {
         lease: i64,
     },
+    /// Stop PostgreSQL and confirm it (outcome [`Input::SteppedDown`] or
+    /// [`Input::StepDownFailed`]). `fast`: a planned step-down (SIGTERM
+    /// handover with fresh evidence and the key still ours) may first try a
+    /// fast shutdown (shutdown checkpoint sent to the connected standbys)
+    /// for at most this long, then the fence; it ends before the demotion
+    /// deadline `s + T - M`. `None`: the fence at once (rule 3).
     StepDown {
         reason: StepDownReason,
+        fast: Option<Duration>,
     },
     /// Not leading and PostgreSQL is writable: stop it at once (immediate
     /// stop, SIGKILL if needed). Outcome: [`Input::Fenced`]; a follower
@@ -416,6 +433,16 @@ pub enum Action {
     /// [`Input::Followed`].
     Follow {
         leader: String,
+    },
+    /// Start a stopped PostgreSQL (observed down, a cluster in its data
+    /// directory, no `Follow` running, this node not leading) as a standby
+    /// (`standby.signal`: never writable) of `leader` when its address is
+    /// known, else of nobody: after a full-cluster reboot a running replica
+    /// is eligible, so one node is elected and promotes. Runs in the
+    /// background; outcome [`Input::StandbyStarted`], retried after
+    /// [`START_BACKOFF_LOOPS`] loops on failure.
+    StartStandby {
+        leader: Option<String>,
     },
     /// Write this node's member record on the current lease. Outcome:
     /// [`Input::MemberPublished`] (may arrive later: off the renewal path).
@@ -576,6 +603,12 @@ pub struct Core {
     /// Armed (or arming) after a win whose `Promote` is held back: until the
     /// previous holder's lease is gone, and until the evidence is fresh.
     hold: Option<PromoteHold>,
+    /// The data directory held a cluster at the last observation.
+    pg_has_data: bool,
+    /// No `StartStandby` before this instant (after a failed one).
+    start_backoff_until: BootTime,
+    /// A `StartStandby` runs (no `Follow` beside it).
+    starting: bool,
 }
 
 /// Why a won key's promotion waits (see [`Core::try_promote`]).
@@ -626,6 +659,9 @@ impl Core {
             release_failures: 0,
             unreleased: None,
             hold: None,
+            pg_has_data: false,
+            start_backoff_until: BootTime::ZERO,
+            starting: false,
         }
     }
 
@@ -824,7 +860,7 @@ impl Core {
             }
             Input::PromoteFailed { .. } => {
                 if self.role == Role::Promoting {
-                    self.step_down(StepDownReason::PromoteFailed, &mut out);
+                    self.step_down(now, StepDownReason::PromoteFailed, &mut out);
                 }
             }
             Input::SteppedDown { how } => {
@@ -849,7 +885,7 @@ impl Core {
             }
             Input::FencedByTimer { how } => {
                 if self.leading() {
-                    self.step_down(StepDownReason::Deadline, &mut out);
+                    self.step_down(now, StepDownReason::Deadline, &mut out);
                     out.retain(|a| !matches!(a, Action::StepDown { .. }));
                 }
                 if self.role == Role::SteppingDown {
@@ -897,7 +933,22 @@ impl Core {
                 out.push(Action::ReadKey);
             }
             Input::Postgres(view) => self.on_pg_view(now, view, &mut out),
-            Input::PgObserved { role, wal } => self.on_pg_observed(now, role, wal, &mut out),
+            Input::PgObserved {
+                role,
+                wal,
+                has_data,
+            } => {
+                self.pg_has_data = has_data;
+                self.on_pg_observed(now, role, wal, &mut out)
+            }
+            Input::StandbyStarted { ok } => {
+                self.busy = false;
+                self.starting = false;
+                if !ok {
+                    self.start_backoff_until =
+                        now + self.budget().loop_interval * START_BACKOFF_LOOPS;
+                }
+            }
             Input::PgObserveFailed { error } => {
                 // A server we cannot query (wrong credentials, another data
                 // directory) must not be led: the promotion would fail and
@@ -953,7 +1004,7 @@ impl Core {
                 }
                 match self.role {
                     Role::Arming | Role::Promoting | Role::Leader => {
-                        self.step_down(StepDownReason::Shutdown, &mut out)
+                        self.step_down(now, StepDownReason::Shutdown, &mut out)
                     }
                     Role::Fenced => self.after_fenced(now, &mut out),
                     Role::Follower => self.maybe_exit(&mut out),
@@ -981,7 +1032,7 @@ impl Core {
         if self.leading() {
             if let Some(s) = self.s {
                 if now > timing::demotion_deadline(s, self.budget()) {
-                    self.step_down(StepDownReason::Deadline, out);
+                    self.step_down(now, StepDownReason::Deadline, out);
                     return;
                 }
             }
@@ -1000,6 +1051,7 @@ impl Core {
         match self.role {
             Role::SteppingDown => out.push(Action::StepDown {
                 reason: StepDownReason::Deadline,
+                fast: None,
             }),
             Role::Fenced => self.after_fenced(now, out),
             // Re-ask whether the previous holder's lease is gone.
@@ -1068,7 +1120,7 @@ impl Core {
         out.push(Action::Record(Fact::LeaseLost { last_s }));
         if self.leading() {
             self.key_gone = true;
-            self.step_down(StepDownReason::LeaseLost, out);
+            self.step_down(now, StepDownReason::LeaseLost, out);
         } else if matches!(self.role, Role::SteppingDown | Role::Fenced) {
             self.key_gone = true;
             if self.role == Role::Fenced {
@@ -1111,7 +1163,7 @@ impl Core {
         if self.leading() && self.holder != KeyHolder::Us {
             // Safety first: pings stop before anything is written down.
             self.key_gone = true;
-            self.step_down(StepDownReason::KeyLost, out);
+            self.step_down(now, StepDownReason::KeyLost, out);
         } else if matches!(self.role, Role::SteppingDown | Role::Fenced)
             && self.holder != KeyHolder::Us
         {
@@ -1150,6 +1202,7 @@ impl Core {
             return;
         }
         let KeyHolder::Other(leader) = self.holder.clone() else {
+            self.maybe_start_standby(now, None, out);
             return;
         };
         let settled = match &self.pg {
@@ -1160,7 +1213,14 @@ impl Core {
             }
         };
         if settled {
+            if self.pg == PgView::Down {
+                let known = self.knows_leader(&leader).then_some(leader);
+                self.maybe_start_standby(now, known, out);
+            }
             return;
+        }
+        if self.starting {
+            return; // a standby start runs: its outcome comes first
         }
         if self.node.is_some() && !self.knows_leader(&leader) {
             // Its address first; the follow comes with the record.
@@ -1172,6 +1232,30 @@ impl Core {
         out.push(Action::Follow { leader });
     }
 
+    /// Nothing else starts a stopped PostgreSQL (the distribution's unit is
+    /// refused): a follower whose server is observed down with a cluster in
+    /// its data directory, no `Follow` or start running, starts it as a
+    /// standby (of `leader`, else of nobody), never writable.
+    fn maybe_start_standby(
+        &mut self,
+        now: BootTime,
+        leader: Option<String>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.pg != PgView::Down
+            || !self.pg_has_data
+            || self.busy
+            || self.role != Role::Follower
+            || self.shutting_down
+            || now < self.start_backoff_until
+        {
+            return;
+        }
+        self.busy = true;
+        self.starting = true;
+        out.push(Action::StartStandby { leader });
+    }
+
     fn knows_leader(&self, leader: &str) -> bool {
         self.leader_member
             .as_ref()
@@ -1181,7 +1265,7 @@ impl Core {
     fn on_pg_view(&mut self, now: BootTime, view: PgView, out: &mut Vec<Action>) {
         self.pg = view;
         if self.role == Role::Leader && self.pg == PgView::Down {
-            self.step_down(StepDownReason::PostgresDown, out);
+            self.step_down(now, StepDownReason::PostgresDown, out);
         }
         self.follow_leader(now, out);
     }
@@ -1540,8 +1624,9 @@ impl Core {
         out.push(Action::Revoke { lease });
     }
 
-    fn step_down(&mut self, reason: StepDownReason, out: &mut Vec<Action>) {
+    fn step_down(&mut self, now: BootTime, reason: StepDownReason, out: &mut Vec<Action>) {
         self.hold = None;
+        let fast = self.fast_stop_within(now, &reason);
         let deadline = self.s.map(|s| timing::demotion_deadline(s, self.budget()));
         self.role = Role::SteppingDown;
         // Pings stop first: if the stop hangs, the watchdog finishes the job.
@@ -1558,7 +1643,23 @@ impl Core {
             reason: reason.clone(),
             deadline,
         }));
-        out.push(Action::StepDown { reason });
+        out.push(Action::StepDown { reason, fast });
+    }
+
+    /// How long a planned step-down may try a fast shutdown before the
+    /// fence: only for `Shutdown` with the key still ours and fresh
+    /// evidence, and only what is left until the demotion deadline
+    /// `s + T - M` less one request timeout (for the release that follows),
+    /// at least a second (pg_ctl's own granularity); else `None`.
+    fn fast_stop_within(&self, now: BootTime, reason: &StepDownReason) -> Option<Duration> {
+        if *reason != StepDownReason::Shutdown || self.key_gone || !self.fresh(now) {
+            return None;
+        }
+        let deadline = timing::demotion_deadline(self.s?, self.budget());
+        let left = deadline
+            .saturating_since(now)
+            .checked_sub(self.budget().request_timeout)?;
+        (left >= Duration::from_secs(1)).then_some(left)
     }
 
     /// PostgreSQL is stopped: release the key if it may still be ours, and

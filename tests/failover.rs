@@ -873,3 +873,224 @@ fn a_writable_server_is_fenced_while_etcd_is_unreachable() {
         "keeps running"
     );
 }
+
+/// `pg_controldata` of `n`'s data directory: (cluster state, latest
+/// checkpoint location).
+fn control(n: &Node) -> (String, u64) {
+    let out = leasedog_testbed::pg::as_postgres(format!(
+        "{}/pg_controldata",
+        leasedog_testbed::pg::BIN_DIR
+    ))
+    .arg("-D")
+    .arg(n.pg.data_dir())
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{k} in pg_controldata:\n{text}"))
+    };
+    (
+        field("Database cluster state:"),
+        lsn(&field("Latest checkpoint location:")),
+    )
+}
+
+fn lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Where `n`'s newest timeline branched off (its newest `.history` file's
+/// last line): the end of the WAL it had received when it promoted.
+fn newest_switchpoint(n: &Node) -> u64 {
+    let mut h: Vec<PathBuf> = std::fs::read_dir(n.pg.data_dir().join("pg_wal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "history"))
+        .collect();
+    h.sort();
+    let text = std::fs::read_to_string(h.last().expect("a history file")).unwrap();
+    let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    lsn(line.split_whitespace().nth(1).unwrap())
+}
+
+/// Synchronous mode, SIGTERM of the leader's agent while a client commits:
+/// the planned step-down is a fast shutdown, so every acknowledged commit is
+/// on the new primary, and the standby had received the old primary's
+/// shutdown checkpoint before it promoted (its timeline branches after it).
+#[test]
+fn sigterm_handover_in_synchronous_mode_is_a_fast_shutdown_that_loses_nothing() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "sigterm-sync";
+    let sync = PgOverrides {
+        extra: "synchronous_mode = true".into(),
+        ..Default::default()
+    };
+    let pg = PgNode::init(free_port());
+    pg.start();
+    pg.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
+    let mut a = Node::with(scope, "a", &eps, pg, sync.clone());
+    a.start_agent();
+    wait_holder(&client, scope, "a", Duration::from_secs(30));
+    let mut b = Node::with(
+        scope,
+        "b",
+        &eps,
+        PgNode::replica_of(&a.pg, free_port()),
+        sync,
+    );
+    b.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(60), || a
+            .pg
+            .try_sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'b'")
+            .is_ok_and(|s| s == "sync")),
+        "b never became a's synchronous standby\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+
+    // A client commits one row at a time; what a acknowledged is recorded.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sock, port) = (a.pg.socket_dir(), a.pg.port);
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for v in 100i64.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let ok =
+                    std::process::Command::new(format!("{}/psql", leasedog_testbed::pg::BIN_DIR))
+                        .arg("-h")
+                        .arg(&sock)
+                        .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+                        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+                        .args(["-c", &format!("INSERT INTO t VALUES ({v})")])
+                        .stdin(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success());
+                if ok {
+                    acked.push(v);
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    a.agent().signal(libc::SIGTERM).unwrap();
+    let st = a
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .expect("a exits after SIGTERM");
+    assert!(st.success(), "a exit status {st}:\n{}", a.log());
+    wait_holder(&client, scope, "b", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || b.writable() == Some(true)),
+        "b promoted:\n{}",
+        b.log()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.join().unwrap();
+    assert!(!acked.is_empty(), "the client committed something");
+    let log = a.log();
+    assert!(
+        log.contains("fast shutdown, checkpoint sent to the standbys"),
+        "a's step-down was a fast shutdown:\n{log}"
+    );
+    let (state, checkpoint) = control(&a);
+    assert_eq!(state, "shut down", "a shut down cleanly");
+    let switch = newest_switchpoint(&b);
+    assert!(
+        switch > checkpoint,
+        "b branched at {switch:X}, before a's shutdown checkpoint at {checkpoint:X}"
+    );
+    let missing: Vec<i64> = acked
+        .iter()
+        .copied()
+        .filter(|v| !b.has_row("t", *v))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged commits lost: {missing:?} of {}",
+        acked.len()
+    );
+    assert!(
+        a.monitor.kills().is_empty(),
+        "no reset after a clean handover"
+    );
+    eprintln!(
+        "handover: {} commits acknowledged, none lost; a's checkpoint {checkpoint:X}, b branched at {switch:X}",
+        acked.len()
+    );
+}
+
+/// A full-cluster reboot: both PostgreSQL servers down (nothing else starts
+/// them: the distribution's unit is refused), the key expired, both agents
+/// started. Each starts its server as a standby of nobody, which makes it
+/// eligible; exactly one wins and promotes, the other follows it.
+#[test]
+fn after_a_full_cluster_reboot_one_node_is_elected_and_the_other_follows() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "reboot";
+    let (mut a, mut b) = two_nodes(scope, &eps, &client, "");
+    // The "power cut": both agents and both servers die at once.
+    let t0 = boottime_ns();
+    a.kill_agent();
+    b.kill_agent();
+    signal_all(&processes_in(&a.pg.data_dir()), libc::SIGKILL);
+    signal_all(&processes_in(&b.pg.data_dir()), libc::SIGKILL);
+    // a was armed: wait for its "reset" so it cannot hit the next agent.
+    a.monitor.wait_kill(t0, Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(20), || holder(&client, scope).is_none()),
+        "the key expired"
+    );
+    assert!(processes_in(&a.pg.data_dir()).is_empty());
+    assert!(processes_in(&b.pg.data_dir()).is_empty());
+
+    a.start_agent();
+    b.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(60), || holder(&client, scope).is_some()),
+        "nobody was elected\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    let new = holder(&client, scope).unwrap();
+    let (l, f) = if new == "a" { (&a, &b) } else { (&b, &a) };
+    assert!(
+        wait_until(Duration::from_secs(30), || l.writable() == Some(true)),
+        "{new} promoted:\n{}",
+        l.log()
+    );
+    assert!(
+        l.log().contains("starting PostgreSQL as a standby"),
+        "{new}'s server was started by its agent:\n{}",
+        l.log()
+    );
+    l.pg.sql("INSERT INTO t VALUES (2)");
+    wait_replica_with(f, 2, Duration::from_secs(90));
+    assert!(
+        wait_until(Duration::from_secs(30), || f.streaming()),
+        "{} streams from {new}",
+        f.name
+    );
+    assert_eq!(assert_one_writable(&[&a, &b], 5), new);
+}

@@ -81,6 +81,20 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         Some(pc) => Some(Pg::new(pc.clone()).map_err(|e| format!("postgres: {e}"))?),
         None => None,
     };
+    if let Some(pg) = &pg {
+        refuse_distro_unit(pg.data_dir(), pgsql::distro_unit_conflict)?;
+        match pgsql::mark_managed(std::path::Path::new(pgsql::MANAGED_DIR), pg.data_dir()) {
+            Ok(names) if !names.is_empty() => {
+                info!(clusters = ?names, dir = pgsql::MANAGED_DIR, "marked as managed by leasedog")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                dir = pgsql::MANAGED_DIR,
+                "cannot mark the cluster as managed by leasedog: {e}; the packaged drop-in \
+                 will not keep the distribution's unit from starting it"
+            ),
+        }
+    }
     let (timer_tx, timer_rx) = mpsc::unbounded_channel();
     let stop_fn = stop_fn(pg.clone());
     let (timer, rt) = DeadlineTimer::start(
@@ -786,6 +800,7 @@ impl Agent {
                 })
             }
             Action::Follow { leader } => self.follow(leader),
+            Action::StartStandby { leader } => self.start_standby(leader),
             Action::PublishMember(member) => {
                 if let (Some(io), Some(lease)) = (&self.member_io, self.core.lease()) {
                     io.publish(lease, member);
@@ -811,12 +826,17 @@ impl Agent {
                 }
                 None => Some(Input::SyncStandbysSet { value, ok: false }),
             },
-            Action::StepDown { reason } => {
-                warn!(?reason, "stepping down");
-                let stop = self.stop_fn.clone();
-                let r = tokio::task::spawn_blocking(move || stop())
-                    .await
-                    .unwrap_or_else(|e| Err(format!("step-down task failed: {e}")));
+            Action::StepDown { reason, fast } => {
+                warn!(?reason, ?fast, "stepping down");
+                let r = match (fast, self.pg.clone()) {
+                    (Some(within), Some(pg)) => switchover(&pg, within, self.stop_fn.clone()).await,
+                    _ => {
+                        let stop = self.stop_fn.clone();
+                        tokio::task::spawn_blocking(move || stop())
+                            .await
+                            .unwrap_or_else(|e| Err(format!("step-down task failed: {e}")))
+                    }
+                };
                 Some(match r {
                     Ok(how) => Input::SteppedDown { how },
                     Err(reason) => Input::StepDownFailed { reason },
@@ -1060,6 +1080,38 @@ pub fn evidence_kind(cell: &EvidenceCell) -> &'static str {
 
 /// PostgreSQL: following the leader (the core decides when; this runs it).
 impl Agent {
+    /// Starts a stopped PostgreSQL as a standby of `leader` (its member
+    /// record's address) or of nobody, in the background, reporting
+    /// `StandbyStarted` on the side channel.
+    fn start_standby(&mut self, leader: Option<String>) -> Option<Input> {
+        let Some(pg) = self.pg.clone() else {
+            return Some(Input::StandbyStarted { ok: false });
+        };
+        let conninfo = leader.as_ref().and_then(|l| {
+            let m = self.core.leader_member().filter(|m| &m.node == l)?;
+            Some(
+                pg.config()
+                    .replication_conninfo(m.host.as_ref()?, m.port?, &self.cfg.node),
+            )
+        });
+        let tx = self.side_tx.clone();
+        info!(leader = ?leader, "starting PostgreSQL as a standby");
+        tokio::spawn(async move {
+            let ok = match pg.start_as_standby(conninfo.as_deref()).await {
+                Ok(()) => {
+                    info!(leader = ?leader, "PostgreSQL started as a standby");
+                    true
+                }
+                Err(e) => {
+                    error!("cannot start PostgreSQL as a standby: {e}");
+                    false
+                }
+            };
+            let _ = tx.send(Input::StandbyStarted { ok });
+        });
+        None
+    }
+
     /// Runs PostgreSQL as a replica of `leader` (the core has fenced a
     /// writable server first): stops, rewinds or clones and restarts it in
     /// the background, reporting `Followed` on the side channel.
@@ -1099,6 +1151,54 @@ impl Agent {
     }
 }
 
+/// The start-up refusal: a distribution unit (`postgresql@V-C`) that
+/// manages the same data directory could start a former primary writable
+/// after a reset; `conflict` (`postgres::distro_unit_conflict`) names it and
+/// the fix.
+fn refuse_distro_unit(
+    data_dir: &std::path::Path,
+    conflict: impl Fn(&std::path::Path) -> Option<String>,
+) -> Result<(), String> {
+    match conflict(data_dir) {
+        Some(c) => Err(format!("postgres: {c}")),
+        None => Ok(()),
+    }
+}
+
+/// A planned step-down: a fast shutdown (`Pg::stop_for_switchover`) bounded
+/// by `within` as a whole (the core's budget: it ends before the demotion
+/// deadline), else the fence. `Ok` only for a confirmed stop.
+async fn switchover(pg: &Pg, within: Duration, fence: StopFn) -> Result<String, String> {
+    let pg_within = within
+        .saturating_sub(Duration::from_secs(2))
+        .max(Duration::from_secs(1));
+    match tokio::time::timeout(within, pg.stop_for_switchover(pg_within)).await {
+        Ok(Ok(pgsql::Switchover::Fast { took })) => Ok(format!(
+            "PostgreSQL stopped (fast shutdown, checkpoint sent to the standbys) in {:.3} s",
+            took.as_secs_f64()
+        )),
+        Ok(Ok(pgsql::Switchover::Fenced(r))) => Ok(format!(
+            "PostgreSQL stopped ({}, the fast shutdown did not finish) in {:.3} s",
+            audit::stop_how(r.how),
+            r.took.as_secs_f64()
+        )),
+        Ok(Err(e)) => {
+            warn!("switchover stop failed ({e}); fencing");
+            fence_now(fence).await
+        }
+        Err(_) => {
+            warn!(?within, "switchover stop ran out of time; fencing");
+            fence_now(fence).await
+        }
+    }
+}
+
+async fn fence_now(fence: StopFn) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || fence())
+        .await
+        .unwrap_or_else(|e| Err(format!("fence task failed: {e}")))
+}
+
 /// Stops a running replica cleanly, then clones an empty data directory or
 /// rewinds an existing one, and starts it as a standby of `conninfo`.
 async fn follow_leader(pg: &Pg, conninfo: &str) -> Result<String, String> {
@@ -1129,6 +1229,35 @@ async fn follow_leader(pg: &Pg, conninfo: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_up_refuses_a_distribution_unit_for_the_same_data_directory_and_names_the_fix() {
+        let root = tempfile::tempdir().unwrap();
+        let data = "/var/lib/postgresql/15/main";
+        let etc = root.path().join("etc/postgresql/15/main");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("postgresql.conf"), "port = 5432\n").unwrap();
+        std::fs::write(etc.join("start.conf"), "auto\n").unwrap();
+        let in_root =
+            |d: &std::path::Path| pgsql::distro_unit_conflict_in(root.path(), d, &|_| Some(false));
+        let e = refuse_distro_unit(std::path::Path::new(data), in_root).unwrap_err();
+        assert!(e.starts_with("postgres: postgresql@15-main.service"), "{e}");
+        assert!(
+            e.contains("systemctl disable --now postgresql@15-main"),
+            "{e}"
+        );
+        assert!(e.contains("start_conf manual"), "{e}");
+        // Host tests' temporary data directories: no distribution cluster.
+        assert_eq!(
+            refuse_distro_unit(std::path::Path::new("/tmp/x/data"), in_root),
+            Ok(())
+        );
+        std::fs::write(etc.join("start.conf"), "manual\n").unwrap();
+        assert_eq!(
+            refuse_distro_unit(std::path::Path::new(data), in_root),
+            Ok(())
+        );
+    }
 
     #[test]
     fn only_sigterm_and_sigint_stop_the_agent() {

@@ -79,9 +79,17 @@ async fn observe(pg: &Pg) -> Vec<Input> {
             }];
         }
     };
+    // A stopped server with a cluster in its data directory can be started
+    // as a standby (the core decides when).
+    let has_data = st.role != Role::Down
+        || matches!(
+            pg.data_dir_state(),
+            Ok(crate::postgres::DataDirState::Cluster { .. })
+        );
     let mut out = vec![Input::PgObserved {
         role: st.role,
         wal: st.wal,
+        has_data,
     }];
     if pg.config().synchronous_mode && st.role == Role::Primary {
         match tokio::time::timeout(within(pg), pg.streaming_standbys()).await {

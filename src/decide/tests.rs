@@ -436,7 +436,8 @@ fn rule3_tick_past_deadline_steps_down() {
     assert_eq!(a[0], Action::Publish(Evidence::None), "pings stop first");
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::Deadline
+            reason: StepDownReason::Deadline,
+            fast: None
         }));
     assert!(!has(&a, |a| *a == Action::Disarm));
 }
@@ -447,7 +448,8 @@ fn lease_gone_or_key_lost_steps_down() {
     let a = c.handle(t(1500), Input::LeaseGone);
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::LeaseLost
+            reason: StepDownReason::LeaseLost,
+            fast: None
         }));
     let mut c = leader(WatchdogMode::Required);
     let a = c.handle(
@@ -460,7 +462,8 @@ fn lease_gone_or_key_lost_steps_down() {
     );
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::KeyLost
+            reason: StepDownReason::KeyLost,
+            fast: None
         }));
     let mut c = leader(WatchdogMode::Required);
     let a = c.handle(
@@ -472,7 +475,8 @@ fn lease_gone_or_key_lost_steps_down() {
     );
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::LeaseLost
+            reason: StepDownReason::LeaseLost,
+            fast: None
         }));
 }
 
@@ -482,7 +486,8 @@ fn rule4_disarm_only_after_stop_and_release() {
     let a = c.handle(t(1500), Input::Shutdown);
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::Shutdown
+            reason: StepDownReason::Shutdown,
+            fast: Some(ms(2100))
         }));
     assert!(!has(&a, |a| *a == Action::Disarm));
     assert!(
@@ -777,7 +782,8 @@ fn leader_whose_postgres_is_down_hands_over() {
     let a = c.handle(t(1200), Input::Postgres(PgView::Down));
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::PostgresDown
+            reason: StepDownReason::PostgresDown,
+            fast: None
         }));
     assert!(
         !has(&a, |a| *a == Action::Publish(Evidence::None)),
@@ -818,6 +824,7 @@ fn replica(lsn: u64) -> Input {
             receive: Some(crate::postgres::Lsn(lsn)),
             replay: Some(crate::postgres::Lsn(lsn)),
         }),
+        has_data: true,
     }
 }
 
@@ -830,6 +837,7 @@ fn primary(lsn: u64) -> Input {
             receive: None,
             replay: None,
         }),
+        has_data: true,
     }
 }
 
@@ -932,6 +940,7 @@ fn eligibility_within_and_over_the_lag_bound_of_the_leaders_lsn() {
         Input::PgObserved {
             role: PgRole::Down,
             wal: None,
+            has_data: false,
         },
     );
     assert_eq!(c.eligibility(), Err("PostgreSQL is down"));
@@ -1001,6 +1010,7 @@ fn member_record_is_due_on_change_and_its_lsn_at_the_cadence() {
         Input::PgObserved {
             role: PgRole::Down,
             wal: None,
+            has_data: false,
         },
     );
     let a = c.handle(t(20_500), Input::Tick);
@@ -1048,6 +1058,7 @@ fn follow_waits_for_the_leaders_address_and_refreshes_at_the_cadence() {
         Input::PgObserved {
             role: PgRole::Down,
             wal: None,
+            has_data: false,
         },
     );
     assert_eq!(
@@ -1060,6 +1071,7 @@ fn follow_waits_for_the_leaders_address_and_refreshes_at_the_cadence() {
         Input::PgObserved {
             role: PgRole::Down,
             wal: None,
+            has_data: false,
         },
     );
     assert!(a.is_empty(), "one read at a time: {a:?}");
@@ -1226,6 +1238,7 @@ fn sync_names_left_alone_unless_leading_a_primary_in_sync_mode() {
         Input::PgObserved {
             role: PgRole::Down,
             wal: None,
+            has_data: false,
         },
     );
     assert!(
@@ -1445,7 +1458,8 @@ fn stale_key_events_do_not_unseat_a_leader() {
     );
     assert!(has(&a, |a| *a
         == Action::StepDown {
-            reason: StepDownReason::KeyLost
+            reason: StepDownReason::KeyLost,
+            fast: None
         }));
 }
 
@@ -1744,7 +1758,8 @@ fn any_input() -> impl Strategy<Value = (u64, Input)> {
             1 => replica(lsn),
             _ => Input::PgObserved {
                 role: PgRole::Down,
-                wal: None
+                wal: None,
+                has_data: false,
             },
         }),
         any::<bool>().prop_map(|ok| Input::Fenced {
@@ -2226,7 +2241,8 @@ fn waiting_for_the_previous_lease_without_renewals_steps_down_at_the_deadline() 
     assert!(has(&a, |a| matches!(
         a,
         Action::StepDown {
-            reason: StepDownReason::Deadline
+            reason: StepDownReason::Deadline,
+            fast: None
         }
     )));
     assert!(!has(&a, |a| *a == Action::Promote));
@@ -2239,4 +2255,199 @@ fn waiting_for_the_previous_lease_without_renewals_steps_down_at_the_deadline() 
         },
     );
     assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+}
+
+fn down(has_data: bool) -> Input {
+    Input::PgObserved {
+        role: PgRole::Down,
+        wal: None,
+        has_data,
+    }
+}
+
+fn starts(a: &[Action]) -> Vec<Option<String>> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::StartStandby { leader } => Some(leader.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_shutdown_step_down_tries_a_fast_stop_bounded_by_the_demotion_deadline() {
+    // s = 1.0 s, T - M = 3 s: deadline 4.0 s; request timeout 0.4 s.
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1500), Input::Shutdown);
+    let fast = a.iter().find_map(|a| match a {
+        Action::StepDown { reason, fast } => Some((reason.clone(), *fast)),
+        _ => None,
+    });
+    assert_eq!(fast, Some((StepDownReason::Shutdown, Some(ms(2100)))));
+    // Stale evidence (past s + M - R): no time for a fast stop, the fence.
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(2100), Input::Shutdown);
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::Shutdown,
+            fast: None
+        }));
+    // Every other reason is the fence.
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1200), Input::Postgres(PgView::Down));
+    assert!(has(&a, |a| *a
+        == Action::StepDown {
+            reason: StepDownReason::PostgresDown,
+            fast: None
+        }));
+    // Key gone before SIGTERM: someone else may promote, the fence.
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(
+        t(1200),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 9,
+            lease: None,
+        },
+    );
+    let a = c.handle(t(1300), Input::Shutdown);
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::StepDown { fast: Some(_), .. }
+    )));
+}
+
+#[test]
+fn a_stopped_server_with_data_starts_as_a_standby_of_nobody_and_is_then_eligible() {
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 3,
+            lease: None,
+        },
+    );
+    // Down without a cluster in the data directory: nothing to start.
+    assert!(starts(&c.handle(t(20), down(false))).is_empty());
+    // Down with one: started as a standby of nobody, once.
+    assert_eq!(starts(&c.handle(t(30), down(true))), vec![None]);
+    assert!(
+        starts(&c.handle(t(40), down(true))).is_empty(),
+        "one at a time"
+    );
+    assert_eq!(c.eligibility(), Err("rejoin in progress"));
+    c.handle(t(50), Input::StandbyStarted { ok: true });
+    // A running replica with no known leader LSN is eligible: it races.
+    let a = c.handle(t(60), replica(100));
+    assert_eq!(c.eligibility(), Ok(()));
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
+}
+
+#[test]
+fn a_failed_standby_start_is_retried_after_a_back_off() {
+    let mut c = managed_follower();
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Unknown,
+            revision: 4,
+            lease: None,
+        },
+    );
+    assert_eq!(starts(&c.handle(t(20), down(true))), vec![None]);
+    c.handle(t(30), Input::StandbyStarted { ok: false });
+    // START_BACKOFF_LOOPS * 0.5 s = 5 s.
+    assert!(starts(&c.handle(t(4000), down(true))).is_empty());
+    assert_eq!(starts(&c.handle(t(5030), down(true))), vec![None]);
+}
+
+#[test]
+fn a_follower_whose_server_stopped_restarts_it_as_a_standby_of_the_known_leader() {
+    let mut c = managed_follower();
+    c.handle(
+        t(20),
+        Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", Some(5000))),
+        },
+    );
+    // Down and never followed: the Follow (rewind, start) comes first.
+    let a = c.handle(t(25), down(true));
+    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    assert!(starts(&a).is_empty());
+    c.handle(
+        t(30),
+        Input::Followed {
+            leader: "b".into(),
+            ok: true,
+        },
+    );
+    c.handle(t(40), replica(4000));
+    // Crashed or stopped behind the agent's back: the Follow is done, so
+    // only a start brings it back, as b's standby.
+    assert_eq!(starts(&c.handle(t(50), down(true))), vec![Some("b".into())]);
+}
+
+#[test]
+fn nothing_starts_a_server_while_this_node_leads_or_shuts_down() {
+    // A leader whose server is down hands over (rule 3's fence): no start.
+    let mut c = leader(WatchdogMode::Required);
+    let a = c.handle(t(1200), down(true));
+    assert!(starts(&a).is_empty());
+    // Shutting down: nothing starts either.
+    let mut c = managed_follower();
+    c.handle(t(15), Input::Shutdown);
+    assert!(starts(&c.handle(t(20), down(true))).is_empty());
+}
+
+#[test]
+fn no_follow_starts_while_a_standby_start_runs() {
+    let mut c = managed(false);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Unknown,
+            revision: 3,
+            lease: None,
+        },
+    );
+    assert_eq!(starts(&c.handle(t(20), down(true))), vec![None]);
+    // The leader shows up while pg_ctl start runs: no Follow beside it.
+    c.handle(
+        t(30),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 4,
+            lease: None,
+        },
+    );
+    let a = c.handle(
+        t(40),
+        Input::LeaderMember {
+            leader: "b".into(),
+            member: Some(leader_record("b", Some(5000))),
+        },
+    );
+    assert!(!has(&a, |a| matches!(a, Action::Follow { .. })), "{a:?}");
+    c.handle(t(50), Input::StandbyStarted { ok: true });
+    // Running as a standby of nobody: now it follows b (rewind if needed).
+    let a = c.handle(t(60), replica(4900));
+    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
 }
