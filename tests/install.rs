@@ -1420,7 +1420,7 @@ fn guest_postgres_probe() {
         fs::write("/usr/leasedog-probe", "x").is_err(),
         String::new(),
     );
-    let fence = pg.stop_fast_fence_sync();
+    let fence = pg.fence();
     let left = cg.as_ref().and_then(|g| g.procs().ok());
     report(
         "cgroup fence",

@@ -1,8 +1,8 @@
 //! The PostgreSQL driver against real PostgreSQL 15 clusters (testbed::pg).
 
 use leasedog::postgres::{
-    cluster_processes, process_alive, stop_fast_fence_blocking, NotEligible, Pg, PgConfig, PgError,
-    Promotion, Role, StopHow,
+    cluster_processes, fence_by_scan, process_alive, NotEligible, Pg, PgConfig, PgError, Promotion,
+    Role, StopHow,
 };
 use leasedog_testbed::pg::{free_port, PgNode};
 use std::time::{Duration, Instant};
@@ -110,7 +110,7 @@ async fn fence_stops_immediately_and_an_open_connection_cannot_commit() {
     let c = client(&node).await;
     c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
     let pm = node.postmaster_pid().unwrap();
-    let report = driver(&node).stop_fast_fence().await.unwrap();
+    let report = driver(&node).fence_async().await.unwrap();
     eprintln!("TIMING immediate stop: {:?}", report.took);
     assert_eq!(report.how, StopHow::Immediate);
     assert_eq!(report.postmaster, Some(pm));
@@ -118,7 +118,7 @@ async fn fence_stops_immediately_and_an_open_connection_cannot_commit() {
     assert!(cluster_processes(&node.data_dir()).is_empty());
     assert!(c.execute("INSERT INTO t VALUES (2)", &[]).await.is_err());
     // Idempotent: a second fence finds nothing to stop.
-    let again = stop_fast_fence_blocking(
+    let again = fence_by_scan(
         &node.data_dir(),
         Duration::from_secs(1),
         Duration::from_secs(1),
@@ -152,7 +152,7 @@ async fn fence_kills_a_sigstopped_postmaster_and_all_its_backends() {
     let data = node.data_dir();
     // From a plain thread, no tokio: as the deadline timer calls it.
     let report = std::thread::spawn(move || {
-        stop_fast_fence_blocking(&data, Duration::from_millis(500), Duration::from_secs(5))
+        fence_by_scan(&data, Duration::from_millis(500), Duration::from_secs(5))
     })
     .join()
     .unwrap()
@@ -209,7 +209,7 @@ async fn rejoins_a_diverged_old_primary_with_pg_rewind() {
     // Divergence: both write after the promotion.
     a.sql("INSERT INTO t SELECT 'a-only' FROM generate_series(1, 1000)");
     b.sql("INSERT INTO t VALUES ('b-after')");
-    let fence = da.stop_fast_fence().await.unwrap();
+    let fence = da.fence_async().await.unwrap();
     assert_eq!(fence.how, StopHow::Immediate);
 
     let t0 = Instant::now();
@@ -428,7 +428,7 @@ async fn fence_finds_backends_orphaned_by_a_dead_postmaster() {
     assert!(process_alive(backend));
     let d = driver(&node);
     assert_eq!(d.live_postmaster(), None);
-    let report = std::thread::spawn(move || d.stop_fast_fence_sync())
+    let report = std::thread::spawn(move || d.fence())
         .join()
         .unwrap()
         .unwrap();
@@ -448,7 +448,7 @@ async fn fence_finds_a_cluster_whose_data_dir_was_removed() {
     // processes keep running in "<dir> (deleted)".
     std::fs::remove_dir_all(node.data_dir()).unwrap();
     assert!(process_alive(pm));
-    let report = driver(&node).stop_fast_fence_sync().unwrap();
+    let report = driver(&node).fence().unwrap();
     assert_ne!(report.how, StopHow::AlreadyStopped, "{report:?}");
     assert!(report.killed.contains(&pm), "{report:?}");
     assert!(!process_alive(pm));
@@ -462,7 +462,7 @@ fn driver_futures_are_send() {
     send(pg.status());
     send(pg.health());
     send(pg.promote());
-    send(pg.stop_fast_fence());
+    send(pg.fence_async());
     send(pg.start_as_replica(""));
     send(pg.rejoin(""));
     send(pg.clone_from(""));
@@ -479,7 +479,7 @@ async fn a_failed_rejoin_leaves_a_node_that_starts_read_only() {
     let node = PgNode::init(free_port());
     node.start();
     let d = driver(&node);
-    d.stop_fast_fence().await.unwrap();
+    d.fence_async().await.unwrap();
     let nobody =
         PgConfig::with_data_dir("/unused").replication_conninfo("127.0.0.1", free_port(), "x");
     let e = d.rejoin(&nobody).await.unwrap_err();
@@ -796,7 +796,7 @@ async fn the_cgroup_fence_kills_every_process_of_the_cluster_and_its_helpers() {
         procs.len() >= 7,
         "postmaster, auxiliaries, 2 backends, helper: {procs:?}"
     );
-    let report = d.stop_fast_fence_sync().unwrap();
+    let report = d.fence().unwrap();
     eprintln!("TIMING cgroup fence: {report:?}");
     // The helper outlives the postmaster's SIGQUIT: only the group's kill gets it.
     assert_eq!(report.how, StopHow::Killed);
@@ -813,6 +813,6 @@ async fn the_cgroup_fence_kills_every_process_of_the_cluster_and_its_helpers() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
     assert!(cgroup_of(node.postmaster_pid().unwrap()).ends_with(&want));
-    let again = d.stop_fast_fence_sync().unwrap();
+    let again = d.fence().unwrap();
     assert!(cg.procs().unwrap().is_empty(), "{again:?}");
 }

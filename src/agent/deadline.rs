@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// The step-down the timer runs: stops whatever could still commit and says
 /// how, or why it could not. Must not depend on the main loop or its runtime.
-pub type StopFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+pub type FenceFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// Reports from the timer to the main loop.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +54,7 @@ impl DeadlineTimer {
         budget: Budget,
         poll: Duration,
         realtime: bool,
-        stop_fn: StopFn,
+        fence_fn: FenceFn,
         report: impl Fn(TimerReport) + Send + 'static,
     ) -> std::io::Result<(DeadlineTimer, Result<(), String>)> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -76,7 +76,7 @@ impl DeadlineTimer {
                         // Stop pinging unless a renewal landed meanwhile.
                         if cell.clear_if(raw) {
                             let at = clock::now();
-                            report(match stop_fn() {
+                            report(match fence_fn() {
                                 Ok(how) => TimerReport::Fenced { s, at, how },
                                 Err(reason) => TimerReport::StopFailed { s, reason },
                             });

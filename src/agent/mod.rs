@@ -29,7 +29,7 @@ use crate::decide::{
 use crate::postgres::{self as pgsql, Pg};
 use crate::timing::Budget;
 use crate::watchdog::{self, SysRoots, Watchdog};
-use deadline::{DeadlineTimer, StopFn, TimerReport};
+use deadline::{DeadlineTimer, FenceFn, TimerReport};
 use pinger::{EvidenceCell, Pinger};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -96,13 +96,13 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         }
     }
     let (timer_tx, timer_rx) = mpsc::unbounded_channel();
-    let stop_fn = stop_fn(pg.clone());
+    let fence_fn = fence_fn(pg.clone());
     let (timer, rt) = DeadlineTimer::start(
         cell.clone(),
         budget,
         cfg.ping_interval(),
         true,
-        stop_fn.clone(),
+        fence_fn.clone(),
         move |r| {
             let _ = timer_tx.send(r);
         },
@@ -142,7 +142,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         pinger,
         dcs: None,
         watch: None,
-        stop_fn,
+        fence_fn,
         audit,
         pg,
         side_tx,
@@ -221,7 +221,7 @@ struct Agent {
     pinger: Pinger,
     dcs: Option<Dcs>,
     watch: Option<dcs::LeaderWatch>,
-    stop_fn: StopFn,
+    fence_fn: FenceFn,
     audit: AuditLog,
     /// Lifecycle records to etcd's history; started at the first one.
     mirror: Option<mirror::Mirror>,
@@ -241,11 +241,11 @@ struct Agent {
 
 /// The step-down that both the main loop and the deadline timer run: a fence
 /// of PostgreSQL that needs no runtime (rule 3).
-fn stop_fn(pg: Option<Pg>) -> StopFn {
+fn fence_fn(pg: Option<Pg>) -> FenceFn {
     match pg {
         None => Arc::new(|| Ok("nothing to stop: no PostgreSQL configured".into())),
         Some(pg) => Arc::new(move || {
-            pg.stop_fast_fence_sync()
+            pg.fence()
                 .map(|r| {
                     format!(
                         "PostgreSQL stopped ({}) in {:.3} s",
@@ -784,7 +784,7 @@ impl Agent {
                     }
                     _ => warn!("PostgreSQL is writable while the key is not ours: fencing it"),
                 }
-                let stop = self.stop_fn.clone();
+                let stop = self.fence_fn.clone();
                 let r = tokio::task::spawn_blocking(move || stop())
                     .await
                     .unwrap_or_else(|e| Err(format!("fence task failed: {e}")));
@@ -829,9 +829,11 @@ impl Agent {
             Action::StepDown { reason, fast } => {
                 warn!(?reason, ?fast, "stepping down");
                 let r = match (fast, self.pg.clone()) {
-                    (Some(within), Some(pg)) => switchover(&pg, within, self.stop_fn.clone()).await,
+                    (Some(within), Some(pg)) => {
+                        switchover(&pg, within, self.fence_fn.clone()).await
+                    }
                     _ => {
-                        let stop = self.stop_fn.clone();
+                        let stop = self.fence_fn.clone();
                         tokio::task::spawn_blocking(move || stop())
                             .await
                             .unwrap_or_else(|e| Err(format!("step-down task failed: {e}")))
@@ -1168,7 +1170,7 @@ fn refuse_distro_unit(
 /// A planned step-down: a fast shutdown (`Pg::stop_for_switchover`) bounded
 /// by `within` as a whole (the core's budget: it ends before the demotion
 /// deadline), else the fence. `Ok` only for a confirmed stop.
-async fn switchover(pg: &Pg, within: Duration, fence: StopFn) -> Result<String, String> {
+async fn switchover(pg: &Pg, within: Duration, fence: FenceFn) -> Result<String, String> {
     let pg_within = within
         .saturating_sub(Duration::from_secs(2))
         .max(Duration::from_secs(1));
@@ -1193,7 +1195,7 @@ async fn switchover(pg: &Pg, within: Duration, fence: StopFn) -> Result<String, 
     }
 }
 
-async fn fence_now(fence: StopFn) -> Result<String, String> {
+async fn fence_now(fence: FenceFn) -> Result<String, String> {
     tokio::task::spawn_blocking(move || fence())
         .await
         .unwrap_or_else(|e| Err(format!("fence task failed: {e}")))

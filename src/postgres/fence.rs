@@ -103,8 +103,8 @@ fn fence_of(
     kill: Duration,
 ) -> Result<StopReport, PgError> {
     match cgroup {
-        Some(g) => stop_fast_fence_cgroup(&g, data_dir, immediate, kill),
-        None => stop_fast_fence_blocking(data_dir, immediate, kill),
+        Some(g) => fence_by_cgroup(&g, data_dir, immediate, kill),
+        None => fence_by_scan(data_dir, immediate, kill),
     }
 }
 
@@ -120,17 +120,17 @@ fn fence_of(
 /// cannot attribute, an unreadable process list): [`PgError::FenceBlind`].
 ///
 /// Synchronous and runtime-free so a plain thread can call it.
-pub fn stop_fast_fence_blocking(
+pub fn fence_by_scan(
     data_dir: &Path,
     immediate: Duration,
     kill: Duration,
 ) -> Result<StopReport, PgError> {
-    stop_fast_fence_in(&ProcFs::real(), data_dir, immediate, kill)
+    fence_by_scan_in(&ProcFs::real(), data_dir, immediate, kill)
 }
 
-/// [`stop_fast_fence_blocking`] reading processes from `fs` (tests give it a
+/// [`fence_by_scan`] reading processes from `fs` (tests give it a
 /// fake tree; signals go to the real pids).
-pub fn stop_fast_fence_in(
+pub fn fence_by_scan_in(
     fs: &ProcFs,
     data_dir: &Path,
     immediate: Duration,
@@ -220,11 +220,11 @@ pub fn stop_fast_fence_in(
 /// immediate stop) bounded by `immediate`; if the group is not empty by then,
 /// freeze it (nothing in it can fork any more) and kill it (`cgroup.kill`),
 /// confirmed by an empty `cgroup.procs` within `kill`. Then the `/proc` scan
-/// fence ([`stop_fast_fence_blocking`]) for anything of the data directory
+/// fence ([`fence_by_scan`]) for anything of the data directory
 /// outside the group (a server started by hand or by another unit), with its
 /// blind-spot check. Every process of the group counts, not only those the
 /// scan would recognise: a helper the cluster forked is killed too.
-pub fn stop_fast_fence_cgroup(
+pub fn fence_by_cgroup(
     cgroup: &PgCgroup,
     data_dir: &Path,
     immediate: Duration,
@@ -261,7 +261,7 @@ pub fn stop_fast_fence_cgroup(
             killed = cgroup.freeze_and_kill(kill)?;
         }
     }
-    let rest = stop_fast_fence_blocking(data_dir, immediate, kill)?;
+    let rest = fence_by_scan(data_dir, immediate, kill)?;
     killed.extend(rest.killed);
     Ok(StopReport {
         how: match (how, rest.how) {
@@ -278,9 +278,9 @@ pub fn stop_fast_fence_cgroup(
 impl Pg {
     /// The fence from a plain thread (no tokio): the deadline timer of
     /// FENCING.md rule 3 holds a clone of the driver and calls this. With a
-    /// delegated cgroup, [`stop_fast_fence_cgroup`]; else
-    /// [`stop_fast_fence_blocking`].
-    pub fn stop_fast_fence_sync(&self) -> Result<StopReport, PgError> {
+    /// delegated cgroup, [`fence_by_cgroup`]; else
+    /// [`fence_by_scan`].
+    pub fn fence(&self) -> Result<StopReport, PgError> {
         fence_of(
             self.cgroup.clone(),
             self.data_dir(),
@@ -289,9 +289,9 @@ impl Pg {
         )
     }
 
-    /// The fence, for async callers: see [`stop_fast_fence_blocking`]. Uses
+    /// The fence, for async callers: see [`fence_by_scan`]. Uses
     /// `postgres.stop_timeout` and `postgres.kill_timeout`.
-    pub async fn stop_fast_fence(&self) -> Result<StopReport, PgError> {
+    pub async fn fence_async(&self) -> Result<StopReport, PgError> {
         let data = self.data_dir().to_owned();
         let (imm, kill) = (
             PgConfig::secs(self.cfg.stop_timeout),
@@ -386,7 +386,7 @@ mod tests {
             symlink("/usr/lib/postgresql/15/bin/postgres", d.join("exe")).unwrap();
         }
         fn fence(&self) -> Result<StopReport, PgError> {
-            stop_fast_fence_in(
+            fence_by_scan_in(
                 &ProcFs::at(&self.proc),
                 &self.data,
                 Duration::from_millis(200),

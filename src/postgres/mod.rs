@@ -5,7 +5,7 @@
 //! - Every query runs under a deadline: tokio-postgres has none of its own, so
 //!   a stalled server would otherwise hang the agent. On a deadline the
 //!   connection is dropped and a cancel request is sent (best effort).
-//! - The fence ([`stop_fast_fence_blocking`], in [`fence`], over the `/proc`
+//! - The fence ([`fence_by_scan`], in [`fence`], over the `/proc`
 //!   scan of [`procscan`]) is synchronous and needs no tokio
 //!   runtime, so the independent deadline timer of FENCING.md rule 3 can run it
 //!   from a plain thread. It signals processes itself rather than spawning
@@ -39,8 +39,8 @@ pub use crate::config::postgres::{PgConfig, ReplicationConfig, REWIND_GRANTS_SQL
 pub use cgroup::PgCgroup;
 pub use distro::{distro_unit_conflict, distro_unit_conflict_in, mark_managed, MANAGED_DIR};
 pub use fence::{
-    read_postmaster_pid, stop_fast_fence_blocking, stop_fast_fence_cgroup, stop_fast_fence_in,
-    StopHow, StopReport, Switchover,
+    fence_by_cgroup, fence_by_scan, fence_by_scan_in, read_postmaster_pid, StopHow, StopReport,
+    Switchover,
 };
 pub use procscan::{cluster_processes, process_alive, ProcFs};
 pub use sql::synchronous_standby_names_for;

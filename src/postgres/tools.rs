@@ -336,16 +336,16 @@ impl Pg {
     /// within `within`, so the standbys receive everything the primary wrote
     /// and the next primary misses nothing; if it does not finish in time (a
     /// hung checkpoint, a stalled disk) or fails, the immediate fence
-    /// ([`Pg::stop_fast_fence`]) follows. Only a confirmed stop is `Ok`.
+    /// ([`Pg::fence_async`]) follows. Only a confirmed stop is `Ok`.
     pub async fn stop_for_switchover(&self, within: Duration) -> Result<Switchover, PgError> {
         let t0 = Instant::now();
         if self.live_postmaster().is_none() {
-            return self.stop_fast_fence().await.map(Switchover::Fenced);
+            return self.fence_async().await.map(Switchover::Fenced);
         }
         let fast = self.pg_ctl_stop_fast(within).await;
         // Whatever pg_ctl says, confirm with the fence (which finds nothing
         // after a clean stop); after a failed one it is the fallback.
-        let report = self.stop_fast_fence().await?;
+        let report = self.fence_async().await?;
         match fast {
             Ok(()) if report.how == StopHow::AlreadyStopped => {
                 Ok(Switchover::Fast { took: t0.elapsed() })
