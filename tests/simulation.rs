@@ -185,6 +185,9 @@ struct KeyVal {
 struct KeyEvent {
     value: Option<KeyVal>,
     revision: i64,
+    /// The key's lease, or for a deletion the deleted key's (the watch's
+    /// previous value): `KeySeen.lease`.
+    lease: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -253,7 +256,16 @@ enum Reply {
     Held(KeyEvent, i64),
     Released {
         deleted: bool,
+        revision: i64,
     },
+    /// `LeaseTimeToLive` of a previous holder's lease.
+    PreviousLease {
+        lease: i64,
+        alive: bool,
+        ttl: i64,
+    },
+    /// A `Fence` stopped PostgreSQL.
+    Fenced,
     ReleaseTimedOut,
     /// Arming: the device's `W` and nowayout, or why it failed.
     Armed(Result<(u32, bool), String>),
@@ -358,6 +370,7 @@ enum Req {
     Acquire { lease: i64 },
     Release { lease: i64 },
     Revoke { lease: i64 },
+    LeaseTtl { lease: i64 },
 }
 
 #[derive(Debug, Clone)]
@@ -1119,6 +1132,7 @@ impl World {
                 let e = KeyEvent {
                     value: self.etcd.key.clone(),
                     revision: self.etcd.revision,
+                    lease: self.etcd.key.as_ref().map(|k| k.lease),
                 };
                 // The driver opens its watch from this revision once the
                 // reply arrives (`Item::Read`).
@@ -1141,6 +1155,7 @@ impl World {
                     let e = KeyEvent {
                         value: self.etcd.key.clone(),
                         revision: self.etcd.revision,
+                        lease: self.etcd.key.as_ref().map(|k| k.lease),
                     };
                     Some(Reply::Held(e, lease))
                 }
@@ -1155,11 +1170,27 @@ impl World {
                     self.put_key(None);
                 }
                 self.revoke(lease);
-                Some(Reply::Released { deleted: ours })
+                Some(Reply::Released {
+                    deleted: ours,
+                    revision: self.etcd.revision,
+                })
             }
             Req::Revoke { lease } => {
                 self.revoke(lease);
                 None
+            }
+            Req::LeaseTtl { lease } => {
+                let left = self
+                    .etcd
+                    .leases
+                    .get(&lease)
+                    .map(|exp| exp.saturating_sub(now));
+                Some(Reply::PreviousLease {
+                    lease,
+                    alive: left.is_some(),
+                    // etcd rounds the remaining TTL to whole seconds.
+                    ttl: left.map_or(0, |l| (l / SEC).max(1) as i64),
+                })
             }
         };
         // The reply travels back unless the node is cut off by then.
@@ -1209,11 +1240,13 @@ impl World {
 
     fn put_key(&mut self, v: Option<KeyVal>) {
         self.etcd.revision += 1;
-        self.etcd.key = v.clone();
+        let prev = std::mem::replace(&mut self.etcd.key, v.clone());
         self.etcd.key_since = self.now;
+        let lease = v.as_ref().or(prev.as_ref()).map(|k| k.lease);
         let e = KeyEvent {
             value: v,
             revision: self.etcd.revision,
+            lease,
         };
         self.log(|| format!("etcd: key = {:?} rev {}", e.value, e.revision));
         self.etcd.history.push(e.clone());
@@ -1349,7 +1382,7 @@ impl World {
         self.after(d, Ev::Deliver(i, g, Some(op), Some(Item::Reply(out))));
     }
 
-    /// StepDown (awaited, outcome fed back) or Fence (awaited, no outcome).
+    /// StepDown (outcome `Stopped` or `StopFailed`) or Fence (outcome `Fenced`).
     fn stop_pg(&mut self, i: usize, report: bool) {
         let op = self.next_op;
         self.next_op += 1;
@@ -1369,8 +1402,10 @@ impl World {
         };
         self.after(d, Ev::PgStopped(i, bg, by));
         if !report {
+            // `Input::Fenced` once stopped (after `PgStopped`, same instant).
             let g = self.nodes[i].gen;
-            self.after(d, Ev::Deliver(i, g, Some(op), None));
+            let item = Some(Item::Reply(Reply::Fenced));
+            self.after(d, Ev::Deliver(i, g, Some(op), item));
         }
     }
 
@@ -1410,13 +1445,31 @@ impl World {
                 self.send(i, Req::Release { lease }, Some(Reply::ReleaseTimedOut))
             }
             Action::Revoke { lease } => self.send(i, Req::Revoke { lease }, None),
+            // Unanswered: no input, the core asks again on its next loop.
+            Action::CheckLeaseGone { lease } => self.send(i, Req::LeaseTtl { lease }, None),
+            // Member records and synchronous standbys are not modelled
+            // (the sim's cores have no node name, so none are emitted):
+            // answered at once as done.
+            Action::PublishMember(member) => {
+                self.feed_front(i, Input::MemberPublished { member, ok: true })
+            }
+            Action::RefreshLeaderMember { leader } => self.feed_front(
+                i,
+                Input::LeaderMember {
+                    leader,
+                    member: None,
+                },
+            ),
+            Action::SetSyncStandbys(value) => {
+                self.feed_front(i, Input::SyncStandbysSet { value, ok: true })
+            }
             Action::Arm { not_after } => {
                 let out = self.arm(i, not_after);
                 self.take_item(i, Item::Reply(out));
             }
             Action::Promote => self.promote(i),
             Action::StepDown { .. } => self.stop_pg(i, true),
-            // Inline, and its outcome is not fed back.
+            // Awaited; its outcome is `Input::Fenced`.
             Action::Fence => self.stop_pg(i, false),
             Action::Follow { leader } => self.follow(i, leader),
             Action::Disarm => {
@@ -1497,7 +1550,17 @@ impl World {
                 let current = self.p.bugs.acquire_maps_action_lease.then_some(Some(lease));
                 self.adapter_key_input(i, &e, current)
             }
-            Reply::Released { deleted } => Input::Released { deleted },
+            Reply::Released { deleted, revision } => Input::Released {
+                deleted,
+                revision: Some(revision),
+            },
+            Reply::PreviousLease { lease, alive, ttl } => {
+                Input::PreviousLease { lease, alive, ttl }
+            }
+            Reply::Fenced => Input::Fenced {
+                ok: true,
+                how: "sim".into(),
+            },
             Reply::ReleaseTimedOut => Input::ReleaseFailed { error: timeout() },
             Reply::Armed(r) => Input::Armed(match r {
                 Ok((w_secs, nowayout)) => ArmOutcome {
@@ -1566,6 +1629,7 @@ impl World {
         Input::KeySeen {
             holder,
             revision: e.revision,
+            lease: e.lease,
         }
     }
 
