@@ -101,10 +101,11 @@ impl Rng {
 pub struct KnownBugs {
     /// `etcdctl del` of the key, and a revoke of the leader's lease.
     pub delete_and_revoke: bool,
-    /// Stale key events: old watch events delivered out of revision order,
-    /// and key events older than one the core already acted on passed to
-    /// it as they come (the core ignores `revision` today). Off: the
-    /// adapter drops the latter, as the fix will.
+    /// Stale key events: old watch events delivered out of revision order
+    /// on top of those queued behind a fresher read or our own `Won` (which
+    /// every schedule has). The adapter passes all to the core, which
+    /// ignores key reports older than the newest revision it saw (issue 10
+    /// item 8, fixed).
     pub stale_watch: bool,
     /// A crash (kill -9) of an agent whose evidence is already stale: the
     /// close of its running devices pings them (FENCING.md, Facts), so the
@@ -322,8 +323,6 @@ struct Node {
     pg_lease: Option<i64>,
     watch: bool,
     last_watch_at: Ns,
-    /// Newest key revision fed to the core.
-    seen_rev: i64,
     eligible: Option<bool>,
     /// Lease of the current term (set at Won) and whether arming succeeded since.
     term_lease: Option<i64>,
@@ -466,7 +465,6 @@ impl World {
                 pg_lease: None,
                 watch: false,
                 last_watch_at: 0,
-                seen_rev: 0,
                 eligible: None,
                 term_lease: None,
                 armed_since_won: false,
@@ -946,7 +944,6 @@ impl World {
         n.published = Evidence::None;
         n.wd_held = false;
         n.watch = false;
-        n.seen_rev = 0;
         n.eligible = Some(false);
         n.term_lease = None;
         n.armed_since_won = false;
@@ -1592,9 +1589,6 @@ impl World {
     /// The one place the core is called: `Core::handle(now, input)`, its
     /// actions queued ahead of the rest of the batch (depth-first).
     fn feed_front(&mut self, i: usize, input: Input) {
-        if !self.adapter_fresh_key_event(i, &input) {
-            return;
-        }
         let local = self.nodes[i].local(self.now);
         self.log_input(i, &input);
         let Some(core) = self.nodes[i].core.as_mut() else {
@@ -1631,27 +1625,6 @@ impl World {
             revision: e.revision,
             lease: e.lease,
         }
-    }
-
-    /// The core ignores `revision` (issue 10 item 8): a key event older
-    /// than one it already acted on (a watch event queued behind a fresher
-    /// read or our own `Won`) makes a new leader step down for a key it
-    /// holds, then disarm with the key still its own (rule 4) and sit on it
-    /// as a follower. Unless `bugs.stale_watch`, the adapter drops such
-    /// events, as the fix will.
-    fn adapter_fresh_key_event(&mut self, i: usize, input: &Input) -> bool {
-        let rev = match input {
-            Input::KeySeen { revision, .. } | Input::Won { revision } => *revision,
-            _ => return true,
-        };
-        let n = &mut self.nodes[i];
-        if rev < n.seen_rev && !self.p.bugs.stale_watch {
-            let seen = n.seen_rev;
-            self.log(|| format!("n{i}: dropped key event rev {rev} < {seen}"));
-            return false;
-        }
-        n.seen_rev = n.seen_rev.max(rev);
-        true
     }
 
     fn adapter_observe(&self, i: usize) -> (PgView, bool) {
@@ -1883,14 +1856,14 @@ fn issue_10_item_7_delete_or_revoke_of_the_leader_key() {
     );
 }
 
-/// Documents issue 10 item 8: the core ignores `KeySeen`'s revision, so a
-/// key event older than one it already acted on (delivered out of order, or
-/// simply queued behind a fresher read or our own `Won`) makes a fresh
-/// leader step down for a key it holds, disarm with the key still its own
-/// (rule 4) and sit on the key as a follower. Reliably found; drop
-/// `should_panic` when the fix lands.
+/// Issue 10 item 8, fixed in the core: a key event older than one it
+/// already acted on (delivered out of order, or queued behind a fresher
+/// read or our own `Won`) used to make a fresh leader step down for a key
+/// it holds, disarm with the key still its own (rule 4) and sit on the key
+/// as a follower. The core now ignores key reports older than the newest
+/// revision seen; the adapter passes every event through, so this tests the
+/// core's fix.
 #[test]
-#[should_panic(expected = "violations")]
 fn issue_10_item_8_stale_key_events() {
     check_all(
         "issue 10 item 8",
