@@ -1852,7 +1852,7 @@ fn random_schedules_keep_the_invariants() {
 /// key is not an expiry (FENCING.md: it does not mean the old holder
 /// stopped). The winner now promotes only once the previous holder's lease
 /// (the deleted key's, `KeySeen.lease`) is gone (`CheckLeaseGone`), and the
-/// direct case no longer fails. Still found (30 of 1000 schedules): a chain.
+/// direct case no longer fails. Still found (32 of 1000 schedules): a chain.
 /// Leader A (lease a) is deleted; B wins on b, waits for a, fails to arm
 /// and releases (key deleted with lease b, b revoked); C wins, waits only
 /// for b, which is gone at once, and promotes while A is still writable
