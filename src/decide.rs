@@ -902,6 +902,11 @@ impl Core {
                 if self.holder == KeyHolder::Us {
                     self.holder = KeyHolder::Unknown;
                 }
+                // A watch event from before our release (our own key) says
+                // nothing about the key now: ignored like any older event.
+                if let Some(r) = revision {
+                    self.key_revision = self.key_revision.max(r);
+                }
                 out.push(Action::Record(Fact::Released { deleted, revision }));
                 self.after_fenced(now, &mut out);
             }
@@ -1175,6 +1180,12 @@ impl Core {
                 holder: self.holder.clone(),
                 revision,
             }));
+        }
+        if self.role == Role::Follower
+            && self.holder == KeyHolder::Us
+            && self.own_key_as_follower(now, revision, out)
+        {
+            return; // as on `Won`
         }
         self.after_fenced(now, out);
         self.follow_leader(now, out);
@@ -1582,6 +1593,27 @@ impl Core {
         self.release_as_follower(out);
     }
 
+    /// A follower sees the key on its own current lease: an `Acquire` whose
+    /// answer was lost (timeout) but that etcd applied. Left alone, the
+    /// follower would renew that lease forever and no node could lead. If
+    /// it may still race, it is the win it asked for: `on_won` at that
+    /// revision (previous lease awaited, arm, promote under the usual
+    /// rules), which costs no etcd write and no second handover. Otherwise
+    /// (shutting down, ineligible, backing off) it gives the key back. A
+    /// release already under way is left to its retries. True when it took
+    /// the win.
+    fn own_key_as_follower(&mut self, now: BootTime, revision: i64, out: &mut Vec<Action>) -> bool {
+        if self.unreleased.is_some() && self.unreleased == self.lease {
+            return false;
+        }
+        if self.may_race(now) {
+            self.on_won(now, revision, out);
+            return true;
+        }
+        self.release_as_follower(out);
+        false
+    }
+
     /// A follower still holding the key (a refused arming, a give-back):
     /// release it, retried every loop until answered.
     fn release_as_follower(&mut self, out: &mut Vec<Action>) {
@@ -1674,6 +1706,12 @@ impl Core {
             if let Some(s) = self.s {
                 if now > timing::earliest_expiry(s, self.budget()) + EXPIRY_SLACK {
                     self.key_gone = true;
+                    // Inferred, not seen: a lease etcd kept alive (a new
+                    // etcd leader renews every lease) may still hold it.
+                    // Re-read it; if still ours, `own_key_as_follower`.
+                    if self.holder == KeyHolder::Us {
+                        self.holder = KeyHolder::Unknown;
+                    }
                 }
             }
         }

@@ -741,7 +741,10 @@ impl Agent {
                         Some(Input::Won { revision })
                     }
                     Ok(Acquire::Held { holder, revision }) => {
-                        Some(key_seen(holder, Some(lease), revision))
+                        // Mapped with the core's lease now, not the action's:
+                        // an Acquire left in a batch behind LeaseGone -> Grant
+                        // -> Won must see the new key as ours (rule 4).
+                        Some(key_seen(holder, self.core.lease(), revision))
                     }
                     Err(e) => Some(Input::AcquireFailed {
                         error: e.to_string(),

@@ -284,11 +284,12 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
             revision: Some(9),
         },
     );
+    // Events after the release (revision 9) carry later revisions.
     let a = c.handle(
         t(40),
         Input::KeySeen {
             holder: KeyHolder::Nobody,
-            revision: 5,
+            revision: 10,
             lease: None,
         },
     );
@@ -300,7 +301,7 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
         t(5100),
         Input::KeySeen {
             holder: KeyHolder::Nobody,
-            revision: 6,
+            revision: 11,
             lease: None,
         },
     );
@@ -2450,4 +2451,107 @@ fn no_follow_starts_while_a_standby_start_runs() {
     // Running as a standby of nobody: now it follows b (rewind if needed).
     let a = c.handle(t(60), replica(4900));
     assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+}
+
+/// An `Acquire` that timed out but that etcd applied: a follower that then
+/// sees the key on its own current lease takes it as the win it asked for
+/// (not renewing a key it never leads); one that may no longer race gives
+/// it back.
+#[test]
+fn follower_seeing_its_own_key_wins_or_releases() {
+    let raced = || {
+        let mut c = core(WatchdogMode::Required);
+        c.handle(t(0), Input::Start);
+        c.handle(
+            t(0),
+            Input::LeaseGranted {
+                lease: 7,
+                sent: t(0),
+            },
+        );
+        let a = c.handle(
+            t(10),
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: 5,
+                lease: None,
+            },
+        );
+        assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
+        c.handle(
+            t(1010),
+            Input::AcquireFailed {
+                error: "timeout".into(),
+            },
+        );
+        c
+    };
+    let own = Input::KeySeen {
+        holder: KeyHolder::Us,
+        revision: 6,
+        lease: Some(7),
+    };
+
+    let mut c = raced();
+    let a = c.handle(t(1020), own.clone());
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::Acquired {
+            lease: 7,
+            revision: 6,
+            ..
+        })
+    )));
+    assert_eq!(c.role(), &Role::Arming);
+    assert!(!has(&a, |a| matches!(a, Action::Release { .. })));
+
+    let mut c = raced();
+    c.handle(
+        t(1015),
+        Input::Eligibility {
+            eligible: false,
+            reason: "lag".into(),
+        },
+    );
+    let a = c.handle(t(1020), own);
+    assert!(has(&a, |a| *a == Action::Release { lease: 7 }));
+    assert_eq!(c.role(), &Role::Follower);
+}
+
+/// A fenced leader that inferred its key gone by expiry (renewals
+/// unanswered) while etcd in fact kept the lease (a new etcd leader renews
+/// every lease): as a follower it re-reads the key, and finding it still
+/// its own it wins it again or gives it back, never sits on it.
+#[test]
+fn fenced_leader_rereads_a_key_inferred_gone_and_does_not_sit_on_it() {
+    let mut c = leader(WatchdogMode::Required);
+    c.handle(t(4001), Input::Tick); // deadline step-down
+    c.handle(
+        t(4100),
+        Input::SteppedDown {
+            how: "immediate".into(),
+        },
+    );
+    let a = c.handle(t(7600), Input::Tick);
+    assert!(has(&a, |a| *a == Action::Disarm), "{a:?}");
+    c.handle(t(7600), Input::Disarmed);
+    assert_eq!(c.role(), &Role::Follower);
+    let a = c.handle(t(8100), Input::Tick);
+    assert!(has(&a, |a| *a == Action::ReadKey), "{a:?}");
+    let a = c.handle(
+        t(8110),
+        Input::KeySeen {
+            holder: KeyHolder::Us,
+            revision: 2,
+            lease: Some(7),
+        },
+    );
+    assert!(
+        has(&a, |a| *a == Action::Release { lease: 7 })
+            || has(&a, |a| matches!(
+                a,
+                Action::Record(Fact::Acquired { lease: 7, .. })
+            )),
+        "{a:?}"
+    );
 }
