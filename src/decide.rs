@@ -26,6 +26,7 @@ use crate::clock::BootTime;
 use crate::config::WatchdogMode;
 use crate::postgres::WalPosition;
 use crate::timing::{self, Budget};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// etcd's lessor checks expiry every 500 ms; a key on a lease last renewed at
@@ -36,6 +37,10 @@ pub const EXPIRY_SLACK: Duration = Duration::from_millis(1500);
 /// is let go (no longer renewed, revoked if etcd answers): a node that
 /// cannot release must not hold the key forever.
 pub const RELEASE_ATTEMPTS: u32 = 3;
+
+/// Other holders' leases a node keeps owing a wait (see `Core::owed`):
+/// past this many, the one seen on the key longest ago is forgotten.
+pub const OWED_LEASES_CAP: usize = 16;
 
 /// Loops to wait after a failed `StartStandby` before the next attempt.
 pub const START_BACKOFF_LOOPS: u32 = 10;
@@ -592,9 +597,30 @@ pub struct Core {
     /// Loops (ticks) so far, for the member and re-read cadences.
     ticks: u64,
     last_tick: Option<BootTime>,
-    /// The lease of the last other holder of the key seen (a read, a watch
-    /// event, or a deletion's previous value).
-    prev_lease: Option<i64>,
+    /// Every other holder's lease seen on the key (a read, a watch event,
+    /// or a deletion's previous value) and not yet confirmed gone, with
+    /// when it was last seen holding or losing the key. A win waits until
+    /// all of them are gone, not only the last one: after `etcdctl del` of
+    /// A's key, B may win on b, wait for a, give the key back and release
+    /// (b revoked at once); a winner that waited only for b would promote
+    /// beside A.
+    ///
+    /// Entries leave only when etcd says the lease is gone
+    /// (`Input::PreviousLease { alive: false }`, in any role), never by
+    /// age: an entry last seen more than `T + EXPIRY_SLACK` ago is either
+    /// gone (asking costs one request) or still renewed by a holder that
+    /// has not stopped, and nothing on this side bounds how long that lasts
+    /// (B's give-back after `T + EXPIRY_SLACK` is exactly the case where
+    /// a's holder still renews a; C winning after B's give-back wins more
+    /// than `T + EXPIRY_SLACK` after a was last seen, and must still wait).
+    /// So the count is capped instead ([`OWED_LEASES_CAP`]): past it, the
+    /// entry seen longest ago is forgotten, and a win no longer waits for
+    /// that lease; its holder is then covered only by its own reaction (its
+    /// watch, failing renewals, rule 3), as after a revoke by hand. A
+    /// follower that never wins keeps every leader's lease it saw, so in a
+    /// long-lived cluster the forgotten one is the oldest leader's, gone
+    /// long ago.
+    owed: BTreeMap<i64, BootTime>,
     /// Releases failed in a row (see [`RELEASE_ATTEMPTS`]).
     release_failures: u32,
     /// A follower's release of the key on this lease (after a refused arming
@@ -612,10 +638,11 @@ pub struct Core {
 }
 
 /// Why a won key's promotion waits (see [`Core::try_promote`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PromoteHold {
-    /// The previous holder's lease, until etcd says it is gone.
-    lease: Option<i64>,
+    /// The other holders' leases owed a wait at the win (`Core::owed`),
+    /// each until etcd says it is gone.
+    leases: BTreeSet<i64>,
     /// When the key was won: the wait is bounded by `T + EXPIRY_SLACK`.
     since: BootTime,
     /// Arming is done: only the hold keeps `Promote` back.
@@ -655,7 +682,7 @@ impl Core {
             sync_pending: false,
             ticks: 0,
             last_tick: None,
-            prev_lease: None,
+            owed: BTreeMap::new(),
             release_failures: 0,
             unreleased: None,
             hold: None,
@@ -1060,7 +1087,7 @@ impl Core {
             }),
             Role::Fenced => self.after_fenced(now, out),
             // Re-ask whether the previous holder's lease is gone.
-            Role::Promoting if self.hold.is_some_and(|h| h.lease.is_some()) => {
+            Role::Promoting if self.hold.as_ref().is_some_and(|h| !h.leases.is_empty()) => {
                 self.try_promote(now, out)
             }
             Role::Follower => {
@@ -1099,7 +1126,7 @@ impl Core {
                     out.push(Action::Record(Fact::RenewedLate { sent, acked: now }));
                 }
                 // A promotion held back only for fresh evidence goes now.
-                if self.hold.is_some_and(|h| h.lease.is_none()) {
+                if self.hold.as_ref().is_some_and(|h| h.leases.is_empty()) {
                     self.try_promote(now, out);
                 }
             }
@@ -1159,7 +1186,7 @@ impl Core {
         // after it promotes only once it is gone. Lease 0 never expires.
         if let Some(l) = lease.filter(|l| *l != 0 && Some(*l) != self.lease) {
             if holder != KeyHolder::Us {
-                self.prev_lease = Some(l);
+                self.owe(l, now);
             }
         }
         self.key_revision = self.key_revision.max(revision);
@@ -1417,9 +1444,9 @@ impl Core {
         self.stopped = false;
         self.following = None;
         self.role = Role::Arming;
-        let previous = self.prev_lease.take().filter(|l| *l != lease);
+        let previous: BTreeSet<i64> = self.owed.keys().copied().filter(|l| *l != lease).collect();
         self.hold = Some(PromoteHold {
-            lease: previous,
+            leases: previous.clone(),
             since: now,
             armed: false,
         });
@@ -1429,7 +1456,7 @@ impl Core {
             s: self.s.unwrap_or(now),
             postgres: self.pg.as_str(),
         }));
-        if let Some(previous) = previous {
+        for previous in previous {
             out.push(Action::Record(Fact::AwaitingPreviousLease {
                 lease: previous,
             }));
@@ -1514,19 +1541,22 @@ impl Core {
     }
 
     /// A deletion is not an expiry (docs/fencing.md): a won key is promoted
-    /// only once the previous holder's lease is gone (its holder revoked it
-    /// after its confirmed stop, or it expired), asked of etcd once per loop
-    /// while the lease lives, and only on fresh evidence (rule 2's recheck;
-    /// else at the next fresh renewal). If the lease still lives
-    /// `T + EXPIRY_SLACK` after the win, its holder is renewing it: the key
-    /// is given back unpromoted, as after a refused arming.
+    /// only once every other holder's lease still owed a wait (`owed` at
+    /// the win) is gone (its holder revoked it after its confirmed stop, or
+    /// it expired), each asked of etcd once per loop while it lives, and
+    /// only on fresh evidence (rule 2's recheck; else at the next fresh
+    /// renewal). If one still lives `T + EXPIRY_SLACK` after the win, its
+    /// holder is renewing it: the key is given back unpromoted, as after a
+    /// refused arming, and the lease stays owed.
     fn try_promote(&mut self, now: BootTime, out: &mut Vec<Action>) {
-        let Some(h) = self.hold else { return };
+        let Some(h) = self.hold.as_ref() else { return };
         if self.role != Role::Promoting || !h.armed {
             return;
         }
-        if let Some(lease) = h.lease {
-            out.push(Action::CheckLeaseGone { lease });
+        if !h.leases.is_empty() {
+            for &lease in &h.leases {
+                out.push(Action::CheckLeaseGone { lease });
+            }
             return;
         }
         if self.cfg.mode != WatchdogMode::Off && !self.fresh(now) {
@@ -1534,6 +1564,21 @@ impl Core {
         }
         self.hold = None;
         out.push(Action::Promote);
+    }
+
+    /// Another holder's lease seen holding or losing the key at `now`: a
+    /// win waits for it (see `owed` for the cap and why not by age).
+    fn owe(&mut self, lease: i64, now: BootTime) {
+        self.owed.insert(lease, now);
+        while self.owed.len() > OWED_LEASES_CAP {
+            let oldest = self
+                .owed
+                .iter()
+                .min_by_key(|(l, seen)| (**seen, **l))
+                .map(|(l, _)| *l)
+                .expect("not empty");
+            self.owed.remove(&oldest);
+        }
     }
 
     fn on_previous_lease(
@@ -1544,15 +1589,21 @@ impl Core {
         ttl: i64,
         out: &mut Vec<Action>,
     ) {
+        if !alive {
+            // Gone for good, whatever the role (a late answer too).
+            self.owed.remove(&lease);
+        }
         let Some(h) = self.hold.as_mut() else { return };
-        if h.lease != Some(lease) || self.role != Role::Promoting {
+        if !h.leases.contains(&lease) || self.role != Role::Promoting {
             return;
         }
         if !alive {
-            h.lease = None;
+            h.leases.remove(&lease);
             let waited = now.saturating_since(h.since);
             out.push(Action::Record(Fact::PreviousLeaseGone { lease, waited }));
-            self.try_promote(now, out);
+            if h.leases.is_empty() {
+                self.try_promote(now, out);
+            }
             return;
         }
         if now > h.since + self.budget().ttl + EXPIRY_SLACK {

@@ -1792,9 +1792,11 @@ proptest! {
         // What the drivers would know:
         let mut arm_ok_since_won = false; // an Armed satisfying rule 2 since the last Won
         let mut pg_may_write = false;     // Promote emitted, no confirmed stop since
-        // A deletion is not an expiry: the lease of the last other holder
-        // seen, the one a win waits for, and the newest key revision.
-        let (mut prev_seen, mut awaited, mut key_rev) = (None::<i64>, None::<i64>, 0i64);
+        // A deletion is not an expiry: every other holder's lease seen and
+        // not confirmed gone, the ones a win waits for, and the newest key
+        // revision.
+        let (mut owed, mut awaited, mut key_rev) =
+            (std::collections::BTreeSet::<i64>::new(), std::collections::BTreeSet::<i64>::new(), 0i64);
         for (dt, mut input) in steps {
             now += dt;
             // Send times lie in the past.
@@ -1819,25 +1821,27 @@ proptest! {
             match &input {
                 Input::KeySeen { holder, revision, lease } if !(*revision > 0 && *revision < key_rev) => {
                     key_rev = key_rev.max(*revision);
-                    if *holder != KeyHolder::Us && lease.is_some() {
-                        prev_seen = *lease;
+                    if let (true, Some(l)) = (*holder != KeyHolder::Us, lease) {
+                        owed.insert(*l);
                     }
                 }
                 Input::Won { revision } if role_before == Role::Follower && c.lease().is_some() => {
                     key_rev = key_rev.max(*revision);
-                    awaited = prev_seen.take();
+                    awaited = owed.clone();
                 }
                 Input::LeaseGone => key_rev = 0,
                 Input::Renewed { ttl, .. } if *ttl <= 0 => key_rev = 0,
-                Input::PreviousLease { lease, alive: false, .. }
-                    if role_before == Role::Promoting && awaited == Some(*lease) => awaited = None,
+                Input::PreviousLease { lease, alive: false, .. } => {
+                    owed.remove(lease);
+                    awaited.remove(lease);
+                }
                 _ => {}
             }
             let actions = c.handle(t(now), input);
             for a in &actions {
                 match a {
                     Action::Promote => {
-                        prop_assert!(awaited.is_none(), "promote before the previous lease is gone: {actions:?}");
+                        prop_assert!(awaited.is_empty(), "promote before every previous lease is gone: {actions:?}");
                         prop_assert!(arm_ok_since_won, "rule 2: promote without arming: {actions:?}");
                         prop_assert!(
                             c.last_fresh().is_some_and(|s| timing::ping_permitted(t(now), s, &c.cfg.budget)),
@@ -2052,6 +2056,238 @@ fn previous_lease_alive_past_t_plus_slack_gives_the_key_back_unpromoted() {
         }
     }
     panic!("never gave the key back");
+}
+
+/// A follower with lease 7 (granted at 1.0 s) that saw each `(node, lease)`
+/// hold the key in turn, each deleted (by hand or by its own release)
+/// before the next won, and then wins itself.
+fn won_after_deletions(holders: &[(&str, i64)]) -> (Core, Vec<Action>) {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(1000),
+        },
+    );
+    let mut rev = 2;
+    for (i, (node, lease)) in holders.iter().enumerate() {
+        let at = t(1000 + i as u64);
+        rev += 1;
+        c.handle(
+            at,
+            Input::KeySeen {
+                holder: KeyHolder::Other((*node).into()),
+                revision: rev,
+                lease: Some(*lease),
+            },
+        );
+        rev += 1;
+        c.handle(
+            at,
+            Input::KeySeen {
+                holder: KeyHolder::Nobody,
+                revision: rev,
+                lease: Some(*lease),
+            },
+        );
+    }
+    let a = c.handle(t(1100), Input::Won { revision: rev + 1 });
+    (c, a)
+}
+
+fn awaiting(a: &[Action]) -> Vec<i64> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Record(Fact::AwaitingPreviousLease { lease }) => Some(*lease),
+            _ => None,
+        })
+        .collect()
+}
+
+fn checks(a: &[Action]) -> Vec<i64> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::CheckLeaseGone { lease } => Some(*lease),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 10 item 7's chain (simulation seed 33): a's key is deleted by
+/// hand; b wins, waits for a, gives up and releases (its key deleted with
+/// lease 43, 43 revoked at once). The next winner waits for both leases,
+/// not only the last one: 43 gone does not promote while 42 lives.
+#[test]
+fn deletion_is_not_an_expiry_chained_deletions_the_winner_waits_for_every_lease() {
+    let (mut c, a) = won_after_deletions(&[("a", 42), ("b", 43)]);
+    assert_eq!(awaiting(&a), vec![42, 43], "{a:?}");
+    let a = c.handle(t(1110), armed_ok(false));
+    assert_eq!(checks(&a), vec![42, 43], "{a:?}");
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+    // b's lease is gone at once (revoked with its release): not enough.
+    let a = c.handle(
+        t(1120),
+        Input::PreviousLease {
+            lease: 43,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::PreviousLeaseGone {
+            lease: 43,
+            waited: ms(20)
+        })));
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+    assert!(checks(&a).is_empty(), "{a:?}");
+    // a's lease is still alive; 43, confirmed gone, is not asked again.
+    let a = c.handle(
+        t(1130),
+        Input::PreviousLease {
+            lease: 42,
+            alive: true,
+            ttl: 4,
+        },
+    );
+    assert!(a.is_empty(), "{a:?}");
+    let a = c.handle(t(1500), Input::Tick);
+    assert_eq!(checks(&a), vec![42], "{a:?}");
+    c.handle(
+        t(1510),
+        Input::Renewed {
+            sent: t(1500),
+            ttl: 5,
+        },
+    );
+    let a = c.handle(
+        t(1520),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert_eq!(a.last(), Some(&Action::Promote), "{a:?}");
+}
+
+/// A lease confirmed gone leaves the owed set in any role (here a late
+/// answer to a follower): the next win does not wait for it again.
+#[test]
+fn previous_lease_confirmed_gone_is_not_awaited_again() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(1000),
+        },
+    );
+    for (rev, holder) in [(3, KeyHolder::Other("b".into())), (4, KeyHolder::Nobody)] {
+        c.handle(
+            t(1000),
+            Input::KeySeen {
+                holder,
+                revision: rev,
+                lease: Some(42),
+            },
+        );
+    }
+    let a = c.handle(
+        t(1010),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(a.is_empty(), "{a:?}");
+    let a = c.handle(t(1020), Input::Won { revision: 5 });
+    assert!(awaiting(&a).is_empty(), "{a:?}");
+    let a = c.handle(t(1030), armed_ok(false));
+    assert!(checks(&a).is_empty(), "{a:?}");
+    assert_eq!(a.last(), Some(&Action::Promote), "{a:?}");
+}
+
+/// A lease that outlived the wait (the key given back unpromoted) stays
+/// owed: this node's next win waits for it again, however long after it
+/// was last seen on the key.
+#[test]
+fn previous_lease_alive_after_a_give_back_is_still_awaited_at_the_next_win() {
+    let (mut c, _) = won_after_a_deletion(1000);
+    let mut now = 1000;
+    loop {
+        now += 400;
+        assert!(now < 8000, "never gave the key back");
+        c.handle(t(now), Input::Tick);
+        c.handle(
+            t(now + 5),
+            Input::Renewed {
+                sent: t(now),
+                ttl: 5,
+            },
+        );
+        let a = c.handle(
+            t(now + 10),
+            Input::PreviousLease {
+                lease: 42,
+                alive: true,
+                ttl: 4,
+            },
+        );
+        if has(&a, |a| *a == Action::Release { lease: 7 }) {
+            break;
+        }
+    }
+    assert_eq!(c.role(), &Role::Follower);
+    c.handle(
+        t(now + 20),
+        Input::Released {
+            deleted: true,
+            revision: Some(10),
+        },
+    );
+    c.handle(t(now + 30), Input::Disarmed);
+    // Past the back-off (one TTL), the key is free again: win it.
+    let later = now + 6000;
+    c.handle(
+        t(later),
+        Input::Renewed {
+            sent: t(later),
+            ttl: 5,
+        },
+    );
+    let a = c.handle(
+        t(later),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 11,
+            lease: Some(7),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+    let a = c.handle(t(later), Input::Won { revision: 12 });
+    assert_eq!(awaiting(&a), vec![42], "{a:?}");
+    let a = c.handle(t(later), armed_ok(false));
+    assert_eq!(checks(&a), vec![42], "{a:?}");
+    assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
+}
+
+/// The owed set is bounded: past `OWED_LEASES_CAP` leases, the one seen on
+/// the key longest ago is forgotten and a win no longer waits for it.
+#[test]
+fn owed_previous_leases_are_capped_forgetting_the_one_seen_longest_ago() {
+    let names: Vec<String> = (0..=OWED_LEASES_CAP).map(|i| format!("n{i}")).collect();
+    let holders: Vec<(&str, i64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), 100 + i as i64))
+        .collect();
+    let (_, a) = won_after_deletions(&holders);
+    let want: Vec<i64> = (101..=100 + OWED_LEASES_CAP as i64).collect();
+    assert_eq!(awaiting(&a), want, "{a:?}");
 }
 
 #[test]
