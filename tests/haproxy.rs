@@ -81,37 +81,13 @@ impl Drop for Haproxy {
 
 /// Inserts `v` through HAProxy; the port of the server that committed it.
 fn insert_via(front: u16, v: i64) -> Option<u16> {
-    let out = pg::as_postgres(Path::new(pg::BIN_DIR).join("psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &front.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args([
-            "-d",
-            "postgres",
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args([
-            "-c",
-            &format!("INSERT INTO t VALUES ({v}) RETURNING inet_server_port()"),
-        ])
-        .env("PGCONNECT_TIMEOUT", "2")
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    pg::psql(
+        front,
+        &format!("INSERT INTO t VALUES ({v}) RETURNING inet_server_port()"),
+    )
+    .ok()?
+    .parse()
+    .ok()
 }
 
 fn http_status(port: u16, path: &str) -> Option<u16> {

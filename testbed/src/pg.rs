@@ -391,3 +391,29 @@ fn remove_orphaned_shm(data: &Path) {
         }
     }
 }
+
+/// `psql -c query` over TCP to 127.0.0.1:`port` (tuples only, unaligned).
+pub fn psql(port: u16, query: &str) -> Result<String, String> {
+    let out = Command::new(bin("psql"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args([
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-c", query])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}

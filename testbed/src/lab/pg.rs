@@ -36,12 +36,12 @@ use crate::clients::{self, Attempt, Every, Target};
 use crate::etcd::{EventKind, KeyWatch};
 use crate::fence::FakeWatchdogMonitor;
 use crate::history::{self, History, Verdict};
-use crate::pg::{free_port, PgNode, BIN_DIR};
+use crate::pg::{free_port, psql, PgNode, BIN_DIR};
 use crate::wait_until;
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,32 +147,6 @@ fn append(path: &Path, text: &str) -> Result<(), String> {
     let mut s = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     s.push_str(text);
     fs::write(path, s).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// `psql -c query` over TCP to 127.0.0.1:`port` (tuples only, unaligned).
-pub fn psql(port: u16, query: &str) -> Result<String, String> {
-    let out = Command::new(Path::new(BIN_DIR).join("psql"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args([
-            "-d",
-            "postgres",
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args(["-c", query])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
 }
 
 fn pg_section(host: &str, port: u16, data: &str, advertise: &str) -> String {
