@@ -16,10 +16,18 @@
 //! names a leader wants, and when a member record is due. The agent observes
 //! and executes; it decides none of these.
 
+pub mod bootstrap;
 pub mod member;
+pub mod pause;
 pub mod pg;
+pub mod settings;
+pub mod slots;
+pub mod switchover;
+pub mod sync;
 
+pub use bootstrap::InitKey;
 pub use member::{Member, LSN_EVERY_LOOPS};
+pub use pause::{CallbackEvent, Op};
 pub use pg::{PgRole, PgSettings};
 
 use crate::clock::BootTime;
@@ -89,6 +97,9 @@ pub enum StepDownReason {
     PostgresDown,
     /// SIGTERM / SIGINT.
     Shutdown,
+    /// A planned switchover (`decide::switchover`): the key stays ours
+    /// until the target has the final WAL.
+    Switchover,
 }
 
 impl StepDownReason {
@@ -101,6 +112,7 @@ impl StepDownReason {
             StepDownReason::PromoteFailed => "promote_failed",
             StepDownReason::PostgresDown => "postgres_down",
             StepDownReason::Shutdown => "shutdown",
+            StepDownReason::Switchover => "switchover",
         }
     }
 }
@@ -302,6 +314,99 @@ pub enum Input {
     WatchBroken,
     /// SIGTERM or SIGINT.
     Shutdown,
+    /// Outcome of `WriteSync` (`ok`: written, the key still ours).
+    SyncWritten {
+        state: sync::SyncState,
+        ok: bool,
+    },
+    /// Outcome of `ReadCandidates`: the `sync` key (None: absent) and every
+    /// member record with its etcd mod revision (`ok`: etcd answered).
+    Candidates {
+        sync: Option<sync::SyncState>,
+        members: Vec<(Member, i64)>,
+        ok: bool,
+    },
+    /// Our compare-and-set created the key at `revision`, with what etcd's
+    /// history of the key says came before it (the driver reads it from
+    /// [`Core::history_from`] up to `revision`): `previous`, the lease of
+    /// every holder the key had in that range; `complete`: false when the
+    /// range was compacted away or the read failed or timed out. The agent
+    /// always reports a win this way; `Won { revision }` is this with no
+    /// previous holder and a complete history.
+    WonAfter {
+        revision: i64,
+        previous: Vec<i64>,
+        complete: bool,
+    },
+    /// The scope's pause key as read (`decide::pause`).
+    Paused {
+        paused: bool,
+    },
+    /// A request for this node's PostgreSQL (`<scope>/requests/<node>`).
+    OpRequested {
+        id: String,
+        op: Op,
+    },
+    /// A `RunOp` finished.
+    OpDone {
+        id: String,
+        ok: bool,
+        detail: String,
+    },
+    /// Outcome of `ReadSwitchover`: the request (if any), the target's
+    /// member record with the lease it is on, whether `{scope}/pause`
+    /// exists, and the wall clock (seconds since the epoch) for `--at`.
+    SwitchoverSeen {
+        request: Option<switchover::Request>,
+        target: Option<(Member, i64)>,
+        paused: bool,
+        unix_now: u64,
+    },
+    /// Outcome of `ReadShutdownCheckpoint` (`pg_controldata`): the cluster
+    /// state and the latest checkpoint location (an error reads as state).
+    ShutdownCheckpoint {
+        state: String,
+        checkpoint: Option<u64>,
+    },
+    /// Outcome of `CheckTargetLsn`: the target's `pg_last_wal_receive_lsn()`
+    /// (None: no answer).
+    TargetLsn {
+        receive: Option<u64>,
+    },
+    /// Outcome of `HandOver`: the revision at which the key passed to the
+    /// target, or None (compare failed, no answer).
+    HandedOver {
+        revision: Option<i64>,
+    },
+    /// The scope's `initialize` key as read, or as a claim left it
+    /// (`Claimed` by this node: the claim won). See [`bootstrap`].
+    InitializeSeen {
+        key: InitKey,
+    },
+    /// This node's `initdb` ended.
+    InitdbDone {
+        result: Result<(), String>,
+    },
+    /// `FinishInitialize` was answered (`ok`: the key is permanent, ours).
+    InitializeFinished {
+        ok: bool,
+    },
+    /// Cluster-wide settings from etcd, validated against this node's
+    /// budget ([`settings`]).
+    ClusterSettings {
+        loop_interval: Duration,
+        maximum_lag_on_failover: u64,
+        synchronous_mode: bool,
+    },
+    /// The scope's member records, by node name (`Action::ReadMembers`).
+    MembersSeen {
+        nodes: Vec<String>,
+    },
+    /// `Action::SyncSlots` ended.
+    SlotsSynced {
+        wanted: Vec<String>,
+        ok: bool,
+    },
 }
 
 /// What happened, for the audit log (docs/fencing.md rule 7).
@@ -388,6 +493,60 @@ pub enum Fact {
         devices: Vec<String>,
     },
     Shutdown,
+    /// The leader wrote the `sync` key (see [`sync`]); `fallback`: no
+    /// synchronous standby left, non-strict mode: commits are asynchronous.
+    SyncRecorded {
+        members: Vec<String>,
+        quorum: u32,
+        fallback: bool,
+    },
+    /// A follower holds back its race for the empty key (`deferred`: for
+    /// at most `postgres.failover_defer`), and why.
+    RaceHeld {
+        reason: String,
+        deferred: bool,
+    },
+    /// Won without knowing every earlier holder of the key (its history
+    /// was compacted or could not be read): promotion waits `wait` after
+    /// the win (see [`Core::history_from`]).
+    PreviousHoldersUnknown {
+        wait: Duration,
+    },
+    /// Pause, resume, a request begun, done, failed or refused (`decide::pause`).
+    Maintenance {
+        what: String,
+        detail: String,
+    },
+    /// A switchover to `to` was judged safe: the planned step-down begins.
+    SwitchoverBegun {
+        to: String,
+    },
+    SwitchoverRefused {
+        to: String,
+        reason: String,
+    },
+    /// The key passed to `to` at `revision`, after `to` received the WAL
+    /// up to the shutdown checkpoint at `final_lsn`.
+    SwitchoverHandedOver {
+        to: String,
+        revision: i64,
+        final_lsn: u64,
+    },
+    /// The switchover stopped before the hand-over; this node takes its
+    /// server back under the key it still holds.
+    SwitchoverAborted {
+        to: String,
+        reason: String,
+    },
+    /// This node won the scope's `initialize` key on `lease` and runs `initdb`.
+    BootstrapClaimed {
+        lease: i64,
+    },
+    /// This node's `initdb` ended (`detail`: the error when not `ok`).
+    Initdb {
+        ok: bool,
+        detail: String,
+    },
 }
 
 /// Side effects for the drivers, in the order they must happen.
@@ -469,6 +628,85 @@ pub enum Action {
     Record(Fact),
     Exit {
         code: i32,
+    },
+    /// Synchronous mode: write the `sync` key, compare-and-set on this
+    /// leader's lease holding the leader key. Outcome: [`Input::SyncWritten`].
+    WriteSync(sync::SyncState),
+    /// Read the `sync` key and every member record before racing for an
+    /// empty key. Outcome: [`Input::Candidates`].
+    ReadCandidates,
+    /// Run a request on this node's PostgreSQL in the background: `Restart`
+    /// stops it and starts it as a standby (of `leader`, else of nobody;
+    /// a leader then promotes it again), `Reinit` wipes the data directory
+    /// and clones it from `leader`. Outcome: [`Input::OpDone`].
+    RunOp {
+        id: String,
+        op: Op,
+        leader: Option<String>,
+    },
+    /// Write a request's outcome back to etcd (`<scope>/results/<node>`).
+    ReportOp {
+        id: String,
+        ok: bool,
+        detail: String,
+    },
+    /// Run the `[callbacks]` command for `event` as `COMMAND event role
+    /// scope`, in the background: nothing waits for it.
+    Callback {
+        event: CallbackEvent,
+        role: &'static str,
+    },
+    /// Read `{scope}/switchover`, the target's member record and lease, and
+    /// `{scope}/pause`. Outcome: [`Input::SwitchoverSeen`] (off the loop).
+    ReadSwitchover,
+    /// Write the answer to a switchover request (best effort, off the loop).
+    AnswerSwitchover(switchover::Answer),
+    /// `pg_controldata` of the stopped server. Outcome: [`Input::ShutdownCheckpoint`].
+    ReadShutdownCheckpoint,
+    /// Ask the target's PostgreSQL for its receive LSN, bounded, off the
+    /// loop. Outcome: [`Input::TargetLsn`].
+    CheckTargetLsn {
+        host: String,
+        port: u16,
+    },
+    /// Put the leader key, compared on this node's value and `lease`, as
+    /// `to`'s on `to_lease`. Outcome: [`Input::HandedOver`].
+    HandOver {
+        lease: i64,
+        to: String,
+        to_lease: i64,
+    },
+    /// Read the scope's `initialize` key. Outcome: [`Input::InitializeSeen`]
+    /// (none if etcd does not answer: read again next loop).
+    ReadInitialize,
+    /// Create the `initialize` key on `lease` if absent (create revision
+    /// 0). Outcome: [`Input::InitializeSeen`] with the key as it stands.
+    ClaimInitialize {
+        lease: i64,
+    },
+    /// Run `initdb` (options `postgres.initdb`) in the background. Outcome:
+    /// [`Input::InitdbDone`].
+    Initdb,
+    /// Make our claim on `lease` permanent (`Done`, no lease). Outcome:
+    /// [`Input::InitializeFinished`].
+    FinishInitialize {
+        lease: i64,
+    },
+    /// Delete our claim on `lease` after a failed `initdb`. No outcome.
+    AbandonInitialize {
+        lease: i64,
+    },
+    /// Write `Done` naming this node if no `initialize` key exists (a
+    /// leader of a scope made before the key existed). No outcome.
+    MarkInitialized,
+    /// List the scope's member records. Outcome: [`Input::MembersSeen`]
+    /// (none if etcd does not answer).
+    ReadMembers,
+    /// Leader: make the physical slots named `leasedog_*` exactly `wanted`
+    /// (create missing ones, drop inactive others). Outcome:
+    /// [`Input::SlotsSynced`]. See [`slots`].
+    SyncSlots {
+        wanted: Vec<String>,
     },
 }
 
@@ -621,6 +859,11 @@ pub struct Core {
     /// long-lived cluster the forgotten one is the oldest leader's, gone
     /// long ago.
     owed: BTreeMap<i64, BootTime>,
+    /// The revision of the first key report after start-up or a broken
+    /// watch, and when this core got it: every holder whose key went before
+    /// that revision lost it before that instant (see `history_from`).
+    /// `None` also tells a leader to re-read every loop.
+    watch_from: Option<(i64, BootTime)>,
     /// Releases failed in a row (see [`RELEASE_ATTEMPTS`]).
     release_failures: u32,
     /// A follower's release of the key on this lease (after a refused arming
@@ -635,6 +878,26 @@ pub struct Core {
     start_backoff_until: BootTime,
     /// A `StartStandby` runs (no `Follow` beside it).
     starting: bool,
+    /// The `sync` key as this leader last wrote it (None: unknown).
+    sync_recorded: Option<sync::SyncState>,
+    /// The candidates check of the current vacancy (`sync::RaceGate`).
+    race_gate: sync::RaceGate,
+    /// Pause and requests (`decide::pause`).
+    maint: pause::Maintenance,
+    /// A planned switchover (`decide::switchover`).
+    switch: switchover::Switch,
+    /// The last WAL position observed (member record: timeline, LSNs).
+    last_wal: Option<WalPosition>,
+    /// The smallest watchdog timeout `W` armed (member record).
+    w_secs: Option<u32>,
+    /// Ineligible only because the running replica lags (`failover --to`).
+    lagging_only: bool,
+    /// Bootstrap of an empty scope ([`bootstrap`]).
+    boot: bootstrap::Bootstrap,
+    /// `tags.nofailover`: never races for the leader or `initialize` key.
+    nofailover: bool,
+    /// Replication slots a leader keeps ([`slots`]).
+    slots: slots::Slots,
 }
 
 /// Why a won key's promotion waits (see [`Core::try_promote`]).
@@ -645,6 +908,8 @@ struct PromoteHold {
     leases: BTreeSet<i64>,
     /// When the key was won: the wait is bounded by `T + EXPIRY_SLACK`.
     since: BootTime,
+    /// Not promoted before this instant: the win's history was incomplete.
+    not_before: Option<BootTime>,
     /// Arming is done: only the hold keeps `Promote` back.
     armed: bool,
 }
@@ -683,13 +948,31 @@ impl Core {
             ticks: 0,
             last_tick: None,
             owed: BTreeMap::new(),
+            watch_from: None,
             release_failures: 0,
             unreleased: None,
             hold: None,
             pg_has_data: false,
             start_backoff_until: BootTime::ZERO,
             starting: false,
+            sync_recorded: None,
+            race_gate: sync::RaceGate::default(),
+            maint: Default::default(),
+            switch: switchover::Switch::default(),
+            last_wal: None,
+            w_secs: None,
+            lagging_only: false,
+            boot: bootstrap::Bootstrap::default(),
+            nofailover: false,
+            slots: slots::Slots::default(),
         }
+    }
+
+    /// `tags.nofailover`: this node never races for the leader key (nor
+    /// creates the scope's cluster); it only ever replicates.
+    pub fn with_nofailover(mut self, nofailover: bool) -> Core {
+        self.nofailover = nofailover;
+        self
     }
 
     /// Publishes member records for `node` (`Action::PublishMember`) and
@@ -825,6 +1108,7 @@ impl Core {
         match input {
             Input::Start => {
                 self.granting = true;
+                self.watch_from = None;
                 out.push(Action::Publish(Evidence::None));
                 out.push(Action::Grant);
                 out.push(Action::ReadKey);
@@ -857,7 +1141,12 @@ impl Core {
             Input::PreviousLease { lease, alive, ttl } => {
                 self.on_previous_lease(now, lease, alive, ttl, &mut out)
             }
-            Input::Won { revision } => self.on_won(now, revision, &mut out),
+            Input::Won { revision } => self.on_won(now, revision, &[], true, &mut out),
+            Input::WonAfter {
+                revision,
+                previous,
+                complete,
+            } => self.on_won(now, revision, &previous, complete, &mut out),
             Input::AcquireFailed { .. } => {
                 // Unanswered: who holds the key is unknown until re-read (a
                 // writable server gets no grace from a race not run).
@@ -876,12 +1165,18 @@ impl Core {
                     self.role = Role::Leader;
                     self.following_pg = None;
                     out.push(Action::Record(Fact::Promoted));
+                    out.push(Action::Callback {
+                        event: CallbackEvent::OnRoleChange,
+                        role: "primary",
+                    });
+                    self.bootstrap_on_promoted(&mut out);
                     if self.pgs.as_ref().is_some_and(|p| p.synchronous_mode) {
                         // A fresh primary has no standby yet: drop a copied
                         // setting at once, or every commit would wait.
                         self.sync_names = None;
                         self.sync_pending = true;
-                        out.push(Action::SetSyncStandbys(String::new()));
+                        self.sync_recorded = None;
+                        out.push(Action::SetSyncStandbys(self.sync_names_at_promotion()));
                     }
                 }
             }
@@ -895,6 +1190,16 @@ impl Core {
                     self.stopped = true;
                     self.role = Role::Fenced;
                     out.push(Action::Record(Fact::StepDownConfirmed { how }));
+                    // Last in the batch's order of importance: the driver
+                    // only spawns them.
+                    out.push(Action::Callback {
+                        event: CallbackEvent::OnStop,
+                        role: "primary",
+                    });
+                    out.push(Action::Callback {
+                        event: CallbackEvent::OnRoleChange,
+                        role: "replica",
+                    });
                     if self.key_gone {
                         // The key was taken or deleted (not released by us):
                         // revoke the lease it was on, now that PostgreSQL is
@@ -962,6 +1267,7 @@ impl Core {
                 if !self.leading() {
                     self.holder = KeyHolder::Unknown;
                 }
+                self.watch_from = None;
                 out.push(Action::ReadKey);
             }
             Input::Postgres(view) => self.on_pg_view(now, view, &mut out),
@@ -976,15 +1282,23 @@ impl Core {
             Input::StandbyStarted { ok } => {
                 self.busy = false;
                 self.starting = false;
+                if ok {
+                    out.push(Action::Callback {
+                        event: CallbackEvent::OnStart,
+                        role: "replica",
+                    });
+                }
                 if !ok {
                     self.start_backoff_until =
                         now + self.budget().loop_interval * START_BACKOFF_LOOPS;
                 }
+                self.on_resume_started(now, ok, &mut out);
             }
             Input::PgObserveFailed { error } => {
                 // A server we cannot query (wrong credentials, another data
                 // directory) must not be led: the promotion would fail and
                 // its step-down would fence that server. Its view stands.
+                self.lagging_only = false;
                 let why = format!("cannot observe PostgreSQL: {error}");
                 self.set_eligibility(now, Err(why), &mut out);
             }
@@ -1005,6 +1319,10 @@ impl Core {
                 self.busy = false;
                 if ok {
                     self.following_pg = Some(leader);
+                    out.push(Action::Callback {
+                        event: CallbackEvent::OnStart,
+                        role: "replica",
+                    });
                 } else if self.following.as_deref() == Some(leader.as_str()) {
                     self.following = None; // asked again on a later loop
                 }
@@ -1029,6 +1347,28 @@ impl Core {
                     self.sync_names = Some(value);
                 }
             }
+            Input::SyncWritten { state, ok } => self.on_sync_written(state, ok, &mut out),
+            Input::Candidates { sync, members, ok } => {
+                self.on_candidates(now, sync, members, ok, &mut out)
+            }
+            Input::Paused { .. } | Input::OpRequested { .. } | Input::OpDone { .. } => {
+                self.on_maintenance(now, input, &mut out)
+            }
+            Input::InitializeSeen { key } => self.on_initialize_seen(now, key, &mut out),
+            Input::InitdbDone { result } => self.on_initdb_done(now, result, &mut out),
+            Input::InitializeFinished { ok } => self.on_initialize_finished(ok),
+            Input::MembersSeen { nodes } => self.on_members_seen(nodes, &mut out),
+            Input::SlotsSynced { wanted, ok } => self.on_slots_synced(wanted, ok),
+            Input::ClusterSettings {
+                loop_interval,
+                maximum_lag_on_failover,
+                synchronous_mode,
+            } => self.on_cluster_settings(
+                loop_interval,
+                maximum_lag_on_failover,
+                synchronous_mode,
+                &mut out,
+            ),
             Input::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -1043,6 +1383,17 @@ impl Core {
                     Role::SteppingDown | Role::Exited => {}
                 }
             }
+            Input::SwitchoverSeen {
+                request,
+                target,
+                paused,
+                unix_now,
+            } => self.on_switchover_seen(now, request, target, paused, unix_now, &mut out),
+            Input::ShutdownCheckpoint { state, checkpoint } => {
+                self.on_shutdown_checkpoint(now, state, checkpoint, &mut out)
+            }
+            Input::TargetLsn { receive } => self.on_target_lsn(receive, &mut out),
+            Input::HandedOver { revision } => self.on_handed_over(now, revision, &mut out),
         }
         out
     }
@@ -1055,8 +1406,19 @@ impl Core {
             self.sync_names = None;
         }
         self.loop_work(now, out);
+        self.recheck_race(out);
+        if self.leading() && self.watch_from.is_none() {
+            // A broken watch whose re-read went unanswered: read again every
+            // loop, or a leader cut off while its key was deleted by hand
+            // would never learn it (a win's `history_from` relies on that).
+            out.push(Action::ReadKey);
+        }
+        self.maintenance_tick(now, out);
         self.maybe_publish_member(out);
         self.maybe_refresh_leader_member(false, out);
+        self.maybe_read_switchover(out);
+        self.bootstrap_work(now, true, out);
+        self.slots_tick(out);
     }
 
     fn loop_work(&mut self, now: BootTime, out: &mut Vec<Action>) {
@@ -1087,7 +1449,12 @@ impl Core {
             }),
             Role::Fenced => self.after_fenced(now, out),
             // Re-ask whether the previous holder's lease is gone.
-            Role::Promoting if self.hold.as_ref().is_some_and(|h| !h.leases.is_empty()) => {
+            Role::Promoting
+                if self
+                    .hold
+                    .as_ref()
+                    .is_some_and(|h| !h.leases.is_empty() || h.not_before.is_some()) =>
+            {
                 self.try_promote(now, out)
             }
             Role::Follower => {
@@ -1176,22 +1543,30 @@ impl Core {
         lease: Option<i64>,
         out: &mut Vec<Action>,
     ) {
+        if self.watch_from.is_none() {
+            self.watch_from = Some((revision, now));
+        }
+        // Another holder's lease (also the one a deleted key was on): a win
+        // after it promotes only once it is gone. Lease 0 never expires.
+        // Owed even from a stale event: a lagging watch's deletion still
+        // names a lease that may live.
+        if let Some(l) = lease.filter(|l| *l != 0 && Some(*l) != self.lease) {
+            if holder != KeyHolder::Us {
+                self.owe(l, now);
+            }
+        }
         // etcd's revisions order every read and event: one older than the
         // newest seen (a watch event delivered after a newer read, or after
         // the revision at which we won) says nothing about the key now.
         if revision > 0 && revision < self.key_revision {
             return;
         }
-        // Another holder's lease (also the one a deleted key was on): a win
-        // after it promotes only once it is gone. Lease 0 never expires.
-        if let Some(l) = lease.filter(|l| *l != 0 && Some(*l) != self.lease) {
-            if holder != KeyHolder::Us {
-                self.owe(l, now);
-            }
-        }
         self.key_revision = self.key_revision.max(revision);
         let changed = holder != self.holder;
         self.holder = holder;
+        if changed {
+            self.race_gate = sync::RaceGate::after(&self.race_gate, revision); // a new vacancy, a new check
+        }
         if self.leading() && self.holder != KeyHolder::Us {
             // Safety first: pings stop before anything is written down.
             self.key_gone = true;
@@ -1235,6 +1610,9 @@ impl Core {
         {
             out.push(Action::Fence);
             return;
+        }
+        if self.maint.hands_off() {
+            return; // paused: PostgreSQL is the operator's (decide::pause)
         }
         if self.role != Role::Follower || self.shutting_down {
             return;
@@ -1302,7 +1680,7 @@ impl Core {
 
     fn on_pg_view(&mut self, now: BootTime, view: PgView, out: &mut Vec<Action>) {
         self.pg = view;
-        if self.role == Role::Leader && self.pg == PgView::Down {
+        if self.role == Role::Leader && self.pg == PgView::Down && !self.maint.is_paused() {
             self.step_down(now, StepDownReason::PostgresDown, out);
         }
         self.follow_leader(now, out);
@@ -1319,6 +1697,7 @@ impl Core {
             return; // not managed: nothing to observe
         };
         self.last_lsn = wal.and_then(|w| w.position()).map(|l| l.0);
+        self.last_wal = wal;
         let (view, eligible) = if self.busy {
             (PgView::Busy, Err("rejoin in progress".to_string()))
         } else {
@@ -1335,6 +1714,7 @@ impl Core {
                 pg::eligibility(role, wal.as_ref(), leader_lsn, max_lag),
             )
         };
+        self.note_lag(&view, &eligible);
         // Eligibility first: an eligible node that races for an empty key
         // at once keeps a writable server through the race (rule 8's grace).
         self.set_eligibility(now, eligible, out);
@@ -1362,12 +1742,7 @@ impl Core {
             self.sync_names = None;
             return;
         }
-        let want = pg::wanted_sync_names(standbys);
-        if self.sync_pending || self.sync_names.as_ref() == Some(&want) {
-            return;
-        }
-        self.sync_pending = true;
-        out.push(Action::SetSyncStandbys(want));
+        self.sync_step(standbys, out);
     }
 
     /// This node's member record as it stands.
@@ -1381,6 +1756,11 @@ impl Core {
             port: self.pgs.as_ref().map(|p| p.port),
             lsn: self.last_lsn,
             watchdog: mode_name(self.cfg.mode).into(),
+            timeline: self.last_wal.map(|w| w.timeline),
+            receive_lsn: self.last_wal.and_then(|w| w.receive).map(|l| l.0),
+            replay_lsn: self.last_wal.and_then(|w| w.replay).map(|l| l.0),
+            armed: self.armed,
+            w_secs: self.w_secs.filter(|_| self.armed),
         })
     }
 
@@ -1391,7 +1771,13 @@ impl Core {
             return;
         };
         let Some(me) = self.member() else { return };
-        if member::due(&me, self.published.as_ref(), self.ticks) {
+        if member::due(
+            &me,
+            self.published.as_ref(),
+            self.ticks,
+            self.holder == KeyHolder::Nobody,
+        ) || self.vacancy_publish_due()
+        {
             self.publish_pending = Some(lease);
             out.push(Action::PublishMember(me));
         }
@@ -1420,24 +1806,74 @@ impl Core {
     fn may_race(&self, now: BootTime) -> bool {
         self.role == Role::Follower
             && !self.shutting_down
+            && !self.nofailover
             && self.eligible
             && now >= self.backoff_until
             && self.lease.is_some()
+            && !self.race_gate.held
+            && self.maint.race_allowed()
     }
 
     fn maybe_acquire(&mut self, now: BootTime, out: &mut Vec<Action>) {
         if self.holder != KeyHolder::Nobody || !self.may_race(now) {
             return;
         }
+        if !self.race_cleared(out) {
+            return; // the candidates are read first (`decide::sync`)
+        }
         if let Some(lease) = self.lease {
             out.push(Action::Acquire { lease });
         }
     }
 
-    fn on_won(&mut self, now: BootTime, revision: i64, out: &mut Vec<Action>) {
+    /// The oldest revision of the leader key's history a win must read
+    /// (up to the winning revision) to learn every earlier holder it did
+    /// not see (a deletion is not an expiry): holders from `watch_from`'s
+    /// revision on are all in the history read, whatever the watch
+    /// delivered; holders whose key went before it are read too (from
+    /// revision 1, as far as etcd retains) until `T + EXPIRY_SLACK` after
+    /// that report. After that, a key deleted before it was deleted more
+    /// than `T + EXPIRY_SLACK` ago:
+    /// its holder saw the deletion and stepped down (its watch, or a
+    /// failed renewal and rule 3), or it stopped renewing and its lease
+    /// has expired (watchdog-fenced). Not covered: a holder that keeps
+    /// renewing and never learns of the deletion (the same limit as a
+    /// revoke by hand, docs/fencing.md).
+    pub fn history_from(&self, now: BootTime) -> i64 {
+        match self.watch_from {
+            Some((revision, since))
+                if revision > 0 && now >= since + self.budget().ttl + EXPIRY_SLACK =>
+            {
+                revision
+            }
+            _ => 1,
+        }
+    }
+
+    /// A win at `revision`. `previous`: the holders etcd's history names
+    /// before it (see [`Core::history_from`]), owed a wait like those seen;
+    /// `complete`: false when that history was compacted or unread. Then
+    /// the promotion waits `T + EXPIRY_SLACK` after the win as well: any
+    /// holder whose key went before the win has by then seen the deletion
+    /// (and stepped down and revoked) or stopped renewing (its lease has
+    /// expired and the watchdog reset it); the same limit as `history_from`.
+    fn on_won(
+        &mut self,
+        now: BootTime,
+        revision: i64,
+        history: &[i64],
+        complete: bool,
+        out: &mut Vec<Action>,
+    ) {
         let (Some(lease), Role::Follower) = (self.lease, &self.role) else {
             return;
         };
+        for &l in history {
+            if l != 0 && l != lease {
+                self.owe(l, now);
+            }
+        }
+        let not_before = (!complete).then(|| now + self.budget().ttl + EXPIRY_SLACK);
         self.holder = KeyHolder::Us;
         self.key_revision = self.key_revision.max(revision);
         self.key_gone = false;
@@ -1448,6 +1884,7 @@ impl Core {
         self.hold = Some(PromoteHold {
             leases: previous.clone(),
             since: now,
+            not_before,
             armed: false,
         });
         out.push(Action::Record(Fact::Acquired {
@@ -1459,6 +1896,11 @@ impl Core {
         for previous in previous {
             out.push(Action::Record(Fact::AwaitingPreviousLease {
                 lease: previous,
+            }));
+        }
+        if !complete {
+            out.push(Action::Record(Fact::PreviousHoldersUnknown {
+                wait: self.budget().ttl + EXPIRY_SLACK,
             }));
         }
         if self.cfg.mode == WatchdogMode::Off {
@@ -1486,6 +1928,7 @@ impl Core {
         }
         if !outcome.armed.is_empty() {
             self.armed = true;
+            self.w_secs = outcome.armed.iter().map(|d| d.w_secs).min();
         }
         for d in &outcome.armed {
             if d.nowayout && !self.nowayout.contains(&d.path) {
@@ -1558,6 +2001,9 @@ impl Core {
                 out.push(Action::CheckLeaseGone { lease });
             }
             return;
+        }
+        if h.not_before.is_some_and(|t| now < t) {
+            return; // an incomplete history: the tick after the wait promotes
         }
         if self.cfg.mode != WatchdogMode::Off && !self.fresh(now) {
             return; // the next fresh renewal promotes
@@ -1657,8 +2103,9 @@ impl Core {
         if self.unreleased.is_some() && self.unreleased == self.lease {
             return false;
         }
-        if self.may_race(now) {
-            self.on_won(now, revision, out);
+        if self.may_race(now) || self.may_take_given_key(now) {
+            // No history was read for this win: not promoted on hope.
+            self.on_won(now, revision, &[], false, out);
             return true;
         }
         self.release_as_follower(out);
@@ -1717,7 +2164,10 @@ impl Core {
         // on fresh renewals (rule 1) so that a clean handover is not reset.
         if !matches!(
             reason,
-            StepDownReason::Shutdown | StepDownReason::PromoteFailed | StepDownReason::PostgresDown
+            StepDownReason::Shutdown
+                | StepDownReason::PromoteFailed
+                | StepDownReason::PostgresDown
+                | StepDownReason::Switchover
         ) || self.key_gone
         {
             out.push(Action::Publish(Evidence::None));
@@ -1735,7 +2185,11 @@ impl Core {
     /// `s + T - M` less one request timeout (for the release that follows),
     /// at least a second (pg_ctl's own granularity); else `None`.
     fn fast_stop_within(&self, now: BootTime, reason: &StepDownReason) -> Option<Duration> {
-        if *reason != StepDownReason::Shutdown || self.key_gone || !self.fresh(now) {
+        let planned = matches!(
+            reason,
+            StepDownReason::Shutdown | StepDownReason::Switchover
+        );
+        if !planned || self.key_gone || !self.fresh(now) {
             return None;
         }
         let deadline = timing::demotion_deadline(self.s?, self.budget());
@@ -1750,7 +2204,7 @@ impl Core {
     /// permits pings: a leader cut off from etcd is stopped by its deadline
     /// and then reset by its watchdog, since it cannot prove the key gone.
     fn after_fenced(&mut self, now: BootTime, out: &mut Vec<Action>) {
-        if self.role != Role::Fenced {
+        if self.role != Role::Fenced || self.switchover_holds(now, out) {
             return;
         }
         if !self.key_gone {
@@ -1803,3 +2257,6 @@ impl Core {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod won_after_tests;

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod callbacks;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -661,3 +661,140 @@ fn a_deleted_leader_key_is_not_an_expiry_the_winner_waits_for_the_old_lease() {
     let _ = b.proc_.wait_exit(Duration::from_secs(10));
     let _ = a.proc_.wait_exit(Duration::from_secs(10));
 }
+
+/// Issue 10 item 7's residual: a winner that never saw the deleted key's
+/// holder. The leader `a` stalls (SIGSTOP: it can neither step down nor
+/// revoke its lease), the key is deleted by hand, and only then does `b`
+/// start: its first read shows no key and names no lease. `b` wins, learns
+/// `a`'s lease from etcd's history of the key (`previous_holders`), and
+/// promotes only once that lease is gone (here: expired). Before the fix
+/// `b` promoted within a second or two of its start, beside `a`'s live lease.
+#[test]
+fn a_winner_started_after_a_hand_delete_waits_for_the_lease_it_never_saw() {
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut a = spawn("unseen", "a", &eps);
+    assert_eq!(wait_holder(&client, "unseen", Duration::from_secs(20)), "a");
+    assert!(
+        wait_until(Duration::from_secs(10), || a.first("promoted").is_some()),
+        "a never promoted: {}",
+        a.proc_.log()
+    );
+    let old = client.get_kv(&leader_key("unseen")).unwrap().unwrap();
+    assert_eq!(holder_name(&old.value).as_deref(), Some("a"));
+    a.proc_.signal(libc::SIGSTOP).unwrap();
+    assert!(client.lease_ttl(old.lease).unwrap() > 0);
+    let t_del = Instant::now();
+    assert!(client.delete(&leader_key("unseen")).unwrap());
+    let mut b = spawn("unseen", "b", &eps);
+    // Promotion read first, the lease second: both true means b promoted
+    // while a's lease still lived.
+    let mut promoted_at = None;
+    while t_del.elapsed() < Duration::from_secs(4 * T) {
+        let promoted = b.first("promoted").is_some();
+        let alive = client.lease_ttl(old.lease).unwrap() > 0;
+        assert!(
+            !(promoted && alive),
+            "b promoted {:?} after the delete while a's lease {:x} still lives\n--- b ---\n{}",
+            t_del.elapsed(),
+            old.lease,
+            b.proc_.log()
+        );
+        if promoted {
+            promoted_at = Some(t_del.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = a.proc_.signal(libc::SIGCONT);
+    let promoted_at =
+        promoted_at.unwrap_or_else(|| panic!("b never promoted\n--- b ---\n{}", b.proc_.log()));
+    println!("b promoted {promoted_at:?} after the delete (a's lease expired first)");
+    // The order, from b's audit: won, awaiting a's lease, a's lease gone,
+    // promoted.
+    let audit = b.audit();
+    let at = |event: &str| {
+        audit
+            .iter()
+            .position(|r| r["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} in b's audit: {audit:?}"))
+    };
+    let awaiting = &audit[at("awaiting_previous_lease")];
+    assert_eq!(awaiting["lease"], format!("{:x}", old.lease), "{awaiting}");
+    assert!(at("acquired") < at("awaiting_previous_lease"));
+    assert!(at("awaiting_previous_lease") < at("previous_lease_gone"));
+    assert!(at("previous_lease_gone") < at("promoted"));
+    assert!(
+        !audit
+            .iter()
+            .any(|r| r["event"] == "previous_holders_unknown"),
+        "a fresh etcd keeps the whole history: {audit:?}"
+    );
+    let _ = b.proc_.signal(libc::SIGTERM);
+    let _ = a.proc_.signal(libc::SIGTERM);
+    let _ = b.proc_.wait_exit(Duration::from_secs(10));
+    let _ = a.proc_.wait_exit(Duration::from_secs(10));
+}
+
+/// The same with etcd's history compacted past the deletion: the winner
+/// cannot learn who held the key, so it does not promote on hope. It
+/// records `previous_holders_unknown` and promotes no sooner than
+/// `T + 1.5 s` after its win (by then a holder whose key was deleted has
+/// seen it or let its lease expire).
+#[test]
+fn a_winner_over_a_compacted_history_waits_t_plus_slack_after_its_win() {
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut a = spawn("compacted", "a", &eps);
+    assert_eq!(
+        wait_holder(&client, "compacted", Duration::from_secs(20)),
+        "a"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || a.first("promoted").is_some()),
+        "a never promoted: {}",
+        a.proc_.log()
+    );
+    a.proc_.signal(libc::SIGSTOP).unwrap();
+    assert!(client.delete(&leader_key("compacted")).unwrap());
+    // Compact everything up to now, the deletion included.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut raw = etcd_client::Client::connect(&eps, None).await.unwrap();
+        let rev = raw
+            .get("/", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        raw.compact(rev, None).await.unwrap();
+    });
+    drop(rt);
+    let mut b = spawn("compacted", "b", &eps);
+    assert!(
+        wait_until(Duration::from_secs(4 * T), || b.first("promoted").is_some()),
+        "b never promoted\n--- b ---\n{}",
+        b.proc_.log()
+    );
+    let _ = a.proc_.signal(libc::SIGCONT);
+    let acquired = b.first("acquired").unwrap();
+    let unknown = b
+        .first("previous_holders_unknown")
+        .unwrap_or_else(|| panic!("no previous_holders_unknown: {:?}", b.audit()));
+    let promoted = b.first("promoted").unwrap();
+    assert!(acquired <= unknown && unknown < promoted);
+    // Wall-clock stamps of one process: T + 1.5 s after the win at least.
+    let waited = Duration::from_nanos(promoted - acquired);
+    println!("b promoted {waited:?} after its win over a compacted history");
+    assert!(
+        waited >= Duration::from_millis(T * 1000 + 1500),
+        "promoted {waited:?} after the win"
+    );
+    let _ = b.proc_.signal(libc::SIGTERM);
+    let _ = a.proc_.signal(libc::SIGTERM);
+    let _ = b.proc_.wait_exit(Duration::from_secs(10));
+    let _ = a.proc_.wait_exit(Duration::from_secs(10));
+}

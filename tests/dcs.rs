@@ -535,3 +535,72 @@ async fn a_deleted_key_names_its_lease_which_outlives_the_deletion() {
     primary.revoke(l).await.unwrap();
     assert_eq!(follower.time_to_live(l).await.unwrap(), None);
 }
+
+/// Issue 10 item 7: a winner that never saw the key's earlier holders
+/// learns them from etcd's history of the key. A put by lease a, a delete
+/// by hand, a put by lease b, a delete by hand, then our win: both leases
+/// are named (both still live: a hand delete revokes nothing). Read from
+/// past a's term, only b. Past a compaction, the read says incomplete
+/// (and names what it still saw). A frozen etcd: the read's own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_holders_names_every_lease_before_a_win_and_says_when_compacted() {
+    let mut etcd = sync(EtcdServer::start).unwrap();
+    let eps = etcd.endpoints();
+    let c = cfg(eps.clone(), 1.0);
+    let client = sync(|| BlockingClient::connect(&eps)).unwrap();
+    let key = format!("/leasedog/{SCOPE}/leader");
+    let mut a = Dcs::connect(&c, SCOPE, "a").await.unwrap();
+    let mut b = Dcs::connect(&c, SCOPE, "b").await.unwrap();
+    let mut w = Dcs::connect(&c, SCOPE, "w").await.unwrap();
+    let (la, lb, lw) = (
+        a.grant(60).await.unwrap(),
+        b.grant(60).await.unwrap(),
+        w.grant(60).await.unwrap(),
+    );
+    let won = |r| match r {
+        Acquire::Won { revision } => revision,
+        other => panic!("expected a win, got {other:?}"),
+    };
+    let ra = won(a.try_acquire(la).await.unwrap());
+    assert!(sync(|| client.delete(&key)).unwrap());
+    let rb = won(b.try_acquire(lb).await.unwrap());
+    assert!(sync(|| client.delete(&key)).unwrap());
+    let rw = won(w.try_acquire(lw).await.unwrap());
+    assert!(ra < rb && rb < rw);
+
+    let h = w.previous_holders(1, rw).await.unwrap();
+    let mut both = vec![la, lb];
+    both.sort();
+    assert_eq!(h.leases, both, "{h:?}");
+    assert!(h.complete && h.compacted.is_none(), "{h:?}");
+    // Both still live: the winner must wait for them.
+    assert!(sync(|| client.lease_ttl(la.0)).unwrap() > 0);
+    assert!(sync(|| client.lease_ttl(lb.0)).unwrap() > 0);
+    // From b's put on: only b. Our own put at `rw` is not "before".
+    let h = w.previous_holders(rb, rw).await.unwrap();
+    assert_eq!(h.leases, vec![lb], "{h:?}");
+    assert!(h.complete);
+    let h = w.previous_holders(rw, rw).await.unwrap();
+    assert!(h.leases.is_empty() && h.complete, "{h:?}");
+
+    // Compact up to b's put: a's term is gone from the history.
+    let mut raw = etcd_client::Client::connect(&eps, None).await.unwrap();
+    raw.compact(rb, None).await.unwrap();
+    let h = w.previous_holders(1, rw).await.unwrap();
+    assert!(!h.complete, "a compacted range must be reported: {h:?}");
+    assert_eq!(h.compacted, Some(rb), "{h:?}");
+    assert_eq!(h.leases, vec![lb], "what is left is still read: {h:?}");
+    // Asked only for what is still there: complete.
+    let h = w.previous_holders(rb, rw).await.unwrap();
+    assert!(h.complete && h.leases == vec![lb], "{h:?}");
+
+    // A frozen etcd: the read ends at its deadline (1 s), as an error.
+    sync(|| etcd.stop()).unwrap();
+    let t0 = Instant::now();
+    let r = w.previous_holders(1, rw).await;
+    let took = t0.elapsed();
+    sync(|| etcd.resume()).unwrap();
+    assert!(matches!(r, Err(DcsError::Timeout { .. })), "{r:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    sync(move || drop(client));
+}

@@ -195,3 +195,112 @@ fn a_client_through_haproxy_follows_a_failover_and_never_writes_to_the_old_prima
     assert_eq!(cluster::holder(&client, scope).as_deref(), Some("b"));
     assert_eq!(http_status(hb, "/primary"), Some(200));
 }
+
+/// A planned switchover (`leasedog switchover --to b`) behind HAProxy: the
+/// client follows it to b, and nothing lands on a once b has taken a write.
+#[test]
+fn a_client_through_haproxy_follows_a_switchover() {
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "haproxy-switch";
+    let (ha, hb) = (free_port(), free_port());
+    let health = |p: u16| format!("[health]\nlisten = \"127.0.0.1:{p}\"\n");
+    let pg_a = PgNode::init(free_port());
+    pg_a.start();
+    pg_a.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
+    let mut a = Node::new(Path::new(BIN), scope, "a", &eps, pg_a, &health(ha));
+    a.start_agent();
+    assert!(cluster::wait_holder(
+        &client,
+        scope,
+        "a",
+        Duration::from_secs(30)
+    ));
+    let pg_b = PgNode::replica_of(&a.pg, free_port());
+    let mut b = Node::new(Path::new(BIN), scope, "b", &eps, pg_b, &health(hb));
+    b.start_agent();
+    assert!(
+        b.agent()
+            .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60))
+            && wait_until(Duration::from_secs(60), || b.streaming()),
+        "b streams from a:\n{}",
+        b.agent().log()
+    );
+    let front = free_port();
+    let _proxy = Haproxy::start(&haproxy_config(
+        front,
+        &[("a", a.pg.port, ha), ("b", b.pg.port, hb)],
+    ));
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("leasedog.toml");
+    std::fs::write(&cfg, a.config()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || insert_via(front, 1)
+            == Some(a.pg.port)),
+        "a write through HAProxy lands on a"
+    );
+    // b's member record must show it streaming before the leader accepts.
+    assert!(wait_until(Duration::from_secs(20), || {
+        let out = Command::new(BIN)
+            .args(["list", "--json", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("\"state\": \"replica\"")
+    }));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = {
+        let stop = stop.clone();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            let mut landed: Vec<(Duration, u16)> = Vec::new();
+            let mut v = 1;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                v += 1;
+                if let Some(port) = insert_via(front, v) {
+                    landed.push((start.elapsed(), port));
+                }
+            }
+            landed
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new(BIN)
+        .args(["switchover", "--to", "b", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "switchover: {}{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        a.agent().log(),
+        b.agent().log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || http_status(hb, "/primary")
+            == Some(200)),
+        "b's /primary"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let landed = writes.join().unwrap();
+    let first_b = landed
+        .iter()
+        .position(|(_, p)| *p == b.pg.port)
+        .unwrap_or_else(|| panic!("no write through HAProxy reached b: {landed:?}"));
+    assert!(first_b > 0, "writes landed on a before the switchover");
+    assert!(
+        landed[first_b..].iter().all(|(_, p)| *p == b.pg.port),
+        "a write landed on a after b had taken one: {landed:?}"
+    );
+    assert_eq!(http_status(ha, "/primary"), Some(503));
+    eprintln!(
+        "switchover through HAProxy: last write on a at {:.2} s, first on b at {:.2} s",
+        landed[first_b - 1].0.as_secs_f64(),
+        landed[first_b].0.as_secs_f64()
+    );
+}

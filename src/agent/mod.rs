@@ -8,15 +8,20 @@
 //! `Publish` reaches the pinger before any other etcd or PostgreSQL work
 //! (rule 1).
 
+mod bootstrap;
+mod cluster_config;
 pub mod deadline;
 #[cfg(feature = "testing")]
 pub mod faults;
+pub mod maintenance;
 pub mod members;
 mod mirror;
 mod observer;
 pub mod ops;
+mod pgconf;
 pub mod pinger;
 pub mod realtime;
+mod slots;
 
 use crate::audit::{self, AuditLog, Event};
 use crate::clock;
@@ -78,7 +83,14 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     }
     ops.metrics.attach(pinger.stats.clone(), cell.clone());
     let pg = match &cfg.postgres {
-        Some(pc) => Some(Pg::new(pc.clone()).map_err(|e| format!("postgres: {e}"))?),
+        Some(pc) => Some(
+            Pg::new(pc.clone())
+                .map_err(|e| format!("postgres: {e}"))?
+                .with_slot_name(
+                    pc.replication_slots
+                        .then(|| crate::decide::slots::slot_name(&cfg.node)),
+                ),
+        ),
         None => None,
     };
     if let Some(pg) = &pg {
@@ -121,17 +133,30 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         .max_blocking_threads(2)
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    if let Some(pg) = &pg {
+        pgconf::apply_at_start(&runtime, pg)?;
+    }
     let mut core = Core::new(CoreConfig {
         budget,
         mode: cfg.watchdog.mode,
     })
-    .with_node(cfg.node.clone());
+    .with_node(cfg.node.clone())
+    .with_maintenance()
+    .with_nofailover(cfg.tags.nofailover)
+    .with_slots(cfg.postgres.as_ref().is_some_and(|p| p.replication_slots));
     if let Some(pc) = &cfg.postgres {
         core = core.with_postgres(PgSettings {
             maximum_lag_on_failover: pc.maximum_lag_on_failover,
             synchronous_mode: pc.synchronous_mode,
             host: pc.advertised_host(),
             port: pc.port,
+            sync: crate::decide::sync::SyncSettings {
+                strict: pc.synchronous_mode_strict,
+                node_count: pc.synchronous_node_count,
+                quorum: pc.synchronous_quorum,
+                defer: std::time::Duration::from_secs_f64(pc.failover_defer),
+                check_candidates: true,
+            },
         });
     }
     let mut agent = Agent {
@@ -148,6 +173,8 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         side_tx,
         observer: None,
         member_io: None,
+        maint_io: None,
+        slot_io: None,
         connect_failed_at: None,
         mirror: None,
         ops,
@@ -233,6 +260,10 @@ struct Agent {
     observer: Option<observer::Observer>,
     /// Member record I/O (started with the loop).
     member_io: Option<members::MemberIo>,
+    /// The pause and request keys (started with the loop).
+    maint_io: Option<maintenance::MaintenanceIo>,
+    /// Member listing and replication slots (started with the loop).
+    slot_io: Option<slots::SlotIo>,
     /// When the last connection attempt failed (one attempt per loop).
     connect_failed_at: Option<clock::BootTime>,
     /// sd_notify and the metrics endpoint.
@@ -365,6 +396,12 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
                 ttl_s: ttl,
             },
         ),
+        Fact::PreviousHoldersUnknown { wait } => (
+            None,
+            Event::PreviousHoldersUnknown {
+                wait_ns: wait.as_nanos() as u64,
+            },
+        ),
         Fact::RenewedLate { sent, acked } => (
             None,
             Event::RenewedLate {
@@ -420,12 +457,44 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
             },
         ),
         Fact::NowayoutKeptArmed { devices } => (None, Event::NowayoutKeptArmed { devices }),
+        Fact::SyncRecorded {
+            members,
+            quorum,
+            fallback,
+        } => (
+            None,
+            Event::SyncRecorded {
+                members,
+                quorum,
+                fallback,
+            },
+        ),
+        Fact::RaceHeld { reason, deferred } => (None, Event::RaceHeld { reason, deferred }),
         Fact::Shutdown => (
             None,
             Event::Shutdown {
                 reason: "signal".into(),
             },
         ),
+        Fact::Maintenance { what, detail } => (None, Event::Maintenance { what, detail }),
+        Fact::SwitchoverBegun { to } => (None, Event::SwitchoverBegun { to }),
+        Fact::SwitchoverRefused { to, reason } => (None, Event::SwitchoverRefused { to, reason }),
+        Fact::SwitchoverHandedOver {
+            to,
+            revision,
+            final_lsn,
+        } => (
+            Some(revision),
+            Event::SwitchoverHandedOver { to, final_lsn },
+        ),
+        Fact::SwitchoverAborted { to, reason } => (None, Event::SwitchoverAborted { to, reason }),
+        Fact::BootstrapClaimed { lease } => (
+            None,
+            Event::BootstrapClaimed {
+                lease: LeaseId(lease).to_string(),
+            },
+        ),
+        Fact::Initdb { ok, detail } => (None, Event::Initdb { ok, detail }),
     }
 }
 
@@ -490,7 +559,42 @@ impl Agent {
             self.ops.metrics.etcd_requests.clone(),
             self.side_tx.clone(),
         ));
-        let mut pending = VecDeque::from([Input::Start]);
+        self.slot_io = Some(slots::SlotIo::start(
+            &self.cfg.etcd,
+            &self.cfg.scope,
+            &self.cfg.node,
+            self.pg.clone(),
+            self.ops.metrics.etcd_requests.clone(),
+            self.side_tx.clone(),
+        ));
+        cluster_config::start(
+            self.cfg.clone(),
+            self.pg.clone(),
+            self.ops.metrics.etcd_requests.clone(),
+            self.side_tx.clone(),
+        );
+        self.maint_io = Some(maintenance::MaintenanceIo::start(
+            &self.cfg.etcd,
+            &self.cfg.scope,
+            &self.cfg.node,
+            // Every other loop: half a request per loop in steady state.
+            self.budget.loop_interval * 2,
+            self.ops.metrics.etcd_requests.clone(),
+            self.side_tx.clone(),
+        ));
+        let mut pending = VecDeque::new();
+        // The pause state before the first race (`decide::pause`): one
+        // bounded read, nothing armed yet. Unknown, the node does not race,
+        // and a primary started before its agent would lose rule 8's grace.
+        if let Ok(d) = self.dcs().await {
+            match d.get_pause().await {
+                Ok(v) => pending.push_back(Input::Paused {
+                    paused: v.is_some(),
+                }),
+                Err(e) => warn!("cannot read the pause key at start-up: {e}"),
+            }
+        }
+        pending.push_back(Input::Start);
         loop {
             while let Some(input) = pending.pop_front() {
                 if let Some(code) = self.feed(input).await {
@@ -731,6 +835,8 @@ impl Agent {
                 }
             }
             Action::Acquire { lease } => {
+                // Taken before the race: an earlier instant only reads more.
+                let from = self.core.history_from(clock::now());
                 let d = match self.dcs().await {
                     Ok(d) => d,
                     Err(e) => return Some(Input::AcquireFailed { error: e }),
@@ -738,7 +844,25 @@ impl Agent {
                 match d.try_acquire(LeaseId(lease)).await {
                     Ok(Acquire::Won { revision }) => {
                         info!(revision, "won the leader key");
-                        Some(Input::Won { revision })
+                        // Who held the key before, from etcd's history: the
+                        // core waits for each (a deletion is not an expiry).
+                        let (previous, complete) = match d.previous_holders(from, revision).await {
+                            Ok(h) => {
+                                if !h.complete {
+                                    warn!(from, compacted = ?h.compacted, "the leader key's history before the win is incomplete");
+                                }
+                                (h.leases.iter().map(|l| l.0).collect(), h.complete)
+                            }
+                            Err(e) => {
+                                warn!("cannot read the leader key's history before the win: {e}");
+                                (Vec::new(), false)
+                            }
+                        };
+                        Some(Input::WonAfter {
+                            revision,
+                            previous,
+                            complete,
+                        })
                     }
                     Ok(Acquire::Held { holder, revision }) => {
                         // Mapped with the core's lease now, not the action's:
@@ -803,6 +927,24 @@ impl Agent {
                 })
             }
             Action::Follow { leader } => self.follow(leader),
+            Action::ReadInitialize
+            | Action::ClaimInitialize { .. }
+            | Action::Initdb
+            | Action::FinishInitialize { .. }
+            | Action::AbandonInitialize { .. }
+            | Action::MarkInitialized => self.bootstrap(action).await,
+            Action::ReadMembers => {
+                if let Some(s) = &self.slot_io {
+                    s.send(slots::Cmd::ReadMembers);
+                }
+                None
+            }
+            Action::SyncSlots { wanted } => {
+                if let Some(s) = &self.slot_io {
+                    s.send(slots::Cmd::Sync(wanted));
+                }
+                None
+            }
             Action::StartStandby { leader } => self.start_standby(leader),
             Action::PublishMember(member) => {
                 if let (Some(io), Some(lease)) = (&self.member_io, self.core.lease()) {
@@ -820,6 +962,24 @@ impl Agent {
                 None => Some(Input::LeaderMember {
                     leader,
                     member: None,
+                }),
+            },
+            Action::WriteSync(state) => match (&self.member_io, self.core.lease()) {
+                (Some(io), Some(lease)) => {
+                    io.write_sync(lease, state);
+                    None
+                }
+                _ => Some(Input::SyncWritten { state, ok: false }),
+            },
+            Action::ReadCandidates => match &self.member_io {
+                Some(io) => {
+                    io.candidates();
+                    None
+                }
+                None => Some(Input::Candidates {
+                    sync: None,
+                    members: Vec::new(),
+                    ok: false,
                 }),
             },
             Action::SetSyncStandbys(value) => match &self.observer {
@@ -929,6 +1089,98 @@ impl Agent {
                 None
             }
             Action::Exit { .. } => None,
+            Action::RunOp { id, op, leader } => self.run_op(id, op, leader),
+            Action::ReportOp { id, ok, detail } => {
+                if let Some(m) = &self.maint_io {
+                    m.report(dcs::OpOutcome { id, ok, detail });
+                }
+                None
+            }
+            Action::Callback { event, role } => {
+                // A thread of its own: nothing here waits for it.
+                crate::callbacks::spawn(&self.cfg.callbacks, event, role, &self.cfg.scope);
+                None
+            }
+            Action::ReadSwitchover => match &self.member_io {
+                Some(io) => {
+                    io.read_switchover();
+                    None
+                }
+                None => Some(Input::SwitchoverSeen {
+                    request: None,
+                    target: None,
+                    paused: false,
+                    unix_now: 0,
+                }),
+            },
+            Action::AnswerSwitchover(answer) => {
+                info!(?answer, "switchover");
+                if let Some(io) = &self.member_io {
+                    io.answer_switchover(answer);
+                }
+                None
+            }
+            Action::ReadShutdownCheckpoint => {
+                let Some(pg) = self.pg.clone() else {
+                    return Some(Input::ShutdownCheckpoint {
+                        state: "no PostgreSQL managed".into(),
+                        checkpoint: None,
+                    });
+                };
+                let tx = self.side_tx.clone();
+                tokio::spawn(async move {
+                    let input = match pg.shutdown_checkpoint().await {
+                        Ok((state, lsn)) => Input::ShutdownCheckpoint {
+                            state,
+                            checkpoint: lsn.map(|l| l.0),
+                        },
+                        Err(e) => Input::ShutdownCheckpoint {
+                            state: format!("pg_controldata failed: {e}"),
+                            checkpoint: None,
+                        },
+                    };
+                    let _ = tx.send(input);
+                });
+                None
+            }
+            Action::CheckTargetLsn { host, port } => {
+                let Some(pg) = self.pg.clone() else {
+                    return Some(Input::TargetLsn { receive: None });
+                };
+                let tx = self.side_tx.clone();
+                tokio::spawn(async move {
+                    let receive = match pg.remote_receive_lsn(&host, port).await {
+                        Ok(l) => l.map(|l| l.0),
+                        Err(e) => {
+                            warn!("switchover target's receive LSN: {e}");
+                            None
+                        }
+                    };
+                    let _ = tx.send(Input::TargetLsn { receive });
+                });
+                None
+            }
+            Action::HandOver {
+                lease,
+                to,
+                to_lease,
+            } => {
+                let d = match self.dcs().await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!("hand-over: {e}");
+                        return Some(Input::HandedOver { revision: None });
+                    }
+                };
+                let revision = match d.hand_over(LeaseId(lease), &to, LeaseId(to_lease)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!("hand-over failed: {e}");
+                        None
+                    }
+                };
+                Some(Input::HandedOver { revision })
+            }
         }
     }
 
@@ -944,7 +1196,8 @@ impl Agent {
             | Fact::LeadingUnarmed { .. }
             | Fact::StepDownBegun { .. }
             | Fact::StepDownFailed { .. }
-            | Fact::NowayoutKeptArmed { .. } => warn!(?fact, "audit"),
+            | Fact::NowayoutKeptArmed { .. }
+            | Fact::SyncRecorded { fallback: true, .. } => warn!(?fact, "audit"),
             _ => info!(?fact, "audit"),
         }
         self.ops.fact(fact);
@@ -1151,6 +1404,49 @@ impl Agent {
                 }
             };
             let _ = tx.send(Input::Followed { leader, ok });
+        });
+        None
+    }
+}
+
+/// Maintenance requests (the core decides which; this runs them).
+impl Agent {
+    /// Runs a request in the background, reporting `OpDone` on the side
+    /// channel; `leader`'s address from its member record.
+    fn run_op(
+        &mut self,
+        id: String,
+        op: crate::decide::Op,
+        leader: Option<String>,
+    ) -> Option<Input> {
+        let Some(pg) = self.pg.clone() else {
+            let detail = "this node manages no PostgreSQL".into();
+            return Some(Input::OpDone {
+                id,
+                ok: false,
+                detail,
+            });
+        };
+        let conninfo = leader.as_ref().and_then(|l| {
+            let m = self.core.leader_member().filter(|m| &m.node == l)?;
+            Some(
+                pg.config()
+                    .replication_conninfo(m.host.as_ref()?, m.port?, &self.cfg.node),
+            )
+        });
+        let tx = self.side_tx.clone();
+        info!(%id, op = op.as_str(), leader = ?leader, "running the request");
+        tokio::spawn(async move {
+            let (ok, detail) = match maintenance::run_op(&pg, op, conninfo.as_deref()).await {
+                Ok(d) => (true, d),
+                Err(e) => (false, e),
+            };
+            if ok {
+                info!(%id, "request done: {detail}");
+            } else {
+                error!(%id, "request failed: {detail}");
+            }
+            let _ = tx.send(Input::OpDone { id, ok, detail });
         });
         None
     }

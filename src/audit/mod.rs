@@ -156,6 +156,12 @@ pub enum Event {
         lease: String,
         ttl_s: i64,
     },
+    /// Won without knowing every earlier holder of the key (its history
+    /// in etcd was compacted or could not be read): the promotion waits
+    /// `wait_ns` after the win (`T + 1.5 s`, docs/fencing.md).
+    PreviousHoldersUnknown {
+        wait_ns: u64,
+    },
     /// Rule 8: PostgreSQL was writable while this node did not lead; the
     /// agent fenced it (`how`: the fence's outcome). `holder`: the key's
     /// holder as the agent saw it (null: nobody or unknown). Not a change
@@ -268,6 +274,57 @@ pub enum Event {
         offset: u64,
         saved_to: String,
     },
+    /// The leader recorded the synchronous standby set in etcd's `sync`
+    /// key; `fallback`: none left, non-strict mode, commits asynchronous.
+    SyncRecorded {
+        members: Vec<String>,
+        quorum: u32,
+        fallback: bool,
+    },
+    /// A follower held back its race for the empty leader key.
+    RaceHeld {
+        reason: String,
+        deferred: bool,
+    },
+    /// Pause, resume, a request (restart, reinit) begun, done, failed or
+    /// refused (`decide::pause`): `what` names it, `detail` says more.
+    Maintenance {
+        what: String,
+        detail: String,
+    },
+    /// A leader judged a switchover request safe and begins its planned
+    /// step-down for `to` (docs/operations.md).
+    SwitchoverBegun {
+        to: String,
+    },
+    /// A leader refused a switchover request; `reason` is what the CLI shows.
+    SwitchoverRefused {
+        to: String,
+        reason: String,
+    },
+    /// The stopped leader handed the key to `to` (the record's `rev` is the
+    /// hand-over's revision) once `to` had received the WAL up to the
+    /// shutdown checkpoint at `final_lsn`.
+    SwitchoverHandedOver {
+        to: String,
+        final_lsn: u64,
+    },
+    /// The switchover stopped before the hand-over; the old leader takes
+    /// its server back under the key it still holds.
+    SwitchoverAborted {
+        to: String,
+        reason: String,
+    },
+    /// This node won the scope's `initialize` key (hex lease) and runs
+    /// `initdb`: in a bootstrap, exactly one node of the scope writes this.
+    BootstrapClaimed {
+        lease: String,
+    },
+    /// This node's `initdb` ended; `detail` is the error when not `ok`.
+    Initdb {
+        ok: bool,
+        detail: String,
+    },
 }
 
 impl Event {
@@ -280,6 +337,7 @@ impl Event {
             Event::AwaitingPreviousLease { .. } => "awaiting_previous_lease",
             Event::PreviousLeaseGone { .. } => "previous_lease_gone",
             Event::PreviousLeaseAlive { .. } => "previous_lease_alive",
+            Event::PreviousHoldersUnknown { .. } => "previous_holders_unknown",
             Event::FencedNotLeader { .. } => "fenced_not_leader",
             Event::LeaderSeen { .. } => "leader_seen",
             Event::RenewedLate { .. } => "renewed_late",
@@ -298,9 +356,18 @@ impl Event {
             Event::StepDownConfirmed { .. } => "step_down_confirmed",
             Event::Released { .. } => "released",
             Event::ReleaseFailed { .. } => "release_failed",
+            Event::SyncRecorded { .. } => "sync_recorded",
+            Event::RaceHeld { .. } => "race_held",
             Event::Disarmed { .. } => "disarmed",
             Event::Shutdown { .. } => "shutdown",
             Event::TornTailRecovered { .. } => "torn_tail_recovered",
+            Event::Maintenance { .. } => "maintenance",
+            Event::SwitchoverBegun { .. } => "switchover_begun",
+            Event::SwitchoverRefused { .. } => "switchover_refused",
+            Event::SwitchoverHandedOver { .. } => "switchover_handed_over",
+            Event::SwitchoverAborted { .. } => "switchover_aborted",
+            Event::BootstrapClaimed { .. } => "bootstrap_claimed",
+            Event::Initdb { .. } => "initdb",
         }
     }
 }

@@ -41,6 +41,11 @@ pub struct StepDown {
     /// Its release after the step-down deleted the key (`None`: not released,
     /// or an older agent that did not record it).
     pub release_deleted: Option<bool>,
+    /// The key left it by a switchover's hand-over (`switchover_handed_over`):
+    /// one transaction, compared on its value and lease, that put the key
+    /// as the new holder's at `released_rev`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over: bool,
 }
 
 /// The old leader's next start-up after its term.
@@ -250,6 +255,9 @@ struct Release {
     /// `rev` (older agents).
     rev: Option<i64>,
     deleted: Option<bool>,
+    /// A switchover's hand-over: the key passed to the new holder in the
+    /// same transaction, so its win is at this very revision.
+    handover: bool,
 }
 
 impl Release {
@@ -258,6 +266,12 @@ impl Release {
             Event::Released { revision, deleted } => Some(Release {
                 rev: revision.or(r.rev),
                 deleted: *deleted,
+                handover: false,
+            }),
+            Event::SwitchoverHandedOver { .. } => Some(Release {
+                rev: r.rev,
+                deleted: Some(true),
+                handover: true,
             }),
             _ => None,
         }
@@ -580,6 +594,7 @@ fn read_old_term(ot: &Term, local_log: bool, f: &mut Findings) -> OldLeader {
             boot_ns: ot.recs[sd].boot_ns,
             released_rev: release.and_then(|r| r.deletion_rev()),
             release_deleted: release.and_then(|r| r.deleted),
+            handed_over: release.is_some_and(|r| r.handover),
         }
     });
     o.next_startup = ot.next_startup.map(|r| next_startup(r, &oacq.boot_id));
@@ -643,7 +658,10 @@ fn disarm_too_early(
         ));
     }
     let key_gone = ot.any_in(p, j, |e| {
-        matches!(e, Event::Released { .. } | Event::LeaseLost { .. })
+        matches!(
+            e,
+            Event::Released { .. } | Event::LeaseLost { .. } | Event::SwitchoverHandedOver { .. }
+        )
     });
     (!key_gone).then(|| {
         format!(
@@ -829,6 +847,9 @@ fn judge(
 /// and lease), which therefore nobody else held until then.
 fn released_first(o: &str, n: &str, new_rev: i64, r: Release) -> Option<String> {
     match (r.deletion_rev(), r.deleted) {
+        (Some(rev), _) if r.handover && rev == new_rev => Some(format!(
+            "handed the key to {n} at rev {rev} (switchover: one transaction compared on {o}'s value and lease, sent after the confirmed stop), which is {n}'s win"
+        )),
         (Some(rev), _) if rev < new_rev => Some(format!(
             "released the key at rev {rev}, before {n} won it at rev {new_rev}"
         )),
@@ -857,6 +878,7 @@ fn step_down_first(
     let release = Release {
         rev: sd.released_rev,
         deleted: sd.release_deleted,
+        handover: sd.handed_over,
     };
     if let Some(why) = released_first(o, n, new_rev, release) {
         return Some(format!(

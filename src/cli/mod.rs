@@ -4,9 +4,16 @@
 
 pub mod audit;
 pub mod check;
+pub mod edit_config;
+pub mod history;
+pub mod list;
+pub mod pause;
 pub mod query_watchdog;
+pub mod reinit;
+pub mod restart;
 pub mod run;
 pub mod status;
+pub mod switchover;
 pub mod test_watchdog;
 
 pub use check::{assess, Finding};
@@ -84,6 +91,105 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Maintenance mode: no automatic failover or promotion in the scope
+    /// until `resume`; the leader keeps its key and PostgreSQL may be
+    /// restarted by hand (docs/operations-maintenance.md).
+    Pause {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+    },
+    /// End the maintenance mode. Refused while a node that does not hold
+    /// the key has a writable PostgreSQL (unless --force).
+    Resume {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restart NODE's PostgreSQL without a failover (the leader keeps its
+    /// key); waits for the outcome.
+    Restart {
+        node: String,
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        /// Seconds to wait for the node's outcome.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Wipe a replica's data directory and clone it again from the leader;
+    /// refused on the leader. Waits for the outcome.
+    Reinit {
+        node: String,
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        /// Seconds to wait for the node's outcome.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// The scope's members: role, state, timeline, LSNs, lag, watchdog,
+    /// pending operations (etcd only).
+    List {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The changes of leader, from etcd's history and any audit logs given.
+    History {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Local audit logs to read as well.
+        #[arg(long, num_args = 1..)]
+        audit: Vec<PathBuf>,
+    },
+    /// A planned switchover: no acknowledged commit lost.
+    Switchover {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        /// The leader expected (refused if another leads).
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: String,
+        /// Not before: seconds since the epoch, +30s/+5m/+1h, or YYYY-MM-DDTHH:MM:SSZ.
+        #[arg(long)]
+        at: Option<String>,
+        /// Skip the lag bound (the catch-up check still holds).
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the outcome (after --at).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// A scope with no leader: give the key to one replica.
+    Failover {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Show or change the scope's cluster-wide settings in etcd (loop
+    /// interval, lag bound, synchronous mode, PostgreSQL parameters),
+    /// validated before anything is written. Prints the result as JSON.
+    EditConfig {
+        #[arg(long, default_value = "/etc/leasedog/leasedog.toml")]
+        config: PathBuf,
+        /// KEY=VALUE (repeatable): timing.loop_interval,
+        /// postgres.maximum_lag_on_failover, postgres.synchronous_mode,
+        /// postgres.parameters.NAME; an empty VALUE removes the key.
+        #[arg(long)]
+        set: Vec<String>,
+        /// Replace the whole config with this JSON file (`-`: stdin).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the stored config (the default without --set or --file).
+        #[arg(long)]
+        show: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,6 +262,59 @@ pub fn main() -> i32 {
             yes,
         } => test_watchdog::test_watchdog(&device, timeout, yes),
         Command::Audit { command } => audit::audit(command),
+        Command::Pause { config } => with_config(&config, pause::pause),
+        Command::Resume { config, force } => with_config(&config, |c| pause::resume(c, force)),
+        Command::Restart {
+            node,
+            config,
+            timeout,
+        } => with_config(&config, |c| {
+            let t = std::time::Duration::from_secs(timeout);
+            restart::request(c, crate::decide::Op::Restart, &node, t)
+        }),
+        Command::Reinit {
+            node,
+            config,
+            timeout,
+        } => with_config(&config, |c| {
+            reinit::reinit(c, &node, std::time::Duration::from_secs(timeout))
+        }),
+        Command::List { config, json } => with_config(&config, |cfg| list::list(cfg, json)),
+        Command::History {
+            config,
+            json,
+            audit,
+        } => with_config(&config, |cfg| history::history(cfg, json, &audit)),
+        Command::Switchover {
+            config,
+            from,
+            to,
+            at,
+            force,
+            wait,
+        } => with_config(&config, |cfg| {
+            switchover::switchover(
+                cfg,
+                switchover::SwitchoverArgs {
+                    from,
+                    to,
+                    at,
+                    force,
+                    wait,
+                },
+            )
+        }),
+        Command::Failover { config, to, wait } => {
+            with_config(&config, |cfg| switchover::failover(cfg, &to, wait))
+        }
+        Command::EditConfig {
+            config,
+            set,
+            file,
+            show,
+        } => with_config(&config, |cfg| {
+            edit_config::edit_config(cfg, &set, file, show)
+        }),
     }
 }
 

@@ -18,6 +18,8 @@ pub struct StatusReport {
     pub local_error: Option<String>,
     /// Why etcd could not be read (leader and members are then empty).
     pub etcd_error: Option<String>,
+    /// The pause record while the scope is paused (`leasedog pause`).
+    pub paused: Option<serde_json::Value>,
 }
 
 pub(super) fn status(cfg: &Config, json: bool) -> i32 {
@@ -29,6 +31,7 @@ pub(super) fn status(cfg: &Config, json: bool) -> i32 {
         local: None,
         local_error: None,
         etcd_error: None,
+        paused: None,
     };
     let fetched = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -41,6 +44,11 @@ pub(super) fn status(cfg: &Config, json: bool) -> i32 {
                     .map_err(|e| e.to_string())?;
                 let (holder, _) = d.leader().await.map_err(|e| e.to_string())?;
                 let members = d.members().await.map_err(|e| e.to_string())?;
+                // Any value pauses the scope (the agents read it so too).
+                r.paused = d.get_pause().await.map_err(|e| e.to_string())?.map(|v| {
+                    serde_json::from_slice(&v)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&v).into_owned().into())
+                });
                 Ok::<_, String>((holder, members))
             })
         });
@@ -102,6 +110,12 @@ pub fn status_table(r: &StatusReport) -> String {
         }
         None => {
             let _ = writeln!(o, "leader   {}", r.leader.as_deref().unwrap_or("(none)"));
+            if let Some(p) = &r.paused {
+                let _ = writeln!(
+                    o,
+                    "PAUSED   no failover or promotion until `leasedog resume` ({p})"
+                );
+            }
             let _ = writeln!(
                 o,
                 "\n{:<16} {:<13} {:<10} {:<22} {:>14} WATCHDOG",

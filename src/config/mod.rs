@@ -1,7 +1,10 @@
 //! The agent's configuration: one TOML file, every value defaulted except the
 //! node name, validated into a [`Budget`] with errors that name the key.
 
+pub mod cluster;
+pub mod pg_params;
 pub mod postgres;
+pub mod tags;
 
 use crate::timing::{Budget, BudgetError};
 use postgres::PgConfig;
@@ -35,6 +38,12 @@ pub struct Config {
     /// Health endpoints for load balancers (off by default).
     #[serde(default)]
     pub health: HealthConfig,
+    /// Commands run on changes of PostgreSQL's state (`crate::callbacks`).
+    #[serde(default)]
+    pub callbacks: crate::callbacks::CallbacksConfig,
+    /// `[tags]`: what this node may do in the scope (`nofailover`).
+    #[serde(default)]
+    pub tags: tags::Tags,
 }
 
 /// `[health]`: `/primary`, `/replica`, `/read-only`, `/leader`, `/health`
@@ -412,6 +421,7 @@ impl Config {
                 )
             })?;
         }
+        self.callbacks.check().map_err(|(k, r)| invalid(k, r))?;
         if !self.etcd.prefix.starts_with('/') {
             return Err(invalid("etcd.prefix", "must start with '/'"));
         }

@@ -80,6 +80,44 @@ pub struct PgConfig {
     /// lost acknowledged commits at failover.
     #[serde(default)]
     pub synchronous_mode: bool,
+    /// Never fall back to asynchronous: while no synchronous standby
+    /// streams, commits block (`synchronous_standby_names` keeps the gone
+    /// standby, or `*` when none was ever known). Needs `synchronous_mode`.
+    #[serde(default)]
+    pub synchronous_mode_strict: bool,
+    /// Standbys a commit waits for (`k` in `FIRST k` / `ANY k`).
+    #[serde(default = "default_sync_count")]
+    pub synchronous_node_count: u32,
+    /// `ANY k (every streaming standby)`, a quorum commit, instead of
+    /// `FIRST k (k chosen standbys)`.
+    #[serde(default)]
+    pub synchronous_quorum: bool,
+    /// Seconds a follower whose WAL is behind another healthy candidate's
+    /// holds back its race for an empty key (most advanced wins), at most.
+    #[serde(default = "default_failover_defer")]
+    pub failover_defer: f64,
+    /// Extra `initdb` options for the node that creates the scope's cluster
+    /// (bootstrap of an empty scope), e.g. `["--encoding=UTF8",
+    /// "--locale=C.UTF-8"]`. The agent passes `-D` and `--data-checksums`.
+    #[serde(default)]
+    pub initdb: Vec<String>,
+    /// `[postgres.parameters]`: written to `leasedog.conf`, which the
+    /// agent includes from `postgresql.conf` (`include_if_exists`); they win
+    /// over the scope's cluster-wide parameters in etcd.
+    #[serde(default)]
+    pub parameters: super::pg_params::Params,
+    /// `pg_hba.conf` lines; when set, the agent owns `pg_hba.conf` and
+    /// writes exactly these (keep a line for its own connection and for
+    /// replication).
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    /// Physical replication slots (`decide::slots`): as leader, keep one
+    /// per other member; as standby, stream through this node's. Every
+    /// node of a scope must agree (a slot nobody uses keeps WAL). Off by
+    /// default: a standby started before the leader created its slot
+    /// streams only after its next retry (`wal_retrieve_retry_interval`).
+    #[serde(default)]
+    pub replication_slots: bool,
 }
 
 /// Credentials in the `primary_conninfo` of replicas and the source of `pg_rewind`.
@@ -154,6 +192,12 @@ fn default_start_timeout() -> f64 {
 fn default_clone_timeout() -> f64 {
     3600.0
 }
+fn default_sync_count() -> u32 {
+    1
+}
+fn default_failover_defer() -> f64 {
+    3.0
+}
 fn default_max_lag() -> u64 {
     1 << 20
 }
@@ -220,6 +264,29 @@ impl PgConfig {
         if self.replication.user.is_empty() {
             return bad("postgres.replication.user", "must not be empty");
         }
+        if let Err(rule) = super::pg_params::check(&self.parameters) {
+            return Err(ConfigError::Invalid {
+                key: "postgres.parameters",
+                rule,
+            });
+        }
+        for line in &self.pg_hba {
+            if let Err(rule) = super::pg_params::check_hba_line(line) {
+                return Err(ConfigError::Invalid {
+                    key: "postgres.pg_hba",
+                    rule,
+                });
+            }
+        }
+        if let Some(o) = self.initdb.iter().find(|o| !initdb_option_allowed(o)) {
+            return Err(ConfigError::Invalid {
+                key: "postgres.initdb",
+                rule: format!(
+                    "{o:?}: the agent sets the data directory (postgres.data_dir) and \
+                     options must start with '-' (one option per entry, e.g. \"--encoding=UTF8\")"
+                ),
+            });
+        }
         for (key, v) in [
             ("postgres.connect_timeout", self.connect_timeout),
             ("postgres.query_timeout", self.query_timeout),
@@ -228,12 +295,39 @@ impl PgConfig {
             ("postgres.kill_timeout", self.kill_timeout),
             ("postgres.start_timeout", self.start_timeout),
             ("postgres.clone_timeout", self.clone_timeout),
+            ("postgres.failover_defer", self.failover_defer),
         ] {
             if !v.is_finite() || v <= 0.0 || v > 86400.0 {
                 return Err(ConfigError::Invalid {
                     key,
                     rule: format!("{v} is not a number of seconds in (0, 86400]"),
                 });
+            }
+        }
+        if self.synchronous_node_count == 0 || self.synchronous_node_count > 64 {
+            return bad(
+                "postgres.synchronous_node_count",
+                "must be 1-64 (standbys a commit waits for)",
+            );
+        }
+        if !self.synchronous_mode {
+            for (key, set) in [
+                (
+                    "postgres.synchronous_mode_strict",
+                    self.synchronous_mode_strict,
+                ),
+                ("postgres.synchronous_quorum", self.synchronous_quorum),
+                (
+                    "postgres.synchronous_node_count",
+                    self.synchronous_node_count != 1,
+                ),
+            ] {
+                if set {
+                    return bad(
+                        key,
+                        "has no effect without postgres.synchronous_mode = true",
+                    );
+                }
             }
         }
         Ok(())
@@ -285,6 +379,13 @@ impl PgConfig {
 }
 
 /// Quotes a libpq conninfo value when it needs it.
+/// An `initdb` option the agent may pass: an option (not a positional
+/// data directory), and not one that names the data directory itself.
+fn initdb_option_allowed(o: &str) -> bool {
+    let name = o.split('=').next().unwrap_or(o);
+    o.starts_with('-') && !["-D", "--pgdata"].contains(&name) && !o.starts_with("-D")
+}
+
 pub(crate) fn conninfo_value(v: &str) -> String {
     if !v.is_empty() && !v.contains([' ', '\'', '\\', '=', '\t', '\n']) {
         return v.to_string();
@@ -313,6 +414,45 @@ mod tests {
             "postgres.query_timeout"
         );
         assert!(toml::from_str::<PgConfig>("data_dir = \"/d\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn synchronous_keys_need_synchronous_mode_and_a_sane_count() {
+        let key = |text: &str| match toml::from_str::<PgConfig>(text).unwrap().validate() {
+            Err(ConfigError::Invalid { key, rule }) => format!("{key}: {rule}"),
+            other => panic!("{other:?}"),
+        };
+        let e = key("data_dir = \"/d\"\nsynchronous_mode_strict = true");
+        assert!(
+            e.starts_with("postgres.synchronous_mode_strict: has no effect without"),
+            "{e}"
+        );
+        let e = key("data_dir = \"/d\"\nsynchronous_mode = true\nsynchronous_node_count = 0");
+        assert!(
+            e.starts_with("postgres.synchronous_node_count: must be 1-64"),
+            "{e}"
+        );
+        let e = key("data_dir = \"/d\"\nfailover_defer = -1");
+        assert!(e.starts_with("postgres.failover_defer"), "{e}");
+        let ok: PgConfig = toml::from_str(
+            "data_dir = \"/d\"\nsynchronous_mode = true\nsynchronous_mode_strict = true\n\
+             synchronous_quorum = true\nsynchronous_node_count = 2",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.failover_defer, 3.0);
+    }
+
+    #[test]
+    fn initdb_options_that_name_the_data_directory_are_refused() {
+        let mut c = PgConfig::with_data_dir("/d");
+        c.initdb = vec!["--encoding=UTF8".into(), "-k".into()];
+        assert!(c.validate().is_ok());
+        for bad in ["-D/x", "--pgdata=/x", "/x", "-D"] {
+            c.initdb = vec![bad.into()];
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with("postgres.initdb:") && e.contains(bad), "{e}");
+        }
     }
 
     #[test]

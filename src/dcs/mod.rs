@@ -10,6 +10,12 @@
 //! - `leader`: `{"node": NAME, "lease": "HEX", "agent": "leasedog/VERSION"}`,
 //!   attached to the holder's lease, created only if absent.
 //! - `members/{node}`: free-form, attached to the member's lease.
+//! - `sync`: the synchronous standby set (`decide::sync::SyncState` as
+//!   JSON), no lease (it must outlive its leader), written only by a
+//!   transaction that compares the leader key on the writer's lease
+//!   (`dcs::sync`).
+//! - `initialize`: who created the scope's cluster (`dcs::initialize`).
+//! - `config`: cluster-wide settings, JSON (`dcs::cluster_config`, `config::cluster`).
 //! - `history/{node}/{seq:020}-{hash[..16]}`: one mirrored audit record
 //!   (FENCING.md rule 7), the record's JSON unchanged. No lease: the history
 //!   must outlive the node. Its order across nodes is etcd's own: the create
@@ -25,11 +31,20 @@
 //! `dcs::history` the audit history; this module the connection, errors and
 //! member records.
 
+mod cluster_config;
 mod history;
+mod holders;
+mod initialize;
 mod lease;
+mod maintenance;
+mod switchover;
+mod sync;
 
 pub use history::{HISTORY_KEEP, HISTORY_TRIM_EVERY};
+pub use holders::PreviousHolders;
+pub use initialize::parse_initialize;
 pub use lease::{Acquire, LeaderEvent, LeaderWatch, Released, Renewal};
+pub use maintenance::{OpOutcome, OpRequest, PauseRecord};
 
 use crate::config::EtcdConfig;
 use etcd_client::{

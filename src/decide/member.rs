@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// re-read the leader's record at the same rate.
 pub const LSN_EVERY_LOOPS: u64 = 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub node: String,
     /// The core's role, by its stable name (`Role::as_str`: `Follower`, `Leader`, ...).
@@ -30,6 +30,20 @@ pub struct Member {
     pub lsn: Option<u64>,
     /// Whether this node's watchdog mode lets it lead (`off`, `automatic`, `required`).
     pub watchdog: String,
+    /// PostgreSQL's timeline (absent from older records, and when down).
+    #[serde(default)]
+    pub timeline: Option<u32>,
+    /// Replica: `pg_last_wal_receive_lsn()` / `pg_last_wal_replay_lsn()`.
+    #[serde(default)]
+    pub receive_lsn: Option<u64>,
+    #[serde(default)]
+    pub replay_lsn: Option<u64>,
+    /// The watchdog is armed (devices open and pinged), with the smallest
+    /// timeout `W` read back.
+    #[serde(default)]
+    pub armed: bool,
+    #[serde(default)]
+    pub w_secs: Option<u32>,
 }
 
 impl Member {
@@ -37,18 +51,24 @@ impl Member {
     pub fn changed_besides_lsn(&self, other: &Member) -> bool {
         let mut a = self.clone();
         a.lsn = other.lsn;
+        a.receive_lsn = other.receive_lsn;
+        a.replay_lsn = other.replay_lsn;
         a != *other
     }
 }
 
 /// Whether `me` must be written now, given the record last written and the
 /// loop it was written at: at once on any change but the LSN, and a moved
-/// LSN at most every [`LSN_EVERY_LOOPS`] loops.
-pub fn due(me: &Member, published: Option<&(Member, u64)>, tick: u64) -> bool {
+/// LSN at most every [`LSN_EVERY_LOOPS`] loops, except while the leader key
+/// is empty (`vacant`): then at once, since the race compares the
+/// candidates' LSNs (most advanced wins, `decide::sync`) and a replica's
+/// received LSN no longer moves once its primary is gone.
+pub fn due(me: &Member, published: Option<&(Member, u64)>, tick: u64, vacant: bool) -> bool {
     match published {
         None => true,
         Some((old, at)) => {
-            me.changed_besides_lsn(old) || (me.lsn != old.lsn && tick >= at + LSN_EVERY_LOOPS)
+            me.changed_besides_lsn(old)
+                || (me.lsn != old.lsn && (vacant || tick >= at + LSN_EVERY_LOOPS))
         }
     }
 }
@@ -66,6 +86,7 @@ mod tests {
             port: Some(5432),
             lsn: Some(1),
             watchdog: "required".into(),
+            ..Member::default()
         }
     }
 
@@ -82,28 +103,46 @@ mod tests {
     }
 
     #[test]
+    fn a_record_written_before_the_list_fields_still_parses() {
+        let old = r#"{"node":"a","role":"Leader","postgres":"primary","host":"127.0.0.1","port":5432,"lsn":1,"watchdog":"required"}"#;
+        let m: Member = serde_json::from_str(old).unwrap();
+        assert_eq!(m, a());
+        assert!(!m.armed && m.timeline.is_none() && m.receive_lsn.is_none());
+    }
+
+    #[test]
     fn json_keeps_its_field_names() {
         let json = serde_json::to_string(&a()).unwrap();
         assert_eq!(
             json,
-            r#"{"node":"a","role":"Leader","postgres":"primary","host":"127.0.0.1","port":5432,"lsn":1,"watchdog":"required"}"#
+            r#"{"node":"a","role":"Leader","postgres":"primary","host":"127.0.0.1","port":5432,"lsn":1,"watchdog":"required","timeline":null,"receive_lsn":null,"replay_lsn":null,"armed":false,"w_secs":null}"#
         );
     }
 
     #[test]
     fn due_on_change_at_once_and_on_lsn_at_the_cadence() {
         let old = a();
-        assert!(due(&old, None, 0), "never written");
+        assert!(due(&old, None, 0, false), "never written");
         let published = (old.clone(), 100);
-        assert!(!due(&old, Some(&published), 500), "unchanged");
+        assert!(!due(&old, Some(&published), 500, false), "unchanged");
+        assert!(!due(&old, Some(&published), 101, true), "unchanged, vacant");
         let mut moved = old.clone();
         moved.lsn = Some(2);
-        assert!(!due(&moved, Some(&published), 100 + LSN_EVERY_LOOPS - 1));
-        assert!(due(&moved, Some(&published), 100 + LSN_EVERY_LOOPS));
+        assert!(!due(
+            &moved,
+            Some(&published),
+            100 + LSN_EVERY_LOOPS - 1,
+            false
+        ));
+        assert!(due(&moved, Some(&published), 100 + LSN_EVERY_LOOPS, false));
+        assert!(
+            due(&moved, Some(&published), 101, true),
+            "with the key empty a moved LSN goes out at once"
+        );
         let mut role = old.clone();
         role.role = "SteppingDown".into();
         assert!(
-            due(&role, Some(&published), 101),
+            due(&role, Some(&published), 101, false),
             "a change goes out at once"
         );
     }

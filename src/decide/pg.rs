@@ -1,5 +1,5 @@
-//! PostgreSQL as the core decides about it: eligibility for leadership and
-//! the synchronous standby names a leader wants. Pure functions; the agent's
+//! PostgreSQL as the core decides about it: eligibility for leadership
+//! (the synchronous standby names a leader wants: `decide::sync`). Pure functions; the agent's
 //! observer only reports what it saw (`Input::PgObserved`,
 //! `Input::StandbysSeen`).
 
@@ -17,6 +17,8 @@ pub struct PgSettings {
     /// Where peers reach this server (published in the member record).
     pub host: String,
     pub port: u16,
+    /// Strict mode, `k`, quorum, the race's defer (`decide::sync`).
+    pub sync: super::sync::SyncSettings,
 }
 
 /// Whether a server observed as `role` with `wal` may race for the key:
@@ -36,18 +38,6 @@ pub fn eligibility(
         }
         _ => Ok(()),
     }
-}
-
-/// The `synchronous_standby_names` a leader wants for the standbys that
-/// stream from it: pg_basebackup's WAL stream (and an unnamed client) is no
-/// replica to wait for; '' when none is left.
-pub fn wanted_sync_names(standbys: &[String]) -> String {
-    let names: Vec<String> = standbys
-        .iter()
-        .filter(|n| !n.is_empty() && *n != "pg_basebackup")
-        .cloned()
-        .collect();
-    pgsql::synchronous_standby_names_for(&names)
 }
 
 #[cfg(test)]
@@ -86,19 +76,6 @@ mod tests {
         assert_eq!(
             eligibility(PgRole::Primary, Some(&p), Some(999_999), 0),
             Ok(())
-        );
-    }
-
-    #[test]
-    fn sync_names_skip_basebackup_and_empty_names() {
-        assert_eq!(wanted_sync_names(&[]), "");
-        assert_eq!(
-            wanted_sync_names(&["pg_basebackup".into(), String::new()]),
-            ""
-        );
-        assert_eq!(
-            wanted_sync_names(&["b".into(), "pg_basebackup".into()]),
-            r#"FIRST 1 ("b")"#
         );
     }
 }

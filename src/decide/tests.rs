@@ -807,6 +807,7 @@ fn settings(sync: bool) -> PgSettings {
         synchronous_mode: sync,
         host: "10.0.0.1".into(),
         port: 5432,
+        sync: Default::default(),
     }
 }
 
@@ -851,6 +852,7 @@ fn leader_record(node: &str, lsn: Option<u64>) -> Member {
         port: Some(5432),
         lsn,
         watchdog: "required".into(),
+        ..Member::default()
     }
 }
 
@@ -1201,16 +1203,52 @@ fn sync_leader() -> Core {
 
 #[test]
 fn sync_names_set_when_standbys_change_and_not_resent_when_equal() {
+    // Issue 12: the `sync` key is written before PostgreSQL waits for a
+    // standby, and after it stops waiting (decide::sync::next_step).
+    use crate::decide::sync::SyncState;
     let mut c = sync_leader();
     let seen = |v: &[&str]| Input::StandbysSeen {
         standbys: v.iter().map(|s| s.to_string()).collect(),
     };
+    let written = |c: &mut Core, st: &SyncState| {
+        c.handle(
+            t(1000),
+            Input::SyncWritten {
+                state: st.clone(),
+                ok: true,
+            },
+        )
+    };
+    let none = SyncState::asynchronous("a");
+    let b = SyncState {
+        leader: "a".into(),
+        members: vec!["b".into()],
+        quorum: 1,
+    };
+    // A fresh leader records its (asynchronous) set first.
+    assert_eq!(
+        c.handle(t(1100), seen(&[])),
+        vec![Action::WriteSync(none.clone())]
+    );
+    let a = written(&mut c, &none);
+    assert!(has(&a, |x| matches!(
+        x,
+        Action::Record(Fact::SyncRecorded { fallback: true, .. })
+    )));
     assert!(c.handle(t(1100), seen(&[])).is_empty(), "'' already set");
     assert!(c.handle(t(1100), seen(&["pg_basebackup"])).is_empty());
     let want = r#"FIRST 1 ("b")"#.to_string();
-    let a = c.handle(t(1200), seen(&["b"]));
-    assert_eq!(a, vec![Action::SetSyncStandbys(want.clone())]);
+    // Widening: the key first...
+    assert_eq!(
+        c.handle(t(1200), seen(&["b"])),
+        vec![Action::WriteSync(b.clone())]
+    );
     assert!(c.handle(t(1250), seen(&["b"])).is_empty(), "one at a time");
+    written(&mut c, &b);
+    // ...then PostgreSQL.
+    let a = c.handle(t(1260), seen(&["b"]));
+    assert_eq!(a, vec![Action::SetSyncStandbys(want.clone())]);
+    assert!(c.handle(t(1270), seen(&["b"])).is_empty(), "one at a time");
     c.handle(
         t(1300),
         Input::SyncStandbysSet {
@@ -1222,8 +1260,29 @@ fn sync_names_set_when_standbys_change_and_not_resent_when_equal() {
         c.handle(t(1400), seen(&["b"])).is_empty(),
         "equal: not re-sent"
     );
+    // Narrowing (non-strict fallback): PostgreSQL first, then the key.
     let a = c.handle(t(1500), seen(&[]));
     assert_eq!(a, vec![Action::SetSyncStandbys(String::new())]);
+    c.handle(
+        t(1510),
+        Input::SyncStandbysSet {
+            value: String::new(),
+            ok: true,
+        },
+    );
+    assert_eq!(
+        c.handle(t(1520), seen(&[])),
+        vec![Action::WriteSync(none.clone())]
+    );
+    let a = written(&mut c, &none);
+    assert_eq!(
+        a,
+        vec![Action::Record(Fact::SyncRecorded {
+            members: vec![],
+            quorum: 0,
+            fallback: true
+        })]
+    );
 }
 
 #[test]
@@ -1717,6 +1776,16 @@ fn any_input() -> impl Strategy<Value = (u64, Input)> {
             ttl: if alive { 3 } else { 0 }
         }),
         (0i64..100).prop_map(|revision| Input::Won { revision }),
+        (
+            0i64..100,
+            proptest::collection::vec(9i64..13, 0..3),
+            any::<bool>()
+        )
+            .prop_map(|(revision, previous, complete)| Input::WonAfter {
+                revision,
+                previous,
+                complete
+            }),
         any::<(bool, bool, bool)>().prop_map(|(ok, fail, nowayout)| Input::Armed(ArmOutcome {
             armed: if ok {
                 vec![dev("/dev/watchdog0", nowayout)]
@@ -1797,6 +1866,8 @@ proptest! {
         // revision.
         let (mut owed, mut awaited, mut key_rev) =
             (std::collections::BTreeSet::<i64>::new(), std::collections::BTreeSet::<i64>::new(), 0i64);
+        // A win over an incomplete history promotes only T + 1.5 s after it.
+        let mut promote_not_before = 0u64;
         for (dt, mut input) in steps {
             now += dt;
             // Send times lie in the past.
@@ -1807,7 +1878,7 @@ proptest! {
                 _ => {}
             }
             let role_before = c.role().clone();
-            if let Input::Won { .. } = input { arm_ok_since_won = false; }
+            if let Input::Won { .. } | Input::WonAfter { .. } = input { arm_ok_since_won = false; }
             if let Input::Armed(o) = &input {
                 if role_before == Role::Arming && arm_before_promote(mode, o).is_ok() {
                     arm_ok_since_won = true;
@@ -1828,6 +1899,15 @@ proptest! {
                 Input::Won { revision } if role_before == Role::Follower && c.lease().is_some() => {
                     key_rev = key_rev.max(*revision);
                     awaited = owed.clone();
+                    promote_not_before = 0;
+                }
+                Input::WonAfter { revision, previous, complete }
+                    if role_before == Role::Follower && c.lease().is_some() =>
+                {
+                    key_rev = key_rev.max(*revision);
+                    owed.extend(previous.iter().copied().filter(|l| Some(*l) != c.lease()));
+                    awaited = owed.clone();
+                    promote_not_before = if *complete { 0 } else { now + 6500 };
                 }
                 Input::LeaseGone => key_rev = 0,
                 Input::Renewed { ttl, .. } if *ttl <= 0 => key_rev = 0,
@@ -1842,6 +1922,7 @@ proptest! {
                 match a {
                     Action::Promote => {
                         prop_assert!(awaited.is_empty(), "promote before every previous lease is gone: {actions:?}");
+                        prop_assert!(now >= promote_not_before, "promote on an incomplete history: {actions:?}");
                         prop_assert!(arm_ok_since_won, "rule 2: promote without arming: {actions:?}");
                         prop_assert!(
                             c.last_fresh().is_some_and(|s| timing::ping_permitted(t(now), s, &c.cfg.budget)),
@@ -2790,4 +2871,296 @@ fn fenced_leader_rereads_a_key_inferred_gone_and_does_not_sit_on_it() {
             )),
         "{a:?}"
     );
+}
+
+// --- issue 12: the race for an empty key checks the candidates first ---
+
+fn candidate_follower(node: &str, sync: bool, lsn: u64) -> Core {
+    let mut pgs = settings(sync);
+    pgs.sync.check_candidates = true;
+    let mut c = core(WatchdogMode::Required)
+        .with_node(node)
+        .with_postgres(pgs);
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(0),
+        },
+    );
+    c.handle(
+        t(10),
+        Input::KeySeen {
+            holder: KeyHolder::Other("a".into()),
+            revision: 3,
+            lease: Some(5),
+        },
+    );
+    c.handle(t(20), replica(lsn));
+    c
+}
+
+fn vacancy(c: &mut Core, at: u64) -> Vec<Action> {
+    c.handle(
+        t(at),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 9,
+            lease: Some(5),
+        },
+    )
+}
+
+fn peer(node: &str, lsn: u64) -> Member {
+    Member {
+        node: node.into(),
+        role: "Follower".into(),
+        postgres: "replica".into(),
+        host: Some("127.0.0.1".into()),
+        port: Some(5432),
+        lsn: Some(lsn),
+        watchdog: "required".into(),
+        ..Default::default()
+    }
+}
+
+fn acquires(a: &[Action]) -> bool {
+    has(a, |x| matches!(x, Action::Acquire { .. }))
+}
+
+#[test]
+fn an_asynchronous_standby_outside_the_sync_key_never_races() {
+    use crate::decide::sync::SyncState;
+    let mut c = candidate_follower("c", true, 900);
+    let a = vacancy(&mut c, 100);
+    assert!(has(&a, |x| *x == Action::ReadCandidates), "{a:?}");
+    assert!(!acquires(&a), "no race before the candidates are read");
+    let rec = SyncState {
+        leader: "a".into(),
+        members: vec!["b".into()],
+        quorum: 1,
+    };
+    let cands = |rec: &SyncState| Input::Candidates {
+        sync: Some(rec.clone()),
+        members: vec![(peer("b", 100), 50)],
+        ok: true,
+    };
+    let a = c.handle(t(110), cands(&rec));
+    assert!(!acquires(&a), "{a:?}");
+    assert!(
+        has(
+            &a,
+            |x| matches!(x, Action::Record(Fact::RaceHeld { deferred: false, reason }) if reason.contains("not in the synchronous set"))
+        ),
+        "{a:?}"
+    );
+    // Held at every loop, re-read each time, recorded once.
+    for i in 1..5 {
+        let a = c.handle(t(100 + i * 500), Input::Tick);
+        assert!(has(&a, |x| *x == Action::ReadCandidates), "{a:?}");
+        let a = c.handle(t(110 + i * 500), cands(&rec));
+        assert!(a.is_empty(), "{a:?}");
+    }
+    // A writable server gets no rule-8 grace while held.
+    let a = c.handle(
+        t(3000),
+        Input::PgObserved {
+            role: PgRole::Primary,
+            wal: None,
+            has_data: true,
+        },
+    );
+    assert!(has(&a, |x| *x == Action::Fence), "{a:?}");
+}
+
+#[test]
+fn the_recorded_synchronous_standby_races_at_once() {
+    use crate::decide::sync::SyncState;
+    let mut c = candidate_follower("b", true, 100);
+    vacancy(&mut c, 100);
+    let a = c.handle(
+        t(110),
+        Input::Candidates {
+            sync: Some(SyncState {
+                leader: "a".into(),
+                members: vec!["b".into()],
+                quorum: 1,
+            }),
+            members: vec![(peer("c", 900), 50)],
+            ok: true,
+        },
+    );
+    assert!(acquires(&a), "{a:?}");
+    // An unanswered read is no permission: asked again at the next loop.
+    let mut c = candidate_follower("b", true, 100);
+    vacancy(&mut c, 100);
+    let a = c.handle(
+        t(110),
+        Input::Candidates {
+            sync: None,
+            members: vec![],
+            ok: false,
+        },
+    );
+    assert!(!acquires(&a));
+    let a = c.handle(t(600), Input::Tick);
+    assert!(has(&a, |x| *x == Action::ReadCandidates), "{a:?}");
+}
+
+#[test]
+fn a_follower_behind_defers_its_race_for_a_bounded_time() {
+    let mut c = candidate_follower("b", false, 100);
+    vacancy(&mut c, 1000);
+    let behind = || Input::Candidates {
+        sync: None,
+        members: vec![(peer("c", 150), 50)],
+        ok: true,
+    };
+    let a = c.handle(t(1010), behind());
+    assert!(!acquires(&a));
+    assert!(
+        has(&a, |x| matches!(
+            x,
+            Action::Record(Fact::RaceHeld { deferred: true, .. })
+        )),
+        "{a:?}"
+    );
+    // Within the defer (3 s by default): still held.
+    c.handle(t(3000), Input::Tick);
+    assert!(!acquires(&c.handle(t(3010), behind())));
+    // Past it: races anyway (the furthest had its chance).
+    let a = c.handle(t(4020), Input::Tick);
+    assert!(has(&a, |x| *x == Action::ReadCandidates), "{a:?}");
+    let a = c.handle(t(4030), behind());
+    assert!(acquires(&a), "{a:?}");
+    // The furthest one races at once.
+    let mut c = candidate_follower("c", false, 150);
+    vacancy(&mut c, 1000);
+    let a = c.handle(
+        t(1010),
+        Input::Candidates {
+            sync: None,
+            members: vec![(peer("b", 100), 50)],
+            ok: true,
+        },
+    );
+    assert!(acquires(&a), "{a:?}");
+}
+
+#[test]
+fn member_lsn_goes_out_at_once_while_the_key_is_empty() {
+    let mut c = candidate_follower("b", false, 100);
+    let a = c.handle(t(500), Input::Tick);
+    let published = a.iter().find_map(|x| match x {
+        Action::PublishMember(m) => Some(m.clone()),
+        _ => None,
+    });
+    let m = published.expect("first record");
+    c.handle(
+        t(510),
+        Input::MemberPublished {
+            member: m,
+            ok: true,
+        },
+    );
+    c.handle(t(520), replica(200));
+    assert!(
+        !has(&c.handle(t(1000), Input::Tick), |x| matches!(
+            x,
+            Action::PublishMember(_)
+        )),
+        "leader present: at the cadence"
+    );
+    vacancy(&mut c, 1100);
+    let a = c.handle(t(1500), Input::Tick);
+    assert!(
+        has(
+            &a,
+            |x| matches!(x, Action::PublishMember(m) if m.lsn == Some(200))
+        ),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_late_answer_for_an_earlier_vacancy_is_not_taken_for_the_next() {
+    use crate::decide::sync::SyncState;
+    let mut c = candidate_follower("c", true, 900);
+    let a = vacancy(&mut c, 100);
+    assert!(has(&a, |x| *x == Action::ReadCandidates));
+    // The key is taken, then empty again, before the first answer arrives.
+    c.handle(
+        t(150),
+        Input::KeySeen {
+            holder: KeyHolder::Other("b".into()),
+            revision: 10,
+            lease: Some(6),
+        },
+    );
+    let a = c.handle(
+        t(200),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 11,
+            lease: Some(6),
+        },
+    );
+    assert!(has(&a, |x| *x == Action::ReadCandidates), "{a:?}");
+    let with = |members: &[&str]| Input::Candidates {
+        sync: Some(SyncState {
+            leader: "a".into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            quorum: 1,
+        }),
+        members: vec![],
+        ok: true,
+    };
+    // The first read's answer (c was a member then) is dropped...
+    assert!(!acquires(&c.handle(t(210), with(&["c"]))));
+    // ...and the second one's (b recorded c out since) rules.
+    let a = c.handle(t(220), with(&["b"]));
+    assert!(!acquires(&a), "{a:?}");
+    assert!(has(&a, |x| matches!(
+        x,
+        Action::Record(Fact::RaceHeld { .. })
+    )));
+}
+
+#[test]
+fn a_peer_record_older_than_the_vacancy_is_waited_for_then_compared() {
+    // c's record predates the vacancy (revision 5 < 9): its LSN there may
+    // be older than what c holds now, so b waits for a fresh one.
+    let mut c = candidate_follower("b", false, 100);
+    vacancy(&mut c, 1000);
+    let a = c.handle(
+        t(1010),
+        Input::Candidates {
+            sync: None,
+            members: vec![(peer("c", 50), 5)],
+            ok: true,
+        },
+    );
+    assert!(!acquires(&a), "{a:?}");
+    assert!(
+        has(
+            &a,
+            |x| matches!(x, Action::Record(Fact::RaceHeld { deferred: true, reason }) if reason.contains("since the vacancy from c"))
+        ),
+        "{a:?}"
+    );
+    // b's own record goes out once after the vacancy, LSN unchanged or not.
+    let a = c.handle(t(1500), Input::Tick);
+    assert!(has(&a, |x| matches!(x, Action::PublishMember(_))), "{a:?}");
+    assert!(has(&a, |x| *x == Action::ReadCandidates), "{a:?}");
+    // c's fresh record: behind b, so b races.
+    let a = c.handle(
+        t(1510),
+        Input::Candidates {
+            sync: None,
+            members: vec![(peer("c", 50), 12)],
+            ok: true,
+        },
+    );
+    assert!(acquires(&a), "{a:?}");
 }

@@ -29,11 +29,16 @@
 //! server.
 
 pub mod cgroup;
+pub mod conf;
 pub mod distro;
 pub mod fence;
 pub mod procscan;
+mod remote;
+mod slots;
 mod sql;
 mod tools;
+
+pub use remote::checkpoint_location;
 
 pub use crate::config::postgres::{PgConfig, ReplicationConfig, REWIND_GRANTS_SQL};
 pub use cgroup::PgCgroup;
@@ -273,6 +278,11 @@ pub struct Pg {
     /// The cgroup PostgreSQL runs in, when one is delegated to the agent
     /// ([`cgroup`]); None: the fence scans `/proc`.
     cgroup: Option<PgCgroup>,
+    /// The scope's cluster-wide parameters as last read from etcd (see
+    /// [`conf`]); the node's own `[postgres.parameters]` win over them.
+    cluster_params: std::sync::Arc<std::sync::Mutex<crate::config::pg_params::Params>>,
+    /// This node's replication slot on the leader (`primary_slot_name`).
+    slot_name: Option<String>,
 }
 
 fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
@@ -345,6 +355,8 @@ impl Pg {
             major,
             cfg,
             cgroup: PgCgroup::delegated()?,
+            cluster_params: Default::default(),
+            slot_name: None,
         })
     }
 

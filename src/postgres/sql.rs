@@ -78,7 +78,12 @@ impl Pg {
 
     /// Runs `f` on a fresh connection under `within`; on a timeout the
     /// connection is dropped and a cancel request is sent in the background.
-    async fn with_client<T, F>(&self, what: &str, within: Duration, f: F) -> Result<T, PgError>
+    pub(super) async fn with_client<T, F>(
+        &self,
+        what: &str,
+        within: Duration,
+        f: F,
+    ) -> Result<T, PgError>
     where
         F: for<'c> FnOnce(
             &'c Client,

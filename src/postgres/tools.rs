@@ -107,7 +107,10 @@ impl Pg {
         let old = std::fs::read_to_string(&auto).unwrap_or_default();
         let mut text: String = old
             .lines()
-            .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+            .filter(|l| {
+                let l = l.trim_start();
+                !l.starts_with("primary_conninfo") && !l.starts_with("primary_slot_name")
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         if let Some(leader) = leader_conninfo {
@@ -118,6 +121,12 @@ impl Pg {
                     .replace('\\', "\\\\")
                     .replace('\'', "''")
             ));
+            if let Some(slot) = &self.slot_name {
+                // Created by the leader for our member record (decide::slots).
+                text.push_str(&format!(
+                    "primary_slot_name = '{slot}'  # managed by leasedog\n"
+                ));
+            }
         }
         self.write_owned("postgresql.auto.conf", &text)?;
         self.remove_if_present("recovery.signal")?;
@@ -126,7 +135,7 @@ impl Pg {
 
     // --- tools ------------------------------------------------------------
 
-    fn tool(&self, name: &str) -> Result<tokio::process::Command, PgError> {
+    pub(super) fn tool(&self, name: &str) -> Result<tokio::process::Command, PgError> {
         let path = self.cfg.bin_dir.join(name);
         if !is_executable(&path) {
             return Err(PgError::NotInstalled {
@@ -175,7 +184,7 @@ impl Pg {
         Ok(c)
     }
 
-    async fn run(
+    pub(super) async fn run(
         &self,
         name: &str,
         mut c: tokio::process::Command,
@@ -298,6 +307,8 @@ impl Pg {
     pub async fn start_as_standby(&self, leader_conninfo: Option<&str>) -> Result<(), PgError> {
         self.require_cluster()?;
         self.write_standby_config(leader_conninfo)?;
+        // A clone copied the leader's files: this node's own, before it runs.
+        self.write_config_files()?;
         self.pg_ctl_start().await
     }
 
@@ -389,6 +400,19 @@ impl Pg {
         Ok(t0.elapsed())
     }
 
+    /// `pg_controldata`'s whole output.
+    pub(super) async fn controldata(&self) -> Result<String, PgError> {
+        self.require_cluster()?;
+        let mut c = self.tool("pg_controldata")?;
+        c.arg("-D").arg(self.data_dir());
+        self.run(
+            "pg_controldata",
+            c,
+            PgConfig::secs(self.cfg.query_timeout) * 5,
+        )
+        .await
+    }
+
     /// `Database cluster state` from `pg_controldata`.
     pub async fn control_state(&self) -> Result<String, PgError> {
         self.require_cluster()?;
@@ -422,7 +446,20 @@ impl Pg {
         }
         let mut crash_recovery = None;
         let state = self.control_state().await?;
-        if state != "shut down" && state != "shut down in recovery" {
+        if state == "in archive recovery" {
+            // A crashed standby: single-user crash recovery would end its
+            // recovery and write a checkpoint on the same timeline, past the
+            // primary's end of WAL; pg_rewind then sees nothing to do and
+            // the standby reports a flush position it never received, which
+            // releases synchronous commits it does not hold (issue 12,
+            // tests/sync.rs strict test). Recover it as a standby of nobody
+            // instead, then stop it cleanly ("shut down in recovery").
+            let t0 = Instant::now();
+            self.clear_stale_lock_files().await?;
+            self.start_as_standby(None).await?;
+            self.stop_clean().await?;
+            crash_recovery = Some(t0.elapsed());
+        } else if state != "shut down" && state != "shut down in recovery" {
             // Single-user mode refuses standby mode, and checks the pid file too.
             self.clear_stale_lock_files().await?;
             self.remove_if_present("standby.signal")?;

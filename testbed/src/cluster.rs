@@ -87,6 +87,14 @@ impl Node {
         self.agent = Some(a);
     }
 
+    /// The agent's audit log (`<node>.audit.jsonl` in its audit directory).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("audit")
+            .join(format!("{}.audit.jsonl", self.name))
+    }
+
     pub fn agent(&self) -> &AgentProcess {
         self.agent.as_ref().expect("agent started")
     }

@@ -980,3 +980,59 @@ fn a_rule8_fence_is_no_change_of_leader() {
     assert_eq!(with.acquired_rev, plain.acquired_rev);
     assert_eq!(with.old.node, "pg1");
 }
+
+#[test]
+fn a_switchover_hand_over_at_the_new_win_after_the_confirmed_stop_is_fenced() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(104.0)
+        .rec(None, Event::SwitchoverBegun { to: "pg2".into() })
+        .rec(
+            None,
+            Event::StepDownBegun {
+                reason: "switchover".into(),
+                deadline_ns: 106 * S,
+            },
+        )
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "fast shutdown".into(),
+            },
+        )
+        .rec(
+            Some(21),
+            Event::SwitchoverHandedOver {
+                to: "pg2".into(),
+                final_lsn: 0x3000028,
+            },
+        )
+        .rec(
+            None,
+            Event::Disarmed {
+                device: "/dev/watchdog0".into(),
+            },
+        );
+    // The hand-over's transaction is pg2's win: the same revision.
+    let c = one(timeline(&[pg1.recs, new_leader(21).recs], &[]));
+    assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+    assert!(c.old.step_down.as_ref().unwrap().handed_over);
+    assert!(
+        c.proof.contains("handed the key to pg2 at rev 21"),
+        "{}",
+        c.proof
+    );
+}
+
+#[test]
+fn a_hand_over_recorded_without_a_confirmed_stop_proves_nothing() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(104.0).rec(
+        Some(21),
+        Event::SwitchoverHandedOver {
+            to: "pg2".into(),
+            final_lsn: 1,
+        },
+    );
+    let c = one(timeline(&[pg1.recs, new_leader(21).recs], &[]));
+    assert_ne!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
+}

@@ -15,6 +15,12 @@
 //! alternate between trials. After the stall the stopped node's agent is
 //! started again (the node "rebooted") and rejoins.
 //!
+//! `--nodes 3` (issue 12): a third node, `c`, an asynchronous standby kept
+//! behind (its WAL receiver SIGSTOPped from before the stall until after the
+//! promotion) beside `b`, the synchronous standby recorded in etcd's `sync`
+//! key. In synchronous trials `b` must win and no acknowledged insert may be
+//! lost; the table names the winner.
+//!
 //! Needs the agent built with the `testing` feature (fake devices):
 //! `cargo build --features testing`, or set LEASEDOG_BIN. Writes
 //! target/failover-bench.json.
@@ -58,6 +64,8 @@ struct Args {
     trials: usize,
     ttl: u64,
     bin: PathBuf,
+    /// 2 (a, b) or 3 (a, b, c: c asynchronous and kept behind).
+    nodes: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -66,13 +74,14 @@ fn parse_args() -> Result<Args, String> {
         Some("failover") => {}
         other => {
             return Err(format!(
-                "usage: leasedog-bench failover [--trials N] [--ttl T] (got {other:?})"
-            ))
+            "usage: leasedog-bench failover [--trials N] [--ttl T] [--nodes 2|3] (got {other:?})"
+        ))
         }
     }
     let mut a = Args {
         trials: 10,
         ttl: 10,
+        nodes: 2,
         bin: std::env::var_os("LEASEDOG_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -84,6 +93,13 @@ fn parse_args() -> Result<Args, String> {
         match k.as_str() {
             "--trials" => a.trials = v.parse().map_err(|e| format!("--trials: {e}"))?,
             "--ttl" => a.ttl = v.parse().map_err(|e| format!("--ttl: {e}"))?,
+            "--nodes" => {
+                a.nodes = match v.as_str() {
+                    "2" => 2,
+                    "3" => 3,
+                    _ => return Err(format!("--nodes: {v} is not 2 or 3")),
+                }
+            }
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -269,7 +285,7 @@ fn etcd_requests(client_url: &str) -> Option<std::collections::BTreeMap<String, 
 // ---------------------------------------------------------------------------
 // Writers and the probe: leasedog_testbed::clients, on a runtime of their own
 
-const NAMES: [&str; 2] = ["a", "b"];
+const NAMES: [&str; 3] = ["a", "b", "c"];
 
 // ---------------------------------------------------------------------------
 // One trial
@@ -290,6 +306,9 @@ struct Trial {
     verdict: Option<serde_json::Value>,
     lost_acked_new_conn: usize,
     lost_acked_kept_conn: usize,
+    /// The node promoted after the stall (3-node mode: `b`, never `c`, in
+    /// synchronous trials).
+    winner: Option<&'static str>,
     rss_kib_max: u64,
     cpu_percent: f64,
     etcd_req_per_node_per_loop: Option<f64>,
@@ -330,8 +349,8 @@ fn trial_inner(
     // Synchronous trials: the agents run with postgres.synchronous_mode, the
     // leader naming its streaming standby in synchronous_standby_names.
     let pg_b = PgNode::replica_of(&pg_a, free_port());
-    let ports = [pg_a.port, pg_b.port];
-    let mut nodes = [Node::new("a", pg_a), Node::new("b", pg_b)];
+    let mut ports = vec![pg_a.port, pg_b.port];
+    let mut nodes = vec![Node::new("a", pg_a), Node::new("b", pg_b)];
     nodes[0].start_agent(&args.bin, &eps, args.ttl, sync);
     if !nodes[0]
         .agent()
@@ -364,12 +383,29 @@ fn trial_inner(
     {
         return Err("a's agent never made b a synchronous standby".into());
     }
+    // 3-node mode: c joins once b is the synchronous standby, so c stays
+    // asynchronous (k = 1 keeps b while it streams).
+    let mut c_receiver = None;
+    if args.nodes == 3 {
+        let pg_c = PgNode::replica_of(&nodes[0].pg, free_port());
+        ports.push(pg_c.port);
+        nodes.push(Node::new("c", pg_c));
+        nodes[2].start_agent(&args.bin, &eps, args.ttl, sync);
+        if !wait_until(Duration::from_secs(60), || {
+            nodes[0]
+                .pg
+                .try_sql("SELECT state FROM pg_stat_replication WHERE application_name = 'c'")
+                .is_ok_and(|s| s == "streaming")
+        }) {
+            return Err(agent_failed(&nodes[2], "c never streamed from a"));
+        }
+    }
 
     // Writers and the probe run from here to the end.
     let stop = Arc::new(AtomicBool::new(false));
     let targets: Vec<Target> = NAMES
         .iter()
-        .zip(ports)
+        .zip(ports.iter().copied())
         .map(|(n, port)| Target {
             name: n.to_string(),
             port,
@@ -422,7 +458,12 @@ fn trial_inner(
     if let (Some(a), Some(b)) = (r0, r1) {
         let per: Vec<(String, f64)> = b
             .iter()
-            .map(|(m, v)| (m.clone(), (v - a.get(m).unwrap_or(&0.0)) / 2.0 / loops))
+            .map(|(m, v)| {
+                (
+                    m.clone(),
+                    (v - a.get(m).unwrap_or(&0.0)) / nodes.len() as f64 / loops,
+                )
+            })
             .filter(|(_, v)| *v > 0.0)
             .collect();
         t.etcd_req_per_node_per_loop = Some(per.iter().map(|(_, v)| v).sum());
@@ -431,6 +472,19 @@ fn trial_inner(
             .map(|(m, v)| format!("{m}={v:.2}"))
             .collect::<Vec<_>>()
             .join(" ");
+    }
+
+    if args.nodes == 3 {
+        // Keep c behind from now on: its WAL receiver stops receiving.
+        let pid: i32 = nodes[2]
+            .pg
+            .try_sql("SELECT pid FROM pg_stat_wal_receiver")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .ok_or("c has no WAL receiver")?;
+        signal(pid, libc::SIGSTOP);
+        c_receiver = Some(pid);
+        std::thread::sleep(Duration::from_secs(1));
     }
 
     // Stall the leader.
@@ -458,12 +512,21 @@ fn trial_inner(
         }
     }
     let promoted = wait_until(Duration::from_secs(args.ttl * 4), || {
-        nodes[1].pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f")
+        nodes[1..]
+            .iter()
+            .any(|n| n.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f"))
     });
+    t.winner = nodes[1..]
+        .iter()
+        .find(|n| n.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f"))
+        .map(|n| n.name);
     if promoted {
         std::thread::sleep(HOLD_AFTER_PROMOTION);
     }
     for &pid in &stopped {
+        signal(pid, libc::SIGCONT);
+    }
+    if let Some(pid) = c_receiver {
         signal(pid, libc::SIGCONT);
     }
     // The stalled node was reset (or is resumed): its agent starts again, as
@@ -499,7 +562,7 @@ fn trial_inner(
     });
     let promoted_at = probe_rows
         .iter()
-        .find(|r| r.0 > t0 && r.1[1] == Some(true))
+        .find(|r| r.0 > t0 && r.1[1..].contains(&Some(true)))
         .map(|r| r.0);
     t.promoted_s = promoted_at.map(|p| secs_since(t0, p));
     t.reset_before_promotion = match (&was_reset, promoted_at) {
@@ -512,7 +575,7 @@ fn trial_inner(
     t.gap_kept_conn_s = clients::gap(&log_kept, t0);
     let mut both = false;
     for r in &probe_rows {
-        let now_both = r.1[0] == Some(true) && r.1[1] == Some(true);
+        let now_both = r.1.iter().filter(|w| **w == Some(true)).count() >= 2;
         if now_both && !both {
             t.two_writable_intervals += 1;
         }
@@ -557,8 +620,26 @@ fn trial_inner(
     };
     t.lost_acked_new_conn = lost(&log_new);
     t.lost_acked_kept_conn = lost(&log_kept);
+    if t.promoted_s.is_none_or(|p| p > 2.0 * args.ttl as f64) {
+        // Slow or no promotion: what the standbys' agents said.
+        for n in &nodes[1..] {
+            let log = n.agent().log();
+            let said: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("renewed"))
+                .rev()
+                .take(40)
+                .collect();
+            let said: Vec<&str> = said.into_iter().rev().collect();
+            eprintln!(
+                "  agent {} (last 40 lines):\n    {}",
+                n.name,
+                said.join("\n    ")
+            );
+        }
+    }
     if !promoted {
-        t.error = Some("b was never promoted".into());
+        t.error = Some("no standby was promoted".into());
     } else if !rejoined {
         t.error = Some("a did not rejoin".into());
     }
@@ -588,18 +669,20 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.2}"))
 }
 
-fn print_table(trials: &[Trial], ttl: u64) {
+fn print_table(trials: &[Trial], ttl: u64, nodes: usize) {
+    println!("{nodes} nodes");
     println!(
-        "{:<3} {:<19} {:<5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5} {:>5} {:>6}  error",
-        "#", "stall", "repl", "keydel", "promo", "reset", "gapNew", "gapKpt", "2W", "lostN", "lostK",
+        "{:<3} {:<19} {:<5} {:>3} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5} {:>5} {:>6}  error",
+        "#", "stall", "repl", "won", "keydel", "promo", "reset", "gapNew", "gapKpt", "2W", "lostN", "lostK",
         "rssKiB", "cpu%", "req/l", "kill<p"
     );
     for (i, t) in trials.iter().enumerate() {
         println!(
-            "{:<3} {:<19} {:<5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5.2} {:>5} {:>6}  {}",
+            "{:<3} {:<19} {:<5} {:>3} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>5} {:>5} {:>6} {:>5.2} {:>5} {:>6}  {}",
             i + 1,
             t.stall,
             if t.sync { "sync" } else { "async" },
+            t.winner.unwrap_or("-"),
             opt(t.key_deleted_s),
             opt(t.promoted_s),
             opt(t.reset_s),
@@ -708,9 +791,10 @@ fn main() {
         for stall in [Stall::AgentPostmaster, Stall::Everything] {
             let sync = i % 2 == 0;
             eprintln!(
-                "trial {}/{}: stall {}, {} replication",
+                "trial {}/{} ({} nodes): stall {}, {} replication",
                 i + 1,
                 args.trials,
+                args.nodes,
                 stall.name(),
                 if sync { "sync" } else { "async" }
             );
@@ -725,12 +809,17 @@ fn main() {
             trials.push(t);
         }
     }
-    print_table(&trials, args.ttl);
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/failover-bench.json");
+    print_table(&trials, args.ttl, args.nodes);
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(if args.nodes == 3 {
+        "../target/failover-bench-3.json"
+    } else {
+        "../target/failover-bench.json"
+    });
     let j = json!({
         "ttl": args.ttl,
+        "nodes": args.nodes,
         "trials": trials.iter().map(|t| json!({
-            "stall": t.stall, "sync": t.sync,
+            "stall": t.stall, "sync": t.sync, "winner": t.winner,
             "key_deleted_s": t.key_deleted_s, "promoted_s": t.promoted_s,
             "reset_s": t.reset_s, "reset_before_promotion": t.reset_before_promotion,
             "gap_new_conn_s": t.gap_new_conn_s, "gap_kept_conn_s": t.gap_kept_conn_s,

@@ -1,0 +1,348 @@
+//! Issue 10 item 7's residual: a winner that never saw the deleted key's
+//! holder learns it from etcd's history (`Input::WonAfter`) and promotes
+//! only once that lease is gone; an incomplete history never promotes on
+//! hope.
+
+use super::*;
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// T = 5, M = 2, R = 1, loop 0.5 s, request timeout 0.4 s (the lab budget).
+fn core() -> Core {
+    let budget = Budget::new(
+        Duration::from_secs(5),
+        Duration::from_secs(2),
+        Duration::from_secs(1),
+        ms(500),
+        ms(400),
+    )
+    .unwrap();
+    Core::new(CoreConfig {
+        budget,
+        mode: WatchdogMode::Required,
+    })
+}
+
+fn t(ms_: u64) -> BootTime {
+    BootTime::from_nanos(ms_ * 1_000_000)
+}
+
+fn armed() -> Input {
+    Input::Armed(ArmOutcome {
+        armed: vec![ArmedDevice {
+            path: "/dev/watchdog0".into(),
+            identity: "Software Watchdog".into(),
+            w_secs: 3,
+            nowayout: false,
+        }],
+        failed: vec![],
+    })
+}
+
+fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
+    actions.iter().any(pred)
+}
+
+fn promotes(actions: &[Action]) -> bool {
+    has(actions, |a| *a == Action::Promote)
+}
+
+/// A node started after the key was deleted: its first read (revision 5,
+/// at t = 0) shows nobody, and it never saw who held the key before.
+fn fresh_follower() -> Core {
+    let mut c = core();
+    c.handle(t(0), Input::Start);
+    c.handle(
+        t(0),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 5,
+            lease: None,
+        },
+    );
+    let a = c.handle(
+        t(100),
+        Input::LeaseGranted {
+            lease: 7,
+            sent: t(100),
+        },
+    );
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+    c
+}
+
+#[test]
+fn history_from_reads_everything_until_the_watch_covers_t_plus_slack() {
+    let mut c = core();
+    assert_eq!(c.history_from(t(0)), 1, "nothing read yet");
+    c.handle(t(0), Input::Start);
+    let key = |revision| Input::KeySeen {
+        holder: KeyHolder::Nobody,
+        revision,
+        lease: None,
+    };
+    c.handle(t(1000), key(5));
+    // T + EXPIRY_SLACK = 6.5 s after the first read, not before.
+    assert_eq!(c.history_from(t(7499)), 1);
+    assert_eq!(c.history_from(t(7500)), 5);
+    // Later reads on the same watch do not move the bound.
+    c.handle(t(8000), key(9));
+    assert_eq!(c.history_from(t(20000)), 5);
+    // A broken watch starts over from its re-read.
+    c.handle(t(20000), Input::WatchBroken);
+    assert_eq!(c.history_from(t(20000)), 1);
+    c.handle(t(20100), key(12));
+    assert_eq!(c.history_from(t(26599)), 1);
+    assert_eq!(c.history_from(t(26600)), 12);
+}
+
+#[test]
+fn a_holder_known_only_from_history_is_awaited_before_promotion() {
+    let mut c = fresh_follower();
+    // etcd's history names lease 42 (the deleted key's) and our own 7.
+    let a = c.handle(
+        t(100),
+        Input::WonAfter {
+            revision: 6,
+            previous: vec![42, 7],
+            complete: true,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::AwaitingPreviousLease { lease: 42 })));
+    assert!(
+        !has(&a, |a| matches!(
+            a,
+            Action::Record(Fact::AwaitingPreviousLease { lease: 7 })
+        )),
+        "never our own lease: {a:?}"
+    );
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::PreviousHoldersUnknown { .. })
+    )));
+    let a = c.handle(t(200), armed());
+    assert!(!promotes(&a), "{a:?}");
+    assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
+    assert!(!has(&a, |a| *a == Action::CheckLeaseGone { lease: 7 }));
+    // Still alive: asked again each loop, no promotion.
+    let a = c.handle(
+        t(250),
+        Input::PreviousLease {
+            lease: 42,
+            alive: true,
+            ttl: 4,
+        },
+    );
+    assert!(!promotes(&a));
+    let a = c.handle(t(700), Input::Tick);
+    assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
+    assert!(!promotes(&a));
+    // Gone (revoked by its holder after its stop): promotion follows.
+    c.handle(
+        t(700),
+        Input::Renewed {
+            sent: t(700),
+            ttl: 5,
+        },
+    );
+    let a = c.handle(
+        t(750),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(promotes(&a), "{a:?}");
+}
+
+#[test]
+fn an_incomplete_history_waits_t_plus_slack_after_the_win() {
+    let mut c = fresh_follower();
+    let a = c.handle(
+        t(100),
+        Input::WonAfter {
+            revision: 6,
+            previous: vec![],
+            complete: false,
+        },
+    );
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::PreviousHoldersUnknown {
+            wait: Duration::from_millis(6500)
+        })));
+    let a = c.handle(t(200), armed());
+    assert!(!promotes(&a), "not on hope: {a:?}");
+    // Renewed and ticking on fresh evidence up to the bound: no promotion.
+    let mut at = 200;
+    while at < 6600 {
+        at += 500;
+        let now = at.min(6599);
+        let a = c.handle(
+            t(now),
+            Input::Renewed {
+                sent: t(now),
+                ttl: 5,
+            },
+        );
+        assert!(!promotes(&a), "at {now} ms: {a:?}");
+        let a = c.handle(t(now), Input::Tick);
+        assert!(!promotes(&a), "at {now} ms: {a:?}");
+        if now == 6599 {
+            break;
+        }
+    }
+    assert_eq!(c.role(), &Role::Promoting);
+    // Win at 0.1 s + 6.5 s: the next fresh loop promotes.
+    // The first fresh renewal (or tick) past the bound promotes.
+    let mut a = c.handle(
+        t(6600),
+        Input::Renewed {
+            sent: t(6600),
+            ttl: 5,
+        },
+    );
+    a.extend(c.handle(t(6600), Input::Tick));
+    assert!(promotes(&a), "{a:?}");
+}
+
+#[test]
+fn an_incomplete_history_with_known_holders_waits_for_both() {
+    let mut c = fresh_follower();
+    c.handle(
+        t(100),
+        Input::WonAfter {
+            revision: 6,
+            previous: vec![42],
+            complete: false,
+        },
+    );
+    c.handle(t(200), armed());
+    c.handle(
+        t(300),
+        Input::Renewed {
+            sent: t(300),
+            ttl: 5,
+        },
+    );
+    // 42 gone early: the incomplete history still holds the promotion.
+    let a = c.handle(
+        t(300),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(!promotes(&a), "{a:?}");
+    // The first fresh renewal (or tick) past the bound promotes.
+    let mut a = c.handle(
+        t(6700),
+        Input::Renewed {
+            sent: t(6700),
+            ttl: 5,
+        },
+    );
+    a.extend(c.handle(t(6700), Input::Tick));
+    assert!(promotes(&a), "{a:?}");
+}
+
+#[test]
+fn a_deletion_seen_late_still_owes_its_lease() {
+    // The watch lags: a read at revision 10 shows nobody, then the
+    // deletion at revision 8 (lease 42) arrives. Older than the read, it
+    // says nothing about the key now, but its lease may still live.
+    let mut c = fresh_follower();
+    c.handle(
+        t(100),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 10,
+            lease: None,
+        },
+    );
+    c.handle(
+        t(150),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 8,
+            lease: Some(42),
+        },
+    );
+    let a = c.handle(t(200), Input::Won { revision: 11 });
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::AwaitingPreviousLease { lease: 42 })));
+}
+
+#[test]
+fn own_key_adopted_without_a_history_read_is_not_promoted_on_hope() {
+    // An Acquire whose answer was lost but applied: the follower sees the
+    // key on its own lease and takes the win, with no history read.
+    let mut c = fresh_follower();
+    let a = c.handle(
+        t(200),
+        Input::KeySeen {
+            holder: KeyHolder::Us,
+            revision: 6,
+            lease: Some(7),
+        },
+    );
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::PreviousHoldersUnknown { .. })
+    )));
+    let a = c.handle(t(300), armed());
+    assert!(!promotes(&a), "{a:?}");
+}
+
+#[test]
+fn a_leader_whose_re_read_went_unanswered_reads_again_every_loop() {
+    // A leader's watch breaks and its re-read is lost (cut off): it must
+    // read again each loop until one answers, or a deletion by hand in the
+    // meantime would never reach it (`history_from` relies on it).
+    let mut c = fresh_follower();
+    c.handle(t(100), Input::Won { revision: 6 });
+    c.handle(t(100), armed());
+    c.handle(t(200), Input::Promoted);
+    assert_eq!(c.role(), &Role::Leader);
+    let a = c.handle(t(300), Input::Tick);
+    assert!(!has(&a, |a| *a == Action::ReadKey), "watch up: {a:?}");
+    let a = c.handle(t(400), Input::WatchBroken);
+    assert!(has(&a, |a| *a == Action::ReadKey));
+    c.handle(
+        t(400),
+        Input::Renewed {
+            sent: t(400),
+            ttl: 5,
+        },
+    );
+    let a = c.handle(t(900), Input::Tick);
+    assert!(has(&a, |a| *a == Action::ReadKey), "unanswered: {a:?}");
+    c.handle(
+        t(900),
+        Input::Renewed {
+            sent: t(900),
+            ttl: 5,
+        },
+    );
+    let a = c.handle(t(1400), Input::Tick);
+    assert!(
+        has(&a, |a| *a == Action::ReadKey),
+        "still unanswered: {a:?}"
+    );
+    // The read answers: the key was deleted meanwhile; the leader steps down.
+    let a = c.handle(
+        t(1450),
+        Input::KeySeen {
+            holder: KeyHolder::Nobody,
+            revision: 8,
+            lease: None,
+        },
+    );
+    assert!(has(&a, |a| matches!(a, Action::StepDown { .. })), "{a:?}");
+    let a = c.handle(t(1900), Input::Tick);
+    assert!(!has(&a, |a| *a == Action::ReadKey), "answered: {a:?}");
+}
