@@ -2256,6 +2256,8 @@ impl Core {
 }
 
 #[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]

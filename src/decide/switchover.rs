@@ -629,89 +629,16 @@ mod tests {
 #[cfg(test)]
 mod core_tests {
     use super::*;
-    use crate::config::WatchdogMode;
-    use crate::decide::{ArmOutcome, ArmedDevice, CoreConfig, Evidence, Input, PgRole, PgSettings};
-    use crate::postgres::{Lsn, WalPosition};
-    use crate::timing::Budget;
-
-    fn t(ms: u64) -> BootTime {
-        BootTime::from_nanos(ms * 1_000_000)
-    }
-
-    /// T = 5, M = 2, R = 1, loop 0.5 s: a managed node "a".
-    fn managed() -> Core {
-        let ms = Duration::from_millis;
-        let budget = Budget::new(
-            Duration::from_secs(5),
-            Duration::from_secs(2),
-            Duration::from_secs(1),
-            ms(500),
-            ms(400),
-        )
-        .unwrap();
-        Core::new(CoreConfig {
-            budget,
-            mode: WatchdogMode::Required,
-        })
-        .with_node("a")
-        .with_postgres(PgSettings {
-            maximum_lag_on_failover: 1000,
-            synchronous_mode: false,
-            host: "10.0.0.1".into(),
-            port: 5432,
-            sync: Default::default(),
-        })
-    }
+    use crate::decide::fixtures::*;
+    use crate::decide::{Evidence, Input, PgRole};
 
     /// A managed leader "a" at t = 1 s.
     fn leader() -> Core {
-        let mut c = managed();
+        let mut c = managed(false);
         c.handle(t(0), Input::Start);
         c.handle(t(0), primary(5000));
-        c.handle(
-            t(0),
-            Input::KeySeen {
-                holder: KeyHolder::Nobody,
-                revision: 1,
-                lease: None,
-            },
-        );
-        c.handle(
-            t(1000),
-            Input::LeaseGranted {
-                lease: 7,
-                sent: t(1000),
-            },
-        );
-        c.handle(t(1000), Input::Won { revision: 2 });
-        c.handle(
-            t(1000),
-            Input::Armed(ArmOutcome {
-                armed: vec![ArmedDevice {
-                    path: "/dev/watchdog0".into(),
-                    identity: "soft".into(),
-                    w_secs: 3,
-                    nowayout: false,
-                }],
-                failed: vec![],
-            }),
-        );
-        c.handle(t(1000), Input::Promoted);
-        assert_eq!(c.role(), &Role::Leader);
+        win_and_promote(&mut c, true);
         c
-    }
-
-    fn primary(lsn: u64) -> Input {
-        Input::PgObserved {
-            role: PgRole::Primary,
-            wal: Some(WalPosition {
-                timeline: 1,
-                current: Some(Lsn(lsn)),
-                receive: None,
-                replay: None,
-            }),
-            has_data: true,
-        }
     }
 
     fn seen(to: &str, lsn: u64) -> Input {
@@ -943,40 +870,15 @@ mod core_tests {
                 }),
             },
         );
-        c.handle(
-            t(30),
-            Input::PgObserved {
-                role: PgRole::Replica,
-                wal: Some(WalPosition {
-                    timeline: 1,
-                    current: None,
-                    receive: Some(Lsn(lsn)),
-                    replay: Some(Lsn(lsn)),
-                }),
-                has_data: true,
-            },
-        );
+        c.handle(t(30), replica(lsn));
         c
     }
 
     fn leader_less_follower() -> Core {
-        let mut c = managed();
+        let mut c = managed(false);
         c.handle(t(0), Input::Start);
-        c.handle(
-            t(0),
-            Input::LeaseGranted {
-                lease: 7,
-                sent: t(0),
-            },
-        );
-        c.handle(
-            t(10),
-            Input::KeySeen {
-                holder: KeyHolder::Other("b".into()),
-                revision: 3,
-                lease: Some(5),
-            },
-        );
+        c.handle(t(0), granted(0));
+        c.handle(t(10), b_holds(3, Some(5)));
         c
     }
 

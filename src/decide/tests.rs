@@ -1,77 +1,12 @@
+use super::fixtures::*;
 use super::*;
 use proptest::prelude::*;
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
-
-/// T = 5, M = 2, R = 1, loop 0.5 s, request timeout 0.4 s (the lab budget).
-fn core(mode: WatchdogMode) -> Core {
-    let budget = Budget::new(
-        Duration::from_secs(5),
-        Duration::from_secs(2),
-        Duration::from_secs(1),
-        ms(500),
-        ms(400),
-    )
-    .unwrap();
-    Core::new(CoreConfig { budget, mode })
-}
-
-fn t(ms_: u64) -> BootTime {
-    BootTime::from_nanos(ms_ * 1_000_000)
-}
-
-fn dev(path: &str, nowayout: bool) -> ArmedDevice {
-    ArmedDevice {
-        path: path.into(),
-        identity: "Software Watchdog".into(),
-        w_secs: 3,
-        nowayout,
-    }
-}
-
-fn armed_ok(nowayout: bool) -> Input {
-    Input::Armed(ArmOutcome {
-        armed: vec![dev("/dev/watchdog0", nowayout)],
-        failed: vec![],
-    })
-}
-
-fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
-    actions.iter().any(pred)
-}
-
-fn pos(actions: &[Action], pred: impl Fn(&Action) -> bool) -> usize {
-    actions.iter().position(pred).expect("action present")
-}
 
 /// Drives a core to Leader at t = 1.0 s with s = 1.0 s.
 fn leader(mode: WatchdogMode) -> Core {
     let mut c = core(mode);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    let a = c.handle(
-        t(1000),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(1000),
-        },
-    );
-    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
-    c.handle(t(1000), Input::Won { revision: 2 });
-    if mode != WatchdogMode::Off {
-        c.handle(t(1000), armed_ok(false));
-    }
-    c.handle(t(1000), Input::Promoted);
-    assert_eq!(c.role(), &Role::Leader);
+    win_and_promote(&mut c, mode != WatchdogMode::Off);
     c
 }
 
@@ -88,21 +23,8 @@ fn start_publishes_no_evidence_then_grants() {
 fn follower_races_only_for_an_empty_key() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    let a = c.handle(
-        t(10),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 3,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    let a = c.handle(t(10), b_holds(3, None));
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
     let a = c.handle(
         t(20),
@@ -116,14 +38,7 @@ fn follower_races_only_for_an_empty_key() {
         !has(&a, |a| matches!(a, Action::Acquire { .. })),
         "garbage is held by an unknown owner"
     );
-    let a = c.handle(
-        t(30),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 5,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(30), nobody(5));
     assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
 }
 
@@ -138,21 +53,8 @@ fn ineligible_follower_does_not_race() {
             reason: "lag".into(),
         },
     );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    let a = c.handle(
-        t(10),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 5,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    let a = c.handle(t(10), nobody(5));
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
     let a = c.handle(
         t(20),
@@ -168,21 +70,8 @@ fn ineligible_follower_does_not_race() {
 fn rule2_arm_before_promote() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(100),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(100),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(100), granted(100));
     let a = c.handle(t(200), Input::Won { revision: 2 });
     assert!(
         !has(&a, |a| *a == Action::Promote),
@@ -203,30 +92,10 @@ fn rule2_arm_before_promote() {
 fn rule2_stale_evidence_renews_before_arming() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 1,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(0), b_holds(1, None));
     // The key frees up 1.5 s after our last renewal: too stale to arm (M - R = 1 s).
-    c.handle(
-        t(1500),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 3,
-            lease: None,
-        },
-    );
+    c.handle(t(1500), nobody(3));
     let a = c.handle(t(1500), Input::Won { revision: 4 });
     assert!(!has(&a, |a| matches!(a, Action::Arm { .. })), "{a:?}");
     assert!(has(&a, |a| *a == Action::Renew { lease: 7 }));
@@ -247,21 +116,8 @@ fn rule2_stale_evidence_renews_before_arming() {
 fn rule2_required_arm_failure_releases_and_backs_off() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     let a = c.handle(
         t(20),
@@ -285,26 +141,12 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
         },
     );
     // Events after the release (revision 9) carry later revisions.
-    let a = c.handle(
-        t(40),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 10,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(40), nobody(10));
     assert!(
         !has(&a, |a| matches!(a, Action::Acquire { .. })),
         "backs off"
     );
-    let a = c.handle(
-        t(5100),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 11,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(5100), nobody(11));
     assert!(
         has(&a, |a| matches!(a, Action::Acquire { .. })),
         "retries after one TTL"
@@ -315,21 +157,8 @@ fn rule2_required_arm_failure_releases_and_backs_off() {
 fn automatic_mode_leads_unarmed_and_says_so() {
     let mut c = core(WatchdogMode::Automatic);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     let a = c.handle(
         t(20),
@@ -349,21 +178,8 @@ fn automatic_mode_leads_unarmed_and_says_so() {
 fn off_mode_never_arms() {
     let mut c = core(WatchdogMode::Off);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     let a = c.handle(t(10), Input::Won { revision: 2 });
     assert!(!has(&a, |a| matches!(a, Action::Arm { .. })));
     assert!(has(&a, |a| *a == Action::Promote));
@@ -453,14 +269,7 @@ fn lease_gone_or_key_lost_steps_down() {
             fast: None
         }));
     let mut c = leader(WatchdogMode::Required);
-    let a = c.handle(
-        t(1500),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 9,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(1500), b_holds(9, None));
     assert!(has(&a, |a| *a
         == Action::StepDown {
             reason: StepDownReason::KeyLost,
@@ -531,14 +340,7 @@ fn rule4_disarm_only_after_stop_and_release() {
 #[test]
 fn lost_lease_stops_pings_at_once_and_later_renewals_do_not_restart_them() {
     let mut c = leader(WatchdogMode::Required);
-    let a = c.handle(
-        t(1500),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 9,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(1500), b_holds(9, None));
     assert_eq!(a[0], Action::Publish(Evidence::None));
     let a = c.handle(
         t(1600),
@@ -606,13 +408,7 @@ fn timer_fencing_is_adopted_by_the_loop() {
 fn follower_shutdown_revokes_and_exits() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), granted(0));
     let a = c.handle(t(10), Input::Shutdown);
     assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }));
     assert!(has(&a, |a| *a == Action::Exit { code: 0 }));
@@ -622,21 +418,8 @@ fn follower_shutdown_revokes_and_exits() {
 fn rule5_nowayout_keeps_pinging_on_liveness_as_replica() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     c.handle(t(20), armed_ok(true));
     c.handle(t(30), Input::Promoted);
@@ -660,13 +443,7 @@ fn rule5_nowayout_keeps_pinging_on_liveness_as_replica() {
 fn follower_seeing(holder: KeyHolder) -> Core {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), granted(0));
     c.handle(
         t(10),
         Input::KeySeen {
@@ -801,48 +578,6 @@ fn leader_whose_postgres_is_down_hands_over() {
 
 // ---- PostgreSQL, member records, synchronous mode (moved from the agent)
 
-fn settings(sync: bool) -> PgSettings {
-    PgSettings {
-        maximum_lag_on_failover: 1000,
-        synchronous_mode: sync,
-        host: "10.0.0.1".into(),
-        port: 5432,
-        sync: Default::default(),
-    }
-}
-
-fn managed(sync: bool) -> Core {
-    core(WatchdogMode::Required)
-        .with_node("a")
-        .with_postgres(settings(sync))
-}
-
-fn replica(lsn: u64) -> Input {
-    Input::PgObserved {
-        role: PgRole::Replica,
-        wal: Some(WalPosition {
-            timeline: 1,
-            current: None,
-            receive: Some(crate::postgres::Lsn(lsn)),
-            replay: Some(crate::postgres::Lsn(lsn)),
-        }),
-        has_data: true,
-    }
-}
-
-fn primary(lsn: u64) -> Input {
-    Input::PgObserved {
-        role: PgRole::Primary,
-        wal: Some(WalPosition {
-            timeline: 1,
-            current: Some(crate::postgres::Lsn(lsn)),
-            receive: None,
-            replay: None,
-        }),
-        has_data: true,
-    }
-}
-
 fn leader_record(node: &str, lsn: Option<u64>) -> Member {
     Member {
         node: node.into(),
@@ -860,21 +595,8 @@ fn leader_record(node: &str, lsn: Option<u64>) -> Member {
 fn managed_follower() -> Core {
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(10),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 3,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(10), b_holds(3, None));
     c
 }
 
@@ -883,21 +605,8 @@ fn managed_postgres_is_not_eligible_before_the_first_look() {
     let mut c = managed(false);
     assert_eq!(c.eligibility(), Err("PostgreSQL not observed yet"));
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    let a = c.handle(
-        t(10),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 5,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    let a = c.handle(t(10), nobody(5));
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
     let a = c.handle(t(20), replica(100));
     assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
@@ -927,14 +636,7 @@ fn eligibility_within_and_over_the_lag_bound_of_the_leaders_lsn() {
     let why = c.eligibility().unwrap_err().to_string();
     assert!(why.contains("1001 bytes behind"), "{why}");
     // The leader dies (key gone): its last LSN still counts.
-    let a = c.handle(
-        t(50),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 9,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(50), nobody(9));
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "lagging");
     let a = c.handle(t(60), replica(4500));
     assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "caught up");
@@ -1167,24 +869,7 @@ fn sync_leader() -> Core {
     let mut c = managed(true);
     c.handle(t(0), Input::Start);
     c.handle(t(0), replica(10));
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(1000),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(1000),
-        },
-    );
-    c.handle(t(1000), Input::Won { revision: 2 });
-    c.handle(t(1000), armed_ok(false));
-    let a = c.handle(t(1000), Input::Promoted);
+    let a = win_and_promote(&mut c, true);
     assert_eq!(
         a.last(),
         Some(&Action::SetSyncStandbys(String::new())),
@@ -1313,21 +998,8 @@ fn sync_names_left_alone_unless_leading_a_primary_in_sync_mode() {
 fn nowayout_devices_are_tracked_in_the_core_only() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     c.handle(
         t(20),
@@ -1366,21 +1038,8 @@ fn next_deadline_is_the_next_loop_or_a_deadline_before_it() {
     // Backing off after a refused arm: the end of the back-off.
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     c.handle(
         t(20),
@@ -1419,21 +1078,8 @@ fn stored_names_are_stable() {
 fn arming_core() -> Core {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(100),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(100),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(100), granted(100));
     let a = c.handle(t(200), Input::Won { revision: 2 });
     assert!(has(&a, |a| *a == Action::Arm { not_after: t(1100) }));
     c
@@ -1463,21 +1109,8 @@ fn rule2_promotion_rechecks_freshness_after_arming() {
     // Automatic mode, nothing armed: the same check.
     let mut c = core(WatchdogMode::Automatic);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(100),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(100),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(100), granted(100));
     c.handle(t(200), Input::Won { revision: 2 });
     let a = c.handle(
         t(2000),
@@ -1508,14 +1141,7 @@ fn stale_key_events_do_not_unseat_a_leader() {
         assert_eq!(c.role(), &Role::Leader);
         assert_eq!(c.holder(), &KeyHolder::Us);
     }
-    let a = c.handle(
-        t(1300),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 3,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(1300), nobody(3));
     assert!(has(&a, |a| *a
         == Action::StepDown {
             reason: StepDownReason::KeyLost,
@@ -1534,14 +1160,7 @@ fn a_follower_keeps_the_newest_owner_it_saw() {
             lease: None,
         },
     );
-    let a = c.handle(
-        t(30),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 7,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(30), nobody(7));
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })), "{a:?}");
     assert_eq!(c.holder(), &KeyHolder::Other("c".into()));
     // A lost lease (an etcd restored from a snapshot runs behind):
@@ -1609,21 +1228,8 @@ fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
     c.handle(t(0), replica(10));
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     c.handle(
         t(20),
@@ -1638,14 +1244,7 @@ fn rule8_nobody_holds_the_key_and_this_node_cannot_race_now() {
             revision: Some(9),
         },
     );
-    c.handle(
-        t(40),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 3,
-            lease: None,
-        },
-    );
+    c.handle(t(40), nobody(3));
     let a = c.handle(t(50), primary(100));
     assert!(has(&a, |a| *a == Action::Fence), "{a:?}");
     assert!(!has(&a, |a| matches!(a, Action::Acquire { .. })));
@@ -1657,51 +1256,18 @@ fn rule8_the_race_for_an_empty_key_is_the_only_grace() {
     // node is eligible and races at once; it fences if it loses.
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(0), nobody(1));
     let a = c.handle(t(10), primary(100));
     assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
     assert!(!has(&a, |a| *a == Action::Fence), "{a:?}");
-    let a = c.handle(
-        t(20),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 2,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(20), b_holds(2, None));
     assert!(has(&a, |a| *a == Action::Fence), "lost the race: {a:?}");
     // A race that etcd does not answer is no grace either.
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(0), nobody(1));
     c.handle(t(10), primary(100));
     c.handle(
         t(20),
@@ -1721,21 +1287,8 @@ fn rule8_arming_is_not_leading() {
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
     c.handle(t(0), replica(10));
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(1000),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(1000), granted(0));
     // Won on stale evidence: renew first; meanwhile PostgreSQL is writable.
     let a = c.handle(t(1500), Input::Won { revision: 2 });
     assert!(has(&a, |a| matches!(a, Action::Renew { .. })));
@@ -1968,14 +1521,7 @@ fn won_after_a_deletion(at: u64) -> (Core, Vec<Action>) {
             sent: t(at),
         },
     );
-    c.handle(
-        t(at),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 3,
-            lease: Some(42),
-        },
-    );
+    c.handle(t(at), b_holds(3, Some(42)));
     let a = c.handle(
         t(at),
         Input::KeySeen {
@@ -2053,21 +1599,8 @@ fn deletion_is_not_an_expiry_promotion_waits_for_the_previous_lease() {
 fn a_win_after_no_other_holder_promotes_at_once() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(0), nobody(1));
     c.handle(t(0), Input::Won { revision: 2 });
     let a = c.handle(t(0), armed_ok(false));
     assert_eq!(a.last(), Some(&Action::Promote));
@@ -2145,13 +1678,7 @@ fn previous_lease_alive_past_t_plus_slack_gives_the_key_back_unpromoted() {
 fn won_after_deletions(holders: &[(&str, i64)]) -> (Core, Vec<Action>) {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(1000),
-        },
-    );
+    c.handle(t(0), granted(1000));
     let mut rev = 2;
     for (i, (node, lease)) in holders.iter().enumerate() {
         let at = t(1000 + i as u64);
@@ -2259,13 +1786,7 @@ fn deletion_is_not_an_expiry_chained_deletions_the_winner_waits_for_every_lease(
 fn previous_lease_confirmed_gone_is_not_awaited_again() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(1000),
-        },
-    );
+    c.handle(t(0), granted(1000));
     for (rev, holder) in [(3, KeyHolder::Other("b".into())), (4, KeyHolder::Nobody)] {
         c.handle(
             t(1000),
@@ -2447,21 +1968,8 @@ fn release_failed(c: &mut Core, at: u64) -> Vec<Action> {
 fn an_unanswered_release_is_retried_each_loop_then_the_lease_is_let_go() {
     let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 1,
-            lease: None,
-        },
-    );
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), nobody(1));
+    c.handle(t(0), granted(0));
     c.handle(t(10), Input::Won { revision: 2 });
     let a = c.handle(
         t(20),
@@ -2620,14 +2128,7 @@ fn a_shutdown_step_down_tries_a_fast_stop_bounded_by_the_demotion_deadline() {
         }));
     // Key gone before SIGTERM: someone else may promote, the fence.
     let mut c = leader(WatchdogMode::Required);
-    c.handle(
-        t(1200),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 9,
-            lease: None,
-        },
-    );
+    c.handle(t(1200), b_holds(9, None));
     let a = c.handle(t(1300), Input::Shutdown);
     assert!(!has(&a, |a| matches!(
         a,
@@ -2639,21 +2140,8 @@ fn a_shutdown_step_down_tries_a_fast_stop_bounded_by_the_demotion_deadline() {
 fn a_stopped_server_with_data_starts_as_a_standby_of_nobody_and_is_then_eligible() {
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(10),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 3,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(10), nobody(3));
     // Down without a cluster in the data directory: nothing to start.
     assert!(starts(&c.handle(t(20), down(false))).is_empty());
     // Down with one: started as a standby of nobody, once.
@@ -2731,13 +2219,7 @@ fn nothing_starts_a_server_while_this_node_leads_or_shuts_down() {
 fn no_follow_starts_while_a_standby_start_runs() {
     let mut c = managed(false);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), granted(0));
     c.handle(
         t(10),
         Input::KeySeen {
@@ -2748,14 +2230,7 @@ fn no_follow_starts_while_a_standby_start_runs() {
     );
     assert_eq!(starts(&c.handle(t(20), down(true))), vec![None]);
     // The leader shows up while pg_ctl start runs: no Follow beside it.
-    c.handle(
-        t(30),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 4,
-            lease: None,
-        },
-    );
+    c.handle(t(30), b_holds(4, None));
     let a = c.handle(
         t(40),
         Input::LeaderMember {
@@ -2779,21 +2254,8 @@ fn follower_seeing_its_own_key_wins_or_releases() {
     let raced = || {
         let mut c = core(WatchdogMode::Required);
         c.handle(t(0), Input::Start);
-        c.handle(
-            t(0),
-            Input::LeaseGranted {
-                lease: 7,
-                sent: t(0),
-            },
-        );
-        let a = c.handle(
-            t(10),
-            Input::KeySeen {
-                holder: KeyHolder::Nobody,
-                revision: 5,
-                lease: None,
-            },
-        );
+        c.handle(t(0), granted(0));
+        let a = c.handle(t(10), nobody(5));
         assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }));
         c.handle(
             t(1010),
@@ -2882,13 +2344,7 @@ fn candidate_follower(node: &str, sync: bool, lsn: u64) -> Core {
         .with_node(node)
         .with_postgres(pgs);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
+    c.handle(t(0), granted(0));
     c.handle(
         t(10),
         Input::KeySeen {
@@ -3090,14 +2546,7 @@ fn a_late_answer_for_an_earlier_vacancy_is_not_taken_for_the_next() {
     let a = vacancy(&mut c, 100);
     assert!(has(&a, |x| *x == Action::ReadCandidates));
     // The key is taken, then empty again, before the first answer arrives.
-    c.handle(
-        t(150),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 10,
-            lease: Some(6),
-        },
-    );
+    c.handle(t(150), b_holds(10, Some(6)));
     let a = c.handle(
         t(200),
         Input::KeySeen {

@@ -3,47 +3,8 @@
 //! only once that lease is gone; an incomplete history never promotes on
 //! hope.
 
+use super::fixtures::*;
 use super::*;
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
-
-/// T = 5, M = 2, R = 1, loop 0.5 s, request timeout 0.4 s (the lab budget).
-fn core() -> Core {
-    let budget = Budget::new(
-        Duration::from_secs(5),
-        Duration::from_secs(2),
-        Duration::from_secs(1),
-        ms(500),
-        ms(400),
-    )
-    .unwrap();
-    Core::new(CoreConfig {
-        budget,
-        mode: WatchdogMode::Required,
-    })
-}
-
-fn t(ms_: u64) -> BootTime {
-    BootTime::from_nanos(ms_ * 1_000_000)
-}
-
-fn armed() -> Input {
-    Input::Armed(ArmOutcome {
-        armed: vec![ArmedDevice {
-            path: "/dev/watchdog0".into(),
-            identity: "Software Watchdog".into(),
-            w_secs: 3,
-            nowayout: false,
-        }],
-        failed: vec![],
-    })
-}
-
-fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
-    actions.iter().any(pred)
-}
 
 fn promotes(actions: &[Action]) -> bool {
     has(actions, |a| *a == Action::Promote)
@@ -52,30 +13,17 @@ fn promotes(actions: &[Action]) -> bool {
 /// A node started after the key was deleted: its first read (revision 5,
 /// at t = 0) shows nobody, and it never saw who held the key before.
 fn fresh_follower() -> Core {
-    let mut c = core();
+    let mut c = core(WatchdogMode::Required);
     c.handle(t(0), Input::Start);
-    c.handle(
-        t(0),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 5,
-            lease: None,
-        },
-    );
-    let a = c.handle(
-        t(100),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(100),
-        },
-    );
+    c.handle(t(0), nobody(5));
+    let a = c.handle(t(100), granted(100));
     assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
     c
 }
 
 #[test]
 fn history_from_reads_everything_until_the_watch_covers_t_plus_slack() {
-    let mut c = core();
+    let mut c = core(WatchdogMode::Required);
     assert_eq!(c.history_from(t(0)), 1, "nothing read yet");
     c.handle(t(0), Input::Start);
     let key = |revision| Input::KeySeen {
@@ -123,7 +71,7 @@ fn a_holder_known_only_from_history_is_awaited_before_promotion() {
         a,
         Action::Record(Fact::PreviousHoldersUnknown { .. })
     )));
-    let a = c.handle(t(200), armed());
+    let a = c.handle(t(200), armed_ok(false));
     assert!(!promotes(&a), "{a:?}");
     assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
     assert!(!has(&a, |a| *a == Action::CheckLeaseGone { lease: 7 }));
@@ -174,7 +122,7 @@ fn an_incomplete_history_waits_t_plus_slack_after_the_win() {
         == Action::Record(Fact::PreviousHoldersUnknown {
             wait: Duration::from_millis(6500)
         })));
-    let a = c.handle(t(200), armed());
+    let a = c.handle(t(200), armed_ok(false));
     assert!(!promotes(&a), "not on hope: {a:?}");
     // Renewed and ticking on fresh evidence up to the bound: no promotion.
     let mut at = 200;
@@ -220,7 +168,7 @@ fn an_incomplete_history_with_known_holders_waits_for_both() {
             complete: false,
         },
     );
-    c.handle(t(200), armed());
+    c.handle(t(200), armed_ok(false));
     c.handle(
         t(300),
         Input::Renewed {
@@ -256,14 +204,7 @@ fn a_deletion_seen_late_still_owes_its_lease() {
     // deletion at revision 8 (lease 42) arrives. Older than the read, it
     // says nothing about the key now, but its lease may still live.
     let mut c = fresh_follower();
-    c.handle(
-        t(100),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 10,
-            lease: None,
-        },
-    );
+    c.handle(t(100), nobody(10));
     c.handle(
         t(150),
         Input::KeySeen {
@@ -294,7 +235,7 @@ fn own_key_adopted_without_a_history_read_is_not_promoted_on_hope() {
         a,
         Action::Record(Fact::PreviousHoldersUnknown { .. })
     )));
-    let a = c.handle(t(300), armed());
+    let a = c.handle(t(300), armed_ok(false));
     assert!(!promotes(&a), "{a:?}");
 }
 
@@ -305,7 +246,7 @@ fn a_leader_whose_re_read_went_unanswered_reads_again_every_loop() {
     // meantime would never reach it (`history_from` relies on it).
     let mut c = fresh_follower();
     c.handle(t(100), Input::Won { revision: 6 });
-    c.handle(t(100), armed());
+    c.handle(t(100), armed_ok(false));
     c.handle(t(200), Input::Promoted);
     assert_eq!(c.role(), &Role::Leader);
     let a = c.handle(t(300), Input::Tick);
@@ -334,14 +275,7 @@ fn a_leader_whose_re_read_went_unanswered_reads_again_every_loop() {
         "still unanswered: {a:?}"
     );
     // The read answers: the key was deleted meanwhile; the leader steps down.
-    let a = c.handle(
-        t(1450),
-        Input::KeySeen {
-            holder: KeyHolder::Nobody,
-            revision: 8,
-            lease: None,
-        },
-    );
+    let a = c.handle(t(1450), nobody(8));
     assert!(has(&a, |a| matches!(a, Action::StepDown { .. })), "{a:?}");
     let a = c.handle(t(1900), Input::Tick);
     assert!(!has(&a, |a| *a == Action::ReadKey), "answered: {a:?}");

@@ -1,51 +1,16 @@
+use super::super::fixtures::*;
 use super::super::*;
 use super::OP_LIMIT;
 use crate::postgres::{Lsn, WalPosition};
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
-
-fn t(ms_: u64) -> BootTime {
-    BootTime::from_nanos(ms_ * 1_000_000)
-}
-
-fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
-    actions.iter().any(pred)
-}
-
-fn pos(actions: &[Action], pred: impl Fn(&Action) -> bool) -> usize {
-    actions.iter().position(pred).expect("action present")
-}
 
 fn acquires(a: &[Action]) -> bool {
     has(a, |a| matches!(a, Action::Acquire { .. }))
 }
 
-/// T = 5, M = 2, R = 1, loop 0.5 s: a managed node `a` that reads the
-/// pause key (as the agent's core does).
+/// A managed node `a` (the lab budget) that reads the pause key (as the
+/// agent's core does).
 fn mcore() -> Core {
-    let budget = Budget::new(
-        Duration::from_secs(5),
-        Duration::from_secs(2),
-        Duration::from_secs(1),
-        ms(500),
-        ms(400),
-    )
-    .unwrap();
-    Core::new(CoreConfig {
-        budget,
-        mode: WatchdogMode::Required,
-    })
-    .with_node("a")
-    .with_postgres(PgSettings {
-        maximum_lag_on_failover: 1000,
-        synchronous_mode: false,
-        host: "10.0.0.1".into(),
-        port: 5432,
-        sync: Default::default(),
-    })
-    .with_maintenance()
+    managed(false).with_maintenance()
 }
 
 fn observed(role: PgRole, lsn: u64) -> Input {
@@ -79,14 +44,6 @@ fn paused(p: bool) -> Input {
     Input::Paused { paused: p }
 }
 
-fn nobody(revision: i64) -> Input {
-    Input::KeySeen {
-        holder: KeyHolder::Nobody,
-        revision,
-        lease: None,
-    }
-}
-
 /// Started, granted lease 7, PostgreSQL a running standby of nobody, the
 /// key read empty; the pause key not read yet.
 fn follower_before_pause_read() -> (Core, Vec<Action>) {
@@ -94,13 +51,7 @@ fn follower_before_pause_read() -> (Core, Vec<Action>) {
     c.handle(t(0), Input::Start);
     c.handle(t(0), observed(PgRole::Replica, 100));
     c.handle(t(0), nobody(1));
-    let a = c.handle(
-        t(1000),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(1000),
-        },
-    );
+    let a = c.handle(t(1000), granted(1000));
     (c, a)
 }
 
@@ -134,21 +85,8 @@ fn managed_follower() -> Core {
     let mut c = mcore();
     c.handle(t(0), Input::Start);
     c.handle(t(0), paused(false));
-    c.handle(
-        t(0),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(0),
-        },
-    );
-    c.handle(
-        t(10),
-        Input::KeySeen {
-            holder: KeyHolder::Other("b".into()),
-            revision: 3,
-            lease: None,
-        },
-    );
+    c.handle(t(0), granted(0));
+    c.handle(t(10), b_holds(3, None));
     c.handle(
         t(20),
         Input::LeaderMember {
@@ -217,13 +155,7 @@ fn without_maintenance_the_core_races_as_before() {
     c.handle(t(0), Input::Start);
     c.handle(t(0), observed(PgRole::Replica, 100));
     c.handle(t(0), nobody(1));
-    let a = c.handle(
-        t(1000),
-        Input::LeaseGranted {
-            lease: 7,
-            sent: t(1000),
-        },
-    );
+    let a = c.handle(t(1000), granted(1000));
     assert!(acquires(&a));
 }
 
