@@ -415,6 +415,12 @@ fn refused_switchovers_name_their_cause_and_the_leader_stays() {
     let (code, _, err) = cli(cfg, &["switchover", "--to", "b", "--at", "tomorrow"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not a time"), "{err}");
+    let (code, _, err) = cli(
+        cfg,
+        &["switchover", "--to", "b", "--at", "2001-01-01T00:00:00Z"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is in the past"), "{err}");
     let (code, _, err) = cli(cfg, &["failover", "--to", "b"]);
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -452,7 +458,9 @@ fn refused_switchovers_name_their_cause_and_the_leader_stays() {
     let pause = format!("/leasedog/{}/pause", t.scope);
     t.client.put(&pause, "{}").unwrap();
     let (code, out, err) = cli(cfg, &["switchover", "--to", "b", "--wait", "30"]);
+    let listed = list(&t).expect("list --json");
     t.client.delete(&pause).unwrap();
+    assert_eq!(listed["paused"], true, "{listed}");
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("refused by a: the scope is paused"), "{err}");
     assert_eq!(cluster::holder(&t.client, &t.scope).as_deref(), Some("a"));
