@@ -648,6 +648,9 @@ pub enum Action {
         id: String,
         op: Op,
         leader: Option<String>,
+        /// A reinit clones from this member (tagged `clonefrom`), then
+        /// replicates from `leader`; None: from the leader.
+        clone_from: Option<bootstrap::CloneSource>,
     },
     /// Write a request's outcome back to etcd (`<scope>/results/<node>`).
     ReportOp {

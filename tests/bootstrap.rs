@@ -549,6 +549,37 @@ fn a_new_member_clones_from_the_clonefrom_replica_and_from_the_leader_once_it_is
         "d replays the leader's writes"
     );
 
+    // `leasedog reinit d` re-clones from c too.
+    let marker = d.pg.data_dir().join("leasedog-test-marker");
+    std::fs::write(&marker, "old data directory").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("leasedog.toml");
+    std::fs::write(&cfg, a.config()).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["reinit", "d", "--timeout", "120", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{said}
+{}",
+        d.agent().log()
+    );
+    assert!(said.contains("re-cloned from c"), "{said}");
+    assert!(!marker.exists(), "the data directory was wiped");
+    assert!(
+        wait_until(Duration::from_secs(60), || d.streaming()),
+        "d streams again:\n{}",
+        d.agent().log()
+    );
+    assert_eq!(backup_from(&d).as_deref(), Some("standby"));
+
     // c crashes (agent and server): its record may outlive it for a TTL.
     let _ = c.agent().signal(libc::SIGKILL);
     for p in leasedog_testbed::pg::processes_in(&c.pg.data_dir()) {

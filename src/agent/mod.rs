@@ -1089,7 +1089,12 @@ impl Agent {
                 None
             }
             Action::Exit { .. } => None,
-            Action::RunOp { id, op, leader } => self.run_op(id, op, leader),
+            Action::RunOp {
+                id,
+                op,
+                leader,
+                clone_from,
+            } => self.run_op(id, op, leader, clone_from),
             Action::ReportOp { id, ok, detail } => {
                 if let Some(m) = &self.maint_io {
                     m.report(dcs::OpOutcome { id, ok, detail });
@@ -1430,6 +1435,7 @@ impl Agent {
         id: String,
         op: crate::decide::Op,
         leader: Option<String>,
+        clone_from: Option<crate::decide::bootstrap::CloneSource>,
     ) -> Option<Input> {
         let Some(pg) = self.pg.clone() else {
             let detail = "this node manages no PostgreSQL".into();
@@ -1446,10 +1452,17 @@ impl Agent {
                     .replication_conninfo(m.host.as_ref()?, m.port?, &self.cfg.node),
             )
         });
+        let source = clone_from.map(|s| {
+            let c = pg
+                .config()
+                .replication_conninfo(&s.host, s.port, &self.cfg.node);
+            (s.node, c)
+        });
         let tx = self.side_tx.clone();
-        info!(%id, op = op.as_str(), leader = ?leader, "running the request");
+        info!(%id, op = op.as_str(), leader = ?leader, source = ?source.as_ref().map(|s| &s.0), "running the request");
         tokio::spawn(async move {
-            let (ok, detail) = match maintenance::run_op(&pg, op, conninfo.as_deref()).await {
+            let (ok, detail) = match maintenance::run_op(&pg, op, conninfo.as_deref(), source).await
+            {
                 Ok(d) => (true, d),
                 Err(e) => (false, e),
             };

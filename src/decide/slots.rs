@@ -119,6 +119,7 @@ impl Core {
         self.slots.reading = false;
         let nodes: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
         self.clone_listing(&members);
+        self.reinit_listing(&members, out);
         self.slots.listed = Some(members);
         self.slots.listed_leading = self.role == Role::Leader;
         if !self.keeps_slots() || self.slots.syncing {
