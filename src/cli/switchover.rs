@@ -137,6 +137,9 @@ pub fn validate(
             }
         ));
     }
+    if members.iter().any(|m| m.node == to && m.tags.nofailover) {
+        return Err(format!("{to} is tagged nofailover: it never leads"));
+    }
     Ok(())
 }
 
@@ -305,6 +308,11 @@ pub(super) fn failover(cfg: &Config, to: &str, wait: u64) -> i32 {
                     m.postgres, m.role
                 ));
             }
+            if m.tags.nofailover {
+                return Err(format!(
+                    "refused: {to} is tagged nofailover: it never leads"
+                ));
+            }
             match d
                 .create_leader_for(to, LeaseId(lease))
                 .await
@@ -363,6 +371,10 @@ mod tests {
         assert_eq!(e, "a is already the leader");
         let e = validate(Some("a"), &ms, None, "zz").unwrap_err();
         assert_eq!(e, "unknown member \"zz\": the scope's members are a, b");
+        let mut c = m("c");
+        c.tags.nofailover = true;
+        let e = validate(Some("a"), &[m("a"), c], None, "c").unwrap_err();
+        assert_eq!(e, "c is tagged nofailover: it never leads");
     }
 
     #[test]
