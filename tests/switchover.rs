@@ -518,13 +518,19 @@ fn failover_to_a_lagging_replica_of_a_leaderless_scope() {
         b.pg.sql("SELECT pid FROM pg_stat_wal_receiver")
             .parse()
             .unwrap();
+    // Only what b logs from now on: its rejoin at start-up may have logged
+    // "not eligible for leadership: rejoin in progress" already.
+    let from = b.agent().log().len();
     // SAFETY: kill(2) on a process of the cluster this test started.
     unsafe { libc::kill(receiver, libc::SIGSTOP) };
     a.pg.sql("CREATE TABLE big AS SELECT repeat('x', 1000) AS v FROM generate_series(1, 30000)");
-    let ineligible = b
-        .agent()
-        // a publishes its LSN and b re-reads it every 20 loops (8 s each).
-        .wait_log("not eligible for leadership", Duration::from_secs(90));
+    // a publishes its LSN and b re-reads it every 20 loops (8 s each).
+    let ineligible = wait_until(Duration::from_secs(90), || {
+        b.agent()
+            .log()
+            .get(from..)
+            .is_some_and(|l| l.contains("not eligible for leadership"))
+    });
     // a dies, agent and PostgreSQL (a "reset"), before b's receiver goes
     // on: b stays behind, and nobody may promote.
     a.agent().signal(libc::SIGKILL).unwrap();
