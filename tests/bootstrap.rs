@@ -599,4 +599,9 @@ fn a_new_member_clones_from_the_clonefrom_replica_and_from_the_leader_once_it_is
         "e was cloned from the leader:\n{}",
         e.agent().log()
     );
+    // Which way e got there: c's record expired first, or e tried c.
+    eprintln!(
+        "e: {} clone(s) from the crashed c failed before the leader's",
+        e.agent().log().matches("clone from c:").count()
+    );
 }
