@@ -398,9 +398,10 @@ pub enum Input {
         maximum_lag_on_failover: u64,
         synchronous_mode: bool,
     },
-    /// The scope's member records, by node name (`Action::ReadMembers`).
+    /// The scope's member records (`Action::ReadMembers`; unreadable ones
+    /// left out).
     MembersSeen {
-        nodes: Vec<String>,
+        members: Vec<Member>,
     },
     /// `Action::SyncSlots` ended.
     SlotsSynced {
@@ -597,6 +598,10 @@ pub enum Action {
     /// [`Input::Followed`].
     Follow {
         leader: String,
+        /// An empty data directory is cloned from this member (tagged
+        /// `clonefrom`, [`bootstrap::clone_source`]), then replicates from
+        /// the leader; None: cloned from the leader.
+        clone_from: Option<bootstrap::CloneSource>,
     },
     /// Start a stopped PostgreSQL (observed down, a cluster in its data
     /// directory, no `Follow` running, this node not leading) as a standby
@@ -643,6 +648,9 @@ pub enum Action {
         id: String,
         op: Op,
         leader: Option<String>,
+        /// A reinit clones from this member (tagged `clonefrom`), then
+        /// replicates from `leader`; None: from the leader.
+        clone_from: Option<bootstrap::CloneSource>,
     },
     /// Write a request's outcome back to etcd (`<scope>/results/<node>`).
     ReportOp {
@@ -896,6 +904,11 @@ pub struct Core {
     boot: bootstrap::Bootstrap,
     /// `tags.nofailover`: never races for the leader or `initialize` key.
     nofailover: bool,
+    /// `[tags]` as published in the member record (`nosync`, `clonefrom`
+    /// are for the peers to act on).
+    tags: member::Tags,
+    /// Clone sources for an empty data directory ([`bootstrap::clone_source`]).
+    clone: bootstrap::CloneState,
     /// Replication slots a leader keeps ([`slots`]).
     slots: slots::Slots,
 }
@@ -964,6 +977,8 @@ impl Core {
             lagging_only: false,
             boot: bootstrap::Bootstrap::default(),
             nofailover: false,
+            tags: member::Tags::default(),
+            clone: bootstrap::CloneState::default(),
             slots: slots::Slots::default(),
         }
     }
@@ -972,6 +987,14 @@ impl Core {
     /// creates the scope's cluster); it only ever replicates.
     pub fn with_nofailover(mut self, nofailover: bool) -> Core {
         self.nofailover = nofailover;
+        self
+    }
+
+    /// The node's `[tags]`: `nofailover` as [`Core::with_nofailover`];
+    /// all of them published in the member record.
+    pub fn with_tags(mut self, tags: member::Tags) -> Core {
+        self.nofailover = tags.nofailover;
+        self.tags = tags;
         self
     }
 
@@ -1277,6 +1300,7 @@ impl Core {
                 has_data,
             } => {
                 self.pg_has_data = has_data;
+                self.clone.empty = !has_data;
                 self.on_pg_observed(now, role, wal, &mut out)
             }
             Input::StandbyStarted { ok } => {
@@ -1317,6 +1341,7 @@ impl Core {
             }
             Input::Followed { leader, ok } => {
                 self.busy = false;
+                self.clone_done(ok);
                 if ok {
                     self.following_pg = Some(leader);
                     out.push(Action::Callback {
@@ -1357,7 +1382,7 @@ impl Core {
             Input::InitializeSeen { key } => self.on_initialize_seen(now, key, &mut out),
             Input::InitdbDone { result } => self.on_initdb_done(now, result, &mut out),
             Input::InitializeFinished { ok } => self.on_initialize_finished(ok),
-            Input::MembersSeen { nodes } => self.on_members_seen(nodes, &mut out),
+            Input::MembersSeen { members } => self.on_members_seen(members, &mut out),
             Input::SlotsSynced { wanted, ok } => self.on_slots_synced(wanted, ok),
             Input::ClusterSettings {
                 loop_interval,
@@ -1643,9 +1668,12 @@ impl Core {
             self.maybe_refresh_leader_member(true, out);
             return;
         }
+        let Some(clone_from) = self.clone_choice(&leader, out) else {
+            return; // the member listing first (`clonefrom`)
+        };
         self.following = Some(leader.clone());
         self.busy = true;
-        out.push(Action::Follow { leader });
+        out.push(Action::Follow { leader, clone_from });
     }
 
     /// Nothing else starts a stopped PostgreSQL (the distribution's unit is
@@ -1761,6 +1789,10 @@ impl Core {
             replay_lsn: self.last_wal.and_then(|w| w.replay).map(|l| l.0),
             armed: self.armed,
             w_secs: self.w_secs.filter(|_| self.armed),
+            tags: member::Tags {
+                nofailover: self.nofailover,
+                ..self.tags
+            },
         })
     }
 

@@ -461,3 +461,147 @@ fn edit_config_round_trips_is_validated_and_applied_and_malformed_config_keeps_t
     assert!(ok, "--file repairs it: {err}");
     assert_eq!(cluster::holder(&client, scope).as_deref(), Some("a"));
 }
+
+/// The `BACKUP FROM:` line of the backup a node was cloned from
+/// (PostgreSQL renames `backup_label` to `backup_label.old` once it has
+/// started from it): `standby` or `primary`.
+fn backup_from(n: &Node) -> Option<String> {
+    let label = std::fs::read_to_string(n.pg.data_dir().join("backup_label.old")).ok()?;
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("BACKUP FROM: "))
+        .map(str::to_owned)
+}
+
+fn member_record(c: &BlockingClient, scope: &str, node: &str) -> Option<serde_json::Value> {
+    let v = c.get(&format!("/leasedog/{scope}/members/{node}")).ok()??;
+    serde_json::from_slice(&v).ok()
+}
+
+/// Tag `clonefrom`: a new member with an empty data directory clones from
+/// the healthy replica tagged `clonefrom`, not the leader (its backup label
+/// says `BACKUP FROM: standby`), then streams from the leader. Once that
+/// replica is gone (crashed, its record possibly still up), the next new
+/// member clones from the leader (`BACKUP FROM: primary`).
+#[test]
+fn a_new_member_clones_from_the_clonefrom_replica_and_from_the_leader_once_it_is_gone() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "clonefrom";
+    let bin = Path::new(BIN);
+    let pg_a = PgNode::init(free_port());
+    pg_a.start();
+    pg_a.sql("CREATE TABLE t (v int); INSERT INTO t VALUES (1)");
+    let mut a = Node::new(bin, scope, "a", &eps, pg_a, "");
+    a.start_agent();
+    assert!(
+        cluster::wait_holder(&client, scope, "a", Duration::from_secs(30)),
+        "a leads:\n{}",
+        a.agent().log()
+    );
+    let pg_c = PgNode::replica_of(&a.pg, free_port());
+    let mut c = Node::new(bin, scope, "c", &eps, pg_c, "[tags]\nclonefrom = true\n");
+    c.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(60), || c.streaming()
+            && member_record(&client, scope, "c").is_some_and(|m| m
+                ["postgres"]
+                == "replica"
+                && m["tags"]["clonefrom"] == true
+                && m["lsn"].is_u64())),
+        "c streams and publishes its tag:\n{}",
+        logs(&[&a, &c])
+    );
+
+    let mut d = Node::new(bin, scope, "d", &eps, PgNode::empty(free_port()), "");
+    d.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(120), || d.streaming()),
+        "d streams:\n{}",
+        logs(&[&a, &c, &d])
+    );
+    assert_eq!(
+        backup_from(&d).as_deref(),
+        Some("standby"),
+        "d was cloned from c:\n{}",
+        d.agent().log()
+    );
+    assert!(
+        d.agent().log().contains("cloned from c"),
+        "{}",
+        d.agent().log()
+    );
+    assert_eq!(
+        a.pg.try_sql("SELECT state FROM pg_stat_replication WHERE application_name = 'd'")
+            .as_deref(),
+        Ok("streaming"),
+        "d streams from the leader, not from c"
+    );
+    a.pg.sql("INSERT INTO t VALUES (2)");
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .pg
+            .try_sql("SELECT count(*) FROM t")
+            .as_deref()
+            == Ok("2")),
+        "d replays the leader's writes"
+    );
+
+    // `leasedog reinit d` re-clones from c too.
+    let marker = d.pg.data_dir().join("leasedog-test-marker");
+    std::fs::write(&marker, "old data directory").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("leasedog.toml");
+    std::fs::write(&cfg, a.config()).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["reinit", "d", "--timeout", "120", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{said}
+{}",
+        d.agent().log()
+    );
+    assert!(said.contains("re-cloned from c"), "{said}");
+    assert!(!marker.exists(), "the data directory was wiped");
+    assert!(
+        wait_until(Duration::from_secs(60), || d.streaming()),
+        "d streams again:\n{}",
+        d.agent().log()
+    );
+    assert_eq!(backup_from(&d).as_deref(), Some("standby"));
+
+    // c crashes (agent and server): its record may outlive it for a TTL.
+    let _ = c.agent().signal(libc::SIGKILL);
+    for p in leasedog_testbed::pg::processes_in(&c.pg.data_dir()) {
+        // SAFETY: signalling processes of a cluster this test started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let mut e = Node::new(bin, scope, "e", &eps, PgNode::empty(free_port()), "");
+    e.start_agent();
+    assert!(
+        wait_until(Duration::from_secs(120), || e.streaming()),
+        "e streams:\n{}",
+        logs(&[&a, &d, &e])
+    );
+    assert_eq!(
+        backup_from(&e).as_deref(),
+        Some("primary"),
+        "e was cloned from the leader:\n{}",
+        e.agent().log()
+    );
+    // Which way e got there: c's record expired first, or e tried c.
+    eprintln!(
+        "e: {} clone(s) from the crashed c failed before the leader's",
+        e.agent().log().matches("clone from c:").count()
+    );
+}

@@ -1549,7 +1549,7 @@ impl World {
             Action::StepDown { .. } => self.stop_pg(i, true),
             // Awaited; its outcome is `Input::Fenced`.
             Action::Fence => self.stop_pg(i, false),
-            Action::Follow { leader } => self.follow(i, leader),
+            Action::Follow { leader, .. } => self.follow(i, leader),
             // A stopped server is started read-only (a standby of `leader`,
             // or of nobody): never writable, answered at once.
             Action::StartStandby { leader } => {
@@ -1603,7 +1603,7 @@ impl World {
             }
             Action::AbandonInitialize { .. } | Action::MarkInitialized => {}
             // Slots do not change who may write: answered as done.
-            Action::ReadMembers => self.feed_front(i, Input::MembersSeen { nodes: vec![] }),
+            Action::ReadMembers => self.feed_front(i, Input::MembersSeen { members: vec![] }),
             Action::SyncSlots { wanted } => {
                 self.feed_front(i, Input::SlotsSynced { wanted, ok: true })
             }

@@ -415,6 +415,12 @@ fn refused_switchovers_name_their_cause_and_the_leader_stays() {
     let (code, _, err) = cli(cfg, &["switchover", "--to", "b", "--at", "tomorrow"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not a time"), "{err}");
+    let (code, _, err) = cli(
+        cfg,
+        &["switchover", "--to", "b", "--at", "2001-01-01T00:00:00Z"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is in the past"), "{err}");
     let (code, _, err) = cli(cfg, &["failover", "--to", "b"]);
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -452,7 +458,9 @@ fn refused_switchovers_name_their_cause_and_the_leader_stays() {
     let pause = format!("/leasedog/{}/pause", t.scope);
     t.client.put(&pause, "{}").unwrap();
     let (code, out, err) = cli(cfg, &["switchover", "--to", "b", "--wait", "30"]);
+    let listed = list(&t).expect("list --json");
     t.client.delete(&pause).unwrap();
+    assert_eq!(listed["paused"], true, "{listed}");
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("refused by a: the scope is paused"), "{err}");
     assert_eq!(cluster::holder(&t.client, &t.scope).as_deref(), Some("a"));
@@ -510,13 +518,19 @@ fn failover_to_a_lagging_replica_of_a_leaderless_scope() {
         b.pg.sql("SELECT pid FROM pg_stat_wal_receiver")
             .parse()
             .unwrap();
+    // Only what b logs from now on: its rejoin at start-up may have logged
+    // "not eligible for leadership: rejoin in progress" already.
+    let from = b.agent().log().len();
     // SAFETY: kill(2) on a process of the cluster this test started.
     unsafe { libc::kill(receiver, libc::SIGSTOP) };
     a.pg.sql("CREATE TABLE big AS SELECT repeat('x', 1000) AS v FROM generate_series(1, 30000)");
-    let ineligible = b
-        .agent()
-        // a publishes its LSN and b re-reads it every 20 loops (8 s each).
-        .wait_log("not eligible for leadership", Duration::from_secs(90));
+    // a publishes its LSN and b re-reads it every 20 loops (8 s each).
+    let ineligible = wait_until(Duration::from_secs(90), || {
+        b.agent()
+            .log()
+            .get(from..)
+            .is_some_and(|l| l.contains("not eligible for leadership"))
+    });
     // a dies, agent and PostgreSQL (a "reset"), before b's receiver goes
     // on: b stays behind, and nobody may promote.
     a.agent().signal(libc::SIGKILL).unwrap();

@@ -394,3 +394,131 @@ fn non_strict_fallback_is_recorded_in_etcd_and_the_audit_log() {
         "the fallback is in the log:\n{log}"
     );
 }
+
+/// `leasedog list --json --config <a's config>`.
+fn list_json(a: &Node) -> Option<serde_json::Value> {
+    let dir = tempfile::tempdir().ok()?;
+    let cfg = dir.path().join("leasedog.toml");
+    std::fs::write(&cfg, a.config()).ok()?;
+    let out = std::process::Command::new(BIN)
+        .args(["list", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// What would make b synchronous, looked at once: the `sync` key, the
+/// leader's `synchronous_standby_names`, and PostgreSQL's `sync_state`.
+fn b_named(a: &Node, client: &BlockingClient, scope: &str) -> Option<String> {
+    let key = sync_members(client, scope).unwrap_or_default();
+    let names =
+        a.pg.try_sql("SHOW synchronous_standby_names")
+            .unwrap_or_default();
+    let state = sync_state_of(&a.pg, "b");
+    (key.contains(&"b".to_string()) || names.contains("\"b\"") || state == "sync")
+        .then(|| format!("sync key {key:?}, synchronous_standby_names {names:?}, b {state}"))
+}
+
+/// Tag `nosync`: b (tagged) streams and is never made synchronous, neither
+/// in the `sync` key nor in `synchronous_standby_names`; c (untagged) joins
+/// and is chosen; when c dies the leader falls back to asynchronous rather
+/// than name b. Without the tag b is chosen within a loop of streaming
+/// (`non_strict_fallback_is_recorded_in_etcd_and_the_audit_log`).
+#[test]
+fn a_nosync_member_is_never_synchronous_nor_recorded() {
+    let _g = serial();
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let scope = "nosync";
+    let extra = "synchronous_mode = true";
+    let a = bootstrap(scope, &eps, &client, extra);
+    let b = replica(
+        scope,
+        "b",
+        &eps,
+        &a,
+        "synchronous_mode = true\n[tags]\nnosync = true",
+    );
+    let b_tagged = || {
+        client
+            .get(&format!("/leasedog/{scope}/members/b"))
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .is_some_and(|m| m["tags"]["nosync"] == true)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || streams_as(&a.pg, "b")
+            && b_tagged()
+            && sync_key(&client, scope).is_some()),
+        "b streams, its record carries the tag, a recorded its set\n{}\n{}",
+        a.agent().log(),
+        b.agent().log()
+    );
+    // Many loops (0.5 s each with T = 4 s) with b streaming and listed.
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut looks = 0;
+    while Instant::now() < until {
+        if let Some(what) = b_named(&a, &client, scope) {
+            panic!("b made synchronous: {what}\n{}", a.agent().log());
+        }
+        looks += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(looks > 10, "{looks} looks");
+    assert_eq!(sync_members(&client, scope), Some(vec![]));
+    let listed = list_json(&a).expect("list --json");
+    let row = listed["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|r| r["node"] == "b").cloned())
+        .expect("b listed");
+    assert_eq!(row["tags"], serde_json::json!(["nosync"]), "{listed}");
+
+    // c, untagged, joins: c is chosen, b stays asynchronous.
+    let c = replica(scope, "c", &eps, &a, extra);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            sync_members(&client, scope) == Some(vec!["c".into()])
+                && sync_state_of(&a.pg, "c") == "sync"
+        }),
+        "c never became the synchronous standby ({:?})\n{}\n{}",
+        sync_key(&client, scope),
+        a.agent().log(),
+        c.agent().log()
+    );
+    assert_eq!(
+        a.pg.sql("SHOW synchronous_standby_names"),
+        r#"FIRST 1 ("c")"#
+    );
+    assert_eq!(sync_state_of(&a.pg, "b"), "async");
+
+    // c dies: the fallback is asynchronous (no member), never b.
+    crash(&c);
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            if let Some(what) = b_named(&a, &client, scope) {
+                seen.push(what);
+            }
+            sync_members(&client, scope) == Some(vec![])
+                && a.pg.try_sql("SHOW synchronous_standby_names").as_deref() == Ok("")
+        }),
+        "no fallback ({:?})\n{}",
+        sync_key(&client, scope),
+        a.agent().log()
+    );
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        if let Some(what) = b_named(&a, &client, scope) {
+            seen.push(what);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(seen.is_empty(), "b made synchronous after c died: {seen:?}");
+    assert!(streams_as(&a.pg, "b"), "b still streams, asynchronously");
+}

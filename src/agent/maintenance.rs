@@ -139,9 +139,15 @@ async fn poll(
 /// Runs one request on this node's PostgreSQL. `Restart`: a fast stop,
 /// then the only start there is, as a standby (of `conninfo`, else of
 /// nobody: a leader's core promotes it again). `Reinit`: a fast stop, the
-/// data directory emptied, `pg_basebackup` from `conninfo`, a start as its
-/// standby. `Ok` carries what happened, for the outcome.
-pub async fn run_op(pg: &Pg, op: Op, conninfo: Option<&str>) -> Result<String, String> {
+/// data directory emptied, `pg_basebackup` from `source` (a member tagged
+/// `clonefrom`: its name and conninfo) or else `conninfo`, a start as the
+/// standby of `conninfo`. `Ok` carries what happened, for the outcome.
+pub async fn run_op(
+    pg: &Pg,
+    op: Op,
+    conninfo: Option<&str>,
+    source: Option<(String, String)>,
+) -> Result<String, String> {
     match op {
         Op::Restart => {
             let t0 = std::time::Instant::now();
@@ -173,15 +179,19 @@ pub async fn run_op(pg: &Pg, op: Op, conninfo: Option<&str>) -> Result<String, S
             ) {
                 return Err("the data directory is not empty after the wipe".into());
             }
+            let (from, from_conninfo) = match &source {
+                Some((node, c)) => (node.as_str(), c.as_str()),
+                None => ("the leader", conninfo),
+            };
             let took = pg
-                .clone_from(conninfo)
+                .clone_from(from_conninfo)
                 .await
-                .map_err(|e| format!("clone: {e}"))?;
+                .map_err(|e| format!("clone from {from}: {e}"))?;
             pg.start_as_replica(conninfo)
                 .await
                 .map_err(|e| format!("start: {e}"))?;
             Ok(format!(
-                "data directory re-cloned from the leader in {:.1} s; streaming",
+                "data directory re-cloned from {from} in {:.1} s; streaming from the leader",
                 took.as_secs_f64()
             ))
         }

@@ -142,7 +142,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
     })
     .with_node(cfg.node.clone())
     .with_maintenance()
-    .with_nofailover(cfg.tags.nofailover)
+    .with_tags(cfg.tags.published())
     .with_slots(cfg.postgres.as_ref().is_some_and(|p| p.replication_slots));
     if let Some(pc) = &cfg.postgres {
         core = core.with_postgres(PgSettings {
@@ -926,7 +926,7 @@ impl Agent {
                     }
                 })
             }
-            Action::Follow { leader } => self.follow(leader),
+            Action::Follow { leader, clone_from } => self.follow(leader, clone_from),
             Action::ReadInitialize
             | Action::ClaimInitialize { .. }
             | Action::Initdb
@@ -1089,7 +1089,12 @@ impl Agent {
                 None
             }
             Action::Exit { .. } => None,
-            Action::RunOp { id, op, leader } => self.run_op(id, op, leader),
+            Action::RunOp {
+                id,
+                op,
+                leader,
+                clone_from,
+            } => self.run_op(id, op, leader, clone_from),
             Action::ReportOp { id, ok, detail } => {
                 if let Some(m) = &self.maint_io {
                     m.report(dcs::OpOutcome { id, ok, detail });
@@ -1373,7 +1378,11 @@ impl Agent {
     /// Runs PostgreSQL as a replica of `leader` (the core has fenced a
     /// writable server first): stops, rewinds or clones and restarts it in
     /// the background, reporting `Followed` on the side channel.
-    fn follow(&mut self, leader: String) -> Option<Input> {
+    fn follow(
+        &mut self,
+        leader: String,
+        clone_from: Option<crate::decide::bootstrap::CloneSource>,
+    ) -> Option<Input> {
         let Some(pg) = self.pg.clone() else {
             return Some(Input::Followed { leader, ok: false });
         };
@@ -1389,10 +1398,18 @@ impl Agent {
         let conninfo = pg
             .config()
             .replication_conninfo(&host, port, &self.cfg.node);
+        let source = clone_from.map(|s| {
+            info!(%leader, source = %s.node, "an empty data directory is cloned from {} (clonefrom)", s.node);
+            (
+                s.node,
+                pg.config()
+                    .replication_conninfo(&s.host, s.port, &self.cfg.node),
+            )
+        });
         let tx = self.side_tx.clone();
         info!(%leader, %host, port, "following the leader");
         tokio::spawn(async move {
-            let r = follow_leader(&pg, &conninfo).await;
+            let r = follow_leader(&pg, &conninfo, source).await;
             let ok = match r {
                 Ok(how) => {
                     info!(%leader, "PostgreSQL runs as a replica of {leader} ({how})");
@@ -1418,6 +1435,7 @@ impl Agent {
         id: String,
         op: crate::decide::Op,
         leader: Option<String>,
+        clone_from: Option<crate::decide::bootstrap::CloneSource>,
     ) -> Option<Input> {
         let Some(pg) = self.pg.clone() else {
             let detail = "this node manages no PostgreSQL".into();
@@ -1434,10 +1452,17 @@ impl Agent {
                     .replication_conninfo(m.host.as_ref()?, m.port?, &self.cfg.node),
             )
         });
+        let source = clone_from.map(|s| {
+            let c = pg
+                .config()
+                .replication_conninfo(&s.host, s.port, &self.cfg.node);
+            (s.node, c)
+        });
         let tx = self.side_tx.clone();
-        info!(%id, op = op.as_str(), leader = ?leader, "running the request");
+        info!(%id, op = op.as_str(), leader = ?leader, source = ?source.as_ref().map(|s| &s.0), "running the request");
         tokio::spawn(async move {
-            let (ok, detail) = match maintenance::run_op(&pg, op, conninfo.as_deref()).await {
+            let (ok, detail) = match maintenance::run_op(&pg, op, conninfo.as_deref(), source).await
+            {
                 Ok(d) => (true, d),
                 Err(e) => (false, e),
             };
@@ -1500,22 +1525,31 @@ async fn fence_now(fence: FenceFn) -> Result<String, String> {
         .unwrap_or_else(|e| Err(format!("fence task failed: {e}")))
 }
 
-/// Stops a running replica cleanly, then clones an empty data directory or
-/// rewinds an existing one, and starts it as a standby of `conninfo`.
-async fn follow_leader(pg: &Pg, conninfo: &str) -> Result<String, String> {
+/// Stops a running replica cleanly, then clones an empty data directory
+/// (from `source` when given: a member tagged `clonefrom`, else the leader)
+/// or rewinds an existing one, and starts it as a standby of `conninfo`.
+async fn follow_leader(
+    pg: &Pg,
+    conninfo: &str,
+    source: Option<(String, String)>,
+) -> Result<String, String> {
     if pg.live_postmaster().is_some() {
         pg.stop_clean().await.map_err(|e| format!("stop: {e}"))?;
     }
     match pg.data_dir_state().map_err(|e| e.to_string())? {
         pgsql::DataDirState::Missing | pgsql::DataDirState::Empty => {
+            let (from, from_conninfo) = match &source {
+                Some((node, c)) => (node.as_str(), c.as_str()),
+                None => ("the leader", conninfo),
+            };
             let took = pg
-                .clone_from(conninfo)
+                .clone_from(from_conninfo)
                 .await
-                .map_err(|e| format!("clone: {e}"))?;
+                .map_err(|e| format!("clone from {from}: {e}"))?;
             pg.start_as_replica(conninfo)
                 .await
                 .map_err(|e| format!("start: {e}"))?;
-            Ok(format!("cloned in {took:?}"))
+            Ok(format!("cloned from {from} in {took:?}"))
         }
         _ => {
             let r = pg

@@ -5,7 +5,7 @@
 
 use crate::config::EtcdConfig;
 use crate::dcs::Dcs;
-use crate::decide::Input;
+use crate::decide::{Input, Member};
 use crate::postgres::Pg;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -68,22 +68,33 @@ async fn run(
                             d.count_requests(requests.clone());
                             dcs = Some(d);
                         }
-                        Err(e) => warn!("replication slots: etcd unreachable: {e}"),
+                        Err(e) => warn!("member listing: etcd unreachable: {e}"),
                     }
                 }
-                let Some(d) = dcs.as_mut() else { continue };
+                // Unanswered, the core would never ask again: a failure is
+                // answered as one.
+                let failed = Input::SlotsSynced {
+                    wanted: Vec::new(),
+                    ok: false,
+                };
+                let Some(d) = dcs.as_mut() else {
+                    if out.send(failed).is_err() {
+                        return;
+                    }
+                    continue;
+                };
                 match d.members().await {
                     Ok(m) => Input::MembersSeen {
-                        nodes: m.into_iter().map(|(n, _)| n).collect(),
+                        members: m
+                            .into_iter()
+                            .filter_map(|(_, raw)| serde_json::from_slice::<Member>(&raw).ok())
+                            .collect(),
                     },
                     Err(e) => {
-                        warn!("replication slots: cannot list the members: {e}");
+                        warn!("cannot list the members: {e}");
                         dcs = None;
                         // Answered, so the core asks again at its cadence.
-                        Input::SlotsSynced {
-                            wanted: Vec::new(),
-                            ok: false,
-                        }
+                        failed
                     }
                 }
             }

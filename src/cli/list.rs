@@ -29,8 +29,19 @@ pub struct Row {
     pub watchdog: String,
     pub armed: bool,
     pub w_secs: Option<u32>,
-    /// A pending operation naming this node (`switchover from` / `to`).
+    /// Pending operations naming this node (`switchover from` / `to`, a
+    /// `restart` or `reinit` request not yet answered), `; `-separated.
     pub pending: Option<String>,
+    /// The node's `[tags]` that are set (`nofailover`, `nosync`, `clonefrom`).
+    pub tags: Vec<String>,
+}
+
+/// A maintenance request (`leasedog restart` / `reinit`) not yet answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingOp {
+    pub node: String,
+    pub op: String,
+    pub id: String,
 }
 
 /// What `list --json` prints.
@@ -38,6 +49,8 @@ pub struct Row {
 pub struct ListReport {
     pub scope: String,
     pub leader: Option<String>,
+    /// Maintenance mode (`leasedog pause`): no automatic failover.
+    pub paused: bool,
     pub members: Vec<Row>,
     /// Records that did not parse, by node.
     pub unreadable: Vec<String>,
@@ -46,7 +59,12 @@ pub struct ListReport {
 }
 
 /// The rows, in the records' order (pure: what `list` shows is tested here).
-pub fn rows(leader: Option<&str>, members: &[Member], pending: Option<&Request>) -> Vec<Row> {
+pub fn rows(
+    leader: Option<&str>,
+    members: &[Member],
+    pending: Option<&Request>,
+    ops: &[PendingOp],
+) -> Vec<Row> {
     let leader_lsn = members
         .iter()
         .find(|m| Some(m.node.as_str()) == leader)
@@ -60,7 +78,7 @@ pub fn rows(leader: Option<&str>, members: &[Member], pending: Option<&Request>)
                 (false, Some(l), Some(t)) => Some(l.saturating_sub(t)),
                 _ => None,
             };
-            let pending = pending.and_then(|r| {
+            let switchover = pending.and_then(|r| {
                 let at = r.at.map(|a| format!(" at {a}")).unwrap_or_default();
                 if r.to == m.node {
                     Some(format!("switchover to{at}"))
@@ -70,6 +88,23 @@ pub fn rows(leader: Option<&str>, members: &[Member], pending: Option<&Request>)
                     None
                 }
             });
+            let pending: Vec<String> = switchover
+                .into_iter()
+                .chain(
+                    ops.iter()
+                        .filter(|o| o.node == m.node)
+                        .map(|o| format!("{} requested", o.op)),
+                )
+                .collect();
+            let tags = [
+                ("nofailover", m.tags.nofailover),
+                ("nosync", m.tags.nosync),
+                ("clonefrom", m.tags.clonefrom),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string())
+            .collect();
             Row {
                 node: m.node.clone(),
                 role: if is_leader {
@@ -88,7 +123,8 @@ pub fn rows(leader: Option<&str>, members: &[Member], pending: Option<&Request>)
                 watchdog: m.watchdog.clone(),
                 armed: m.armed,
                 w_secs: m.w_secs,
-                pending,
+                pending: (!pending.is_empty()).then(|| pending.join("; ")),
+                tags,
             }
         })
         .collect()
@@ -101,12 +137,17 @@ fn lsn(v: Option<u64>) -> String {
 /// The human table.
 pub fn table(r: &ListReport) -> String {
     let mut out = format!(
-        "scope {} (leader: {})\n",
+        "scope {} (leader: {}){}\n",
         r.scope,
-        r.leader.as_deref().unwrap_or("none")
+        r.leader.as_deref().unwrap_or("none"),
+        if r.paused {
+            " PAUSED: no automatic failover"
+        } else {
+            ""
+        }
     );
     out.push_str(&format!(
-        "{:<12} {:<12} {:<8} {:<21} {:>3} {:>12} {:>12} {:>12} {:>10} {:<18} {}\n",
+        "{:<12} {:<12} {:<8} {:<21} {:>3} {:>12} {:>12} {:>12} {:>10} {:<18} {:<20} {}\n",
         "member",
         "role",
         "state",
@@ -117,6 +158,7 @@ pub fn table(r: &ListReport) -> String {
         "replay",
         "lag bytes",
         "watchdog",
+        "tags",
         "pending"
     ));
     for m in &r.members {
@@ -130,7 +172,7 @@ pub fn table(r: &ListReport) -> String {
             (false, _) => format!("{} unarmed", m.watchdog),
         };
         out.push_str(&format!(
-            "{:<12} {:<12} {:<8} {:<21} {:>3} {:>12} {:>12} {:>12} {:>10} {:<18} {}\n",
+            "{:<12} {:<12} {:<8} {:<21} {:>3} {:>12} {:>12} {:>12} {:>10} {:<18} {:<20} {}\n",
             m.node,
             m.role,
             m.state,
@@ -141,6 +183,11 @@ pub fn table(r: &ListReport) -> String {
             lsn(m.replay_lsn),
             m.lag_bytes.map_or("-".into(), |l| l.to_string()),
             wd,
+            if m.tags.is_empty() {
+                "-".to_string()
+            } else {
+                m.tags.join(",")
+            },
             m.pending.as_deref().unwrap_or("")
         ));
     }
@@ -173,10 +220,30 @@ pub async fn fetch(cfg: &Config) -> Result<ListReport, String> {
     }
     let switchover = d.switchover_request().await.map_err(|e| e.to_string())?;
     let last_answer = d.switchover_answer().await.map_err(|e| e.to_string())?;
+    let paused = d.get_pause().await.map_err(|e| e.to_string())?.is_some();
+    let mut ops = Vec::new();
+    for m in &members {
+        // A request is pending until a result with its id is written.
+        if let Some(req) = d.get_request(&m.node).await.map_err(|e| e.to_string())? {
+            let done = d
+                .get_result(&m.node)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some_and(|r| r.id == req.id);
+            if !done {
+                ops.push(PendingOp {
+                    node: m.node.clone(),
+                    op: req.op,
+                    id: req.id,
+                });
+            }
+        }
+    }
     Ok(ListReport {
         scope: cfg.scope.clone(),
-        members: rows(leader.as_deref(), &members, switchover.as_ref()),
+        members: rows(leader.as_deref(), &members, switchover.as_ref(), &ops),
         leader,
+        paused,
         unreadable,
         switchover,
         last_answer,
@@ -233,19 +300,30 @@ mod tests {
             force: false,
             expires: None,
         };
-        let r = rows(
-            Some("a"),
-            &[a, b, m("c", "Follower", "down", 0)],
-            Some(&req),
-        );
+        let mut c = m("c", "Follower", "down", 0);
+        c.tags.nosync = true;
+        c.tags.clonefrom = true;
+        let ops = [PendingOp {
+            node: "b".into(),
+            op: "restart".into(),
+            id: "r1".into(),
+        }];
+        let r = rows(Some("a"), &[a, b, c], Some(&req), &ops);
         assert_eq!(r[0].role, "Leader");
         assert_eq!(r[0].lag_bytes, None, "the leader has no lag");
         assert_eq!(r[0].pending.as_deref(), Some("switchover from"));
         assert!(r[0].armed && r[0].w_secs == Some(5));
         assert_eq!(r[1].lag_bytes, Some(50), "lag from the furthest received");
-        assert_eq!(r[1].pending.as_deref(), Some("switchover to"));
+        assert_eq!(
+            r[1].pending.as_deref(),
+            Some("switchover to; restart requested")
+        );
         assert_eq!(r[2].lag_bytes, Some(1000));
         assert_eq!(r[2].pending, None);
+        assert!(r[0].tags.is_empty());
+        assert_eq!(r[2].tags, vec!["nosync", "clonefrom"]);
+        let json = serde_json::to_value(&r[2]).unwrap();
+        assert_eq!(json["tags"], serde_json::json!(["nosync", "clonefrom"]));
     }
 
     #[test]
@@ -257,10 +335,12 @@ mod tests {
         let r = ListReport {
             scope: "s".into(),
             leader: Some("a".into()),
+            paused: true,
             members: rows(
                 Some("a"),
                 &[a, m("b", "Follower", "replica", 0x3000000)],
                 None,
+                &[],
             ),
             unreadable: vec!["c".into()],
             switchover: None,
@@ -272,7 +352,10 @@ mod tests {
             }),
         };
         let t = table(&r);
-        assert!(t.starts_with("scope s (leader: a)\n"), "{t}");
+        assert!(
+            t.starts_with("scope s (leader: a) PAUSED: no automatic failover\n"),
+            "{t}"
+        );
         assert!(t.contains("required armed W=5s"), "{t}");
         assert!(t.contains("0/3000028"), "{t}");
         assert!(t.contains("required unarmed"), "{t}");
@@ -285,7 +368,7 @@ mod tests {
 
     #[test]
     fn without_a_leader_nobody_has_a_lag() {
-        let r = rows(None, &[m("b", "Follower", "replica", 5)], None);
+        let r = rows(None, &[m("b", "Follower", "replica", 5)], None, &[]);
         assert_eq!(r[0].lag_bytes, None);
         assert_eq!(r[0].role, "Follower");
     }

@@ -58,10 +58,14 @@ pub fn parse_at(s: &str, now: u64) -> Result<u64, String> {
             "h" => 3600,
             _ => return Err(bad()),
         };
-        return Ok(now + n * mult);
+        return n
+            .checked_mul(mult)
+            .and_then(|d| d.checked_add(now))
+            .ok_or_else(bad);
     }
     if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() {
-        return s.parse().map_err(|_| bad());
+        let t = s.parse().map_err(|_| bad())?;
+        return not_past(s, t, now);
     }
     let b = s.as_bytes();
     if b.len() != 20
@@ -88,7 +92,20 @@ pub fn parse_at(s: &str, now: u64) -> Result<u64, String> {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146097 + doe - 719468;
-    u64::try_from(days * 86400 + h * 3600 + mi * 60 + se).map_err(|_| bad())
+    let t = u64::try_from(days * 86400 + h * 3600 + mi * 60 + se).map_err(|_| bad())?;
+    not_past(s, t, now)
+}
+
+/// A scheduled time already gone is refused, not run at once.
+fn not_past(s: &str, t: u64, now: u64) -> Result<u64, String> {
+    if t < now {
+        return Err(format!(
+            "--at {s:?} is in the past ({} s ago): give a time to come, or leave --at out \
+             to switch over now",
+            now - t
+        ));
+    }
+    Ok(t)
 }
 
 /// The CLI's checks before it writes a request: who leads, who is asked.
@@ -119,6 +136,9 @@ pub fn validate(
                 names.join(", ")
             }
         ));
+    }
+    if members.iter().any(|m| m.node == to && m.tags.nofailover) {
+        return Err(format!("{to} is tagged nofailover: it never leads"));
     }
     Ok(())
 }
@@ -288,6 +308,11 @@ pub(super) fn failover(cfg: &Config, to: &str, wait: u64) -> i32 {
                     m.postgres, m.role
                 ));
             }
+            if m.tags.nofailover {
+                return Err(format!(
+                    "refused: {to} is tagged nofailover: it never leads"
+                ));
+            }
             match d
                 .create_leader_for(to, LeaseId(lease))
                 .await
@@ -346,6 +371,10 @@ mod tests {
         assert_eq!(e, "a is already the leader");
         let e = validate(Some("a"), &ms, None, "zz").unwrap_err();
         assert_eq!(e, "unknown member \"zz\": the scope's members are a, b");
+        let mut c = m("c");
+        c.tags.nofailover = true;
+        let e = validate(Some("a"), &[m("a"), c], None, "c").unwrap_err();
+        assert_eq!(e, "c is tagged nofailover: it never leads");
     }
 
     #[test]
@@ -357,11 +386,22 @@ mod tests {
         assert_eq!(parse_at("2026-01-01T00:00:00Z", 0), Ok(1_767_225_600));
         assert_eq!(parse_at("1970-01-01T00:00:10Z", 0), Ok(10));
         assert_eq!(parse_at("2024-02-29T12:30:00Z", 0), Ok(1_709_209_800));
+        let now = 1_767_225_600;
+        assert_eq!(
+            parse_at("2026-01-01T00:00:00Z", now),
+            Ok(now),
+            "now is not past"
+        );
+        for past in ["2025-12-31T23:59:59Z", "1767225599"] {
+            let e = parse_at(past, now).unwrap_err();
+            assert!(e.contains("is in the past (1 s ago)"), "{past}: {e}");
+        }
         for bad in [
             "",
             "soon",
             "+5x",
             "+s",
+            "+99999999999999999h",
             "2026-13-01T00:00:00Z",
             "2026-01-01 00:00:00",
         ] {

@@ -21,7 +21,7 @@
 //! in a scope without the key (created before this existed) writes it, so
 //! an empty node that joins later never initdb's beside a live cluster.
 
-use super::{Action, Core, Fact, KeyHolder, PgView, Role};
+use super::{Action, Core, Fact, KeyHolder, Member, PgView, Role};
 use crate::clock::BootTime;
 
 /// The scope's `initialize` key as last read.
@@ -233,6 +233,135 @@ impl Core {
     /// The `initialize` key as this node last read it.
     pub fn initialize_key(&self) -> &InitKey {
         &self.boot.key
+    }
+}
+
+/// Where a new member's clone (`pg_basebackup`) comes from when it is not
+/// the leader: a member tagged `clonefrom`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneSource {
+    pub node: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Loops a follower waits for the member listing before an empty data
+/// directory is cloned from the leader anyway.
+pub const CLONE_LISTING_LOOPS: u64 = 3;
+
+/// The source of the clone of an empty data directory (Patroni's
+/// `clonefrom`): among the members tagged `clonefrom` that are healthy (a
+/// running replica following, an address, an LSN within `max_lag` of the
+/// leader's when both are known), the furthest (then the first by name);
+/// None: the leader. `avoid`: a source whose last clone failed.
+pub fn clone_source(
+    members: &[Member],
+    me: &str,
+    leader: &str,
+    max_lag: u64,
+    avoid: Option<&str>,
+) -> Option<CloneSource> {
+    let leader_lsn = members
+        .iter()
+        .find(|m| m.node == leader)
+        .and_then(|m| m.lsn);
+    members
+        .iter()
+        .filter(|m| m.tags.clonefrom && m.node != me && m.node != leader)
+        .filter(|m| Some(m.node.as_str()) != avoid)
+        .filter(|m| m.role == Role::Follower.as_str() && m.postgres == "replica")
+        .filter(|m| match (leader_lsn, m.lsn) {
+            (Some(l), Some(t)) => l.saturating_sub(t) <= max_lag,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        })
+        .filter_map(|m| {
+            Some((
+                m.lsn,
+                std::cmp::Reverse(m.node.clone()),
+                CloneSource {
+                    node: m.node.clone(),
+                    host: m.host.clone()?,
+                    port: m.port?,
+                },
+            ))
+        })
+        .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+        .map(|(_, _, s)| s)
+}
+
+/// The core's clone bookkeeping.
+#[derive(Debug, Default)]
+pub struct CloneState {
+    /// The last observation found no cluster in the data directory (a
+    /// `PgObserved`; nothing else says so).
+    pub(super) empty: bool,
+    /// The loop at which the listing for the next clone was asked for.
+    asked: Option<u64>,
+    /// The members listed for it.
+    listing: Option<Vec<Member>>,
+    /// The source of the clone running now (None: the leader).
+    running: Option<String>,
+    /// A source whose last clone failed: not chosen for the next one.
+    failed: Option<String>,
+}
+
+impl Core {
+    /// A follower about to `Follow` `leader`: with an empty data directory
+    /// the member listing comes first (`Action::ReadMembers`, bounded by
+    /// [`CLONE_LISTING_LOOPS`]), then [`clone_source`]. None: wait for the
+    /// listing; `Some(None)`: from the leader (or a rewind).
+    pub(super) fn clone_choice(
+        &mut self,
+        leader: &str,
+        out: &mut Vec<Action>,
+    ) -> Option<Option<CloneSource>> {
+        if !self.clone.empty {
+            return Some(None);
+        }
+        if let Some(listing) = self.clone.listing.take() {
+            self.clone.asked = None;
+            let me = self.node.clone().unwrap_or_default();
+            let max_lag = self
+                .pgs
+                .as_ref()
+                .map_or(u64::MAX, |p| p.maximum_lag_on_failover);
+            let src = clone_source(&listing, &me, leader, max_lag, self.clone.failed.as_deref());
+            self.clone.running = src.as_ref().map(|s| s.node.clone());
+            return Some(src);
+        }
+        match self.clone.asked {
+            Some(at) if self.ticks >= at + CLONE_LISTING_LOOPS => {
+                // etcd did not answer: the leader is a source too.
+                self.clone.asked = None;
+                self.clone.running = None;
+                Some(None)
+            }
+            Some(_) => {
+                self.read_members(out);
+                None
+            }
+            None => {
+                self.clone.asked = Some(self.ticks);
+                self.read_members(out);
+                None
+            }
+        }
+    }
+
+    /// A member listing: kept if a clone waits for it.
+    pub(super) fn clone_listing(&mut self, members: &[Member]) {
+        if self.clone.asked.is_some() {
+            self.clone.listing = Some(members.to_vec());
+        }
+    }
+
+    /// A `Follow` ended: a failed clone from a source rules it out once.
+    pub(super) fn clone_done(&mut self, ok: bool) {
+        let src = self.clone.running.take();
+        if src.is_some() {
+            self.clone.failed = if ok { None } else { src };
+        }
     }
 }
 
@@ -465,8 +594,249 @@ mod tests {
                 }),
             },
         );
+        // An empty data directory: the member listing first (clonefrom).
+        assert_eq!(a, vec![Action::ReadMembers], "{a:?}");
+        c.handle(
+            at(1500),
+            Input::MembersSeen {
+                members: vec![rec("b", "Leader", "primary", 100, false)],
+            },
+        );
+        let a = observe_empty(&mut c, 1600);
         assert!(
-            has(&a, |a| *a == Action::Follow { leader: "b".into() }),
+            has(&a, |a| *a
+                == Action::Follow {
+                    leader: "b".into(),
+                    clone_from: None
+                }),
+            "{a:?}"
+        );
+    }
+
+    fn rec(node: &str, role: &str, pg: &str, lsn: u64, clonefrom: bool) -> Member {
+        Member {
+            node: node.into(),
+            role: role.into(),
+            postgres: pg.into(),
+            host: Some("127.0.0.1".into()),
+            port: Some(5400),
+            lsn: Some(lsn),
+            watchdog: "required".into(),
+            tags: crate::decide::member::Tags {
+                clonefrom,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn observe_empty(c: &mut Core, ms: u64) -> Vec<Action> {
+        c.handle(
+            at(ms),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+                has_data: false,
+            },
+        )
+    }
+
+    fn source(node: &str) -> Option<CloneSource> {
+        Some(CloneSource {
+            node: node.into(),
+            host: "127.0.0.1".into(),
+            port: 5400,
+        })
+    }
+
+    #[test]
+    fn clone_source_prefers_a_healthy_clonefrom_member_else_the_leader() {
+        let leader = rec("b", "Leader", "primary", 1000, false);
+        let c1 = rec("c", "Follower", "replica", 990, true);
+        let d1 = rec("d", "Follower", "replica", 995, true);
+        let plain = rec("e", "Follower", "replica", 1000, false);
+        let pick = |ms: &[Member], avoid| clone_source(ms, "a", "b", 100, avoid);
+        assert_eq!(pick(&[leader.clone(), plain.clone()], None), None);
+        assert_eq!(
+            pick(&[leader.clone(), c1.clone(), plain.clone()], None),
+            source("c")
+        );
+        assert_eq!(
+            pick(&[leader.clone(), c1.clone(), d1.clone()], None),
+            source("d"),
+            "the furthest clonefrom member"
+        );
+        assert_eq!(
+            pick(&[leader.clone(), c1.clone(), d1.clone()], Some("d")),
+            source("c"),
+            "not the one whose clone just failed"
+        );
+        let mut tie = c1.clone();
+        tie.node = "bb".into();
+        assert_eq!(
+            pick(&[leader.clone(), c1.clone(), tie], None),
+            source("bb"),
+            "equal LSNs: the first by name"
+        );
+        // Unhealthy clonefrom members are passed over for the leader.
+        let lagging = rec("c", "Follower", "replica", 800, true);
+        let down = rec("c", "Follower", "down", 1000, true);
+        let no_lsn = Member {
+            lsn: None,
+            ..c1.clone()
+        };
+        let no_addr = Member {
+            host: None,
+            ..c1.clone()
+        };
+        let arming = rec("c", "Arming", "replica", 1000, true);
+        for bad in [lagging, down, no_lsn, no_addr, arming] {
+            assert_eq!(pick(&[leader.clone(), bad.clone()], None), None, "{bad:?}");
+        }
+        // Itself, or the leader tagged: the leader.
+        assert_eq!(
+            clone_source(&[leader.clone(), c1.clone()], "c", "b", 100, None),
+            None
+        );
+        let mut tagged_leader = leader.clone();
+        tagged_leader.tags.clonefrom = true;
+        assert_eq!(pick(&[tagged_leader], None), None);
+        // Without the leader's record the lag is not known: any live one.
+        assert_eq!(pick(std::slice::from_ref(&c1), None), source("c"));
+    }
+
+    /// An empty node following leader `b`, whose address is known.
+    fn empty_follower_of_b() -> Core {
+        let mut c = empty_node(KeyHolder::Other("b".into()));
+        let a = c.handle(
+            at(100),
+            Input::LeaderMember {
+                leader: "b".into(),
+                member: Some(rec("b", "Leader", "primary", 1000, false)),
+            },
+        );
+        // The leader's address is known: the listing comes before a Follow.
+        assert_eq!(a, vec![Action::ReadMembers]);
+        c
+    }
+
+    #[test]
+    fn an_empty_follower_lists_the_members_then_clones_from_the_clonefrom_member() {
+        let mut c = empty_follower_of_b();
+        let a = observe_empty(&mut c, 600);
+        assert!(
+            !has(&a, |a| matches!(
+                a,
+                Action::ReadMembers | Action::Follow { .. }
+            )),
+            "one listing at a time: {a:?}"
+        );
+        c.handle(
+            at(700),
+            Input::MembersSeen {
+                members: vec![
+                    rec("b", "Leader", "primary", 1000, false),
+                    rec("c", "Follower", "replica", 1000, true),
+                ],
+            },
+        );
+        let a = observe_empty(&mut c, 800);
+        assert!(
+            has(&a, |a| *a
+                == Action::Follow {
+                    leader: "b".into(),
+                    clone_from: source("c")
+                }),
+            "{a:?}"
+        );
+        // The clone from c failed: the next attempt lists again and, with
+        // no other clonefrom member, clones from the leader.
+        c.handle(
+            at(900),
+            Input::Followed {
+                leader: "b".into(),
+                ok: false,
+            },
+        );
+        let a = observe_empty(&mut c, 1000);
+        assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
+        c.handle(
+            at(1100),
+            Input::MembersSeen {
+                members: vec![
+                    rec("b", "Leader", "primary", 1000, false),
+                    rec("c", "Follower", "replica", 1000, true),
+                ],
+            },
+        );
+        let a = observe_empty(&mut c, 1200);
+        assert!(
+            has(&a, |a| *a
+                == Action::Follow {
+                    leader: "b".into(),
+                    clone_from: None
+                }),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_listing_clones_from_the_leader_after_a_bound() {
+        let mut c = empty_follower_of_b();
+        c.handle(
+            at(600),
+            Input::SlotsSynced {
+                wanted: vec![],
+                ok: false,
+            },
+        );
+        let mut followed = None;
+        for i in 0..=CLONE_LISTING_LOOPS + 1 {
+            let ms = 1000 + 500 * i;
+            tick(&mut c, ms);
+            let a = observe_empty(&mut c, ms);
+            if let Some(f) = a.iter().find(|a| matches!(a, Action::Follow { .. })) {
+                followed = Some((i, f.clone()));
+                break;
+            }
+            assert!(has(&a, |a| *a == Action::ReadMembers), "asked again: {a:?}");
+            c.handle(
+                at(ms),
+                Input::SlotsSynced {
+                    wanted: vec![],
+                    ok: false,
+                },
+            );
+        }
+        let (i, f) = followed.expect("cloned from the leader in the end");
+        assert!(i >= CLONE_LISTING_LOOPS - 1, "not before the bound: {i}");
+        assert_eq!(
+            f,
+            Action::Follow {
+                leader: "b".into(),
+                clone_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_node_with_data_rewinds_without_a_listing() {
+        let mut c = empty_follower_of_b();
+        let a = c.handle(
+            at(500),
+            Input::PgObserved {
+                role: PgRole::Down,
+                wal: None,
+                has_data: true,
+            },
+        );
+        assert!(!has(&a, |a| *a == Action::ReadMembers), "{a:?}");
+        assert!(
+            has(&a, |a| *a
+                == Action::Follow {
+                    leader: "b".into(),
+                    clone_from: None
+                }),
             "{a:?}"
         );
     }

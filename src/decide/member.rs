@@ -44,6 +44,30 @@ pub struct Member {
     pub armed: bool,
     #[serde(default)]
     pub w_secs: Option<u32>,
+    /// The node's `[tags]` (absent from the JSON when none is set).
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    pub tags: Tags,
+}
+
+/// A node's `[tags]` as its peers see them in its record (Patroni's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tags {
+    /// Never races for the leader key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nofailover: bool,
+    /// Never chosen as a synchronous standby (`decide::sync`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nosync: bool,
+    /// Preferred over the leader as the source of a new member's clone
+    /// (`decide::bootstrap::clone_source`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clonefrom: bool,
+}
+
+impl Tags {
+    pub fn is_empty(&self) -> bool {
+        *self == Tags::default()
+    }
 }
 
 impl Member {
@@ -116,6 +140,21 @@ mod tests {
         assert_eq!(
             json,
             r#"{"node":"a","role":"Leader","postgres":"primary","host":"127.0.0.1","port":5432,"lsn":1,"watchdog":"required","timeline":null,"receive_lsn":null,"replay_lsn":null,"armed":false,"w_secs":null}"#
+        );
+    }
+
+    #[test]
+    fn tags_appear_in_the_json_only_when_set() {
+        let mut m = a();
+        m.tags.nosync = true;
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.ends_with(r#""tags":{"nosync":true}}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Member>(&json).unwrap(), m);
+        let mut changed = a();
+        changed.tags.clonefrom = true;
+        assert!(
+            changed.changed_besides_lsn(&a()),
+            "a tag change goes out at once"
         );
     }
 

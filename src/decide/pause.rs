@@ -88,6 +88,9 @@ pub struct Maintenance {
     running: Option<(String, Op, BootTime, bool)>,
     /// The last request id taken (a request is run once).
     last_id: Option<String>,
+    /// A reinit waiting for the member listing (`clonefrom`): its id, the
+    /// leader, and the loop at which the listing was asked for.
+    reinit_waiting: Option<(String, String, u64)>,
 }
 
 impl Maintenance {
@@ -228,7 +231,58 @@ impl Core {
                 role: "primary",
             });
         }
-        out.push(Action::RunOp { id, op, leader });
+        if let (Op::Reinit, Some(leader)) = (op, &leader) {
+            // The member listing first: a healthy `clonefrom` member is
+            // cloned from rather than the leader (`bootstrap::clone_source`).
+            self.maint.reinit_waiting = Some((id, leader.clone(), self.ticks));
+            self.read_members(out);
+            return;
+        }
+        out.push(Action::RunOp {
+            id,
+            op,
+            leader,
+            clone_from: None,
+        });
+    }
+
+    /// A member listing: a waiting reinit runs, from the source chosen.
+    pub(super) fn reinit_listing(&mut self, members: &[super::Member], out: &mut Vec<Action>) {
+        let Some((id, leader, _)) = self.maint.reinit_waiting.take() else {
+            return;
+        };
+        let me = self.node.clone().unwrap_or_default();
+        let max_lag = self
+            .pgs
+            .as_ref()
+            .map_or(u64::MAX, |p| p.maximum_lag_on_failover);
+        let clone_from = super::bootstrap::clone_source(members, &me, &leader, max_lag, None);
+        out.push(Action::RunOp {
+            id,
+            op: Op::Reinit,
+            leader: Some(leader),
+            clone_from,
+        });
+    }
+
+    /// A reinit whose listing went unanswered for
+    /// [`CLONE_LISTING_LOOPS`](super::bootstrap::CLONE_LISTING_LOOPS) loops
+    /// clones from the leader; until then the listing is asked for again.
+    fn reinit_tick(&mut self, out: &mut Vec<Action>) {
+        let Some((_, _, asked)) = &self.maint.reinit_waiting else {
+            return;
+        };
+        if self.ticks < asked + super::bootstrap::CLONE_LISTING_LOOPS {
+            self.read_members(out);
+            return;
+        }
+        let (id, leader, _) = self.maint.reinit_waiting.take().expect("checked");
+        out.push(Action::RunOp {
+            id,
+            op: Op::Reinit,
+            leader: Some(leader),
+            clone_from: None,
+        });
     }
 
     fn on_op_done(
@@ -260,6 +314,7 @@ impl Core {
         out: &mut Vec<Action>,
     ) {
         self.maint.running = None;
+        self.maint.reinit_waiting = None;
         self.busy = false;
         let what = format!("{}_{}", op.as_str(), if ok { "done" } else { "failed" });
         out.push(Action::Record(Fact::Maintenance {
@@ -318,6 +373,7 @@ impl Core {
         let Some((id, op, since, led)) = self.maint.running.clone() else {
             return;
         };
+        self.reinit_tick(out);
         if now.saturating_since(since) > OP_LIMIT {
             let detail = format!("not done within {} s", OP_LIMIT.as_secs());
             self.finish_op(now, id, op, led, false, detail, out);

@@ -6,7 +6,7 @@
 //! (`Action::ReadMembers`) and runs the SQL (`Action::SyncSlots`), both in
 //! a task of their own, off the renewal path.
 
-use super::{Action, Core, PgView, Role};
+use super::{Action, Core, Member, PgView, Role};
 
 /// A leader re-reads the member records every this many loops.
 pub const SLOTS_EVERY_LOOPS: u64 = 5;
@@ -42,15 +42,26 @@ pub fn wanted(members: &[String], me: &str) -> Vec<String> {
     v
 }
 
-/// The core's slot bookkeeping.
+/// The core's slot bookkeeping, and the member listing it shares with
+/// synchronous replication (`nosync`) and clones (`clonefrom`).
 #[derive(Debug, Default)]
 pub struct Slots {
     /// `postgres.replication_slots` (see [`Core::with_slots`]).
     enabled: bool,
-    reading: bool,
+    /// A `ReadMembers` is out.
+    pub(super) reading: bool,
     syncing: bool,
     /// What the last successful sync left on this term's primary.
     synced: Option<Vec<String>>,
+    /// The member records listed in this term (leader) or for the clone
+    /// about to run (follower); None: not listed since.
+    pub(super) listed: Option<Vec<Member>>,
+    /// `listed` was read while leading (else it is a follower's, older than
+    /// this term).
+    listed_leading: bool,
+    /// The streaming standbys with no record listed when the last listing
+    /// was asked for them (`decide::sync`): not asked again for the same.
+    pub(super) asked_for: Vec<String>,
 }
 
 impl Core {
@@ -60,33 +71,57 @@ impl Core {
         self
     }
 
+    fn leads_primary(&self) -> bool {
+        self.role == Role::Leader && self.pg == PgView::Primary && self.node.is_some()
+    }
+
     fn keeps_slots(&self) -> bool {
-        self.slots.enabled
-            && self.role == Role::Leader
-            && self.pg == PgView::Primary
-            && self.node.is_some()
+        self.slots.enabled && self.leads_primary()
+    }
+
+    /// A leader lists the members for its slots and, in synchronous mode,
+    /// for the standbys' `nosync` tags.
+    fn lists_members(&self) -> bool {
+        self.leads_primary()
+            && (self.slots.enabled || self.pgs.as_ref().is_some_and(|p| p.synchronous_mode))
+    }
+
+    /// Asks for the member records unless a listing is already out.
+    pub(super) fn read_members(&mut self, out: &mut Vec<Action>) {
+        if !self.slots.reading {
+            self.slots.reading = true;
+            out.push(Action::ReadMembers);
+        }
     }
 
     /// Per loop: a leader of a primary re-reads the member records (at once
     /// in a new term, then every [`SLOTS_EVERY_LOOPS`] loops).
     pub(super) fn slots_tick(&mut self, out: &mut Vec<Action>) {
-        if !self.keeps_slots() {
+        if !self.lists_members() {
             self.slots.synced = None;
+            if self.role == Role::Leader {
+                self.slots.listed = None;
+            }
             return;
         }
-        if self.slots.reading
-            || (self.slots.synced.is_some() && self.ticks % SLOTS_EVERY_LOOPS != 0)
+        if self.slots.listed.is_some()
+            && self.slots.listed_leading
+            && self.ticks % SLOTS_EVERY_LOOPS != 0
         {
             return;
         }
-        self.slots.reading = true;
-        out.push(Action::ReadMembers);
+        self.read_members(out);
     }
 
-    /// The member records' node names: sync the slots if they differ from
-    /// what the last sync left.
-    pub(super) fn on_members_seen(&mut self, nodes: Vec<String>, out: &mut Vec<Action>) {
+    /// The member records: kept for `nosync` and `clonefrom`; the slots
+    /// synced if they differ from what the last sync left.
+    pub(super) fn on_members_seen(&mut self, members: Vec<Member>, out: &mut Vec<Action>) {
         self.slots.reading = false;
+        let nodes: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
+        self.clone_listing(&members);
+        self.reinit_listing(&members, out);
+        self.slots.listed = Some(members);
+        self.slots.listed_leading = self.role == Role::Leader;
         if !self.keeps_slots() || self.slots.syncing {
             return;
         }
@@ -111,6 +146,16 @@ impl Core {
 mod tests {
     use super::super::*;
     use super::*;
+
+    fn listing(nodes: &[&str]) -> Vec<Member> {
+        nodes
+            .iter()
+            .map(|n| Member {
+                node: n.to_string(),
+                ..Member::default()
+            })
+            .collect()
+    }
 
     #[test]
     fn slot_names_are_valid_and_exclude_the_leader() {
@@ -183,7 +228,7 @@ mod tests {
         let a = c.handle(
             t(600),
             Input::MembersSeen {
-                nodes: vec!["a".into(), "b".into(), "c".into()],
+                members: listing(&["a", "b", "c"]),
             },
         );
         let want = vec!["leasedog_b".to_string(), "leasedog_c".to_string()];
@@ -216,7 +261,7 @@ mod tests {
                 let a = c.handle(
                     t(1100 + 500 * i),
                     Input::MembersSeen {
-                        nodes: vec!["a".into(), "b".into(), "c".into()],
+                        members: listing(&["a", "b", "c"]),
                     },
                 );
                 assert!(a.is_empty(), "{a:?}");
@@ -238,7 +283,7 @@ mod tests {
                 a = c.handle(
                     t(4000 + 500 * i),
                     Input::MembersSeen {
-                        nodes: vec!["a".into(), "b".into()],
+                        members: listing(&["a", "b"]),
                     },
                 );
                 break;

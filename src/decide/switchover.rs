@@ -124,6 +124,10 @@ pub fn assess(
     if t.host.is_none() || t.port.is_none() {
         return Verdict::Refuse(format!("{to}'s member record has no PostgreSQL address"));
     }
+    if t.tags.nofailover {
+        // It would give the key back, after this node had stopped.
+        return Verdict::Refuse(format!("{to} is tagged nofailover: it never leads"));
+    }
     if !req.force {
         let theirs = t.receive_lsn.max(t.replay_lsn).or(t.lsn);
         match (my_lsn, theirs) {
@@ -579,6 +583,12 @@ mod tests {
             assess(&forced, "a", Some(1_000_000), Some(&b), 1000, false, 0),
             Verdict::Go,
             "--force skips the lag bound only"
+        );
+        let mut nofailover = b.clone();
+        nofailover.tags.nofailover = true;
+        refuse(
+            assess(&forced, "a", Some(1000), Some(&nofailover), 10, false, 0),
+            "b is tagged nofailover",
         );
     }
 

@@ -112,6 +112,40 @@ fn replicas(streaming: &[String]) -> Vec<String> {
     v
 }
 
+/// The streaming standbys that may be synchronous, and those whose member
+/// record is not listed yet. Only a scope member races for the key, so a
+/// standby is a candidate only once its record is listed (`listed`: the
+/// leader's last listing, None before the first), and never one tagged
+/// `nosync`. A standby not yet listed waits for the next listing, which the
+/// core asks for at once.
+pub fn sync_candidates(
+    streaming: &[String],
+    listed: Option<&[Member]>,
+) -> (Vec<String>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut unknown = Vec::new();
+    for n in replicas(streaming) {
+        match listed.and_then(|l| l.iter().find(|m| m.node == n)) {
+            Some(m) if m.tags.nosync => {}
+            Some(_) => ok.push(n),
+            None => unknown.push(n),
+        }
+    }
+    (ok, unknown)
+}
+
+/// `current` without the members listed as `nosync`: a member tagged since
+/// it was chosen is dropped like one that stopped streaming (strict mode
+/// keeps members that went away, never one tagged `nosync`).
+pub fn without_nosync(current: Option<&SyncState>, listed: Option<&[Member]>) -> Option<SyncState> {
+    let nosync =
+        |n: &String| listed.is_some_and(|l| l.iter().any(|m| &m.node == n && m.tags.nosync));
+    current.map(|c| SyncState {
+        members: c.members.iter().filter(|n| !nosync(n)).cloned().collect(),
+        ..c.clone()
+    })
+}
+
 /// The set the leader `leader` wants PostgreSQL to wait for, given the
 /// standbys streaming now and the set in force (`current`, kept where it
 /// still streams so the choice is stable). Quorum: every streaming standby,
@@ -378,6 +412,15 @@ impl Core {
     /// One step of [`next_step`] per observation of the streaming standbys,
     /// each after the previous one is confirmed.
     pub(super) fn sync_step(&mut self, standbys: &[String], out: &mut Vec<Action>) {
+        // A standby streaming with no record listed: list the members now
+        // (once per such set), so it is judged without waiting a cadence.
+        let (_, unknown) = sync_candidates(standbys, self.slots.listed.as_deref());
+        if unknown.is_empty() {
+            self.slots.asked_for.clear();
+        } else if unknown != self.slots.asked_for && !self.slots.reading {
+            self.slots.asked_for = unknown;
+            self.read_members(out);
+        }
         if self.sync_pending {
             return;
         }
@@ -385,7 +428,10 @@ impl Core {
             return;
         };
         let me = self.node.clone().unwrap_or_default();
-        let want = wanted(&me, standbys, self.sync_recorded.as_ref(), &s);
+        let listed = self.slots.listed.as_deref();
+        let (standbys, _) = sync_candidates(standbys, listed);
+        let current = without_nosync(self.sync_recorded.as_ref(), listed);
+        let want = wanted(&me, &standbys, current.as_ref(), &s);
         match next_step(
             self.sync_recorded.as_ref(),
             self.sync_names.as_deref(),
@@ -586,6 +632,81 @@ mod tests {
             watchdog: "off".into(),
             ..Default::default()
         }
+    }
+
+    fn tagged(node: &str, nosync: bool) -> Member {
+        Member {
+            tags: crate::decide::member::Tags {
+                nosync,
+                ..Default::default()
+            },
+            ..member(node, 1)
+        }
+    }
+
+    #[test]
+    fn a_nosync_or_unlisted_standby_is_no_candidate() {
+        let streaming = names_of(&["d", "c", "b", "pg_basebackup", ""]);
+        let listed = [tagged("a", false), tagged("b", false), tagged("c", true)];
+        assert_eq!(
+            sync_candidates(&streaming, Some(&listed)),
+            (names_of(&["b"]), names_of(&["d"])),
+            "c is nosync, d not listed yet"
+        );
+        assert_eq!(
+            sync_candidates(&streaming, None),
+            (vec![], names_of(&["b", "c", "d"])),
+            "nothing listed yet: nobody"
+        );
+        // Every mode, with the candidates only: never the nosync member.
+        let (ok, _) = sync_candidates(&streaming, Some(&listed));
+        for s in [
+            first(1),
+            first(2),
+            SyncSettings {
+                quorum: true,
+                ..first(1)
+            },
+            SyncSettings {
+                strict: true,
+                ..first(2)
+            },
+        ] {
+            let current = without_nosync(Some(&st("a", &["c"], 1)), Some(&listed));
+            let w = wanted("a", &ok, current.as_ref(), &s);
+            assert!(!w.members.contains(&"c".to_string()), "{s:?}: {w:?}");
+            assert!(!names(&w, &s).contains("\"c\""), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_member_tagged_nosync_after_it_was_chosen_is_dropped_even_in_strict_mode() {
+        let listed = [tagged("b", true), tagged("c", false)];
+        let current = st("a", &["b"], 1);
+        assert_eq!(
+            without_nosync(Some(&current), Some(&listed)),
+            Some(st("a", &[], 1))
+        );
+        let strict = SyncSettings {
+            strict: true,
+            ..first(1)
+        };
+        let w = wanted(
+            "a",
+            &[],
+            without_nosync(Some(&current), Some(&listed)).as_ref(),
+            &strict,
+        );
+        assert!(w.members.is_empty(), "{w:?}");
+        assert_eq!(names(&w, &strict), "*", "strict: any standby, none named");
+        // A member that only went away (no record listed) is kept by strict.
+        let w = wanted(
+            "a",
+            &[],
+            without_nosync(Some(&current), Some(&[])).as_ref(),
+            &strict,
+        );
+        assert_eq!(w.members, names_of(&["b"]));
     }
 
     #[test]

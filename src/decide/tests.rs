@@ -485,7 +485,10 @@ fn follower_with_a_writable_postgres_fences_every_time_then_follows() {
                 how: "stopped".into(),
                 ok: true,
             }),
-            Action::Follow { leader: "b".into() }
+            Action::Follow {
+                leader: "b".into(),
+                clone_from: None
+            }
         ]
     );
     assert_eq!(c.pg_view(), &PgView::Down);
@@ -495,7 +498,11 @@ fn follower_with_a_writable_postgres_fences_every_time_then_follows() {
 fn follower_asks_once_then_waits_for_the_outcome() {
     let mut c = follower_seeing(KeyHolder::Other("b".into()));
     let a = c.handle(t(20), Input::Postgres(PgView::Down));
-    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    assert!(has(&a, |a| *a
+        == Action::Follow {
+            leader: "b".into(),
+            clone_from: None
+        }));
     let a = c.handle(t(520), Input::Postgres(PgView::Busy));
     assert!(!has(&a, |a| matches!(a, Action::Follow { .. })));
     let a = c.handle(t(620), Input::Postgres(PgView::Down));
@@ -509,7 +516,11 @@ fn follower_asks_once_then_waits_for_the_outcome() {
     );
     let a = c.handle(t(720), Input::Postgres(PgView::Down));
     assert!(
-        has(&a, |a| *a == Action::Follow { leader: "b".into() }),
+        has(&a, |a| *a
+            == Action::Follow {
+                leader: "b".into(),
+                clone_from: None
+            }),
         "retried after a failure"
     );
     let a = c.handle(
@@ -528,7 +539,11 @@ fn follower_asks_once_then_waits_for_the_outcome() {
             lease: None,
         },
     );
-    assert!(has(&a, |a| *a == Action::Follow { leader: "c".into() }));
+    assert!(has(&a, |a| *a
+        == Action::Follow {
+            leader: "c".into(),
+            clone_from: None
+        }));
 }
 
 #[test]
@@ -787,7 +802,29 @@ fn follow_waits_for_the_leaders_address_and_refreshes_at_the_cadence() {
             member: Some(leader_record("b", Some(1))),
         },
     );
-    assert_eq!(a, vec![Action::Follow { leader: "b".into() }]);
+    // An empty data directory: the member listing first (`clonefrom`).
+    assert_eq!(a, vec![Action::ReadMembers]);
+    c.handle(
+        t(40),
+        Input::MembersSeen {
+            members: vec![leader_record("b", Some(1))],
+        },
+    );
+    let a = c.handle(
+        t(50),
+        Input::PgObserved {
+            role: PgRole::Down,
+            wal: None,
+            has_data: false,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::Follow {
+            leader: "b".into(),
+            clone_from: None
+        }]
+    );
     assert_eq!(c.leader_member().map(|m| m.node.as_str()), Some("b"));
     // While the follow runs, observations read as busy (not eligible).
     c.handle(t(50), replica(1));
@@ -856,7 +893,10 @@ fn fence_then_follow_from_observations() {
                 how: "killed".into(),
                 ok: true,
             }),
-            Action::Follow { leader: "b".into() }
+            Action::Follow {
+                leader: "b".into(),
+                clone_from: None
+            }
         ]
     );
     // A stale observation of the writable server, read while the follow runs.
@@ -923,6 +963,24 @@ fn sync_names_set_when_standbys_change_and_not_resent_when_equal() {
     assert!(c.handle(t(1100), seen(&[])).is_empty(), "'' already set");
     assert!(c.handle(t(1100), seen(&["pg_basebackup"])).is_empty());
     let want = r#"FIRST 1 ("b")"#.to_string();
+    // b streams before its member record is listed: the listing first.
+    assert_eq!(c.handle(t(1150), seen(&["b"])), vec![Action::ReadMembers]);
+    assert!(
+        c.handle(t(1160), seen(&["b"])).is_empty(),
+        "not asked twice for the same"
+    );
+    c.handle(
+        t(1170),
+        Input::MembersSeen {
+            members: ["a", "b"]
+                .iter()
+                .map(|n| Member {
+                    node: n.to_string(),
+                    ..Member::default()
+                })
+                .collect(),
+        },
+    );
     // Widening: the key first...
     assert_eq!(
         c.handle(t(1200), seen(&["b"])),
@@ -968,6 +1026,67 @@ fn sync_names_set_when_standbys_change_and_not_resent_when_equal() {
             fallback: true
         })]
     );
+}
+
+#[test]
+fn a_nosync_standby_is_never_made_synchronous_nor_recorded() {
+    // Tag nosync: only the leader's listing of the member records says so.
+    use crate::decide::sync::SyncState;
+    let mut c = sync_leader();
+    let rec = |n: &str, nosync: bool| Member {
+        node: n.into(),
+        tags: member::Tags {
+            nosync,
+            ..Default::default()
+        },
+        ..Member::default()
+    };
+    let seen = |v: &[&str]| Input::StandbysSeen {
+        standbys: v.iter().map(|s| s.to_string()).collect(),
+    };
+    let none = SyncState::asynchronous("a");
+    assert_eq!(
+        c.handle(t(1100), seen(&["b"])),
+        vec![Action::ReadMembers, Action::WriteSync(none.clone())],
+        "b unlisted: listed first, asynchronous meanwhile"
+    );
+    c.handle(
+        t(1100),
+        Input::SyncWritten {
+            state: none.clone(),
+            ok: true,
+        },
+    );
+    c.handle(
+        t(1110),
+        Input::MembersSeen {
+            members: vec![rec("a", false), rec("b", true)],
+        },
+    );
+    for i in 0..5 {
+        let a = c.handle(t(1200 + i), seen(&["b"]));
+        assert!(a.is_empty(), "b is nosync: nothing to change: {a:?}");
+    }
+    // c streams too, untagged: c is chosen, never b.
+    let a = c.handle(t(1300), seen(&["b", "c"]));
+    assert_eq!(a, vec![Action::ReadMembers]);
+    c.handle(
+        t(1310),
+        Input::MembersSeen {
+            members: vec![rec("a", false), rec("b", true), rec("c", false)],
+        },
+    );
+    let a = c.handle(t(1320), seen(&["b", "c"]));
+    let c_only = SyncState {
+        leader: "a".into(),
+        members: vec!["c".into()],
+        quorum: 1,
+    };
+    assert_eq!(a, vec![Action::WriteSync(c_only)]);
+    // A new term lists the members at once (tags may have changed).
+    let mut c = sync_leader();
+    let a = c.handle(t(1500), Input::Tick);
+    assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
 }
 
 #[test]
@@ -2188,7 +2307,11 @@ fn a_follower_whose_server_stopped_restarts_it_as_a_standby_of_the_known_leader(
     );
     // Down and never followed: the Follow (rewind, start) comes first.
     let a = c.handle(t(25), down(true));
-    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    assert!(has(&a, |a| *a
+        == Action::Follow {
+            leader: "b".into(),
+            clone_from: None
+        }));
     assert!(starts(&a).is_empty());
     c.handle(
         t(30),
@@ -2242,7 +2365,11 @@ fn no_follow_starts_while_a_standby_start_runs() {
     c.handle(t(50), Input::StandbyStarted { ok: true });
     // Running as a standby of nobody: now it follows b (rewind if needed).
     let a = c.handle(t(60), replica(4900));
-    assert!(has(&a, |a| *a == Action::Follow { leader: "b".into() }));
+    assert!(has(&a, |a| *a
+        == Action::Follow {
+            leader: "b".into(),
+            clone_from: None
+        }));
 }
 
 /// An `Acquire` that timed out but that etcd applied: a follower that then

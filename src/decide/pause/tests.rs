@@ -277,7 +277,8 @@ fn a_leader_restart_holds_the_key_then_promotes_the_restarted_standby() {
         Action::RunOp {
             id: "r1".into(),
             op: Op::Restart,
-            leader: None
+            leader: None,
+            clone_from: None
         }
     );
     // PostgreSQL down (or a standby) meanwhile: no step-down, still renewing.
@@ -409,11 +410,24 @@ fn reinit_of_a_replica_clones_from_the_leader_and_holds_everything_else_meanwhil
             op: Op::Reinit,
         },
     );
+    // The member listing first (clonefrom); none tagged: the leader.
+    assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
+    assert!(!has(&a, |a| matches!(a, Action::RunOp { .. })), "{a:?}");
+    let a = c.handle(
+        t(150),
+        Input::MembersSeen {
+            members: vec![Member {
+                node: "b".into(),
+                ..Member::default()
+            }],
+        },
+    );
     assert!(has(&a, |a| *a
         == Action::RunOp {
             id: "i1".into(),
             op: Op::Reinit,
-            leader: Some("b".into())
+            leader: Some("b".into()),
+            clone_from: None
         }));
     // Down while it clones: neither started nor followed, and no race.
     let a = c.handle(t(200), down());
@@ -561,4 +575,83 @@ fn a_failed_leader_restart_in_a_paused_scope_keeps_the_key_until_the_resume() {
             reason: StepDownReason::PostgresDown,
             fast: None
         }));
+}
+
+#[test]
+fn reinit_clones_from_a_clonefrom_member_and_from_the_leader_if_the_listing_is_unanswered() {
+    use crate::decide::bootstrap::{CloneSource, CLONE_LISTING_LOOPS};
+    let req = |id: &str| Input::OpRequested {
+        id: id.into(),
+        op: Op::Reinit,
+    };
+    let rec = |node: &str, role: &str, pg: &str, clonefrom: bool| Member {
+        node: node.into(),
+        role: role.into(),
+        postgres: pg.into(),
+        host: Some("10.0.0.3".into()),
+        port: Some(5432),
+        lsn: Some(100),
+        tags: member::Tags {
+            clonefrom,
+            ..Default::default()
+        },
+        ..Member::default()
+    };
+    let mut c = managed_follower();
+    let a = c.handle(t(100), req("i1"));
+    assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
+    let a = c.handle(
+        t(150),
+        Input::MembersSeen {
+            members: vec![
+                rec("b", "Leader", "primary", false),
+                rec("c", "Follower", "replica", true),
+            ],
+        },
+    );
+    assert!(
+        has(&a, |a| *a
+            == Action::RunOp {
+                id: "i1".into(),
+                op: Op::Reinit,
+                leader: Some("b".into()),
+                clone_from: Some(CloneSource {
+                    node: "c".into(),
+                    host: "10.0.0.3".into(),
+                    port: 5432
+                })
+            }),
+        "{a:?}"
+    );
+
+    // etcd does not answer: asked again each loop, then from the leader.
+    let mut c = managed_follower();
+    c.handle(t(100), req("i2"));
+    let mut ran = None;
+    for i in 0..=CLONE_LISTING_LOOPS + 1 {
+        c.handle(
+            t(200 + 500 * i),
+            Input::SlotsSynced {
+                wanted: vec![],
+                ok: false,
+            },
+        );
+        let a = c.handle(t(200 + 500 * i), Input::Tick);
+        if let Some(r) = a.iter().find(|a| matches!(a, Action::RunOp { .. })) {
+            ran = Some((i, r.clone()));
+            break;
+        }
+        assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
+    }
+    let (i, r) = ran.expect("ran in the end");
+    assert!(i + 1 >= CLONE_LISTING_LOOPS, "not before the bound: {i}");
+    assert_eq!(
+        r,
+        Action::RunOp {
+            id: "i2".into(),
+            op: Op::Reinit,
+            leader: Some("b".into()),
+            clone_from: None
+        }
+    );
 }
