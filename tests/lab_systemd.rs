@@ -140,6 +140,24 @@ fn a_reset_leader_reboots_with_postgres_read_only_under_systemd() {
         "the rebooted agent did not rejoin the new leader: {}",
         ctx()
     );
+    // Every PostgreSQL process of both boots in the delegated cgroup.
+    assert_eq!(t.pg_cgroups.len(), 2, "{}", ctx());
+    for c in &t.pg_cgroups {
+        let groups: Vec<&str> = c.split_whitespace().filter(|w| w.contains("::")).collect();
+        assert!(
+            !groups.is_empty()
+                && groups
+                    .iter()
+                    .all(|g| g.ends_with("/leasedog.service/postgres")),
+            "postgres processes outside leasedog.service/postgres: {c}\n{}",
+            ctx()
+        );
+    }
+    assert!(
+        !t.audit_disagrees,
+        "the audit log did not survive the reboot: {}",
+        ctx()
+    );
     // Meaningful only if the server came back and was asked.
     let first = t
         .first_connection()

@@ -78,6 +78,10 @@ pub struct RebootTrial {
     pub rewon: Option<Duration>,
     /// The rebooted agent's "runs as a replica of" (rejoined the new leader).
     pub rejoined: Option<Duration>,
+    /// The driver's count of `postgres` processes per cgroup, per boot.
+    pub pg_cgroups: Vec<String>,
+    /// The rebooted agent found its audit log cut short of its etcd anchor.
+    pub audit_disagrees: bool,
     /// The driver's boot line of the second boot (host arrival).
     pub rebooted: Option<Duration>,
     /// The rebooted agent's "PostgreSQL started as a standby".
@@ -144,7 +148,7 @@ impl RebootTrial {
         format!(
             "reset-then-reboot: boot {:.1} s; after the cut (s): last write {}, reset {} {}, \
              key deleted {}, new leader {}, rebooted {}, standby started {}, first connection {} ({}), \
-             rejoined {}, guest leads again {}; \
+             rejoined {}, guest leads again {}; postgres cgroups per boot {:?}; \
              after the reset: {} recovery answers, {} INSERTs refused by the server, {} accepted; \
              trial {:.1} s",
             self.boot.as_secs_f64(),
@@ -160,6 +164,7 @@ impl RebootTrial {
                 .map_or("-".to_string(), |a| format!("{:?} -> {:?}", a.op, a.result)),
             r(self.rejoined),
             r(self.rewon),
+            self.pg_cgroups,
             recov,
             refused,
             self.writes_after_reset().len(),
@@ -193,6 +198,27 @@ fn probe(port: u16, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Attempt>>>) {
     }
 }
 
+/// The driver, at every boot: a mark with the boot id, then, once the
+/// postmaster of this boot runs and has had 5 s to start its children, the
+/// cgroups of every `postgres` process, counted (`/proc/PID/cgroup`).
+fn driver() -> String {
+    format!(
+        r#"echo "LABDRV BOOT $(cat /proc/sys/kernel/random/boot_id)" > /dev/kmsg
+i=0
+while [ $i -lt 600 ]; do
+  pid=$(head -n 1 {PG_SHARE}/data/postmaster.pid 2>/dev/null)
+  if [ -n "$pid" ] && [ "$(cat /proc/$pid/comm 2>/dev/null)" = postgres ]; then
+    sleep 5
+    echo "LABDRV PGCG $(for p in $(pgrep -x postgres); do cat /proc/$p/cgroup; done | sort | uniq -c | tr -s ' 
+' '  ')" > /dev/kmsg
+    break
+  fi
+  i=$((i+1)); sleep 0.5
+done
+"#
+    )
+}
+
 /// The data directory: a copy of the lab's template in a host folder the
 /// guest mounts at [`PG_SHARE`] (owned by `postgres` as on the host: the
 /// guest shares the host's /etc/passwd).
@@ -222,6 +248,10 @@ pub fn reboot_trial(lab: &Lab) -> Result<RebootTrial, String> {
     let watch = lab.watch(&scope)?;
     let gate = TcpGate::start(lab.etcd.client_port()).map_err(|e| format!("gate: {e}"))?;
     let share = data_share(lab, &scope)?;
+    // The audit log survives the reboot too, as on a real disk: the
+    // rebooted agent continues its chain and records why it restarted.
+    let audit = lab.work().join(format!("auditshare-{scope}"));
+    fs::create_dir_all(&audit).map_err(|e| format!("{}: {e}", audit.display()))?;
     let port = free_port();
     let mut cfg = config(
         &scope,
@@ -245,13 +275,15 @@ pub fn reboot_trial(lab: &Lab) -> Result<RebootTrial, String> {
              StandardOutput=journal+console\nStandardError=journal+console\n",
             bin = lab.bin.display(),
         ),
-        // Runs at every boot: a mark per boot on the console.
-        driver: "echo \"LABDRV BOOT $(cat /proc/sys/kernel/random/boot_id)\" > /dev/kmsg".into(),
+        driver: driver(),
         files: vec![("/etc/leasedog/leasedog.toml".into(), cfg.into_bytes())],
         i6300esb: true,
         watchdog_reset: true,
         network: true,
-        shares: vec![(share.clone(), PG_SHARE.into())],
+        shares: vec![
+            (share.clone(), PG_SHARE.into()),
+            (audit.clone(), GUEST_DIR.into()),
+        ],
         forward_tcp: vec![port],
         ..SystemdSpec::default()
     })?;
@@ -341,7 +373,12 @@ pub fn reboot_trial(lab: &Lab) -> Result<RebootTrial, String> {
                 .unwrap()
                 .iter()
                 .any(|a| a.start > r.boottime && a.connected());
-            rebooted.is_some() && rejoined.is_some() && answered
+            let cgroups = g
+                .lines()
+                .into_iter()
+                .filter(|l| after(l) && l.text.contains("LABDRV PGCG"))
+                .count();
+            rebooted.is_some() && rejoined.is_some() && answered && cgroups > 0
         });
         // Probed on for a while: nothing may turn it writable.
         std::thread::sleep(Duration::from_secs(10));
@@ -391,6 +428,12 @@ pub fn reboot_trial(lab: &Lab) -> Result<RebootTrial, String> {
         rebooted,
         standby_started,
         rejoined,
+        pg_cgroups: g
+            .lines()
+            .into_iter()
+            .filter_map(|l| Some(l.text.split_once("LABDRV PGCG")?.1.trim().to_string()))
+            .collect(),
+        audit_disagrees: g.line("disagrees with its anchor").is_some(),
         attempts,
         wall: t0.elapsed(),
         console: format!(
