@@ -6,6 +6,11 @@
 //! the armed device, so the node resets `W` after the last permitted ping,
 //! before the lease expires, not `W` after the kill. `leasedog-lab
 //! systemd-kill` runs many trials. A TCG guest, about 30 s.
+//!
+//! Reset, then reboot (issue 11): PostgreSQL run by the agent under the
+//! shipped unit, the leader guest reset by its watchdog and rebooted, must
+//! come back read-only (`lab::reboot`; `leasedog-lab reboot` for figures).
+//! A TCG guest booted twice, about 100 s.
 
 #![cfg(feature = "testing")]
 
@@ -163,6 +168,12 @@ fn a_reset_leader_reboots_with_postgres_read_only_under_systemd() {
         .first_connection()
         .unwrap_or_else(|| panic!("no connection accepted after the reboot: {}", ctx()));
     let after = t.after_reset();
+    assert_eq!(
+        t.first_answer_read_only(),
+        Some(true),
+        "the first answer after the reboot was not read-only: {first:?}\n{}",
+        ctx()
+    );
     for a in &after {
         if a.op == Op::Recovery {
             if let Ok(v) = &a.result {

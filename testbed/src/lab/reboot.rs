@@ -133,6 +133,37 @@ impl RebootTrial {
             .max()
     }
 
+    /// cut -> reset, seconds.
+    pub fn cut_to_reset(&self) -> Option<f64> {
+        Some(rel(self.reset_at()?, self.cut_at))
+    }
+    /// key deleted - reset, seconds (the fencing slack).
+    pub fn slack(&self) -> Option<f64> {
+        Some(rel(self.key_deleted?, self.reset_at()?))
+    }
+    /// reset -> the driver's line of the second boot, seconds.
+    pub fn reset_to_reboot(&self) -> Option<f64> {
+        Some(rel(self.rebooted?, self.reset_at()?))
+    }
+    /// reset -> the first answer of the rebooted server, seconds.
+    pub fn reset_to_first_connection(&self) -> Option<f64> {
+        Some(rel(self.first_connection()?.end, self.reset_at()?))
+    }
+    /// reset -> the rebooted agent's rejoin of the new leader, seconds.
+    pub fn reset_to_rejoin(&self) -> Option<f64> {
+        Some(rel(self.rejoined?, self.reset_at()?))
+    }
+    /// The first answer after the reset was `pg_is_in_recovery() = t`, or
+    /// a read-only refusal of an INSERT.
+    pub fn first_answer_read_only(&self) -> Option<bool> {
+        let a = self.first_connection()?;
+        Some(match (&a.op, &a.result) {
+            (Op::Recovery, Ok(v)) => v == "t",
+            (Op::Insert, Err(e)) => e.contains("read-only"),
+            _ => false,
+        })
+    }
+
     pub fn summary(&self) -> String {
         let c = self.cut_at;
         let r = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:+.1}", rel(d, c)));
