@@ -30,6 +30,13 @@
 //!   acknowledged inserts, the audit timeline's verdicts and the wall time
 //!   per trial; writes every history and verdict to PATH (default
 //!   `target/lab-pg.json`).
+//! - `leasedog-lab reboot [--trials N]`: reset-then-reboot (issue 11,
+//!   `lab::reboot`): the leader guest, PostgreSQL run by the agent under the
+//!   shipped unit in systemd 252, is partitioned from etcd, reset by its
+//!   i6300esb and rebooted while a host node takes the key; prints cut ->
+//!   reset, the slack, reset -> second boot -> first accepted connection ->
+//!   rejoin, whether the first answer was read-only and the INSERTs
+//!   acknowledged after the reset (must be 0).
 //! - `leasedog-lab demo`: an etcd on the host and two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
 //!   guest takes the key; prints a host-clock timeline and the verdict.
@@ -68,6 +75,7 @@ fn usage() -> ExitCode {
          leasedog-lab pause [--trials N] [--seconds P]\n       \
          leasedog-lab systemd-kill [--trials N] [--fdstore on|off|both] [--observe-restart]\n       \
          leasedog-lab pg [--trials N] [--faults stall,stall-all] [--json PATH]\n       \
+         leasedog-lab reboot [--trials N]\n       \
          leasedog-lab demo"
     );
     ExitCode::from(2)
@@ -81,6 +89,7 @@ fn main() -> ExitCode {
         Some("pause") => pause(&args[1..]),
         Some("systemd-kill") => systemd_kill(&args[1..]),
         Some("pg") => pg(&args[1..]),
+        Some("reboot") => reboot(&args[1..]),
         _ => usage(),
     }
 }
@@ -862,6 +871,92 @@ fn systemd_kill(args: &[String]) -> ExitCode {
     }
     println!("total wall time {:.0} s", started.elapsed().as_secs_f64());
     if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn reboot(args: &[String]) -> ExitCode {
+    use leasedog_testbed::lab::reboot::{reboot_trial, RebootTrial};
+    let mut trials = 3usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next().map(|n| n.parse::<usize>())) {
+            ("--trials", Some(Ok(n))) => trials = n,
+            _ => return usage(),
+        }
+    }
+    let bin = agent_bin();
+    eprintln!("agent: {}", bin.display());
+    let lab = match Lab::start(&bin) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("leasedog-lab: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = Instant::now();
+    let (mut done, mut errors) = (Vec::new(), 0usize);
+    for i in 0..trials {
+        match reboot_trial(&lab) {
+            Ok(t) => {
+                eprintln!("[{}/{trials}] {}", i + 1, t.summary());
+                done.push(t);
+            }
+            Err(e) => {
+                eprintln!("[{}/{trials}] FAILED: {e}", i + 1);
+                errors += 1;
+            }
+        }
+    }
+    let col =
+        |f: fn(&RebootTrial) -> Option<f64>| -> Vec<f64> { done.iter().filter_map(f).collect() };
+    let read_only = done
+        .iter()
+        .filter(|t| t.first_answer_read_only() == Some(true))
+        .count();
+    let writes: usize = done.iter().map(|t| t.writes_after_reset().len()).sum();
+    println!(
+        "\nreset-then-reboot under systemd 252 (i6300esb, action reset; partitioned from etcd; \
+         host CLOCK_BOOTTIME; T = 5 s, R = {} s; seconds, median [min-max])",
+        R.as_secs()
+    );
+    println!(
+        "{:<8} {:>18} {:>18} {:>18} {:>22} {:>18} {:>14} {:>16} {:>16}",
+        "trials",
+        "cut->reset",
+        "slack",
+        "reset->reboot",
+        "reset->1st connection",
+        "reset->rejoin",
+        "1st read-only",
+        "writes after",
+        "wall per trial"
+    );
+    println!(
+        "{:<8} {:>18} {:>18} {:>18} {:>22} {:>18} {:>14} {:>16} {:>16}",
+        if errors > 0 {
+            format!("{}+{errors}err", done.len())
+        } else {
+            done.len().to_string()
+        },
+        fmt_stats(&col(RebootTrial::cut_to_reset)),
+        fmt_stats(&col(RebootTrial::slack)),
+        fmt_stats(&col(RebootTrial::reset_to_reboot)),
+        fmt_stats(&col(RebootTrial::reset_to_first_connection)),
+        fmt_stats(&col(RebootTrial::reset_to_rejoin)),
+        format!("{read_only} of {}", done.len()),
+        writes,
+        fmt_stats(
+            &done
+                .iter()
+                .map(|t| t.wall.as_secs_f64())
+                .collect::<Vec<_>>()
+        ),
+    );
+    println!("total wall time {:.0} s", started.elapsed().as_secs_f64());
+    if errors > 0 || writes > 0 || read_only < done.len() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

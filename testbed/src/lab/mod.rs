@@ -65,12 +65,14 @@
 //! println!("reset {:?} after arming", reset.boottime - armed.host);
 //! ```
 
+pub mod gate;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod pg;
 pub mod proc;
 pub mod qmp;
+pub mod reboot;
 pub mod scenario;
 pub mod systemd;
 

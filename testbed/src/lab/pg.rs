@@ -149,7 +149,7 @@ fn append(path: &Path, text: &str) -> Result<(), String> {
     fs::write(path, s).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn pg_section(host: &str, port: u16, data: &str, advertise: &str) -> String {
+pub(crate) fn pg_section(host: &str, port: u16, data: &str, advertise: &str) -> String {
     format!(
         r#"[postgres]
 host = "{host}"

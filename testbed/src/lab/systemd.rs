@@ -49,10 +49,19 @@ pub struct SystemdSpec {
     pub softdog: Option<String>,
     /// `-device i6300esb -action watchdog=poweroff`.
     pub i6300esb: bool,
+    /// The watchdog's action is `reset` instead, and QEMU reboots the guest
+    /// (no `-no-reboot`): the same kernel and initramfs boot again, the
+    /// tmpfs overlay starts empty, [`SystemdSpec::shares`] keep their files.
+    pub watchdog_reset: bool,
     /// A virtio NIC, 10.0.2.15/24 with QEMU's user stack at 10.0.2.2.
     pub network: bool,
     /// A host folder shared read-write at [`CTL_DIR`].
     pub ctl_dir: Option<PathBuf>,
+    /// More host folders shared read-write (9p), mounted at the guest path
+    /// before systemd starts: what must survive a reboot.
+    pub shares: Vec<(PathBuf, String)>,
+    /// Host 127.0.0.1:P forwarded to the guest's port P (needs `network`).
+    pub forward_tcp: Vec<u16>,
     pub mem_mb: u32,
 }
 
@@ -65,8 +74,11 @@ impl Default for SystemdSpec {
             files: Vec::new(),
             softdog: None,
             i6300esb: false,
+            watchdog_reset: false,
             network: false,
             ctl_dir: None,
+            shares: Vec::new(),
+            forward_tcp: Vec::new(),
             mem_mb: 1024,
         }
     }
@@ -204,7 +216,7 @@ impl SystemdGuest {
         } else {
             ""
         };
-        let ctl = if spec.ctl_dir.is_some() {
+        let mut ctl = if spec.ctl_dir.is_some() {
             format!(
                 "mkdir -p /newroot{CTL_DIR}\n\
                  mount -t 9p -o trans=virtio,version=9p2000.L ctl /newroot{CTL_DIR} || echo 'ctl share failed'\n"
@@ -212,6 +224,13 @@ impl SystemdGuest {
         } else {
             String::new()
         };
+        for (i, (_, at)) in spec.shares.iter().enumerate() {
+            ctl.push_str(&format!(
+                "mkdir -p /newroot{at}\n\
+                 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share{i} /newroot{at} \
+                 || echo 'share {at} failed'\n"
+            ));
+        }
         let init = format!(
             "#!/bin/busybox sh\n\
              /bin/busybox --install -s /bin\n\
@@ -253,47 +272,60 @@ impl SystemdGuest {
         let console = dir.path().join("console.log");
         let qmp_sock = dir.path().join("qmp.sock");
         let mut cmd = Command::new(tool("qemu-system-x86_64")?);
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args(["-m", &spec.mem_mb.to_string()])
-        .arg("-kernel")
-        .arg(&kernel.boot_image)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 systemd.unit=labtest.target",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
-        ]);
+        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none"])
+            .args(if spec.watchdog_reset {
+                &[][..]
+            } else {
+                &["-no-reboot"][..]
+            })
+            .args(["-m", &spec.mem_mb.to_string()])
+            .arg("-kernel")
+            .arg(&kernel.boot_image)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 systemd.unit=labtest.target",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ]);
         if let Some(c) = &spec.ctl_dir {
             cmd.arg("-virtfs").arg(format!(
                 "local,path={},mount_tag=ctl,security_model=none,multidevs=remap",
                 c.display()
             ));
         }
+        for (i, (host, _)) in spec.shares.iter().enumerate() {
+            cmd.arg("-virtfs").arg(format!(
+                "local,path={},mount_tag=share{i},security_model=none,multidevs=remap",
+                host.display()
+            ));
+        }
         if spec.network {
+            let mut netdev = "user,id=n0".to_string();
+            for p in &spec.forward_tcp {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-:{p}"));
+            }
             cmd.args([
                 "-netdev",
-                "user,id=n0",
+                &netdev,
                 "-device",
                 "virtio-net-pci,netdev=n0,id=nic0",
             ]);
         }
         if spec.i6300esb {
-            cmd.args(["-device", "i6300esb", "-action", "watchdog=poweroff"]);
+            let action = if spec.watchdog_reset {
+                "watchdog=reset"
+            } else {
+                "watchdog=poweroff"
+            };
+            cmd.args(["-device", "i6300esb", "-action", action]);
         }
         let log = fs::File::create(dir.path().join("qemu.log")).map_err(|err| e("log", err))?;
         cmd.stdin(Stdio::null())
