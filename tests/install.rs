@@ -1459,3 +1459,144 @@ fn guest_postgres_probe() {
     );
     notifier.ready("probe done");
 }
+
+// ------------------------------------ the installed package's whole lifecycle
+
+/// Issue 11, under systemd 252 in a QEMU guest (TCG, ~3 min): the `.deb`
+/// installed with `dpkg -i`, a config written, `systemctl enable --now
+/// leasedog`; the agent clones its empty data directory from the host node
+/// (the leader) and streams; a switchover makes the guest the primary and it
+/// takes writes; a switchover back makes it step down and rejoin; `systemctl
+/// stop leasedog` shuts PostgreSQL down cleanly, leaves the key with the host
+/// node and no watchdog armed. PostgreSQL's processes are in
+/// `leasedog.service/postgres` at every step. No failover, so no
+/// `pg_rewind`: a clean switchover needs none (the fence-then-rewind path is
+/// `tests/lab_pg.rs`'s).
+#[test]
+fn the_installed_deb_clones_promotes_steps_down_and_stops_under_systemd_252() {
+    use leasedog_testbed::lab::deb::deb_trial;
+    use leasedog_testbed::lab::scenario::{Lab, HOST_NODE};
+    let deb = deb();
+    let lab =
+        Lab::start(Path::new(env!("CARGO_BIN_EXE_leasedog"))).unwrap_or_else(|e| panic!("{e}"));
+    let t = deb_trial(&lab, deb).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", t.summary());
+    let ctx = || format!("{}\n--- console ---\n{}", t.summary(), t.console);
+    let has = |v: &Option<String>, needle: &str| v.as_deref().is_some_and(|s| s.contains(needle));
+    assert!(has(&t.dpkg, "rc=0"), "dpkg -i failed: {}", ctx());
+    assert!(
+        has(&t.installed, "install ok installed")
+            && has(
+                &t.installed,
+                "FragmentPath=/lib/systemd/system/leasedog.service"
+            ),
+        "the unit is not the package's: {}",
+        ctx()
+    );
+    assert!(
+        has(&t.enabled, "rc=0 enabled active"),
+        "systemctl enable --now: {}",
+        ctx()
+    );
+    let replica = t
+        .replica
+        .as_ref()
+        .unwrap_or_else(|| panic!("the agent never ran a replica: {}", ctx()));
+    assert!(
+        t.cloned.is_some(),
+        "the data directory was not cloned: {}",
+        ctx()
+    );
+    let ok = |r: &Option<Result<String, String>>, want: &str| {
+        r.as_ref().is_some_and(|r| r.as_deref() == Ok(want))
+    };
+    assert!(
+        ok(&t.streamed, "1"),
+        "the leader's write never reached the guest: {}",
+        ctx()
+    );
+    assert!(
+        ok(&t.replica_recovery, "t"),
+        "the replica was writable: {}",
+        ctx()
+    );
+    assert_eq!(t.switch_to.0, 0, "switchover to the guest: {}", ctx());
+    let promoted = t
+        .promoted
+        .as_ref()
+        .unwrap_or_else(|| panic!("the guest never promoted: {}", ctx()));
+    assert!(
+        ok(&t.guest_write, "2"),
+        "the promoted guest took no write: {}",
+        ctx()
+    );
+    assert_eq!(t.switch_back.0, 0, "switchover back: {}", ctx());
+    let rejoined = t
+        .rejoined
+        .as_ref()
+        .unwrap_or_else(|| panic!("the guest did not rejoin: {}", ctx()));
+    assert!(
+        rejoined.text.contains("RejoinReport"),
+        "the guest rejoined by another path than pg_rewind's: {}",
+        ctx()
+    );
+    assert!(
+        ok(&t.guest_write_on_host, "1"),
+        "the guest's write was lost: {}",
+        ctx()
+    );
+    assert!(
+        ok(&t.rejoined_recovery, "t"),
+        "the rejoined guest is writable: {}",
+        ctx()
+    );
+    // PostgreSQL's processes at each step, and at every report.
+    for (step, at) in [
+        ("replica", replica.host),
+        ("primary", promoted.host),
+        ("rejoined", rejoined.host),
+    ] {
+        assert!(
+            !t.cgroups_after(at).is_empty(),
+            "no postgres process seen as {step}: {}",
+            ctx()
+        );
+    }
+    for c in t.cgroups_after(Duration::ZERO) {
+        let groups: Vec<&str> = c.split_whitespace().filter(|w| w.contains("::")).collect();
+        assert!(
+            groups
+                .iter()
+                .all(|g| g.ends_with("/leasedog.service/postgres")),
+            "postgres processes outside leasedog.service/postgres: {c}\n{}",
+            ctx()
+        );
+    }
+    let stopped = t
+        .stopped
+        .as_ref()
+        .unwrap_or_else(|| panic!("systemctl stop did not return: {}", ctx()));
+    assert!(
+        stopped.text.contains("rc=0")
+            && stopped.text.contains("ActiveState=inactive")
+            && stopped.text.contains("Result=success")
+            && stopped.text.contains("postgres left 0"),
+        "not a clean stop: {}",
+        ctx()
+    );
+    // A replica's agent exits without stopping PostgreSQL (`decide`:
+    // `Shutdown` as a follower is `maybe_exit`); KillMode=mixed's final
+    // SIGKILL ends it, so the control file says "in archive recovery", not
+    // "shut down in recovery": safe (a standby), though not a clean stop.
+    assert!(
+        has(&t.pg_state, "shut down in recovery") || has(&t.pg_state, "in archive recovery"),
+        "PostgreSQL's control file after the stop: {}",
+        ctx()
+    );
+    assert_eq!(t.holder_after_stop.as_deref(), Some(HOST_NODE), "{}", ctx());
+    assert!(
+        t.reset_after_stop.is_none(),
+        "a watchdog was left armed: {}",
+        ctx()
+    );
+}

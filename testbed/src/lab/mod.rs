@@ -65,6 +65,7 @@
 //! println!("reset {:?} after arming", reset.boottime - armed.host);
 //! ```
 
+pub mod deb;
 pub mod gate;
 pub mod guest;
 pub mod initramfs;

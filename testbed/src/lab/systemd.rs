@@ -63,6 +63,9 @@ pub struct SystemdSpec {
     /// Host 127.0.0.1:P forwarded to the guest's port P (needs `network`).
     pub forward_tcp: Vec<u16>,
     pub mem_mb: u32,
+    /// The unit and the udev rule come from the `.deb` the driver installs
+    /// (`dpkg -i`), not from the repository; nothing starts the unit at boot.
+    pub packaged: bool,
 }
 
 impl Default for SystemdSpec {
@@ -80,6 +83,7 @@ impl Default for SystemdSpec {
             shares: Vec::new(),
             forward_tcp: Vec::new(),
             mem_mb: 1024,
+            packaged: false,
         }
     }
 }
@@ -169,16 +173,18 @@ impl SystemdGuest {
                 .map_err(|err| e(&format!("module {m}"), err))?;
         }
         let repo = repo();
-        fs::copy(
-            repo.join("systemd/leasedog.service"),
-            inject.join("etc/systemd/system/leasedog.service"),
-        )
-        .map_err(|err| e("leasedog.service", err))?;
-        fs::copy(
-            repo.join("udev/60-leasedog-watchdog.rules"),
-            inject.join("etc/udev/rules.d/60-leasedog-watchdog.rules"),
-        )
-        .map_err(|err| e("udev rule", err))?;
+        if !spec.packaged {
+            fs::copy(
+                repo.join("systemd/leasedog.service"),
+                inject.join("etc/systemd/system/leasedog.service"),
+            )
+            .map_err(|err| e("leasedog.service", err))?;
+            fs::copy(
+                repo.join("udev/60-leasedog-watchdog.rules"),
+                inject.join("etc/udev/rules.d/60-leasedog-watchdog.rules"),
+            )
+            .map_err(|err| e("udev rule", err))?;
+        }
         fs::write(
             inject.join("etc/lab-driver.sh"),
             format!("#!/bin/sh\n{}\n", spec.driver),
@@ -195,7 +201,11 @@ impl SystemdGuest {
             ),
             (
                 "labtest.target",
-                "[Unit]\nWants=leasedog.service driver.service\n".to_string(),
+                if spec.packaged {
+                    "[Unit]\nWants=driver.service\n".to_string()
+                } else {
+                    "[Unit]\nWants=leasedog.service driver.service\n".to_string()
+                },
             ),
         ];
         for (name, text) in &units {
