@@ -14,7 +14,10 @@
 //! a QEMU guest (~80 s under TCG; qemu-system-x86, busybox-static, cpio, the
 //! `postgres` user, and the lab's kernel, fetched into its cache on first use);
 //! `postgres_runs_in_the_delegated_cgroup_under_systemd_252` boots it again
-//! with the driver (this test binary) as ExecStart and PostgreSQL 15 (~40 s).
+//! with the driver (this test binary) as ExecStart and PostgreSQL 15 (~40 s);
+//! `the_installed_deb_clones_promotes_steps_down_and_stops_under_systemd_252`
+//! installs the `.deb` in the guest with `dpkg -i` and runs the agent's whole
+//! lifecycle beside a host node (`lab::deb`, ~90 s).
 
 use leasedog::config::{Config, ConfigError, WatchdogMode};
 use std::collections::BTreeMap;
