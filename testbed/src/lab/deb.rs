@@ -134,7 +134,24 @@ log "PGSTATE $(/usr/lib/postgresql/15/bin/pg_controldata {DEB_DATA} | grep 'clus
     )
 }
 
+/// `leasedog switchover --to`, asked again (up to 60 s) while the leader
+/// refuses because the target's member record does not show a running
+/// replica yet (it is published every few loops, after the state changes).
 fn switchover(lab: &Lab, cfg: &Path, to: &str) -> (i32, String) {
+    let t = Instant::now();
+    loop {
+        let r = switchover_once(lab, cfg, to);
+        if r.0 == 0
+            || !r.1.contains("not a running replica")
+            || t.elapsed() > Duration::from_secs(60)
+        {
+            return r;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn switchover_once(lab: &Lab, cfg: &Path, to: &str) -> (i32, String) {
     match Command::new(&lab.bin)
         .args(["switchover", "--to", to, "--wait", "120", "--config"])
         .arg(cfg)
