@@ -8,15 +8,15 @@
 //! both nodes' logs must call the change FENCED-BY-RESET. Timings print with
 //! --nocapture; `leasedog-lab pg` runs many trials.
 
-use leasedog_testbed::lab::pg::{run_pg_trial, PgFault};
-use leasedog_testbed::lab::scenario::{Dog, Lab};
+use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab};
+use leasedog_testbed::lab::scenario::Dog;
 use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
 
 #[test]
 fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
-    let lab = Lab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
