@@ -64,3 +64,42 @@ fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
     assert!(text.contains("FENCED-BY-RESET"), "{text}");
     assert_eq!(code, 0, "{text}");
 }
+
+/// The PostgreSQL crash (SIGKILL of the postmaster under the guest's
+/// agent): the agent, alive, sees its server down, steps down and releases
+/// the key without a reset; the host node takes over; the old primary's
+/// PostgreSQL comes back as a standby (read-only). Same checker, same audit.
+#[test]
+fn postgres_crash_on_the_guest_leader_is_a_step_down_not_a_reset() {
+    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t =
+        run_pg_trial(&lab, &rt, PgFault::PgCrash, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", t.summary());
+    for n in &t.notes {
+        eprintln!("  note: {n}");
+    }
+    assert!(t.reset.is_none(), "a reset: {}", t.summary());
+    assert!(t.writable_at.is_some(), "no failover: {}", t.summary());
+    assert!(
+        t.verdict.writes_ok > 20,
+        "too few acknowledged writes: {}",
+        t.summary()
+    );
+    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
+    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
+    assert!(
+        t.rejoined_read_only.is_some(),
+        "the old primary did not come back read-only: {}",
+        t.summary()
+    );
+    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
+    eprintln!("{text}");
+    assert!(text.contains("FENCED-BY-STEP-DOWN"), "{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(t.failures().is_empty(), "{:?}", t.failures());
+}

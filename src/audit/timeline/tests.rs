@@ -708,6 +708,50 @@ fn a_step_down_before_expiry_does_not_assume_an_expiry_when_a_deletion_is_known(
     );
 }
 
+/// A leader cut off from etcd (quorum lost) both steps down and is reset;
+/// the key goes later by an expiry the auditor cannot tell from a delete.
+/// The step-down argument fails on the deletion, but must not sink the
+/// reset argument (found by the lab's fault matrix: UNPROVEN on an
+/// i6300esb that reported its reset).
+#[test]
+fn a_step_down_unproven_by_a_deletion_does_not_hide_a_proven_reset() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(101.2)
+        .refused(100.0, 101.2)
+        .at(103.7)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .reboot("boot-b")
+        .startup(Some(0x20), true);
+    let mut pg2 = Node::new("pg2", "boot-pg2");
+    pg2.startup(Some(0), false)
+        .rec(Some(20), Event::LeaderSeen { holder: None })
+        .acquired(21, 50.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+    let c = one(timeline(&[pg1.recs.clone(), pg2.recs.clone()], &[]));
+    assert_eq!(c.verdict, Verdict::FencedByReset, "{c:#?}");
+    // Without the reset's evidence both arguments' gaps are listed.
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(103.7)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .reboot("boot-b")
+        .startup(Some(0), false);
+    let c = one(timeline(&[pg1.recs, pg2.recs], &[]));
+    let m = missing(&c);
+    assert!(m[0].contains("the key was deleted at rev 20"), "{m:?}");
+    assert!(m.iter().any(|x| x.contains("no watchdog reset")), "{m:?}");
+}
+
 #[test]
 fn three_leaders_give_two_changes_in_revision_order() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);

@@ -439,7 +439,12 @@ pub fn boot_pg_guest(
 /// Copies the template into `data` in the guest (tmpfs under [`GUEST_PG`],
 /// or the 9p folder at [`GUEST_PG_DISK`]) and starts PostgreSQL there (a
 /// primary, before its agent: the agent never starts a primary itself).
-pub fn start_guest_pg(g: &Guest, template: &Path, port: u16, data: &str) -> Result<Duration, String> {
+pub fn start_guest_pg(
+    g: &Guest,
+    template: &Path,
+    port: u16,
+    data: &str,
+) -> Result<Duration, String> {
     let t0 = Instant::now();
     g.run_ok(
         &format!(
@@ -711,7 +716,10 @@ fn apply(
     let g = &node.guest;
     Ok(match fault {
         PgFault::Stall | PgFault::Reboot => g.kill(pid, "STOP")?.host,
-        PgFault::StallAll => g.act(&format!("kill -STOP {pid} $(pgrep -u postgres)"))?.host,
+        PgFault::StallAll => {
+            g.act(&format!("kill -STOP {pid} $(pgrep -u postgres)"))?
+                .host
+        }
         PgFault::Kill => g.kill(pid, "KILL")?.host,
         PgFault::PgCrash => {
             g.act(&format!("kill -KILL $(head -1 {data}/postmaster.pid)"))?
@@ -791,7 +799,9 @@ fn apply(
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             })?;
-            notes.push(format!("etcd members {li} (leader) and {other} killed, restarted"));
+            notes.push(format!(
+                "etcd members {li} (leader) and {other} killed, restarted"
+            ));
             at
         }
     })
@@ -810,7 +820,8 @@ pub fn run_pg_trial(
     let template = lab_template()?;
     let etcd = plab.ends(fault)?;
     let scope = lab.new_scope();
-    let watch = KeyWatch::start(&etcd.host, &Lab::key(&scope)).map_err(|e| format!("watch: {e}"))?;
+    let watch =
+        KeyWatch::start(&etcd.host, &Lab::key(&scope)).map_err(|e| format!("watch: {e}"))?;
     let gport = free_port();
     let persistent = fault == PgFault::Reboot;
     let mut node = boot_pg_guest(lab, &scope, dog, gport, persistent)?;
@@ -911,7 +922,9 @@ pub fn run_pg_trial(
         node.guest.set_link(true)?;
     }
     if fault == PgFault::CpuStarve && node.guest.reset_time().is_none() {
-        let _ = node.guest.run("kill $(cat /run/hogs)", Duration::from_secs(30));
+        let _ = node
+            .guest
+            .run("kill $(cat /run/hogs)", Duration::from_secs(30));
     }
     if writable {
         std::thread::sleep(HOLD_AFTER_PROMOTION);

@@ -305,12 +305,7 @@ impl Lab {
             .collect::<Vec<_>>()
             .join(",");
         Ok(config(
-            scope,
-            &node.name,
-            &endpoints,
-            nowayout,
-            &devices,
-            GUEST_DIR,
+            scope, &node.name, &endpoints, nowayout, &devices, GUEST_DIR,
         ))
     }
 
