@@ -657,11 +657,17 @@ fn disarm_too_early(
             r.node, r.seq
         ));
     }
-    let key_gone = ot.any_in(p, j, |e| {
-        matches!(
-            e,
-            Event::Released { .. } | Event::LeaseLost { .. } | Event::SwitchoverHandedOver { .. }
-        )
+    // A step-down for `key_lost` is written when etcd itself said the key
+    // is deleted or another's (a watch event or a read, never the node's
+    // own clock): the key is gone for this node, even when its clock,
+    // frozen by a VM pause, still counts its lease as fresh.
+    let key_gone = ot.any_in(p, j, |e| match e {
+        Event::Released { .. } | Event::LeaseLost { .. } | Event::SwitchoverHandedOver { .. } => {
+            true
+        }
+        // `decide::StepDownReason::KeyLost`'s stable name.
+        Event::StepDownBegun { reason, .. } => reason == "key_lost",
+        _ => false,
     });
     (!key_gone).then(|| {
         format!(
