@@ -468,13 +468,13 @@ fn table(
         started.elapsed().as_secs_f64()
     );
     println!(
-        "{:<12} {:>7} {:>7} {:>20} {:>20} {:>9} {:>8} {:>6} {:<44} {:>20}",
+        "{:<12} {:>7} {:>7} {:>20} {:>20} {:>14} {:>8} {:>6} {:<44} {:>20}",
         "fault",
         "trials",
         "resets",
         "failover",
         "writer gap",
-        "2-writ",
+        "2-writ/out(ack)",
         "lost-ack",
         "unmet",
         "verdicts",
@@ -493,6 +493,7 @@ fn table(
         let wall: Vec<f64> = ts.iter().map(|t| t.wall.as_secs_f64()).collect();
         let resets = ts.iter().filter(|t| t.reset.is_some()).count();
         let dw: usize = ts.iter().map(|t| t.double_writable()).sum();
+        let sim: usize = ts.iter().map(|t| t.simultaneous()).sum();
         let dw_acked: usize = ts.iter().map(|t| t.acked_outside_term()).sum();
         let lost: usize = ts.iter().map(|t| t.lost_acked()).sum();
         let unmet = ts.iter().filter(|t| !t.failures().is_empty()).count();
@@ -521,7 +522,7 @@ fn table(
             .join(", ");
         bad |= unmet > 0;
         println!(
-            "{:<12} {:>7} {:>7} {:>20} {:>20} {:>9} {:>8} {:>6} {:<44} {:>20}",
+            "{:<12} {:>7} {:>7} {:>20} {:>20} {:>14} {:>8} {:>6} {:<44} {:>20}",
             f.name(),
             if errs > 0 {
                 format!("{}+{errs}e", ts.len())
@@ -531,7 +532,7 @@ fn table(
             resets,
             fmt_stats(&failover),
             fmt_stats(&gap),
-            format!("{dw} ({dw_acked})"),
+            format!("{sim} / {dw} ({dw_acked})"),
             lost,
             unmet,
             vtext,
@@ -542,8 +543,9 @@ fn table(
             "expected": {"reset": f.expect().reset, "failover": f.expect().failover},
             "failover_s": stats(&failover).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
             "writer_gap_s": stats(&gap).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
-            "double_writable": dw,
-            "double_writable_acked_writes": dw_acked,
+            "possibly_simultaneous": sim,
+            "outside_term": dw,
+            "outside_term_acked_writes": dw_acked,
             "lost_acked": lost,
             "unmet": unmet,
             "timeline_verdicts": verdicts,
@@ -553,7 +555,9 @@ fn table(
     println!(
         "failover = fault -> first observation of the host node writable; writer gap = the \
          per-insert read-write writer's longest wait between acknowledged inserts; 2-writ = \
-         observations the history proves double-writable (of which acknowledged writes); \
+         possibly two writable at one instant (changes of primary beyond etcd's, plus \
+         writable observations outside a term overlapping another node's); out(ack) = \
+         observations of a node writable outside its term (of which acknowledged writes); \
          lost-ack = acknowledged ids missing on the final primary; unmet = trials that broke \
          the fault's expectation (reset, failover) or a safety check"
     );

@@ -495,6 +495,12 @@ pub struct PgTrial {
     /// fault.
     pub writer_gap: Option<f64>,
     pub verdict: Verdict,
+    /// Of the checker's observations outside a term, those whose window
+    /// overlaps another node's writable observation: the two nodes may have
+    /// been writable at one instant. (A hand-deleted key ends the term of a
+    /// primary that cannot know yet: its writes until its fence are outside
+    /// its term, but before the new leader promotes.)
+    pub overlapping: usize,
     /// `leasedog audit timeline` over both logs: exit code and text.
     pub timeline: Option<(i32, String)>,
     /// The old primary's PostgreSQL answered `pg_is_in_recovery() = t`
@@ -517,8 +523,21 @@ impl PgTrial {
         rel(self.writable_at, self.fault_at)
     }
 
+    /// The checker's count: observations outside a term plus the changes
+    /// of primary the clients' history needs beyond etcd's.
     pub fn double_writable(&self) -> usize {
         self.verdict.double_writable()
+    }
+
+    /// What may have been two writable nodes at one instant: changes the
+    /// history needs beyond etcd's, plus observations outside a term that
+    /// overlap another node's writable observation.
+    pub fn simultaneous(&self) -> usize {
+        let excess = self
+            .verdict
+            .recorded_changes
+            .map_or(0, |r| self.verdict.chain.changes.saturating_sub(r));
+        excess + self.overlapping
     }
 
     pub fn lost_acked(&self) -> usize {
@@ -553,8 +572,19 @@ impl PgTrial {
             (Some(false), true) => out.push("unexpected failover".to_string()),
             _ => {}
         }
-        if self.double_writable() > 0 {
-            out.push(format!("{} double-writable", self.double_writable()));
+        if self.simultaneous() > 0 {
+            out.push(format!(
+                "{} possibly simultaneous writable",
+                self.simultaneous()
+            ));
+        }
+        // Outside its term is expected only where the term ends before the
+        // old primary can know: a deletion by hand.
+        if self.fault != PgFault::KeyDelete && self.double_writable() > 0 {
+            out.push(format!(
+                "{} writable outside the term",
+                self.double_writable()
+            ));
         }
         if self.lost_acked() > 0 {
             out.push(format!("{} lost acknowledged", self.lost_acked()));
@@ -629,6 +659,7 @@ impl PgTrial {
             "failover_s": self.failover(),
             "writer_gap_s": self.writer_gap,
             "double_writable": self.double_writable(),
+            "possibly_simultaneous": self.simultaneous(),
             "acked_outside_term": self.acked_outside_term(),
             "lost_acked": self.lost_acked(),
             "rejoined_read_only_after_fault_s": rel(self.rejoined_read_only, t0),
@@ -649,7 +680,7 @@ impl PgTrial {
         let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:+.2}"));
         format!(
             "{} ({}): reset {} {}, key deleted {}, host took key {}, writable {} s after the fault; \
-             writer gap {} s; double-writable {}, lost acked {} (ok {}, failed {}, unknown {}); \
+             writer gap {} s; outside term {} (possibly simultaneous {}), lost acked {} (ok {}, failed {}, unknown {}); \
              old primary read-only {}; timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, \
              trial {:.1} s{}",
             self.fault.name(),
@@ -661,6 +692,7 @@ impl PgTrial {
             f(self.failover()),
             self.writer_gap.map_or("-".into(), |g| format!("{g:.2}")),
             self.double_writable(),
+            self.simultaneous(),
             self.lost_acked(),
             self.verdict.writes_ok,
             self.verdict.writes_failed,
@@ -1041,6 +1073,7 @@ pub fn run_pg_trial(
         slack_ns: 50_000_000,
     };
     let verdict = history::check(&h);
+    let overlapping = overlapping(&h, &verdict);
     let history_json = history_to_json(&h);
     let timeline = Some(audit_timeline(
         &lab.bin,
@@ -1067,6 +1100,7 @@ pub fn run_pg_trial(
         writable_at,
         writer_gap: clients::gap_completed(&log_new, ns(fault_at)),
         verdict,
+        overlapping,
         timeline,
         rejoined_read_only,
         wall: t0.elapsed(),
@@ -1076,6 +1110,27 @@ pub fn run_pg_trial(
     drop(node);
     drop(host);
     Ok(trial)
+}
+
+/// Observations outside a term whose window overlaps a writable
+/// observation of another node (see [`PgTrial::overlapping`]).
+fn overlapping(h: &History, v: &Verdict) -> usize {
+    let writable = |o: &history::Obs| match o.kind {
+        history::Kind::Write { outcome, .. } => outcome == history::Outcome::Ok,
+        history::Kind::Probe { writable } => writable == Some(true),
+    };
+    v.outside_term
+        .iter()
+        .filter(|a| {
+            h.obs.iter().any(|b| {
+                writable(b)
+                    && b.node.is_some()
+                    && b.node != a.node
+                    && b.invoke_ns < a.complete_ns
+                    && a.invoke_ns < b.complete_ns
+            })
+        })
+        .count()
 }
 
 /// Sets the flag when dropped.
