@@ -344,7 +344,7 @@ fn matrix(args: &[String]) -> ExitCode {
 }
 
 fn dog_of_round(i: usize) -> Dog {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         Dog::I6300esb
     } else {
         Dog::Softdog
@@ -432,7 +432,7 @@ fn run_pg_plan(
                 errors.push((f, e));
             }
         }
-        let round_done = (i + 1) % kinds.len() == 0 && i + 1 < total;
+        let round_done = (i + 1).is_multiple_of(kinds.len()) && i + 1 < total;
         if as_it_goes && round_done {
             let (summary, _) = table(kinds, &done, &errors, started);
             write(&all, summary);

@@ -939,10 +939,8 @@ pub fn run_pg_trial(
     let expect = fault.expect();
     let fault_at = apply(plab, &node, fault, &data, &scope, &etcd, &mut notes)?;
     let host_writable = || host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f");
-    if expect.reset == Some(true) {
-        if node.guest.wait_reset(Duration::from_secs(30)).is_none() {
-            notes.push("no reset within 30 s of the fault".into());
-        }
+    if expect.reset == Some(true) && node.guest.wait_reset(Duration::from_secs(30)).is_none() {
+        notes.push("no reset within 30 s of the fault".into());
     }
     let writable = if expect.failover == Some(false) {
         // Watched for a while: the host node must stay a standby.
