@@ -20,7 +20,7 @@
 //!   `--observe-restart`, softdog only, with `soft_noboot=1`: the guest
 //!   survives the expiry, and the restarted agent's log and any later
 //!   firing of the handed-back device are printed.
-//! - `leasedog-lab pg [--trials N] [--faults stall,stall-all] [--json PATH]`:
+//! - `leasedog-lab pg [--trials N] [--faults KIND,...] [--json PATH]`:
 //!   the whole promise end to end (issue 14, `lab::pg`): leasedog with
 //!   PostgreSQL 15 in a guest with a real watchdog (i6300esb and softdog
 //!   alternating), a host node as its synchronous standby, clients on the
@@ -29,7 +29,13 @@
 //!   writable), writer gap, the history checker's double-writable and lost
 //!   acknowledged inserts, the audit timeline's verdicts and the wall time
 //!   per trial; writes every history and verdict to PATH (default
-//!   `target/lab-pg.json`).
+//!   `target/lab-pg.json`). KIND is one of `lab::pg::PgFault`'s names.
+//! - `leasedog-lab matrix [--faults N] [--kinds KIND,...] [--json PATH]`: the
+//!   fault matrix (issue 14): N faults (default 100) round-robin over the
+//!   kinds (default all eleven), the watchdog alternating by round; the
+//!   same figures per kind plus resets and trials that broke the kind's
+//!   expectation (`PgTrial::failures`), the table after every round, every
+//!   trial to PATH (default `target/lab-matrix.json`) as it ends.
 //! - `leasedog-lab demo`: an etcd on the host and two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
 //!   guest takes the key; prints a host-clock timeline and the verdict.
