@@ -843,7 +843,7 @@ fn judge(
     if let Some(why) = old
         .step_down
         .as_ref()
-        .and_then(|sd| step_down_first(sd, old, key_deleted_rev, (ot, new), f))
+        .and_then(|sd| step_down_first(o, n, new_rev, sd, old, key_deleted_rev, (ot, new), f))
     {
         return (Verdict::FencedByStepDown, why);
     }
@@ -905,13 +905,15 @@ fn released_first(o: &str, n: &str, new_rev: i64, r: Release) -> Option<String> 
 /// old leader's own release may have been an `etcdctl del` or a revoke
 /// (docs/fencing.md), and then it proves nothing.
 fn step_down_first(
+    o: &str,
+    n: &str,
+    new_rev: i64,
     sd: &StepDown,
     old: &OldLeader,
     key_deleted_rev: Option<i64>,
     (ot, new): (&Term, &NewLeader),
     f: &mut Findings,
 ) -> Option<String> {
-    let (o, n, new_rev) = (old.node.as_str(), new.node.as_str(), new.acquired_rev);
     let release = Release {
         rev: sd.released_rev,
         deleted: sd.release_deleted,
