@@ -94,9 +94,6 @@ pub struct NewLeader {
     pub promoted: bool,
     /// Every `promoted` came after an `armed` (None: not promoted or unknown).
     pub armed_before_promote: Option<bool>,
-    /// Previous holders' leases (hex, as the records name them) it saw gone
-    /// (`previous_lease_gone`) before its first `promoted`.
-    pub leases_gone_before_promotion: Vec<String>,
 }
 
 /// The verdict on one change of leader.
@@ -752,14 +749,6 @@ fn read_new_term(nt: &Term, local_log: bool, f: &mut Findings) -> NewLeader {
         .collect();
     let armed_before_promote =
         promoted.map(|p| nt.any_in(nt.range.start, p, |e| matches!(e, Event::Armed { .. })));
-    let leases_gone_before_promotion = nt
-        .records()
-        .filter(|(j, _)| promoted.is_some_and(|p| *j < p))
-        .filter_map(|(_, r)| match &r.event {
-            Event::PreviousLeaseGone { lease, .. } => Some(lease.clone()),
-            _ => None,
-        })
-        .collect();
     if !local_log {
         f.notes.push(format!(
             "no local log of the new leader {node}: its arming and promotion are not verified"
@@ -775,7 +764,6 @@ fn read_new_term(nt: &Term, local_log: bool, f: &mut Findings) -> NewLeader {
         armed,
         promoted: promoted.is_some(),
         armed_before_promote,
-        leases_gone_before_promotion,
     }
 }
 
@@ -843,7 +831,7 @@ fn judge(
     if let Some(why) = old
         .step_down
         .as_ref()
-        .and_then(|sd| step_down_first(o, n, new_rev, sd, old, key_deleted_rev, (ot, new), f))
+        .and_then(|sd| step_down_first(o, n, new_rev, sd, old, key_deleted_rev, f))
     {
         return (Verdict::FencedByStepDown, why);
     }
@@ -911,7 +899,6 @@ fn step_down_first(
     sd: &StepDown,
     old: &OldLeader,
     key_deleted_rev: Option<i64>,
-    (ot, new): (&Term, &NewLeader),
     f: &mut Findings,
 ) -> Option<String> {
     let release = Release {
@@ -932,23 +919,6 @@ fn step_down_first(
         return None;
     }
     if let Some(rv) = key_deleted_rev.filter(|rv| Some(*rv) != sd.released_rev) {
-        // The deletion proves nothing, but the new leader promoted only
-        // once the old lease was gone: expired (after s + T, so after this
-        // step-down) or revoked, which an agent does only after its
-        // confirmed step-down (a revoke by hand is the limit docs/fencing.md
-        // states: etcd cannot tell it from an expiry).
-        let old_lease = match &ot.acquired().event {
-            // `dcs::LeaseId`'s form: hex.
-            Event::Acquired { lease, .. } => Some(format!("{lease:x}")),
-            _ => None,
-        };
-        if let Some(l) = old_lease.filter(|l| new.leases_gone_before_promotion.contains(l)) {
-            return Some(format!(
-                "{o} confirmed its step-down ({}) {:.3} s after its last s, before the earliest expiry s + T; the key was deleted at rev {rv}, not by {o}'s own release, but {n} promoted only after {o}'s lease {l} was gone (expired after s + T, or revoked after the step-down)",
-                sd.how,
-                secs(sd.boot_ns.saturating_sub(s))
-            ));
-        }
         f.missing.push(format!(
             "{o} confirmed its step-down before its earliest expiry s + T, but the key was deleted at rev {rv}, not by {o}'s own release: a deletion need not be an expiry, so nothing orders the step-down before {n}'s win"
         ));
