@@ -111,10 +111,11 @@ fn postgres_crash_on_the_guest_leader_is_a_step_down_not_a_reset() {
 /// the term ends before the old primary can know, so its writes until its
 /// fence are outside its term; none may overlap the new primary's, none may
 /// be lost, no reset, no VIOLATION (the disarm after a `key_lost` step-down
-/// was one before the auditor learned it), and the old primary comes back
+/// was one before the auditor learned it; the verdict is UNPROVEN: a
+/// deletion by hand is no expiry), and the old primary comes back
 /// read-only.
 #[test]
-fn leader_key_deleted_by_hand_fences_by_step_down_and_loses_nothing() {
+fn leader_key_deleted_by_hand_is_a_step_down_and_loses_nothing() {
     let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
