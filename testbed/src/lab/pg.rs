@@ -603,7 +603,8 @@ impl PgTrial {
         out
     }
 
-    /// Each UNPROVEN change with the timeline's reason (its `because:`).
+    /// Each UNPROVEN change with what the timeline found missing (its
+    /// `verdict: UNPROVEN (...)` line).
     pub fn unproven(&self) -> Vec<String> {
         let Some((_, text)) = &self.timeline else {
             return Vec::new();
@@ -613,7 +614,9 @@ impl PgTrial {
         for l in text.lines() {
             if l.starts_with("change at rev") {
                 change = l.ends_with("UNPROVEN").then(|| l.to_string());
-            } else if let (Some(c), Some(why)) = (&change, l.trim().strip_prefix("because:")) {
+            } else if let (Some(c), Some(why)) =
+                (&change, l.trim().strip_prefix("verdict: UNPROVEN"))
+            {
                 out.push(format!("{c}: {}", why.trim()));
                 change = None;
             }
