@@ -5,18 +5,21 @@
 //! (SIGSTOP); its watchdog resets it; the host node takes the key and
 //! promotes. The clients' history must show no instant with two writable
 //! primaries and no acknowledged insert lost, and the audit timeline over
-//! both nodes' logs must call the change FENCED-BY-RESET. Timings print with
-//! --nocapture; `leasedog-lab pg` runs many trials.
+//! both nodes' logs must call the change FENCED-BY-RESET. Two more faults
+//! of the matrix, each with an expectation that could fail: a PostgreSQL
+//! crash (a step-down, no reset) and the leader key deleted by hand.
+//! Timings print with --nocapture; `leasedog-lab pg` and `leasedog-lab
+//! matrix` run many trials of every fault kind.
 
-use leasedog_testbed::lab::pg::{run_pg_trial, PgFault};
-use leasedog_testbed::lab::scenario::{Dog, Lab};
+use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab};
+use leasedog_testbed::lab::scenario::Dog;
 use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
 
 #[test]
 fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
-    let lab = Lab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -63,4 +66,83 @@ fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
     eprintln!("{text}");
     assert!(text.contains("FENCED-BY-RESET"), "{text}");
     assert_eq!(code, 0, "{text}");
+}
+
+/// The PostgreSQL crash (SIGKILL of the postmaster under the guest's
+/// agent): the agent, alive, sees its server down, steps down and releases
+/// the key without a reset; the host node takes over; the old primary's
+/// PostgreSQL comes back as a standby (read-only). Same checker, same audit.
+#[test]
+fn postgres_crash_on_the_guest_leader_is_a_step_down_not_a_reset() {
+    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t =
+        run_pg_trial(&lab, &rt, PgFault::PgCrash, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", t.summary());
+    for n in &t.notes {
+        eprintln!("  note: {n}");
+    }
+    assert!(t.reset.is_none(), "a reset: {}", t.summary());
+    assert!(t.writable_at.is_some(), "no failover: {}", t.summary());
+    assert!(
+        t.verdict.writes_ok > 20,
+        "too few acknowledged writes: {}",
+        t.summary()
+    );
+    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
+    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
+    assert!(
+        t.rejoined_read_only.is_some(),
+        "the old primary did not come back read-only: {}",
+        t.summary()
+    );
+    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
+    eprintln!("{text}");
+    assert!(text.contains("FENCED-BY-STEP-DOWN"), "{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(t.failures().is_empty(), "{:?}", t.failures());
+}
+
+/// The leader key deleted by hand (`etcdctl del`) under a writing primary:
+/// the term ends before the old primary can know, so its writes until its
+/// fence are outside its term; none may overlap the new primary's, none may
+/// be lost, no reset, no VIOLATION (the disarm after a `key_lost` step-down
+/// was one before the auditor learned it; the verdict is UNPROVEN: a
+/// deletion by hand is no expiry), and the old primary comes back
+/// read-only.
+#[test]
+fn leader_key_deleted_by_hand_is_a_step_down_and_loses_nothing() {
+    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = run_pg_trial(&lab, &rt, PgFault::KeyDelete, Dog::I6300esb)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", t.summary());
+    for n in &t.notes {
+        eprintln!("  note: {n}");
+    }
+    assert!(t.reset.is_none(), "a reset: {}", t.summary());
+    assert!(
+        t.verdict.writes_ok > 20,
+        "too few acknowledged writes: {}",
+        t.summary()
+    );
+    assert_eq!(t.simultaneous(), 0, "{:#}", t.verdict.to_json());
+    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
+    assert!(
+        t.rejoined_read_only.is_some() || t.writable_at.is_none(),
+        "the old primary did not come back read-only: {}",
+        t.summary()
+    );
+    let (_, text) = t.timeline.clone().expect("the audit timeline ran");
+    eprintln!("{text}");
+    assert!(!text.contains("VIOLATION"), "{text}");
+    assert!(t.failures().is_empty(), "{:?}", t.failures());
 }

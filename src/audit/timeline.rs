@@ -657,11 +657,17 @@ fn disarm_too_early(
             r.node, r.seq
         ));
     }
-    let key_gone = ot.any_in(p, j, |e| {
-        matches!(
-            e,
-            Event::Released { .. } | Event::LeaseLost { .. } | Event::SwitchoverHandedOver { .. }
-        )
+    // A step-down for `key_lost` is written when etcd itself said the key
+    // is deleted or another's (a watch event or a read, never the node's
+    // own clock): the key is gone for this node, even when its clock,
+    // frozen by a VM pause, still counts its lease as fresh.
+    let key_gone = ot.any_in(p, j, |e| match e {
+        Event::Released { .. } | Event::LeaseLost { .. } | Event::SwitchoverHandedOver { .. } => {
+            true
+        }
+        // `decide::StepDownReason::KeyLost`'s stable name.
+        Event::StepDownBegun { reason, .. } => reason == "key_lost",
+        _ => false,
     });
     (!key_gone).then(|| {
         format!(
@@ -821,6 +827,7 @@ fn judge(
             ),
         );
     }
+    let before_step_down = f.missing.len();
     if let Some(why) = old
         .step_down
         .as_ref()
@@ -828,6 +835,11 @@ fn judge(
     {
         return (Verdict::FencedByStepDown, why);
     }
+    // What the step-down argument could not prove must not sink the reset
+    // argument, which stands on its own (a leader cut off from etcd both
+    // steps down and is reset: a quorum loss ends with a deletion that is
+    // an expiry the auditor cannot tell from a hand delete).
+    let step_down_gaps = f.missing.split_off(before_step_down);
     if !old.promoted {
         if let Some(why) = ot
             .release_after(ot.range.start)
@@ -839,7 +851,21 @@ fn judge(
             );
         }
     }
-    reset_or_missing(old, new_rev, f)
+    let (verdict, why) = reset_or_missing(old, new_rev, f);
+    if matches!(verdict, Verdict::FencedByReset) {
+        f.notes.extend(step_down_gaps);
+        return (verdict, why);
+    }
+    f.missing.splice(0..0, step_down_gaps);
+    match verdict {
+        Verdict::Unproven { .. } => (
+            Verdict::Unproven {
+                missing: f.missing.clone(),
+            },
+            why,
+        ),
+        v => (v, why),
+    }
 }
 
 /// How a release orders before the new acquisition, if it does: by its

@@ -469,6 +469,10 @@ impl EtcdCluster {
         self.members[i].client_url()
     }
 
+    pub fn client_port(&self, i: usize) -> u16 {
+        self.members[i].client_port
+    }
+
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.members[i].child.as_ref().map(|c| c.id())
     }
@@ -536,6 +540,25 @@ impl EtcdCluster {
         m.kill();
         m.spawn(&ic, &self.token)?;
         wait_healthy(&mut [m])
+    }
+
+    /// Starts the killed members `idx` again together (after a loss of
+    /// quorum none of them can be healthy alone) and waits until all are.
+    pub fn restart_many(&mut self, idx: &[usize]) -> io::Result<()> {
+        let ic = self.initial_cluster();
+        for &i in idx {
+            let m = &mut self.members[i];
+            m.kill();
+            m.spawn(&ic, &self.token)?;
+        }
+        let mut refs: Vec<&mut Member> = self
+            .members
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| idx.contains(i))
+            .map(|(_, m)| m)
+            .collect();
+        wait_healthy(&mut refs)
     }
 
     pub fn log_path(&self, i: usize) -> &Path {

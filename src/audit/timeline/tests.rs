@@ -436,6 +436,61 @@ fn disarming_while_still_holding_the_key_is_a_violation() {
     assert!(rule(&c).contains("while still holding the key"), "{c:#?}");
 }
 
+/// A leader that heard from etcd that its key is gone (a step-down for
+/// `key_lost`) may disarm once its stop is confirmed, whatever its own
+/// clock says of the lease: after a VM pause it counts the lease fresh
+/// (found by the lab's fault matrix, which had this as a VIOLATION).
+#[test]
+fn disarming_after_a_key_lost_step_down_is_not_a_violation() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(101.0)
+        .rec(
+            None,
+            Event::StepDownBegun {
+                reason: "key_lost".into(),
+                deadline_ns: 103 * S,
+            },
+        )
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .rec(
+            None,
+            Event::Disarmed {
+                device: "/dev/watchdog0".into(),
+            },
+        );
+    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    assert!(!matches!(c.verdict, Verdict::Violation { .. }), "{c:#?}");
+    // Any other reason still needs a release or an expiry first.
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(101.0)
+        .rec(
+            None,
+            Event::StepDownBegun {
+                reason: "deadline".into(),
+                deadline_ns: 103 * S,
+            },
+        )
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .rec(
+            None,
+            Event::Disarmed {
+                device: "/dev/watchdog0".into(),
+            },
+        );
+    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    assert!(rule(&c).contains("while still holding the key"), "{c:#?}");
+}
+
 #[test]
 fn the_new_leader_promoting_before_arming_is_a_violation() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
@@ -706,6 +761,50 @@ fn a_step_down_before_expiry_does_not_assume_an_expiry_when_a_deletion_is_known(
         "{}",
         c.proof
     );
+}
+
+/// A leader cut off from etcd (quorum lost) both steps down and is reset;
+/// the key goes later by an expiry the auditor cannot tell from a delete.
+/// The step-down argument fails on the deletion, but must not sink the
+/// reset argument (found by the lab's fault matrix: UNPROVEN on an
+/// i6300esb that reported its reset).
+#[test]
+fn a_step_down_unproven_by_a_deletion_does_not_hide_a_proven_reset() {
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(101.2)
+        .refused(100.0, 101.2)
+        .at(103.7)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .reboot("boot-b")
+        .startup(Some(0x20), true);
+    let mut pg2 = Node::new("pg2", "boot-pg2");
+    pg2.startup(Some(0), false)
+        .rec(Some(20), Event::LeaderSeen { holder: None })
+        .acquired(21, 50.0)
+        .armed(3)
+        .rec(None, Event::Promoted);
+    let c = one(timeline(&[pg1.recs.clone(), pg2.recs.clone()], &[]));
+    assert_eq!(c.verdict, Verdict::FencedByReset, "{c:#?}");
+    // Without the reset's evidence both arguments' gaps are listed.
+    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+    pg1.at(103.7)
+        .rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+        .reboot("boot-b")
+        .startup(Some(0), false);
+    let c = one(timeline(&[pg1.recs, pg2.recs], &[]));
+    let m = missing(&c);
+    assert!(m[0].contains("the key was deleted at rev 20"), "{m:?}");
+    assert!(m.iter().any(|x| x.contains("no watchdog reset")), "{m:?}");
 }
 
 #[test]

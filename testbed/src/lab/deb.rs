@@ -193,7 +193,7 @@ pub fn deb_trial(lab: &Lab, deb: &Path) -> Result<DebTrial, String> {
     let port = free_port();
     // The host node first, alone: it wins the key and promotes.
     let template = lab_template()?;
-    let host = start_host_node(lab, &scope, &template, port)?;
+    let host = start_host_node(lab, &lab.etcd.endpoints(), &scope, &template, port)?;
     watch
         .wait_for(
             |e| e.kind == EventKind::Put && holder(&e.value).as_deref() == Some(HOST_NODE),

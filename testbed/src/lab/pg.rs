@@ -28,12 +28,12 @@
 //!   `leasedog audit timeline` runs over both nodes' logs.
 
 use super::scenario::{
-    audit_timeline, config, holder, Dog, Lab, Node, GUEST_DIR, GUEST_NODE, HOST_NODE,
+    audit_timeline, config, holder, Dog, Lab, Node, GUEST_DIR, GUEST_NODE, HOST_NODE, T,
 };
-use super::{shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
+use super::{host_boottime, shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
 use crate::agent::AgentProcess;
 use crate::clients::{self, Attempt, Every, Target};
-use crate::etcd::{EventKind, KeyWatch};
+use crate::etcd::{EtcdCluster, EventKind, KeyWatch};
 use crate::fence::FakeWatchdogMonitor;
 use crate::history::{self, History, Verdict};
 use crate::pg::{free_port, psql, PgNode, BIN_DIR};
@@ -43,11 +43,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The guest's PostgreSQL: socket folder and data directory (tmpfs).
 pub const GUEST_PG: &str = "/run/pg";
+/// Where a data directory that survives the guest's reset lives (a host
+/// folder shared over 9p, as a disk would).
+pub const GUEST_PG_DISK: &str = "/var/lib/leasedog-pg";
 /// Bump when the template's settings change.
 const TEMPLATE_VERSION: &str = "v3";
 /// The clients' period.
@@ -58,28 +61,121 @@ pub const EVERY: Every = Every {
 /// How long the clients run after the host node is writable.
 const HOLD_AFTER_PROMOTION: Duration = Duration::from_secs(3);
 
-/// The fault applied to the guest leader.
+/// The fault applied to the guest leader (the current primary). See
+/// [`PgFault::expect`] for what each must (not) cause and docs/timing.md for
+/// the measured figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PgFault {
     /// SIGSTOP of the agent (PostgreSQL runs on until the reset).
     Stall,
     /// SIGSTOP of the agent and every PostgreSQL process.
     StallAll,
+    /// SIGKILL of the agent: the kernel closes the armed device without the
+    /// magic character, which pings it once and leaves it running.
+    Kill,
+    /// SIGKILL of the postmaster: the agent sees PostgreSQL down, steps down
+    /// and releases the key (no reset), then follows the new leader.
+    PgCrash,
+    /// QMP `set_link off` on the guest's NIC, healed once the host node is
+    /// writable.
+    NetCut,
+    /// QMP `stop` for 2T, then `cont`: the guest's clocks and emulated
+    /// watchdog stand still (a limit of any lease, docs/timing.md).
+    Pause,
+    /// A SCHED_FIFO 99 busy loop per guest CPU, above the agent's real-time
+    /// threads (priority 10): the pinger never runs again.
+    CpuStarve,
+    /// SIGKILL of the etcd raft leader (3 members), restarted 3 s later:
+    /// the agents fail over to another member; leases survive.
+    EtcdLeaderKill,
+    /// Two of the three etcd members killed for T + 3 s, then restarted.
+    EtcdQuorumLoss,
+    /// `etcdctl del` of the leader key: a deletion is not an expiry.
+    KeyDelete,
+    /// [`PgFault::Stall`] on a guest whose data directory survives the reset
+    /// (a 9p share, not tmpfs): after the reboot its agent must bring
+    /// PostgreSQL back read-only, as a standby of the new primary.
+    Reboot,
+}
+
+/// What a fault must cause: `Some(true)` it must, `Some(false)` it must
+/// not, `None` either is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    pub reset: Option<bool>,
+    pub failover: Option<bool>,
 }
 
 impl PgFault {
+    pub const ALL: [PgFault; 11] = [
+        PgFault::Stall,
+        PgFault::StallAll,
+        PgFault::Kill,
+        PgFault::PgCrash,
+        PgFault::NetCut,
+        PgFault::Pause,
+        PgFault::CpuStarve,
+        PgFault::EtcdLeaderKill,
+        PgFault::EtcdQuorumLoss,
+        PgFault::KeyDelete,
+        PgFault::Reboot,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             PgFault::Stall => "stall",
             PgFault::StallAll => "stall-all",
+            PgFault::Kill => "kill",
+            PgFault::PgCrash => "pg-crash",
+            PgFault::NetCut => "net-cut",
+            PgFault::Pause => "pause",
+            PgFault::CpuStarve => "cpu-starve",
+            PgFault::EtcdLeaderKill => "etcd-leader",
+            PgFault::EtcdQuorumLoss => "etcd-quorum",
+            PgFault::KeyDelete => "key-delete",
+            PgFault::Reboot => "reboot",
         }
     }
+
     pub fn parse(s: &str) -> Option<PgFault> {
-        match s {
-            "stall" => Some(PgFault::Stall),
-            "stall-all" => Some(PgFault::StallAll),
-            _ => None,
-        }
+        PgFault::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    /// The comma-separated names, for usage messages.
+    pub fn names() -> String {
+        PgFault::ALL.map(PgFault::name).join(",")
+    }
+
+    /// Runs against a 3-member etcd instead of the lab's single one.
+    pub fn needs_cluster(self) -> bool {
+        matches!(self, PgFault::EtcdLeaderKill | PgFault::EtcdQuorumLoss)
+    }
+
+    pub fn expect(self) -> Expect {
+        let (reset, failover) = match self {
+            PgFault::Stall
+            | PgFault::StallAll
+            | PgFault::Kill
+            | PgFault::CpuStarve
+            | PgFault::EtcdQuorumLoss
+            | PgFault::Reboot => (Some(true), Some(true)),
+            // The agent is alive: it steps down and releases the key.
+            PgFault::PgCrash => (Some(false), Some(true)),
+            // Pings stop at s + M - R; the watchdog fires at most W later,
+            // before the link is healed; the deadline timer may fence first.
+            PgFault::NetCut => (Some(true), Some(true)),
+            // Frozen, the guest's watchdog cannot fire; resumed, it hears
+            // from etcd within a loop or two and steps down, its device
+            // possibly firing first.
+            PgFault::Pause => (None, Some(true)),
+            // Renewals go to another member; the new raft leader extends
+            // every lease.
+            PgFault::EtcdLeaderKill => (Some(false), Some(false)),
+            // The old leader steps down, revokes its lease after the
+            // confirmed stop; whoever wins, no reset.
+            PgFault::KeyDelete => (Some(false), None),
+        };
+        Expect { reset, failover }
     }
 }
 
@@ -162,6 +258,59 @@ stop_timeout = 1.0
     )
 }
 
+/// The lab for PostgreSQL trials: [`Lab`] (its single etcd, the agent
+/// binary, the scratch folder) and, started on first need, a 3-member etcd
+/// for the etcd faults.
+pub struct PgLab {
+    pub lab: Lab,
+    cluster: Mutex<Option<EtcdCluster>>,
+}
+
+/// Where a trial's agents and clients find etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdEnds {
+    /// Host URLs.
+    pub host: Vec<String>,
+    /// The same members' ports (the guest reaches them through 10.0.2.2).
+    pub ports: Vec<u16>,
+}
+
+impl PgLab {
+    pub fn start(bin: &Path) -> Result<PgLab, String> {
+        Ok(PgLab {
+            lab: Lab::start(bin)?,
+            cluster: Mutex::new(None),
+        })
+    }
+
+    fn ends(&self, fault: PgFault) -> Result<EtcdEnds, String> {
+        if !fault.needs_cluster() {
+            return Ok(EtcdEnds {
+                host: self.lab.etcd.endpoints(),
+                ports: vec![self.lab.etcd.client_port()],
+            });
+        }
+        let mut c = self.cluster.lock().unwrap();
+        if c.is_none() {
+            *c = Some(EtcdCluster::start(3).map_err(|e| format!("3-member etcd: {e}"))?);
+        }
+        let c = c.as_ref().expect("started");
+        Ok(EtcdEnds {
+            host: c.endpoints(),
+            ports: (0..c.len()).map(|i| c.client_port(i)).collect(),
+        })
+    }
+
+    /// Runs `f` on the 3-member etcd (started by [`PgLab::ends`]).
+    fn with_cluster<R>(
+        &self,
+        f: impl FnOnce(&mut EtcdCluster) -> Result<R, String>,
+    ) -> Result<R, String> {
+        let mut c = self.cluster.lock().unwrap();
+        f(c.as_mut().ok_or("no 3-member etcd")?)
+    }
+}
+
 /// The host node: PostgreSQL (a standby of the guest at first), its agent
 /// with a fake device, and the reset stand-in watching that device.
 pub struct HostNode {
@@ -188,6 +337,7 @@ impl HostNode {
 /// 127.0.0.1:`guest_port`, then its agent.
 pub fn start_host_node(
     lab: &Lab,
+    etcd: &[String],
     scope: &str,
     template: &Path,
     guest_port: u16,
@@ -216,7 +366,7 @@ pub fn start_host_node(
     let cfg = config(
         scope,
         HOST_NODE,
-        &lab.etcd.client_url(),
+        &etcd.join(","),
         "keep-pinging",
         &devices,
         &dir.join("audit").to_string_lossy(),
@@ -239,10 +389,24 @@ pub fn start_host_node(
 }
 
 /// Boots the guest leader: its watchdog(s), 1 GiB, the PostgreSQL port
-/// forwarded at the same number, its shared audit folder.
-pub fn boot_pg_guest(lab: &Lab, scope: &str, dog: Dog, pg_port: u16) -> Result<Node, String> {
+/// forwarded at the same number, its shared audit folder; with `persistent`
+/// also a host folder at [`GUEST_PG_DISK`] for a data directory that
+/// survives a reset.
+pub fn boot_pg_guest(
+    lab: &Lab,
+    scope: &str,
+    dog: Dog,
+    pg_port: u16,
+    persistent: bool,
+) -> Result<Node, String> {
     let share = lab.work().join(format!("{GUEST_NODE}-{scope}"));
     fs::create_dir_all(&share).map_err(|e| format!("{}: {e}", share.display()))?;
+    let mut rw_shares = vec![(share.clone(), GUEST_DIR.to_string())];
+    if persistent {
+        let disk = lab.work().join(format!("{GUEST_NODE}-{scope}-pg"));
+        fs::create_dir_all(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+        rw_shares.push((disk, GUEST_PG_DISK.to_string()));
+    }
     let softdog = matches!(dog, Dog::Softdog | Dog::Both).then_some(SoftdogOpts {
         margin: 30,
         nowayout: false,
@@ -258,7 +422,7 @@ pub fn boot_pg_guest(lab: &Lab, scope: &str, dog: Dog, pg_port: u16) -> Result<N
         // record the audit timeline needs.
         watchdog_action: WatchdogAction::Reset,
         reboot: true,
-        rw_shares: vec![(share.clone(), GUEST_DIR.into())],
+        rw_shares,
         forward_tcp_fixed: vec![(pg_port, pg_port)],
         mem_mb: 1024,
         ..GuestSpec::default()
@@ -272,15 +436,20 @@ pub fn boot_pg_guest(lab: &Lab, scope: &str, dog: Dog, pg_port: u16) -> Result<N
     })
 }
 
-/// Copies the template into the guest's tmpfs and starts PostgreSQL there
-/// (a primary, before its agent: the agent never starts a primary itself).
-pub fn start_guest_pg(g: &Guest, template: &Path, port: u16) -> Result<Duration, String> {
+/// Copies the template into `data` in the guest (tmpfs under [`GUEST_PG`],
+/// or the 9p folder at [`GUEST_PG_DISK`]) and starts PostgreSQL there (a
+/// primary, before its agent: the agent never starts a primary itself).
+pub fn start_guest_pg(
+    g: &Guest,
+    template: &Path,
+    port: u16,
+    data: &str,
+) -> Result<Duration, String> {
     let t0 = Instant::now();
-    let data = format!("{GUEST_PG}/data");
     g.run_ok(
         &format!(
             "mkdir -p {GUEST_PG} && cp -a {tpl} {data} && chown postgres:postgres {GUEST_PG} \
-             && chmod 700 {GUEST_PG} {data}",
+             && chown -R postgres:postgres {data} && chmod 700 {GUEST_PG} {data}",
             tpl = shell_quote(&template.to_string_lossy()),
         ),
         Duration::from_secs(120),
@@ -326,8 +495,18 @@ pub struct PgTrial {
     /// fault.
     pub writer_gap: Option<f64>,
     pub verdict: Verdict,
+    /// Of the checker's observations outside a term, those whose window
+    /// overlaps another node's writable observation: the two nodes may have
+    /// been writable at one instant. (A hand-deleted key ends the term of a
+    /// primary that cannot know yet: its writes until its fence are outside
+    /// its term, but before the new leader promotes.)
+    pub overlapping: usize,
     /// `leasedog audit timeline` over both logs: exit code and text.
     pub timeline: Option<(i32, String)>,
+    /// The old primary's PostgreSQL answered `pg_is_in_recovery() = t`
+    /// after the fault (it followed the new primary; after a reboot for
+    /// [`PgFault::Reboot`]).
+    pub rejoined_read_only: Option<Duration>,
     pub wall: Duration,
     pub notes: Vec<String>,
     /// The whole history, as JSON (observations, terms, final rows).
@@ -344,12 +523,105 @@ impl PgTrial {
         rel(self.writable_at, self.fault_at)
     }
 
+    /// The checker's count: observations outside a term plus the changes
+    /// of primary the clients' history needs beyond etcd's.
     pub fn double_writable(&self) -> usize {
         self.verdict.double_writable()
     }
 
+    /// What may have been two writable nodes at one instant: changes the
+    /// history needs beyond etcd's, plus observations outside a term that
+    /// overlap another node's writable observation.
+    pub fn simultaneous(&self) -> usize {
+        let excess = self
+            .verdict
+            .recorded_changes
+            .map_or(0, |r| self.verdict.chain.changes.saturating_sub(r));
+        excess + self.overlapping
+    }
+
     pub fn lost_acked(&self) -> usize {
         self.verdict.lost_acked.len()
+    }
+
+    /// Of [`PgTrial::double_writable`], the observations outside a term that
+    /// were acknowledged writes (not probes): a commit a client was told
+    /// succeeded on a node that no longer held the key.
+    pub fn acked_outside_term(&self) -> usize {
+        self.verdict
+            .outside_term
+            .iter()
+            .filter(|o| matches!(o.kind, history::Kind::Write { .. }))
+            .count()
+    }
+
+    /// Where the trial broke the fault's [`Expect`] or the safety checks
+    /// (double-writable, lost acknowledged inserts, a VIOLATION, an
+    /// UNPROVEN reset on the i6300esb, a reboot that did not come back
+    /// read-only).
+    pub fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let e = self.fault.expect();
+        match (e.reset, self.reset.is_some()) {
+            (Some(true), false) => out.push("no reset".to_string()),
+            (Some(false), true) => out.push("unexpected reset".to_string()),
+            _ => {}
+        }
+        match (e.failover, self.writable_at.is_some()) {
+            (Some(true), false) => out.push("no failover".to_string()),
+            (Some(false), true) => out.push("unexpected failover".to_string()),
+            _ => {}
+        }
+        if self.simultaneous() > 0 {
+            out.push(format!(
+                "{} possibly simultaneous writable",
+                self.simultaneous()
+            ));
+        }
+        // Outside its term is expected only where the term ends before the
+        // old primary can know: a deletion by hand.
+        if self.fault != PgFault::KeyDelete && self.double_writable() > 0 {
+            out.push(format!(
+                "{} writable outside the term",
+                self.double_writable()
+            ));
+        }
+        if self.lost_acked() > 0 {
+            out.push(format!("{} lost acknowledged", self.lost_acked()));
+        }
+        for v in self.timeline_verdicts() {
+            let word = v.split_whitespace().last().unwrap_or("");
+            if word == "VIOLATION"
+                || (word == "UNPROVEN" && self.dog == Dog::I6300esb && self.reset.is_some())
+            {
+                out.push(v);
+            }
+        }
+        if self.fault == PgFault::Reboot && self.rejoined_read_only.is_none() {
+            out.push("the rebooted node's PostgreSQL never answered read-only".into());
+        }
+        out
+    }
+
+    /// Each UNPROVEN change with what the timeline found missing (its
+    /// `verdict: UNPROVEN (...)` line).
+    pub fn unproven(&self) -> Vec<String> {
+        let Some((_, text)) = &self.timeline else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut change = None;
+        for l in text.lines() {
+            if l.starts_with("change at rev") {
+                change = l.ends_with("UNPROVEN").then(|| l.to_string());
+            } else if let (Some(c), Some(why)) =
+                (&change, l.trim().strip_prefix("verdict: UNPROVEN"))
+            {
+                out.push(format!("{c}: {}", why.trim()));
+                change = None;
+            }
+        }
+        out
     }
 
     /// The timeline's verdict per change of leader (`change at rev N: a ->
@@ -390,7 +662,13 @@ impl PgTrial {
             "failover_s": self.failover(),
             "writer_gap_s": self.writer_gap,
             "double_writable": self.double_writable(),
+            "possibly_simultaneous": self.simultaneous(),
+            "acked_outside_term": self.acked_outside_term(),
             "lost_acked": self.lost_acked(),
+            "rejoined_read_only_after_fault_s": rel(self.rejoined_read_only, t0),
+            "expected": {"reset": self.fault.expect().reset, "failover": self.fault.expect().failover},
+            "failures": self.failures(),
+            "unproven": self.unproven(),
             "verdict": self.verdict.to_json(),
             "timeline_code": self.timeline.as_ref().map(|t| t.0),
             "timeline": self.timeline.as_ref().map(|t| t.1.clone()),
@@ -405,8 +683,9 @@ impl PgTrial {
         let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:+.2}"));
         format!(
             "{} ({}): reset {} {}, key deleted {}, host took key {}, writable {} s after the fault; \
-             writer gap {} s; double-writable {}, lost acked {} (ok {}, failed {}, unknown {}); \
-             timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, trial {:.1} s",
+             writer gap {} s; outside term {} (possibly simultaneous {}), lost acked {} (ok {}, failed {}, unknown {}); \
+             old primary read-only {}; timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, \
+             trial {:.1} s{}",
             self.fault.name(),
             self.dog.name(),
             self.reset.as_ref().map_or("none", |r| r.0.as_str()),
@@ -416,15 +695,21 @@ impl PgTrial {
             f(self.failover()),
             self.writer_gap.map_or("-".into(), |g| format!("{g:.2}")),
             self.double_writable(),
+            self.simultaneous(),
             self.lost_acked(),
             self.verdict.writes_ok,
             self.verdict.writes_failed,
             self.verdict.writes_unknown,
+            f(rel(self.rejoined_read_only, t0)),
             self.timeline_verdicts(),
             self.boot.as_secs_f64(),
             self.guest_pg_start.as_secs_f64(),
             self.setup.as_secs_f64(),
             self.wall.as_secs_f64(),
+            match self.failures() {
+                f if f.is_empty() => String::new(),
+                f => format!("; FAILED: {}", f.join(", ")),
+            },
         )
     }
 }
@@ -444,23 +729,145 @@ fn ns(d: Duration) -> u64 {
     d.as_nanos() as u64
 }
 
+/// How long the etcd leader stays down in [`PgFault::EtcdLeaderKill`].
+const ETCD_LEADER_DOWN: Duration = Duration::from_secs(3);
+/// How long quorum stays lost in [`PgFault::EtcdQuorumLoss`]: longer than T.
+const QUORUM_LOST: Duration = Duration::from_secs(8);
+/// How long a fault that must not fail over is watched.
+const WATCH_NO_FAILOVER: Duration = Duration::from_secs(12);
+
+/// Applies `fault` to the guest leader; returns the host instant it took
+/// effect. Timed faults (pause, etcd) also heal themselves here.
+fn apply(
+    plab: &PgLab,
+    node: &Node,
+    fault: PgFault,
+    data: &str,
+    scope: &str,
+    etcd: &EtcdEnds,
+    notes: &mut Vec<String>,
+) -> Result<Duration, String> {
+    let pid = node.pid()?;
+    let g = &node.guest;
+    Ok(match fault {
+        PgFault::Stall | PgFault::Reboot => g.kill(pid, "STOP")?.host,
+        PgFault::StallAll => {
+            g.act(&format!("kill -STOP {pid} $(pgrep -u postgres)"))?
+                .host
+        }
+        PgFault::Kill => g.kill(pid, "KILL")?.host,
+        PgFault::PgCrash => {
+            g.act(&format!("kill -KILL $(head -1 {data}/postmaster.pid)"))?
+                .host
+        }
+        PgFault::NetCut => {
+            let at = host_boottime();
+            g.set_link(false)?;
+            at
+        }
+        PgFault::Pause => {
+            let at = host_boottime();
+            g.pause()?;
+            std::thread::sleep(2 * T);
+            g.resume()?;
+            at
+        }
+        PgFault::CpuStarve => {
+            // One loop per CPU, pids kept so a guest that is not reset can
+            // be relieved; SCHED_FIFO 99 is above the agent's threads (10).
+            g.act(
+                "n=$(nproc); i=0; while [ $i -lt $n ]; do \
+                 chrt -f 99 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & \
+                 echo $! >> /run/hogs; i=$((i+1)); done",
+            )?
+            .host
+        }
+        PgFault::KeyDelete => {
+            let at = host_boottime();
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", etcd.host.join(",")))
+                .args(["del", &Lab::key(scope)])
+                .output()
+                .map_err(|e| format!("etcdctl: {e}"))?;
+            let said = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() || said.trim() != "1" {
+                return Err(format!(
+                    "etcdctl del: {said}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            at
+        }
+        PgFault::EtcdLeaderKill => {
+            let li = plab.with_cluster(|c| {
+                c.leader_index(Duration::from_secs(10))
+                    .map_err(|e| e.to_string())
+            })?;
+            let at = host_boottime();
+            plab.with_cluster(|c| {
+                c.kill(li);
+                Ok(())
+            })?;
+            std::thread::sleep(ETCD_LEADER_DOWN);
+            plab.with_cluster(|c| c.restart(li).map_err(|e| format!("etcd restart: {e}")))?;
+            notes.push(format!("etcd member {li} (the leader) killed, restarted"));
+            at
+        }
+        PgFault::EtcdQuorumLoss => {
+            let li = plab.with_cluster(|c| {
+                c.leader_index(Duration::from_secs(10))
+                    .map_err(|e| e.to_string())
+            })?;
+            let other = (li + 1) % 3;
+            let at = host_boottime();
+            plab.with_cluster(|c| {
+                c.kill(li);
+                c.kill(other);
+                Ok(())
+            })?;
+            std::thread::sleep(QUORUM_LOST);
+            plab.with_cluster(|c| {
+                c.restart_many(&[li, other])
+                    .map_err(|e| format!("etcd restart: {e}"))?;
+                c.leader_index(Duration::from_secs(30))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })?;
+            notes.push(format!(
+                "etcd members {li} (leader) and {other} killed, restarted"
+            ));
+            at
+        }
+    })
+}
+
 /// One end-to-end trial; see the module documentation. `rt` runs the
 /// clients.
 pub fn run_pg_trial(
-    lab: &Lab,
+    plab: &PgLab,
     rt: &tokio::runtime::Runtime,
     fault: PgFault,
     dog: Dog,
 ) -> Result<PgTrial, String> {
+    let lab = &plab.lab;
     let t0 = Instant::now();
     let template = lab_template()?;
+    let etcd = plab.ends(fault)?;
     let scope = lab.new_scope();
-    let watch = lab.watch(&scope)?;
+    let watch =
+        KeyWatch::start(&etcd.host, &Lab::key(&scope)).map_err(|e| format!("watch: {e}"))?;
     let gport = free_port();
-    let mut node = boot_pg_guest(lab, &scope, dog, gport)?;
-    let guest_pg_start = start_guest_pg(&node.guest, &template, gport)?;
-    let cfg = lab.guest_config(&scope, &node, "keep-pinging")?
-        + &pg_section(GUEST_PG, gport, &format!("{GUEST_PG}/data"), "127.0.0.1");
+    let persistent = fault == PgFault::Reboot;
+    let mut node = boot_pg_guest(lab, &scope, dog, gport, persistent)?;
+    let data = if persistent {
+        format!("{GUEST_PG_DISK}/data")
+    } else {
+        format!("{GUEST_PG}/data")
+    };
+    let guest_pg_start = start_guest_pg(&node.guest, &template, gport, &data)?;
+    let cfg = lab.guest_config_with(&scope, &node, "keep-pinging", &etcd.ports)?
+        + &pg_section(GUEST_PG, gport, &data, "127.0.0.1");
     node.start_agent(&lab.bin, &cfg)?;
     if !node.wait_log("promoted (leader", Duration::from_secs(90)) {
         return Err(format!(
@@ -469,7 +876,7 @@ pub fn run_pg_trial(
         ));
     }
     psql(gport, clients::TABLE_SQL).map_err(|e| format!("create table on the guest: {e}"))?;
-    let host = start_host_node(lab, &scope, &template, gport)?;
+    let host = start_host_node(lab, &etcd.host, &scope, &template, gport)?;
     let sync = wait_until(Duration::from_secs(90), || {
         psql(
             gport,
@@ -532,26 +939,78 @@ pub fn run_pg_trial(
     let mut notes = Vec::new();
 
     // The fault.
-    let pid = node.pid()?;
-    let fault_at = match fault {
-        PgFault::Stall => node.guest.kill(pid, "STOP")?.host,
-        PgFault::StallAll => {
-            node.guest
-                .act(&format!("kill -STOP {pid} $(pgrep -u postgres)"))?
-                .host
-        }
-    };
-    let reset = node.guest.wait_reset(Duration::from_secs(30));
-    if reset.is_none() {
+    let expect = fault.expect();
+    let fault_at = apply(plab, &node, fault, &data, &scope, &etcd, &mut notes)?;
+    let host_writable = || host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f");
+    if expect.reset == Some(true) && node.guest.wait_reset(Duration::from_secs(30)).is_none() {
         notes.push("no reset within 30 s of the fault".into());
     }
-    let writable = wait_until(Duration::from_secs(40), || {
-        host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f")
-    });
+    let writable = if expect.failover == Some(false) {
+        // Watched for a while: the host node must stay a standby.
+        wait_until(WATCH_NO_FAILOVER, host_writable)
+    } else {
+        wait_until(Duration::from_secs(40), host_writable)
+    };
+    if fault == PgFault::NetCut {
+        node.guest.set_link(true)?;
+    }
+    if fault == PgFault::CpuStarve && node.guest.reset_time().is_none() {
+        let _ = node
+            .guest
+            .run("kill $(cat /run/hogs)", Duration::from_secs(30));
+    }
     if writable {
         std::thread::sleep(HOLD_AFTER_PROMOTION);
-    } else {
-        notes.push("the host node was not writable within 40 s of the reset".into());
+    } else if expect.failover == Some(true) {
+        notes.push("the host node was not writable within 40 s".into());
+    }
+    let reset = node.guest.reset_time();
+
+    // The old primary again: rebooted after a reset (its agent started on
+    // the same audit folder, which records the reset), or still running.
+    // Its PostgreSQL is watched coming back read-only while the clients
+    // still run, so the history covers it.
+    let mut rejoined_read_only = None;
+    let mut after_notes = Vec::new();
+    if reset.is_some() {
+        match node.guest.wait_rebooted(Duration::from_secs(120)) {
+            Ok(d) => {
+                after_notes.push(format!(
+                    "rebooted: control shell {:.1} s after the reset",
+                    d.as_secs_f64()
+                ));
+                let before = node.audit().len();
+                // The socket folder was on tmpfs.
+                node.guest.run_ok(
+                    &format!("mkdir -p {GUEST_PG} && chown postgres:postgres {GUEST_PG} && chmod 700 {GUEST_PG}"),
+                    Duration::from_secs(30),
+                )?;
+                node.start_agent(&lab.bin, &cfg)?;
+                let started = wait_until(Duration::from_secs(30), || {
+                    node.audit()
+                        .iter()
+                        .skip(before)
+                        .any(|r| r["event"] == "startup")
+                });
+                if !started {
+                    after_notes.push("no start-up record after the reboot".into());
+                }
+                // Let it see the host's key (a leader_seen record).
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => after_notes.push(format!("no reboot: {e}")),
+        }
+    }
+    if fault == PgFault::Reboot || (reset.is_none() && writable) {
+        let ok = wait_until(Duration::from_secs(90), || {
+            psql(gport, "SELECT pg_is_in_recovery()").is_ok_and(|s| s == "t")
+        });
+        if ok {
+            rejoined_read_only = Some(host_boottime());
+            std::thread::sleep(Duration::from_secs(2));
+        } else {
+            after_notes.push("the old primary did not answer read-only within 90 s".into());
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let join = |h: tokio::task::JoinHandle<Vec<Attempt>>| rt.block_on(h).map_err(|e| e.to_string());
@@ -574,11 +1033,21 @@ pub fn run_pg_trial(
             after(e) && e.kind == EventKind::Put && holder(&e.value).as_deref() == Some(HOST_NODE)
         })
         .map(|e| Duration::from_nanos(e.boottime_ns));
-    let final_rows = host
-        .pg
-        .try_sql("SELECT id FROM bench")
-        .ok()
-        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect());
+    // The final primary: whichever node is writable now.
+    let rows = |port: u16| {
+        psql(port, "SELECT id FROM bench")
+            .ok()
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    };
+    let final_rows = if host_writable() {
+        rows(host.pg.port)
+    } else if psql(gport, "SELECT pg_is_in_recovery()").is_ok_and(|s| s == "f") {
+        rows(gport)
+    } else {
+        notes.push("no writable node at the end".into());
+        None
+    };
+    notes.extend(after_notes);
     let mut obs = probe_obs;
     obs.extend(clients::write_obs("writer-new", &targets, &log_new));
     for (t, log) in targets.iter().zip(&logs_kept) {
@@ -605,9 +1074,15 @@ pub fn run_pg_trial(
         slack_ns: 50_000_000,
     };
     let verdict = history::check(&h);
+    let overlapping = overlapping(&h, &verdict);
     let history_json = history_to_json(&h);
+    let timeline = Some(audit_timeline(
+        &lab.bin,
+        &[node.audit_path(), host.audit_path()],
+        Some(&host.config_path()),
+    )?);
 
-    let mut trial = PgTrial {
+    let trial = PgTrial {
         fault,
         dog,
         boot: node.guest.boot_time(),
@@ -626,48 +1101,37 @@ pub fn run_pg_trial(
         writable_at,
         writer_gap: clients::gap_completed(&log_new, ns(fault_at)),
         verdict,
-        timeline: None,
-        wall: Duration::ZERO,
+        overlapping,
+        timeline,
+        rejoined_read_only,
+        wall: t0.elapsed(),
         notes,
         history: history_json,
     };
-    if trial.reset.is_some() {
-        // The guest reboots: its agent starts again on the same audit
-        // folder and records the previous boot's reset; then the auditor.
-        match node.guest.wait_rebooted(Duration::from_secs(120)) {
-            Ok(d) => {
-                trial.notes.push(format!(
-                    "rebooted: control shell {:.1} s after the reset",
-                    d.as_secs_f64()
-                ));
-                let before = node.audit().len();
-                node.start_agent(&lab.bin, &cfg)?;
-                let started = wait_until(Duration::from_secs(30), || {
-                    node.audit()
-                        .iter()
-                        .skip(before)
-                        .any(|r| r["event"] == "startup")
-                });
-                if !started {
-                    trial
-                        .notes
-                        .push("no start-up record after the reboot".into());
-                }
-                // Let it see the host's key (a leader_seen record).
-                std::thread::sleep(Duration::from_secs(2));
-            }
-            Err(e) => trial.notes.push(format!("no reboot: {e}")),
-        }
-        trial.timeline = Some(audit_timeline(
-            &lab.bin,
-            &[node.audit_path(), host.audit_path()],
-            Some(&host.config_path()),
-        )?);
-    }
-    trial.wall = t0.elapsed();
     drop(node);
     drop(host);
     Ok(trial)
+}
+
+/// Observations outside a term whose window overlaps a writable
+/// observation of another node (see [`PgTrial::overlapping`]).
+fn overlapping(h: &History, v: &Verdict) -> usize {
+    let writable = |o: &history::Obs| match o.kind {
+        history::Kind::Write { outcome, .. } => outcome == history::Outcome::Ok,
+        history::Kind::Probe { writable } => writable == Some(true),
+    };
+    v.outside_term
+        .iter()
+        .filter(|a| {
+            h.obs.iter().any(|b| {
+                writable(b)
+                    && b.node.is_some()
+                    && b.node != a.node
+                    && b.invoke_ns < a.complete_ns
+                    && a.invoke_ns < b.complete_ns
+            })
+        })
+        .count()
 }
 
 /// Sets the flag when dropped.

@@ -341,7 +341,7 @@ pub fn reboot_trial(lab: &Lab) -> Result<RebootTrial, String> {
     }
     made.map_err(|e| fail(format!("no probe table on the promoted guest: {e}")))?;
     let template = lab_template()?;
-    let host = start_host_node(lab, &scope, &template, port)?;
+    let host = start_host_node(lab, &lab.etcd.endpoints(), &scope, &template, port)?;
     let sync = crate::wait_until(Duration::from_secs(120), || {
         psql(
             port,

@@ -272,6 +272,19 @@ impl Lab {
 
     /// The config of an agent in a guest.
     pub fn guest_config(&self, scope: &str, node: &Node, nowayout: &str) -> Result<String, String> {
+        let ports = [self.etcd.client_port()];
+        self.guest_config_with(scope, node, nowayout, &ports)
+    }
+
+    /// The config of an agent in a guest whose etcd members listen on the
+    /// host loopback's `etcd_ports` (reached through 10.0.2.2).
+    pub fn guest_config_with(
+        &self,
+        scope: &str,
+        node: &Node,
+        nowayout: &str,
+        etcd_ports: &[u16],
+    ) -> Result<String, String> {
         let mut devices = String::new();
         if matches!(node.dog, Dog::I6300esb | Dog::Both) {
             let d = node
@@ -286,13 +299,13 @@ impl Lab {
         if matches!(node.dog, Dog::Softdog | Dog::Both) {
             devices.push_str("[[watchdog.device]]\nkind = \"softdog\"\n");
         }
+        let endpoints = etcd_ports
+            .iter()
+            .map(|p| format!("http://10.0.2.2:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(config(
-            scope,
-            &node.name,
-            &format!("http://10.0.2.2:{}", self.etcd.client_port()),
-            nowayout,
-            &devices,
-            GUEST_DIR,
+            scope, &node.name, &endpoints, nowayout, &devices, GUEST_DIR,
         ))
     }
 
@@ -328,6 +341,7 @@ impl Lab {
 
 /// The agent configuration used throughout the lab (docs/timing.md's lab
 /// figures): T = 5, M = 2, R = 1, loop 0.5 s, request timeout 0.4 s.
+/// `endpoint` may list several etcd members, comma-separated.
 pub fn config(
     scope: &str,
     node: &str,
@@ -336,11 +350,16 @@ pub fn config(
     devices: &str,
     audit_dir: &str,
 ) -> String {
+    let endpoints = endpoint
+        .split(',')
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         r#"scope = "{scope}"
 node = "{node}"
 [etcd]
-endpoints = ["{endpoint}"]
+endpoints = [{endpoints}]
 request_timeout = 0.4
 connect_timeout = 0.5
 [timing]
