@@ -11,26 +11,31 @@
 //! Timings print with --nocapture; `leasedog-lab pg` and `leasedog-lab
 //! matrix` run many trials of every fault kind.
 
-use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab};
+use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab, PgTrial};
 use leasedog_testbed::lab::scenario::Dog;
 use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
 
-#[test]
-fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
+/// One trial of `fault` on an i6300esb guest, its summary and notes printed.
+fn trial(fault: PgFault) -> PgTrial {
     let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let t =
-        run_pg_trial(&lab, &rt, PgFault::Stall, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
+    let t = run_pg_trial(&lab, &rt, fault, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}", t.summary());
     for n in &t.notes {
         eprintln!("  note: {n}");
     }
+    t
+}
+
+#[test]
+fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
+    let t = trial(PgFault::Stall);
     let v = &t.verdict;
     let reset = t.reset.as_ref().expect("the guest's watchdog reset it").1;
     assert!(
@@ -74,18 +79,7 @@ fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
 /// PostgreSQL comes back as a standby (read-only). Same checker, same audit.
 #[test]
 fn postgres_crash_on_the_guest_leader_is_a_step_down_not_a_reset() {
-    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let t =
-        run_pg_trial(&lab, &rt, PgFault::PgCrash, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{}", t.summary());
-    for n in &t.notes {
-        eprintln!("  note: {n}");
-    }
+    let t = trial(PgFault::PgCrash);
     assert!(t.reset.is_none(), "a reset: {}", t.summary());
     assert!(t.writable_at.is_some(), "no failover: {}", t.summary());
     assert!(
@@ -116,18 +110,7 @@ fn postgres_crash_on_the_guest_leader_is_a_step_down_not_a_reset() {
 /// read-only.
 #[test]
 fn leader_key_deleted_by_hand_is_a_step_down_and_loses_nothing() {
-    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let t = run_pg_trial(&lab, &rt, PgFault::KeyDelete, Dog::I6300esb)
-        .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{}", t.summary());
-    for n in &t.notes {
-        eprintln!("  note: {n}");
-    }
+    let t = trial(PgFault::KeyDelete);
     assert!(t.reset.is_none(), "a reset: {}", t.summary());
     assert!(
         t.verdict.writes_ok > 20,
