@@ -314,6 +314,11 @@ pub enum Input {
     WatchBroken,
     /// SIGTERM or SIGINT.
     Shutdown,
+    /// Outcome of `StopPostgres`: `error` when the fast stop failed or
+    /// timed out (the agent has logged it and exits all the same).
+    PostgresStopped {
+        error: Option<String>,
+    },
     /// Outcome of `WriteSync` (`ok`: written, the key still ours).
     SyncWritten {
         state: sync::SyncState,
@@ -627,6 +632,10 @@ pub enum Action {
         lease: i64,
     },
     Disarm,
+    /// A follower's clean stop at shutdown: stop the managed PostgreSQL (a
+    /// standby) with a fast shutdown before the agent exits. Outcome:
+    /// [`Input::PostgresStopped`].
+    StopPostgres,
     Revoke {
         lease: i64,
     },
@@ -816,6 +825,10 @@ pub struct Core {
     /// Do not race for the key before this instant (after a failed arm).
     backoff_until: BootTime,
     shutting_down: bool,
+    /// A `StopPostgres` at shutdown is pending (`Exit` waits for it).
+    stopping_pg: bool,
+    /// That stop ran (it is asked once).
+    pg_stop_done: bool,
     granting: bool,
     /// The newest etcd revision at which the key was read, watched or won:
     /// older reports are stale.
@@ -945,6 +958,8 @@ impl Core {
             following: None,
             backoff_until: BootTime::ZERO,
             shutting_down: false,
+            stopping_pg: false,
+            pg_stop_done: false,
             granting: false,
             key_revision: 0,
             node: None,
@@ -1404,9 +1419,18 @@ impl Core {
                         self.step_down(now, StepDownReason::Shutdown, &mut out)
                     }
                     Role::Fenced => self.after_fenced(now, &mut out),
-                    Role::Follower => self.maybe_exit(&mut out),
+                    Role::Follower => {
+                        self.stop_postgres_before_exit(&mut out);
+                        self.maybe_exit(&mut out)
+                    }
                     Role::SteppingDown | Role::Exited => {}
                 }
+            }
+            // A failed stop is the agent's warning; the exit goes on
+            // (systemd's stop kills what is left of the cgroup).
+            Input::PostgresStopped { .. } => {
+                self.stopping_pg = false;
+                self.maybe_exit(&mut out);
             }
             Input::SwitchoverSeen {
                 request,
@@ -2272,8 +2296,25 @@ impl Core {
         }
     }
 
+    /// A follower's shutdown stops its standby cleanly (fast shutdown)
+    /// before it exits, so `systemctl stop` finds nothing left to kill and
+    /// the cluster reads `shut down in recovery`. Not in a paused scope
+    /// (PostgreSQL is the operator's there), nor when nothing runs.
+    fn stop_postgres_before_exit(&mut self, out: &mut Vec<Action>) {
+        if self.stopping_pg
+            || self.pg_stop_done
+            || matches!(self.pg, PgView::Unmanaged | PgView::Down)
+            || self.maint.hands_off()
+        {
+            return;
+        }
+        self.stopping_pg = true;
+        self.pg_stop_done = true;
+        out.push(Action::StopPostgres);
+    }
+
     fn maybe_exit(&mut self, out: &mut Vec<Action>) {
-        if !self.shutting_down || self.role != Role::Follower {
+        if !self.shutting_down || self.role != Role::Follower || self.stopping_pg {
             return;
         }
         if self.armed && self.nowayout.is_empty() {

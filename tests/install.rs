@@ -1587,12 +1587,11 @@ fn the_installed_deb_clones_promotes_steps_down_and_stops_under_systemd_252() {
         "not a clean stop: {}",
         ctx()
     );
-    // A replica's agent exits without stopping PostgreSQL (`decide`:
-    // `Shutdown` as a follower is `maybe_exit`); KillMode=mixed's final
-    // SIGKILL ends it, so the control file says "in archive recovery", not
-    // "shut down in recovery": safe (a standby), though not a clean stop.
+    // A replica's agent stops its standby with a fast shutdown before it
+    // exits (`decide`: `StopPostgres` at shutdown): a clean stop, not the
+    // final SIGKILL of KillMode=mixed ("in archive recovery").
     assert!(
-        has(&t.pg_state, "shut down in recovery") || has(&t.pg_state, "in archive recovery"),
+        has(&t.pg_state, "shut down in recovery"),
         "PostgreSQL's control file after the stop: {}",
         ctx()
     );

@@ -1552,6 +1552,11 @@ impl World {
             Action::Follow { leader, .. } => self.follow(i, leader),
             // A stopped server is started read-only (a standby of `leader`,
             // or of nobody): never writable, answered at once.
+            // A follower's standby stopped at shutdown: at once.
+            Action::StopPostgres => {
+                self.nodes[i].pg = Pg::Down;
+                self.feed_front(i, Input::PostgresStopped { error: None })
+            }
             Action::StartStandby { leader } => {
                 if matches!(self.nodes[i].pg, Pg::Down) {
                     self.nodes[i].pg = Pg::Replica(leader);

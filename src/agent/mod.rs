@@ -1089,6 +1089,26 @@ impl Agent {
                 None
             }
             Action::Exit { .. } => None,
+            Action::StopPostgres => {
+                let Some(pg) = self.pg.clone() else {
+                    return Some(Input::PostgresStopped { error: None });
+                };
+                let tx = self.side_tx.clone();
+                tokio::spawn(async move {
+                    let error = match pg.stop_clean().await {
+                        Ok(()) => {
+                            info!("PostgreSQL stopped (fast) before exit");
+                            None
+                        }
+                        Err(e) => {
+                            warn!("PostgreSQL's fast stop before exit failed: {e}");
+                            Some(e.to_string())
+                        }
+                    };
+                    let _ = tx.send(Input::PostgresStopped { error });
+                });
+                None
+            }
             Action::RunOp {
                 id,
                 op,

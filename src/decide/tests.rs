@@ -414,6 +414,70 @@ fn follower_shutdown_revokes_and_exits() {
     assert!(has(&a, |a| *a == Action::Exit { code: 0 }));
 }
 
+fn exits(a: &[Action]) -> bool {
+    has(a, |a| matches!(a, Action::Exit { .. }))
+}
+
+/// A managed follower of `b` whose standby runs (PostgreSQL seen `pg`).
+fn managed_follower_seeing(paused: bool, pg: Input) -> Core {
+    let mut c = managed(false).with_maintenance();
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), Input::Paused { paused });
+    c.handle(t(0), granted(0));
+    c.handle(t(10), b_holds(3, None));
+    c.handle(t(20), pg);
+    c
+}
+
+#[test]
+fn a_follower_stops_its_standby_cleanly_before_it_exits() {
+    let mut c = managed_follower_seeing(false, replica(10));
+    let a = c.handle(t(30), Input::Shutdown);
+    assert!(has(&a, |a| *a == Action::StopPostgres), "{a:?}");
+    assert!(!exits(&a), "exit waits for the stop: {a:?}");
+    // A second signal asks nothing again.
+    let a = c.handle(t(40), Input::Shutdown);
+    assert!(
+        !has(&a, |a| *a == Action::StopPostgres) && !exits(&a),
+        "{a:?}"
+    );
+    let a = c.handle(t(50), Input::PostgresStopped { error: None });
+    assert!(has(&a, |a| *a == Action::Revoke { lease: 7 }), "{a:?}");
+    assert!(exits(&a), "{a:?}");
+}
+
+#[test]
+fn a_failed_stop_at_shutdown_still_exits() {
+    let mut c = managed_follower_seeing(false, replica(10));
+    c.handle(t(30), Input::Shutdown);
+    let a = c.handle(
+        t(50),
+        Input::PostgresStopped {
+            error: Some("pg_ctl timed out".into()),
+        },
+    );
+    assert!(exits(&a), "{a:?}");
+}
+
+#[test]
+fn a_paused_follower_or_a_stopped_server_exits_without_a_stop() {
+    // Paused: PostgreSQL is the operator's; it keeps running.
+    let mut c = managed_follower_seeing(true, replica(10));
+    let a = c.handle(t(30), Input::Shutdown);
+    assert!(!has(&a, |a| *a == Action::StopPostgres), "{a:?}");
+    assert!(exits(&a), "{a:?}");
+    // Nothing runs: nothing to stop.
+    let down = Input::PgObserved {
+        role: PgRole::Down,
+        wal: None,
+        has_data: true,
+    };
+    let mut c = managed_follower_seeing(false, down);
+    let a = c.handle(t(30), Input::Shutdown);
+    assert!(!has(&a, |a| *a == Action::StopPostgres), "{a:?}");
+    assert!(exits(&a), "{a:?}");
+}
+
 #[test]
 fn rule5_nowayout_keeps_pinging_on_liveness_as_replica() {
     let mut c = core(WatchdogMode::Required);
