@@ -720,6 +720,16 @@ mod tests {
         c
     }
 
+    /// The listing: leader b and replica c, tagged clonefrom.
+    fn leader_b_and_clonefrom_c() -> Input {
+        Input::MembersSeen {
+            members: vec![
+                rec("b", "Leader", "primary", 1000, false),
+                rec("c", "Follower", "replica", 1000, true),
+            ],
+        }
+    }
+
     #[test]
     fn an_empty_follower_lists_the_members_then_clones_from_the_clonefrom_member() {
         let mut c = empty_follower_of_b();
@@ -731,15 +741,7 @@ mod tests {
             )),
             "one listing at a time: {a:?}"
         );
-        c.handle(
-            at(700),
-            Input::MembersSeen {
-                members: vec![
-                    rec("b", "Leader", "primary", 1000, false),
-                    rec("c", "Follower", "replica", 1000, true),
-                ],
-            },
-        );
+        c.handle(at(700), leader_b_and_clonefrom_c());
         let a = observe_empty(&mut c, 800);
         assert!(
             has(&a, |a| *a
@@ -760,15 +762,7 @@ mod tests {
         );
         let a = observe_empty(&mut c, 1000);
         assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
-        c.handle(
-            at(1100),
-            Input::MembersSeen {
-                members: vec![
-                    rec("b", "Leader", "primary", 1000, false),
-                    rec("c", "Follower", "replica", 1000, true),
-                ],
-            },
-        );
+        c.handle(at(1100), leader_b_and_clonefrom_c());
         let a = observe_empty(&mut c, 1200);
         assert!(
             has(&a, |a| *a

@@ -144,3 +144,11 @@ pub(super) fn b_holds(revision: i64, lease: Option<i64>) -> Input {
         lease,
     }
 }
+
+/// A renewal sent at `sent_ms`, acknowledged with TTL 5.
+pub(super) fn renewed(sent_ms: u64) -> Input {
+    Input::Renewed {
+        sent: t(sent_ms),
+        ttl: 5,
+    }
+}

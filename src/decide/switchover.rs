@@ -690,13 +690,7 @@ mod core_tests {
     /// Through the step-down to the stopped leader, key still ours.
     fn stopped_leader() -> Core {
         let mut c = leader();
-        let a = c.handle(
-            t(1200),
-            Input::Renewed {
-                sent: t(1200),
-                ttl: 5,
-            },
-        );
+        let a = c.handle(t(1200), renewed(1200));
         assert!(a.contains(&Action::Publish(Evidence::Lease(t(1200)))));
         let a = c.handle(t(1300), seen("b", 4500));
         assert_eq!(outcome(&a).as_deref(), Some("begun"));
@@ -746,13 +740,7 @@ mod core_tests {
         );
         assert!(a.is_empty(), "at the record's start: not yet ({a:?})");
         // Asked again at the next loop; the renewals keep the evidence fresh.
-        c.handle(
-            t(2000),
-            Input::Renewed {
-                sent: t(2000),
-                ttl: 5,
-            },
-        );
+        c.handle(t(2000), renewed(2000));
         let a = c.handle(t(2000), Input::Tick);
         assert!(a.iter().any(|a| matches!(a, Action::CheckTargetLsn { .. })));
         let a = c.handle(

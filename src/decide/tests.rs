@@ -99,13 +99,7 @@ fn rule2_stale_evidence_renews_before_arming() {
     let a = c.handle(t(1500), Input::Won { revision: 4 });
     assert!(!has(&a, |a| matches!(a, Action::Arm { .. })), "{a:?}");
     assert!(has(&a, |a| *a == Action::Renew { lease: 7 }));
-    let a = c.handle(
-        t(1600),
-        Input::Renewed {
-            sent: t(1510),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(1600), renewed(1510));
     assert!(
         has(&a, |a| *a == Action::Arm { not_after: t(2510) }),
         "{a:?}"
@@ -188,13 +182,7 @@ fn off_mode_never_arms() {
 #[test]
 fn rule1_renewal_publishes_first_and_late_acks_are_recorded() {
     let mut c = leader(WatchdogMode::Required);
-    let a = c.handle(
-        t(1600),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(1600), renewed(1500));
     assert_eq!(
         a[0],
         Action::Publish(Evidence::Lease(t(1500))),
@@ -205,13 +193,7 @@ fn rule1_renewal_publishes_first_and_late_acks_are_recorded() {
         Action::Record(Fact::RenewedLate { .. })
     )));
     // Acked 1.2 s after it was sent: it earns no ping (M - R = 1 s).
-    let a = c.handle(
-        t(3200),
-        Input::Renewed {
-            sent: t(2000),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(3200), renewed(2000));
     assert!(has(&a, |a| *a
         == Action::Record(Fact::RenewedLate {
             sent: t(2000),
@@ -222,20 +204,8 @@ fn rule1_renewal_publishes_first_and_late_acks_are_recorded() {
 #[test]
 fn rule1_out_of_order_ack_never_moves_evidence_back() {
     let mut c = leader(WatchdogMode::Required);
-    c.handle(
-        t(2100),
-        Input::Renewed {
-            sent: t(2000),
-            ttl: 5,
-        },
-    );
-    let a = c.handle(
-        t(2200),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
+    c.handle(t(2100), renewed(2000));
+    let a = c.handle(t(2200), renewed(1500));
     assert_eq!(a[0], Action::Publish(Evidence::Lease(t(2000))));
     assert_eq!(c.last_fresh(), Some(t(2000)));
 }
@@ -304,13 +274,7 @@ fn rule4_disarm_only_after_stop_and_release() {
         !has(&a, |a| *a == Action::Publish(Evidence::None)),
         "a clean handover keeps pinging on fresh renewals"
     );
-    let a = c.handle(
-        t(1550),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(1550), renewed(1500));
     assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1500))));
     let a = c.handle(
         t(1600),
@@ -342,13 +306,7 @@ fn lost_lease_stops_pings_at_once_and_later_renewals_do_not_restart_them() {
     let mut c = leader(WatchdogMode::Required);
     let a = c.handle(t(1500), b_holds(9, None));
     assert_eq!(a[0], Action::Publish(Evidence::None));
-    let a = c.handle(
-        t(1600),
-        Input::Renewed {
-            sent: t(1550),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(1600), renewed(1550));
     assert!(
         !has(&a, |a| matches!(a, Action::Publish(Evidence::Lease(_)))),
         "{a:?}"
@@ -616,13 +574,7 @@ fn a_broken_watch_is_not_a_lost_key() {
     let a = c.handle(t(1200), Input::WatchBroken);
     assert_eq!(a, vec![Action::ReadKey]);
     assert_eq!(c.role(), &Role::Leader);
-    let a = c.handle(
-        t(1300),
-        Input::Renewed {
-            sent: t(1250),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(1300), renewed(1250));
     assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1250))));
 }
 
@@ -1368,13 +1320,7 @@ fn promoting_keeps_renewing_until_the_outcome_arrives() {
     // pg_promote runs off the loop: ticks and renewals go on meanwhile.
     let a = c.handle(t(600), Input::Tick);
     assert!(has(&a, |a| *a == Action::Renew { lease: 7 }), "{a:?}");
-    let a = c.handle(
-        t(700),
-        Input::Renewed {
-            sent: t(600),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(700), renewed(600));
     assert_eq!(a[0], Action::Publish(Evidence::Lease(t(600))));
     assert_eq!(c.role(), &Role::Promoting);
     c.handle(t(5000), Input::Promoted);
@@ -1754,13 +1700,7 @@ fn deletion_is_not_an_expiry_promotion_waits_for_the_previous_lease() {
         pos(&a, |a| *a == Action::Renew { lease: 7 })
             < pos(&a, |a| *a == Action::CheckLeaseGone { lease: 42 })
     );
-    c.handle(
-        t(1510),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
+    c.handle(t(1510), renewed(1500));
     // Gone (its holder revoked it after its confirmed stop): promote.
     let a = c.handle(
         t(1520),
@@ -1803,13 +1743,7 @@ fn previous_lease_gone_on_stale_evidence_waits_for_a_fresh_renewal() {
         },
     );
     assert!(!has(&a, |a| *a == Action::Promote), "{a:?}");
-    let a = c.handle(
-        t(2300),
-        Input::Renewed {
-            sent: t(2250),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(2300), renewed(2250));
     assert_eq!(a[0], Action::Publish(Evidence::Lease(t(2250))));
     assert_eq!(a.last(), Some(&Action::Promote), "{a:?}");
 }
@@ -1945,13 +1879,7 @@ fn deletion_is_not_an_expiry_chained_deletions_the_winner_waits_for_every_lease(
     assert!(a.is_empty(), "{a:?}");
     let a = c.handle(t(1500), Input::Tick);
     assert_eq!(checks(&a), vec![42], "{a:?}");
-    c.handle(
-        t(1510),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
+    c.handle(t(1510), renewed(1500));
     let a = c.handle(
         t(1520),
         Input::PreviousLease {

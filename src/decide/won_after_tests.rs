@@ -89,13 +89,7 @@ fn a_holder_known_only_from_history_is_awaited_before_promotion() {
     assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
     assert!(!promotes(&a));
     // Gone (revoked by its holder after its stop): promotion follows.
-    c.handle(
-        t(700),
-        Input::Renewed {
-            sent: t(700),
-            ttl: 5,
-        },
-    );
+    c.handle(t(700), renewed(700));
     let a = c.handle(
         t(750),
         Input::PreviousLease {
@@ -146,13 +140,7 @@ fn an_incomplete_history_waits_t_plus_slack_after_the_win() {
     assert_eq!(c.role(), &Role::Promoting);
     // Win at 0.1 s + 6.5 s: the next fresh loop promotes.
     // The first fresh renewal (or tick) past the bound promotes.
-    let mut a = c.handle(
-        t(6600),
-        Input::Renewed {
-            sent: t(6600),
-            ttl: 5,
-        },
-    );
+    let mut a = c.handle(t(6600), renewed(6600));
     a.extend(c.handle(t(6600), Input::Tick));
     assert!(promotes(&a), "{a:?}");
 }
@@ -169,13 +157,7 @@ fn an_incomplete_history_with_known_holders_waits_for_both() {
         },
     );
     c.handle(t(200), armed_ok(false));
-    c.handle(
-        t(300),
-        Input::Renewed {
-            sent: t(300),
-            ttl: 5,
-        },
-    );
+    c.handle(t(300), renewed(300));
     // 42 gone early: the incomplete history still holds the promotion.
     let a = c.handle(
         t(300),
@@ -187,13 +169,7 @@ fn an_incomplete_history_with_known_holders_waits_for_both() {
     );
     assert!(!promotes(&a), "{a:?}");
     // The first fresh renewal (or tick) past the bound promotes.
-    let mut a = c.handle(
-        t(6700),
-        Input::Renewed {
-            sent: t(6700),
-            ttl: 5,
-        },
-    );
+    let mut a = c.handle(t(6700), renewed(6700));
     a.extend(c.handle(t(6700), Input::Tick));
     assert!(promotes(&a), "{a:?}");
 }
@@ -253,22 +229,10 @@ fn a_leader_whose_re_read_went_unanswered_reads_again_every_loop() {
     assert!(!has(&a, |a| *a == Action::ReadKey), "watch up: {a:?}");
     let a = c.handle(t(400), Input::WatchBroken);
     assert!(has(&a, |a| *a == Action::ReadKey));
-    c.handle(
-        t(400),
-        Input::Renewed {
-            sent: t(400),
-            ttl: 5,
-        },
-    );
+    c.handle(t(400), renewed(400));
     let a = c.handle(t(900), Input::Tick);
     assert!(has(&a, |a| *a == Action::ReadKey), "unanswered: {a:?}");
-    c.handle(
-        t(900),
-        Input::Renewed {
-            sent: t(900),
-            ttl: 5,
-        },
-    );
+    c.handle(t(900), renewed(900));
     let a = c.handle(t(1400), Input::Tick);
     assert!(
         has(&a, |a| *a == Action::ReadKey),

@@ -442,52 +442,35 @@ fn disarming_while_still_holding_the_key_is_a_violation() {
 /// (found by the lab's fault matrix, which had this as a VIOLATION).
 #[test]
 fn disarming_after_a_key_lost_step_down_is_not_a_violation() {
-    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-    pg1.at(101.0)
-        .rec(
-            None,
-            Event::StepDownBegun {
-                reason: "key_lost".into(),
-                deadline_ns: 103 * S,
-            },
-        )
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        );
-    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    // pg1 steps down for `reason`, confirms its stop and disarms.
+    let disarmed_after = |reason: &str| {
+        let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
+        pg1.at(101.0)
+            .rec(
+                None,
+                Event::StepDownBegun {
+                    reason: reason.into(),
+                    deadline_ns: 103 * S,
+                },
+            )
+            .rec(
+                None,
+                Event::StepDownConfirmed {
+                    how: "stopped".into(),
+                },
+            )
+            .rec(
+                None,
+                Event::Disarmed {
+                    device: "/dev/watchdog0".into(),
+                },
+            );
+        one(timeline(&[pg1.recs, new_leader(25).recs], &[]))
+    };
+    let c = disarmed_after("key_lost");
     assert!(!matches!(c.verdict, Verdict::Violation { .. }), "{c:#?}");
     // Any other reason still needs a release or an expiry first.
-    let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-    pg1.at(101.0)
-        .rec(
-            None,
-            Event::StepDownBegun {
-                reason: "deadline".into(),
-                deadline_ns: 103 * S,
-            },
-        )
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        );
-    let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
+    let c = disarmed_after("deadline");
     assert!(rule(&c).contains("while still holding the key"), "{c:#?}");
 }
 

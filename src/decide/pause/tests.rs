@@ -40,6 +40,20 @@ fn down() -> Input {
     }
 }
 
+/// An operation `op` requested under `id`.
+fn requested(id: &str, op: Op) -> Input {
+    Input::OpRequested { id: id.into(), op }
+}
+
+/// The driver's report of request `id`.
+fn done(id: &str, ok: bool, detail: &str) -> Input {
+    Input::OpDone {
+        id: id.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
 fn paused(p: bool) -> Input {
     Input::Paused { paused: p }
 }
@@ -169,13 +183,7 @@ fn a_paused_leader_keeps_its_key_while_postgres_is_stopped_by_hand() {
     // It keeps renewing, and the renewal keeps the pings going (rule 1).
     let a = c.handle(t(1500), Input::Tick);
     assert!(has(&a, |a| *a == Action::Renew { lease: 7 }));
-    let a = c.handle(
-        t(1510),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
+    let a = c.handle(t(1510), renewed(1500));
     assert_eq!(a[0], Action::Publish(Evidence::Lease(t(1500))));
     assert_eq!(c.role(), &Role::Leader);
     // Still stopped at the resume: the ordinary step-down.
@@ -263,13 +271,7 @@ fn rule8_holds_in_pause_a_writable_server_on_a_follower_is_fenced_and_recorded()
 #[test]
 fn a_leader_restart_holds_the_key_then_promotes_the_restarted_standby() {
     let mut c = managed_leader();
-    let a = c.handle(
-        t(1200),
-        Input::OpRequested {
-            id: "r1".into(),
-            op: Op::Restart,
-        },
-    );
+    let a = c.handle(t(1200), requested("r1", Op::Restart));
     assert_eq!(maintenance_facts(&a), ["restart_begun"]);
     let run = pos(&a, |a| matches!(a, Action::RunOp { .. }));
     assert_eq!(
@@ -286,21 +288,8 @@ fn a_leader_restart_holds_the_key_then_promotes_the_restarted_standby() {
     assert!(!has(&a, |a| matches!(a, Action::StepDown { .. })), "{a:?}");
     let a = c.handle(t(1500), Input::Tick);
     assert!(has(&a, |a| *a == Action::Renew { lease: 7 }));
-    c.handle(
-        t(1510),
-        Input::Renewed {
-            sent: t(1500),
-            ttl: 5,
-        },
-    );
-    let a = c.handle(
-        t(1600),
-        Input::OpDone {
-            id: "r1".into(),
-            ok: true,
-            detail: "restarted".into(),
-        },
-    );
+    c.handle(t(1510), renewed(1500));
+    let a = c.handle(t(1600), done("r1", true, "restarted"));
     assert!(has(&a, |a| *a
         == Action::ReportOp {
             id: "r1".into(),
@@ -316,21 +305,8 @@ fn a_leader_restart_holds_the_key_then_promotes_the_restarted_standby() {
 #[test]
 fn a_failed_leader_restart_steps_down() {
     let mut c = managed_leader();
-    c.handle(
-        t(1200),
-        Input::OpRequested {
-            id: "r1".into(),
-            op: Op::Restart,
-        },
-    );
-    let a = c.handle(
-        t(1300),
-        Input::OpDone {
-            id: "r1".into(),
-            ok: false,
-            detail: "start: timed out".into(),
-        },
-    );
+    c.handle(t(1200), requested("r1", Op::Restart));
+    let a = c.handle(t(1300), done("r1", false, "start: timed out"));
     assert!(has(&a, |a| matches!(a, Action::ReportOp { ok: false, .. })));
     assert!(has(&a, |a| *a
         == Action::StepDown {
@@ -342,13 +318,7 @@ fn a_failed_leader_restart_steps_down() {
 #[test]
 fn a_request_past_its_limit_is_given_up_and_a_leader_steps_down() {
     let mut c = managed_leader();
-    c.handle(
-        t(1200),
-        Input::OpRequested {
-            id: "r1".into(),
-            op: Op::Restart,
-        },
-    );
+    c.handle(t(1200), requested("r1", Op::Restart));
     // Keep the evidence fresh so that only the limit can end it.
     let mut now = 1200;
     let limit = 1200 + OP_LIMIT.as_millis() as u64;
@@ -382,13 +352,7 @@ fn a_request_past_its_limit_is_given_up_and_a_leader_steps_down() {
 #[test]
 fn reinit_is_refused_on_the_leader_with_the_reason() {
     let mut c = managed_leader();
-    let a = c.handle(
-        t(1200),
-        Input::OpRequested {
-            id: "x".into(),
-            op: Op::Reinit,
-        },
-    );
+    let a = c.handle(t(1200), requested("x", Op::Reinit));
     let Some(Action::ReportOp { ok, detail, .. }) =
         a.iter().find(|a| matches!(a, Action::ReportOp { .. }))
     else {
@@ -403,13 +367,7 @@ fn reinit_is_refused_on_the_leader_with_the_reason() {
 #[test]
 fn reinit_of_a_replica_clones_from_the_leader_and_holds_everything_else_meanwhile() {
     let mut c = managed_follower();
-    let a = c.handle(
-        t(100),
-        Input::OpRequested {
-            id: "i1".into(),
-            op: Op::Reinit,
-        },
-    );
+    let a = c.handle(t(100), requested("i1", Op::Reinit));
     // The member listing first (clonefrom); none tagged: the leader.
     assert!(has(&a, |a| *a == Action::ReadMembers), "{a:?}");
     assert!(!has(&a, |a| matches!(a, Action::RunOp { .. })), "{a:?}");
@@ -437,14 +395,7 @@ fn reinit_of_a_replica_clones_from_the_leader_and_holds_everything_else_meanwhil
     )));
     let a = c.handle(t(300), nobody(9));
     assert!(!acquires(&a), "no race while a request runs");
-    let a = c.handle(
-        t(400),
-        Input::OpDone {
-            id: "i1".into(),
-            ok: true,
-            detail: "cloned".into(),
-        },
-    );
+    let a = c.handle(t(400), done("i1", true, "cloned"));
     assert!(has(&a, |a| matches!(a, Action::ReportOp { ok: true, .. })));
     assert!(has(&a, |a| *a
         == Action::Callback {
@@ -550,21 +501,8 @@ fn op_names_parse_and_unknown_ones_are_named() {
 fn a_failed_leader_restart_in_a_paused_scope_keeps_the_key_until_the_resume() {
     let mut c = managed_leader();
     c.handle(t(1100), paused(true));
-    c.handle(
-        t(1200),
-        Input::OpRequested {
-            id: "r1".into(),
-            op: Op::Restart,
-        },
-    );
-    let a = c.handle(
-        t(1300),
-        Input::OpDone {
-            id: "r1".into(),
-            ok: false,
-            detail: "start: timed out".into(),
-        },
-    );
+    c.handle(t(1200), requested("r1", Op::Restart));
+    let a = c.handle(t(1300), done("r1", false, "start: timed out"));
     assert!(has(&a, |a| matches!(a, Action::ReportOp { ok: false, .. })));
     assert!(!has(&a, |a| matches!(a, Action::StepDown { .. })), "{a:?}");
     c.handle(t(1400), down());
