@@ -104,15 +104,27 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     s.split_whitespace().nth(1)?.parse().ok()
 }
 
-#[test]
-fn a_client_through_haproxy_follows_a_failover_and_never_writes_to_the_old_primary() {
+/// A 2-node cluster (a leading, b streaming from it, each with its health
+/// listener) behind an HAProxy on `front`; what a test needs kept alive.
+struct Pair {
+    _etcd: EtcdServer,
+    client: BlockingClient,
+    scope: &'static str,
+    a: Node,
+    b: Node,
+    /// a's and b's health ports.
+    ha: u16,
+    hb: u16,
+    front: u16,
+    _proxy: Haproxy,
+}
+
+fn two_nodes_behind_haproxy(scope: &'static str) -> Pair {
     let etcd = EtcdServer::start().unwrap();
     let eps = etcd.endpoints();
     let client = BlockingClient::connect(&eps).unwrap();
-    let scope = "haproxy";
     let (ha, hb) = (free_port(), free_port());
     let health = |p: u16| format!("[health]\nlisten = \"127.0.0.1:{p}\"\n");
-
     let pg_a = PgNode::init(free_port());
     pg_a.start();
     pg_a.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
@@ -127,27 +139,59 @@ fn a_client_through_haproxy_follows_a_failover_and_never_writes_to_the_old_prima
     let mut b = Node::new(Path::new(BIN), scope, "b", &eps, pg_b, &health(hb));
     b.start_agent();
     assert!(
-        wait_until(Duration::from_secs(60), || b.streaming()),
+        b.agent()
+            .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60))
+            && wait_until(Duration::from_secs(60), || b.streaming()),
         "b streams from a:\n{}",
         b.agent().log()
     );
-    // The endpoints themselves: a primary on a fresh lease, b a replica.
     assert!(
         wait_until(Duration::from_secs(20), || http_status(ha, "/primary")
-            == Some(200)
-            && http_status(hb, "/replica") == Some(200)),
-        "a /primary {:?}, b /replica {:?}",
-        http_status(ha, "/primary"),
-        http_status(hb, "/replica")
+            == Some(200)),
+        "a's /primary {:?}",
+        http_status(ha, "/primary")
     );
-    assert_eq!(http_status(hb, "/primary"), Some(503));
-    assert_eq!(http_status(ha, "/replica"), Some(503));
-
     let front = free_port();
     let _proxy = Haproxy::start(&haproxy_config(
         front,
         &[("a", a.pg.port, ha), ("b", b.pg.port, hb)],
     ));
+    Pair {
+        _etcd: etcd,
+        client,
+        scope,
+        a,
+        b,
+        ha,
+        hb,
+        front,
+        _proxy,
+    }
+}
+
+#[test]
+fn a_client_through_haproxy_follows_a_failover_and_never_writes_to_the_old_primary() {
+    let Pair {
+        client,
+        scope,
+        a,
+        b,
+        ha,
+        hb,
+        front,
+        _etcd,
+        _proxy,
+    } = two_nodes_behind_haproxy("haproxy");
+    // The endpoints themselves: a primary on a fresh lease, b a replica.
+    assert_eq!(http_status(ha, "/primary"), Some(200));
+    assert_eq!(http_status(hb, "/primary"), Some(503));
+    assert_eq!(http_status(ha, "/replica"), Some(503));
+    assert!(
+        wait_until(Duration::from_secs(20), || http_status(hb, "/replica")
+            == Some(200)),
+        "b /replica {:?}",
+        http_status(hb, "/replica")
+    );
     let mut v = 0;
     let mut next = || {
         v += 1;
@@ -200,38 +244,17 @@ fn a_client_through_haproxy_follows_a_failover_and_never_writes_to_the_old_prima
 /// client follows it to b, and nothing lands on a once b has taken a write.
 #[test]
 fn a_client_through_haproxy_follows_a_switchover() {
-    let etcd = EtcdServer::start().unwrap();
-    let eps = etcd.endpoints();
-    let client = BlockingClient::connect(&eps).unwrap();
-    let scope = "haproxy-switch";
-    let (ha, hb) = (free_port(), free_port());
-    let health = |p: u16| format!("[health]\nlisten = \"127.0.0.1:{p}\"\n");
-    let pg_a = PgNode::init(free_port());
-    pg_a.start();
-    pg_a.sql("CREATE TABLE t (v bigint PRIMARY KEY)");
-    let mut a = Node::new(Path::new(BIN), scope, "a", &eps, pg_a, &health(ha));
-    a.start_agent();
-    assert!(cluster::wait_holder(
-        &client,
-        scope,
-        "a",
-        Duration::from_secs(30)
-    ));
-    let pg_b = PgNode::replica_of(&a.pg, free_port());
-    let mut b = Node::new(Path::new(BIN), scope, "b", &eps, pg_b, &health(hb));
-    b.start_agent();
-    assert!(
-        b.agent()
-            .wait_log("PostgreSQL runs as a replica of a", Duration::from_secs(60))
-            && wait_until(Duration::from_secs(60), || b.streaming()),
-        "b streams from a:\n{}",
-        b.agent().log()
-    );
-    let front = free_port();
-    let _proxy = Haproxy::start(&haproxy_config(
+    let Pair {
+        a,
+        b,
+        client: _,
+        scope: _,
+        ha,
+        hb,
         front,
-        &[("a", a.pg.port, ha), ("b", b.pg.port, hb)],
-    ));
+        _etcd,
+        _proxy,
+    } = two_nodes_behind_haproxy("haproxy-switch");
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = cfg_dir.path().join("leasedog.toml");
     std::fs::write(&cfg, a.config()).unwrap();
