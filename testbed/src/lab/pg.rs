@@ -19,7 +19,7 @@
 //!   first read-write node (`target_session_attrs=read-write`, each node in
 //!   turn within 1 s, as libpq walks a multi-host string), a writer with a
 //!   kept connection to each node, and a probe asking each node
-//!   `pg_is_in_recovery()`, all every 50-100 ms.
+//!   `pg_is_in_recovery()` (a loop per node), all every 50-100 ms.
 //! - Faults ([`PgFault`]): SIGSTOP of the guest's agent, or of the agent and
 //!   every PostgreSQL process. The guest's watchdog resets it; the host
 //!   node takes the key and promotes. The history is checked with
@@ -934,7 +934,7 @@ pub fn run_pg_trial(
             ))
         })
         .collect();
-    let probe = rt.spawn(clients::probe(targets.clone(), EVERY, false, stop.clone()));
+    let probe = rt.spawn(clients::probe_each(targets.clone(), EVERY, stop.clone()));
     std::thread::sleep(Duration::from_secs(3));
     let mut notes = Vec::new();
 
@@ -1019,7 +1019,7 @@ pub fn run_pg_trial(
     for h in w_kept {
         logs_kept.push(join(h)?);
     }
-    let (_rows, probe_obs) = rt.block_on(probe).map_err(|e| e.to_string())?;
+    let probe_obs = rt.block_on(probe).map_err(|e| e.to_string())?;
 
     let after = |e: &crate::etcd::WatchEvent| e.boottime_ns >= ns(fault_at);
     let events = watch.events();
