@@ -43,9 +43,14 @@
 //!   same figures per kind plus resets and trials that broke the kind's
 //!   expectation (`PgTrial::failures`), the table after every round, every
 //!   trial to PATH (default `target/lab-matrix.json`) as it ends.
-//! - `leasedog-lab demo`: an etcd on the host and two guests running
+//! - `leasedog-lab demo`: an etcd on the host, then (1) two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
-//!   guest takes the key; prints a host-clock timeline and the verdict.
+//!   guest takes the key; a host-clock timeline and the audit's verdict;
+//!   (2) one `lab::pg` trial (stall, i6300esb) and its writer's view
+//!   (`testbed::view`). Exits non-zero on a fence not proven (slack <= R,
+//!   an audit verdict other than FENCED-BY-RESET), a double-writable
+//!   instant, a lost acknowledged insert or a trial that broke its fault's
+//!   expectations.
 //!
 //! The agent is `$LEASEDOG_BIN`, else `leasedog` next to this binary; it
 //! must be built with `--features testing` (scenario 2's fault hook).
