@@ -247,10 +247,12 @@ impl Failover<'_> {
             .max_by_key(|o| o.complete_ns)
         {
             let margin = self.key_deleted_ns.map_or(String::new(), |k| {
-                format!(
-                    ", {:.3} s before its key expired",
-                    (k as f64 - o.complete_ns as f64) / 1e9
-                )
+                let d = (k as f64 - o.complete_ns as f64) / 1e9;
+                if d >= 0.0 {
+                    format!(", {d:.3} s before its key expired")
+                } else {
+                    format!(", {:.3} s AFTER its key expired", -d)
+                }
             });
             ev.push((
                 o.complete_ns,
@@ -689,6 +691,8 @@ mod tests {
         ));
         let v = check(&h);
         let p = view(&h, &v, "UNPROVEN").problems();
+        assert!(render(&view(&h, &v, "UNPROVEN"))
+            .contains("+2.505  last insert acknowledged by a (id 8, writer-kept-a, 0.505 s AFTER"),);
         assert!(p.iter().any(|x| x.contains("double-writable")), "{p:?}");
         assert!(p.iter().any(|x| x.contains("lost: [8]")), "{p:?}");
         assert!(
