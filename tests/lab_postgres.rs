@@ -71,6 +71,12 @@ fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
     eprintln!("{text}");
     assert!(text.contains("FENCED-BY-RESET"), "{text}");
     assert_eq!(code, 0, "{text}");
+    // What the demo prints and exits on.
+    let view = t.view();
+    let shown = leasedog_testbed::view::render(&view);
+    eprintln!("{shown}");
+    assert!(view.problems().is_empty(), "{shown}");
+    assert!(shown.contains("writer gap:"), "{shown}");
 }
 
 /// The PostgreSQL crash (SIGKILL of the postmaster under the guest's

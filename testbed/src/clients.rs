@@ -274,6 +274,10 @@ async fn ask_one(
         })
     };
     let ci = conninfo(&t);
+    // A connect that fails is part of the no-answer's window (what the
+    // writer's view shows as "no answer"); a writable answer's window starts
+    // after its connect, as the checker wants it tight.
+    let connecting = boottime_ns();
     if kept.as_ref().is_none_or(|c| c.is_closed()) {
         kept = connect(&ci, Duration::from_secs(1)).await;
     }
@@ -282,7 +286,11 @@ async fn ask_one(
         Some(c) => ask(c).await,
         None => None,
     };
-    note("probe-kept", asked, a);
+    note(
+        "probe-kept",
+        if kept.is_some() { asked } else { connecting },
+        a,
+    );
     if a.is_none() {
         kept = None;
     }
@@ -341,6 +349,38 @@ pub async fn probe(
         out.push((at, w));
     }
     (out, obs)
+}
+
+/// Asks each target `pg_is_in_recovery()` at `every` until `stop`, on a
+/// kept connection, each target on a loop of its own: unlike [`probe`]'s
+/// rounds, a node that does not answer (a connect waits up to 1 s) does not
+/// thin out the questions to the others. Returns every question as an
+/// observation.
+pub async fn probe_each(targets: Vec<Target>, every: Every, stop: Arc<AtomicBool>) -> Vec<Obs> {
+    let loops: Vec<_> = targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut kept = None;
+                let mut obs = Vec::new();
+                let mut tick = Ticker::new(every, -1 - i as i64);
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let (k, o, _) = ask_one(t.clone(), kept.take(), false).await;
+                    kept = k;
+                    obs.extend(o);
+                }
+                obs
+            })
+        })
+        .collect();
+    let mut obs = Vec::new();
+    for l in loops {
+        obs.extend(l.await.unwrap_or_default());
+    }
+    obs
 }
 
 /// The longest stretch between completions of acknowledged inserts in

@@ -9,6 +9,7 @@ pub mod fence;
 pub mod history;
 pub mod lab;
 pub mod pg;
+pub mod view;
 
 use std::time::{Duration, Instant};
 

@@ -43,9 +43,14 @@
 //!   same figures per kind plus resets and trials that broke the kind's
 //!   expectation (`PgTrial::failures`), the table after every round, every
 //!   trial to PATH (default `target/lab-matrix.json`) as it ends.
-//! - `leasedog-lab demo`: an etcd on the host and two guests running
+//! - `leasedog-lab demo`: an etcd on the host, then (1) two guests running
 //!   leasedog; the leader is stalled, its watchdog resets it, the other
-//!   guest takes the key; prints a host-clock timeline and the verdict.
+//!   guest takes the key; a host-clock timeline and the audit's verdict;
+//!   (2) one `lab::pg` trial (stall, i6300esb) and its writer's view
+//!   (`testbed::view`). Exits non-zero on a fence not proven (slack <= R,
+//!   an audit verdict other than FENCED-BY-RESET), a double-writable
+//!   instant, a lost acknowledged insert or a trial that broke its fault's
+//!   expectations.
 //!
 //! The agent is `$LEASEDOG_BIN`, else `leasedog` next to this binary; it
 //! must be built with `--features testing` (scenario 2's fault hook).
@@ -54,6 +59,7 @@ use leasedog_testbed::etcd::EventKind;
 use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab, PgTrial};
 use leasedog_testbed::lab::scenario::{self, holder, run_trial, Dog, Fault, Lab, NodeOpts, R};
 use leasedog_testbed::lab::Kernel;
+use leasedog_testbed::view;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -662,8 +668,18 @@ fn demo() -> ExitCode {
 fn run_demo() -> Result<bool, String> {
     let t0 = Instant::now();
     let bin = agent_bin();
-    println!("leasedog demo: an etcd on this machine's loopback, two QEMU guests (pg1, pg2)");
-    println!("running leasedog with an emulated Intel 6300ESB hardware watchdog each.");
+    println!("leasedog demo, in two parts (about a minute on a 2-core machine):");
+    println!(
+        "  1. the mechanism: two QEMU guests (pg1, pg2) run leasedog with an emulated Intel \
+         6300ESB\n     hardware watchdog each; pg1's agent is stalled, its watchdog resets it \
+         before its lease\n     expires, pg2 takes the key;"
+    );
+    println!(
+        "  2. the promise, with PostgreSQL 15: a guest (guest1) runs leasedog and the primary, \
+         this machine\n     (host2) its synchronous standby; clients insert and probe all \
+         along; guest1's agent is\n     stalled; what the clients saw, judged by the history \
+         checker and the audit."
+    );
     println!("Budget: T = 5 s lease, M = 2 s margin, R = 1 s reset allowance, W = T - M = 3 s.\n");
     let k = Kernel::get()?;
     println!(
@@ -671,8 +687,106 @@ fn run_demo() -> Result<bool, String> {
         k.release,
         k.fetch_time.as_secs_f64()
     );
-    let lab = Lab::start(&bin)?;
-    println!("etcd listening on {}", lab.etcd.client_url());
+    let plab = PgLab::start(&bin)?;
+    println!("etcd listening on {}", plab.lab.etcd.client_url());
+
+    println!("\n== 1. The mechanism: a stalled leader is reset before its lease expires ==\n");
+    let (ok1, said1) = match mechanism(&plab.lab) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("part 1 could not run: {e}");
+            (
+                false,
+                format!("could not run: {}", e.lines().next().unwrap_or("")),
+            )
+        }
+    };
+
+    println!("\n== 2. PostgreSQL under leasedog: a writer's view of the failover ==\n");
+    let (ok2, said2) = match postgres(&plab) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("part 2 could not run: {e}");
+            (
+                false,
+                format!("could not run: {}", e.lines().next().unwrap_or("")),
+            )
+        }
+    };
+
+    println!("\nDemo {}:", if ok1 && ok2 { "PASSED" } else { "FAILED" });
+    println!("  1. {said1}");
+    println!("  2. {said2}");
+    println!("demo took {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(ok1 && ok2)
+}
+
+/// Part 2: one [`run_pg_trial`] (stall, i6300esb) and its writer's view.
+/// Passes when the view finds no double-writable instant, no lost
+/// acknowledged insert and the audit's FENCED-BY-RESET, and the trial met
+/// its fault's expectations (`PgTrial::failures`).
+fn postgres(plab: &PgLab) -> Result<(bool, String), String> {
+    println!(
+        "guest1: a QEMU guest with an i6300esb running leasedog and PostgreSQL 15, the primary;"
+    );
+    println!(
+        "host2:  PostgreSQL 15 and leasedog on this machine, guest1's synchronous standby \
+         (synchronous_mode = true);"
+    );
+    println!(
+        "clients on this machine, each every 50-100 ms: a writer connecting per insert to \
+         whichever node\ntakes a read-write session, a writer with a kept connection to each \
+         node, and a probe asking\neach node pg_is_in_recovery(). After 3 s of writes, guest1's \
+         agent is stopped (SIGSTOP)."
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let t = run_pg_trial(plab, &rt, PgFault::Stall, Dog::I6300esb)?;
+    println!(
+        "(set-up {:.1} s: guest boot {:.1} s, PostgreSQL in the guest {:.1} s, host2 \
+         synchronous; the trial {:.1} s in all)\n",
+        t.setup.as_secs_f64(),
+        t.boot.as_secs_f64(),
+        t.guest_pg_start.as_secs_f64(),
+        t.wall.as_secs_f64()
+    );
+    let v = t.view();
+    print!("{}", view::render(&v));
+    for n in &t.notes {
+        println!("note: {n}");
+    }
+    let mut bad = v.problems();
+    let failures = t.failures();
+    if !failures.is_empty() {
+        println!("The trial broke its expectations: {}", failures.join(", "));
+        bad.extend(failures);
+    }
+    let c = &t.verdict;
+    let said = format!(
+        "{}: host2 writable {} s after the stall, writer gap {} s; {} acknowledged inserts, {} \
+         lost, {} double-writable instants; audit {}",
+        if bad.is_empty() { "SAFE" } else { "NOT SAFE" },
+        t.failover().map_or("-".into(), |f| format!("{f:.2}")),
+        t.writer_gap.map_or("-".into(), |g| format!("{g:.2}")),
+        c.writes_ok,
+        c.lost_acked.len(),
+        c.double_writable(),
+        match t.timeline_verdicts().as_slice() {
+            [] => "none".to_string(),
+            vs => vs.join(", "),
+        }
+    );
+    Ok((bad.is_empty(), said))
+}
+
+/// Part 1: two guests without PostgreSQL; pg1 leads, is stalled, reset by
+/// its i6300esb before its lease expires; pg2 takes the key. Passes when
+/// the reset came more than R before the expiry and pg2 took over.
+fn mechanism(lab: &Lab) -> Result<(bool, String), String> {
+    println!("two QEMU guests (pg1, pg2) running leasedog with an emulated Intel 6300ESB each.");
     let scope = lab.new_scope();
     let watch = lab.watch(&scope)?;
     // The same QEMU reboots pg1 after its reset, so its agent can start
@@ -772,7 +886,7 @@ fn run_demo() -> Result<bool, String> {
         None => println!("  (pg2 did not take the key within 30 s)"),
     }
     println!();
-    let ok = match (&reset, &deleted) {
+    let (fenced, slack) = match (&reset, &deleted) {
         (Some(r), Some(d)) => {
             let slack = (d.boottime_ns as f64 - r.boottime_ns() as f64) / 1e9;
             if slack > R.as_secs_f64() {
@@ -780,41 +894,70 @@ fn run_demo() -> Result<bool, String> {
                     "FENCED: pg1 was reset {slack:.3} s before its lease expired (> R = {} s).",
                     R.as_secs()
                 );
-                true
+                (true, Some(slack))
             } else {
                 println!(
                     "NOT FENCED IN TIME: slack {slack:.3} s <= R = {} s.",
                     R.as_secs()
                 );
-                false
+                (false, Some(slack))
             }
         }
         _ => {
             println!("NOT PROVEN: missing reset or key deletion.");
-            false
+            (false, None)
         }
     };
-    if ok && newl.is_none() {
+    if fenced && newl.is_none() {
         println!("(but pg2 did not take over: its log)\n{}", pg2.agent_log());
     }
-    if ok && reset.is_some() {
+    // The audit must prove the fence on its own: FENCED-BY-RESET.
+    let mut audit = "not run".to_string();
+    let mut audited = false;
+    if reset.is_some() {
         println!("\npg1 reboots (the same QEMU); its agent starts again on the same audit log...");
-        match audit_after_reboot(&lab, &mut pg1, &pg2) {
-            Ok(text) => println!("{text}"),
-            Err(e) => println!("(audit after the reboot unavailable: {e})"),
+        match audit_after_reboot(lab, &mut pg1, &pg2) {
+            Ok((code, text)) => {
+                println!(
+                    "\n$ leasedog audit timeline --no-etcd pg1.audit.jsonl pg2.audit.jsonl   \
+                     (exit {code})\n{text}"
+                );
+                let verdict = text
+                    .lines()
+                    .find(|l| l.starts_with("change at rev") && l.contains("pg1 -> pg2"))
+                    .and_then(|l| l.split_whitespace().last())
+                    .unwrap_or("none");
+                audited = code == 0 && verdict == "FENCED-BY-RESET";
+                audit = format!("pg1->pg2 {verdict} (exit {code})");
+            }
+            Err(e) => {
+                println!("(audit after the reboot unavailable: {e})");
+                audit = "unavailable".into();
+            }
         }
     }
-    println!("demo took {:.0} s", t0.elapsed().as_secs_f64());
-    Ok(ok && newl.is_some())
+    let ok = fenced && newl.is_some() && audited;
+    let said = format!(
+        "{}: pg1 reset {} s before its lease expired (R = {} s), pg2 {} the key; audit {audit}",
+        if ok { "FENCED" } else { "NOT FENCED" },
+        slack.map_or("-".into(), |s| format!("{s:.3}")),
+        R.as_secs(),
+        if newl.is_some() {
+            "took"
+        } else {
+            "did not take"
+        },
+    );
+    Ok((ok, said))
 }
 
 /// After pg1's reset: waits for its reboot, starts its agent again, and
-/// runs `leasedog audit timeline` over both nodes' logs.
+/// runs `leasedog audit timeline` over both nodes' logs: exit code, text.
 fn audit_after_reboot(
     lab: &Lab,
     pg1: &mut scenario::Node,
     pg2: &scenario::Node,
-) -> Result<String, String> {
+) -> Result<(i32, String), String> {
     let up = pg1.guest.wait_rebooted(Duration::from_secs(90))?;
     let before = pg1.audit().len();
     let cfg =
@@ -843,11 +986,7 @@ fn audit_after_reboot(
         start["previous_boot_id"].as_str().unwrap_or("none"),
         start["previous_boot_reset"]
     );
-    let (code, text) =
-        scenario::audit_timeline(&lab.bin, &[pg1.audit_path(), pg2.audit_path()], None)?;
-    Ok(format!(
-        "\n$ leasedog audit timeline --no-etcd pg1.audit.jsonl pg2.audit.jsonl   (exit {code})\n{text}"
-    ))
+    scenario::audit_timeline(&lab.bin, &[pg1.audit_path(), pg2.audit_path()], None)
 }
 
 /// Scenario 5 under systemd (issue 10 item 3): `lab::systemd::kill_trial`.

@@ -19,7 +19,7 @@
 //!   first read-write node (`target_session_attrs=read-write`, each node in
 //!   turn within 1 s, as libpq walks a multi-host string), a writer with a
 //!   kept connection to each node, and a probe asking each node
-//!   `pg_is_in_recovery()`, all every 50-100 ms.
+//!   `pg_is_in_recovery()` (a loop per node), all every 50-100 ms.
 //! - Faults ([`PgFault`]): SIGSTOP of the guest's agent, or of the agent and
 //!   every PostgreSQL process. The guest's watchdog resets it; the host
 //!   node takes the key and promotes. The history is checked with
@@ -37,6 +37,7 @@ use crate::etcd::{EtcdCluster, EventKind, KeyWatch};
 use crate::fence::FakeWatchdogMonitor;
 use crate::history::{self, History, Verdict};
 use crate::pg::{free_port, psql, PgNode, BIN_DIR};
+use crate::view;
 use crate::wait_until;
 use serde_json::{json, Value};
 use std::fs;
@@ -134,6 +135,27 @@ impl PgFault {
             PgFault::EtcdQuorumLoss => "etcd-quorum",
             PgFault::KeyDelete => "key-delete",
             PgFault::Reboot => "reboot",
+        }
+    }
+
+    /// What the fault does, for a reader.
+    pub fn title(self) -> &'static str {
+        match self {
+            PgFault::Stall => "the guest leader's agent stopped (SIGSTOP); its PostgreSQL runs on",
+            PgFault::StallAll => {
+                "the guest leader's agent and all its PostgreSQL stopped (SIGSTOP)"
+            }
+            PgFault::Kill => "the guest leader's agent killed (SIGKILL)",
+            PgFault::PgCrash => "the guest leader's postmaster killed (SIGKILL)",
+            PgFault::NetCut => "the guest leader's network cut (QMP set_link off)",
+            PgFault::Pause => "the guest leader frozen for 2T (QMP stop, then cont)",
+            PgFault::CpuStarve => "the guest leader's CPUs taken by SCHED_FIFO 99 busy loops",
+            PgFault::EtcdLeaderKill => "the etcd raft leader killed, restarted 3 s later",
+            PgFault::EtcdQuorumLoss => "two of the three etcd members killed for T + 3 s",
+            PgFault::KeyDelete => "the leader key deleted by hand (etcdctl del)",
+            PgFault::Reboot => {
+                "the guest leader's agent stopped (SIGSTOP); its data directory survives a reset"
+            }
         }
     }
 
@@ -495,6 +517,9 @@ pub struct PgTrial {
     /// fault.
     pub writer_gap: Option<f64>,
     pub verdict: Verdict,
+    /// What the checker read: every observation, the key's terms, the final
+    /// primary's rows.
+    pub checked: History,
     /// Of the checker's observations outside a term, those whose window
     /// overlaps another node's writable observation: the two nodes may have
     /// been writable at one instant. (A hand-deleted key ends the term of a
@@ -643,6 +668,34 @@ impl PgTrial {
                 ))
             })
             .collect()
+    }
+
+    /// The writer's view of this trial ([`crate::view::render`]); the
+    /// audit must call the change FENCED-BY-RESET after an expected reset
+    /// of an i6300esb guest (softdog keeps no boot status to report it), and
+    /// FENCED-BY-STEP-DOWN after a PostgreSQL crash.
+    pub fn view(&self) -> view::Failover<'_> {
+        let expected_fence = match (self.fault, self.fault.expect().reset, self.dog) {
+            (PgFault::PgCrash, ..) => Some("FENCED-BY-STEP-DOWN"),
+            (_, Some(true), Dog::I6300esb | Dog::Both) => Some("FENCED-BY-RESET"),
+            _ => None,
+        };
+        view::Failover {
+            history: &self.checked,
+            verdict: &self.verdict,
+            old: GUEST_NODE,
+            new: HOST_NODE,
+            fault_ns: ns(self.fault_at),
+            fault: self.fault.title(),
+            reset: self.reset.as_ref().map(|(n, at)| (n.as_str(), ns(*at))),
+            key_deleted_ns: self.key_deleted.map(ns),
+            new_leader_ns: self.new_leader.map(ns),
+            audit: self
+                .timeline
+                .as_ref()
+                .map(|(code, _)| (*code, self.timeline_verdicts())),
+            expected_fence,
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -934,7 +987,7 @@ pub fn run_pg_trial(
             ))
         })
         .collect();
-    let probe = rt.spawn(clients::probe(targets.clone(), EVERY, false, stop.clone()));
+    let probe = rt.spawn(clients::probe_each(targets.clone(), EVERY, stop.clone()));
     std::thread::sleep(Duration::from_secs(3));
     let mut notes = Vec::new();
 
@@ -1019,7 +1072,7 @@ pub fn run_pg_trial(
     for h in w_kept {
         logs_kept.push(join(h)?);
     }
-    let (_rows, probe_obs) = rt.block_on(probe).map_err(|e| e.to_string())?;
+    let probe_obs = rt.block_on(probe).map_err(|e| e.to_string())?;
 
     let after = |e: &crate::etcd::WatchEvent| e.boottime_ns >= ns(fault_at);
     let events = watch.events();
@@ -1101,6 +1154,7 @@ pub fn run_pg_trial(
         writable_at,
         writer_gap: clients::gap_completed(&log_new, ns(fault_at)),
         verdict,
+        checked: h,
         overlapping,
         timeline,
         rejoined_read_only,
