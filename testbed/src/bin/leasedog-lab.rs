@@ -24,9 +24,9 @@
 //!   the whole promise end to end (issue 14, `lab::pg`): leasedog with
 //!   PostgreSQL 15 in a guest with a real watchdog (i6300esb and softdog
 //!   alternating), a host node as its synchronous standby, clients on the
-//!   host recording a history; the guest's agent (or the agent and all its
-//!   PostgreSQL) is stopped; prints failover time (fault -> new primary
-//!   writable), writer gap, the history checker's double-writable and lost
+//!   host recording a history; one fault per trial (default `stall` and
+//!   `stall-all`; `switchover` is the planned one, run with the real CLI);
+//!   prints failover time (fault -> new primary writable), writer gap, the history checker's double-writable and lost
 //!   acknowledged inserts, the audit timeline's verdicts and the wall time
 //!   per trial; writes every history and verdict to PATH (default
 //!   `target/lab-pg.json`). KIND is one of `lab::pg::PgFault`'s names.
@@ -39,7 +39,7 @@
 //!   acknowledged after the reset (must be 0).
 //! - `leasedog-lab matrix [--faults N] [--kinds KIND,...] [--json PATH]`: the
 //!   fault matrix (issue 14): N faults (default 100) round-robin over the
-//!   kinds (default all eleven), the watchdog alternating by round; the
+//!   kinds (default all twelve), the watchdog alternating by round; the
 //!   same figures per kind plus resets and trials that broke the kind's
 //!   expectation (`PgTrial::failures`), the table after every round, every
 //!   trial to PATH (default `target/lab-matrix.json`) as it ends.

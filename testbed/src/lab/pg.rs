@@ -20,15 +20,17 @@
 //!   turn within 1 s, as libpq walks a multi-host string), a writer with a
 //!   kept connection to each node, and a probe asking each node
 //!   `pg_is_in_recovery()`, all every 50-100 ms.
-//! - Faults ([`PgFault`]): SIGSTOP of the guest's agent, or of the agent and
-//!   every PostgreSQL process. The guest's watchdog resets it; the host
-//!   node takes the key and promotes. The history is checked with
+//! - Faults ([`PgFault`]): e.g. SIGSTOP of the guest's agent, or of the
+//!   agent and every PostgreSQL process: the guest's watchdog resets it; the
+//!   host node takes the key and promotes. One kind is no fault: a planned
+//!   switchover to the host node, asked with the real CLI. The history is checked with
 //!   [`crate::history::check`] (terms from the key's watch), and, after the
 //!   guest rebooted and its agent wrote its start-up record,
 //!   `leasedog audit timeline` runs over both nodes' logs.
 
 use super::scenario::{
-    audit_timeline, config, holder, Dog, Lab, Node, GUEST_DIR, GUEST_NODE, HOST_NODE, T,
+    audit_timeline, config, holder, switchover_once, Dog, Lab, Node, GUEST_DIR, GUEST_NODE,
+    HOST_NODE, T,
 };
 use super::{host_boottime, shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
 use crate::agent::AgentProcess;
@@ -96,6 +98,12 @@ pub enum PgFault {
     /// (a 9p share, not tmpfs): after the reboot its agent must bring
     /// PostgreSQL back read-only, as a standby of the new primary.
     Reboot,
+    /// Not a fault: `leasedog switchover --to` the host node, run on the
+    /// host under the clients' load. The guest stops PostgreSQL (fast),
+    /// waits for the host to receive its final WAL, hands the key over,
+    /// and rejoins as a standby; its watchdog stays armed and pinged
+    /// throughout, so no reset.
+    Switchover,
 }
 
 /// What a fault must cause: `Some(true)` it must, `Some(false)` it must
@@ -107,7 +115,7 @@ pub struct Expect {
 }
 
 impl PgFault {
-    pub const ALL: [PgFault; 11] = [
+    pub const ALL: [PgFault; 12] = [
         PgFault::Stall,
         PgFault::StallAll,
         PgFault::Kill,
@@ -119,6 +127,7 @@ impl PgFault {
         PgFault::EtcdQuorumLoss,
         PgFault::KeyDelete,
         PgFault::Reboot,
+        PgFault::Switchover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +143,7 @@ impl PgFault {
             PgFault::EtcdQuorumLoss => "etcd-quorum",
             PgFault::KeyDelete => "key-delete",
             PgFault::Reboot => "reboot",
+            PgFault::Switchover => "switchover",
         }
     }
 
@@ -161,6 +171,9 @@ impl PgFault {
             | PgFault::Reboot => (Some(true), Some(true)),
             // The agent is alive: it steps down and releases the key.
             PgFault::PgCrash => (Some(false), Some(true)),
+            // The leader hands the key over after its confirmed stop and
+            // disarms only once the key is gone.
+            PgFault::Switchover => (Some(false), Some(true)),
             // Pings stop at s + M - R; the watchdog fires at most W later,
             // before the link is healed; the deadline timer may fence first.
             PgFault::NetCut => (Some(true), Some(true)),
@@ -738,9 +751,11 @@ const WATCH_NO_FAILOVER: Duration = Duration::from_secs(12);
 
 /// Applies `fault` to the guest leader; returns the host instant it took
 /// effect. Timed faults (pause, etcd) also heal themselves here.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     plab: &PgLab,
     node: &Node,
+    host: &HostNode,
     fault: PgFault,
     data: &str,
     scope: &str,
@@ -838,6 +853,24 @@ fn apply(
                 "etcd members {li} (leader) and {other} killed, restarted"
             ));
             at
+        }
+        PgFault::Switchover => {
+            // Asked again while the leader refuses because the host's
+            // member record does not show a running replica yet; the
+            // fault's instant is the start of the request that was taken.
+            let t = Instant::now();
+            loop {
+                let at = host_boottime();
+                let (code, out) = switchover_once(&plab.lab, &host.config_path(), HOST_NODE);
+                if code == 0 {
+                    break at;
+                }
+                if !out.contains("not a running replica") || t.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("leasedog switchover exited {code}:\n{out}"));
+                }
+                notes.push(format!("switchover refused, asked again: {}", out.trim()));
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     })
 }
@@ -940,7 +973,7 @@ pub fn run_pg_trial(
 
     // The fault.
     let expect = fault.expect();
-    let fault_at = apply(plab, &node, fault, &data, &scope, &etcd, &mut notes)?;
+    let fault_at = apply(plab, &node, &host, fault, &data, &scope, &etcd, &mut notes)?;
     let host_writable = || host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f");
     if expect.reset == Some(true) && node.guest.wait_reset(Duration::from_secs(30)).is_none() {
         notes.push("no reset within 30 s of the fault".into());
