@@ -343,6 +343,14 @@ pub enum Input {
         previous: Vec<i64>,
         complete: bool,
     },
+    /// Outcome of `ReadHolders`: the key found on this follower's own lease
+    /// at `revision` and what etcd's history says came before it, as in
+    /// [`Input::WonAfter`].
+    HoldersRead {
+        revision: i64,
+        previous: Vec<i64>,
+        complete: bool,
+    },
     /// The scope's pause key as read (`decide::pause`).
     Paused {
         paused: bool,
@@ -581,6 +589,14 @@ pub enum Action {
     /// that held the key before it is gone (docs/fencing.md).
     CheckLeaseGone {
         lease: i64,
+    },
+    /// Read etcd's history of the leader key from store revision `from` up
+    /// to `before` (exclusive): every lease that held it (as after a won
+    /// race). Outcome: [`Input::HoldersRead`], always sent (an unanswered
+    /// read is an incomplete history).
+    ReadHolders {
+        from: i64,
+        before: i64,
     },
     /// Stop PostgreSQL and confirm it (outcome [`Input::SteppedDown`] or
     /// [`Input::StepDownFailed`]). `fast`: a planned step-down (SIGTERM
@@ -885,6 +901,11 @@ pub struct Core {
     /// that revision lost it before that instant (see `history_from`).
     /// `None` also tells a leader to re-read every loop.
     watch_from: Option<(i64, BootTime)>,
+    /// The key found on this follower's own lease (a switchover's hand-over,
+    /// `failover --to`, an unanswered acquire that etcd applied): the
+    /// revision and lease whose history read (`ReadHolders`) is awaited
+    /// before the win is taken, and when it was asked.
+    holders_read: Option<(i64, i64, BootTime)>,
     /// Releases failed in a row (see [`RELEASE_ATTEMPTS`]).
     release_failures: u32,
     /// A follower's release of the key on this lease (after a refused arming
@@ -977,6 +998,7 @@ impl Core {
             last_tick: None,
             owed: BTreeMap::new(),
             watch_from: None,
+            holders_read: None,
             release_failures: 0,
             unreleased: None,
             hold: None,
@@ -1185,6 +1207,11 @@ impl Core {
                 previous,
                 complete,
             } => self.on_won(now, revision, &previous, complete, &mut out),
+            Input::HoldersRead {
+                revision,
+                previous,
+                complete,
+            } => self.on_holders_read(now, revision, &previous, complete, &mut out),
             Input::AcquireFailed { .. } => {
                 // Unanswered: who holds the key is unknown until re-read (a
                 // writable server gets no grace from a race not run).
@@ -2160,12 +2187,58 @@ impl Core {
             return false;
         }
         if self.may_race(now) || self.may_take_given_key(now) {
-            // No history was read for this win: not promoted on hope.
-            self.on_won(now, revision, &[], false, out);
+            // Who held the key before, from etcd's history as after a won
+            // race (`on_holders_read` takes the win); without it the
+            // promotion would wait `T + EXPIRY_SLACK` blind, the whole
+            // downtime of a switchover.
+            let (Some(lease), pending) = (self.lease, self.holders_read) else {
+                return false;
+            };
+            // Asked once per lease: a later report of the same key (a read
+            // gives the store's revision) waits for the answer, unless it
+            // is a TTL late (an answer lost must not leave the key held).
+            let asked =
+                pending.is_some_and(|(_, l, at)| l == lease && now < at + self.budget().ttl);
+            if !asked {
+                self.holders_read = Some((revision, lease, now));
+                out.push(Action::ReadHolders {
+                    from: self.history_from(now),
+                    before: revision,
+                });
+            }
             return true;
         }
         self.release_as_follower(out);
         false
+    }
+
+    /// The history asked by `own_key_as_follower`: the win, if the key is
+    /// still ours on the same lease and this node may still take it; else
+    /// the key is given back. A stale answer is dropped.
+    fn on_holders_read(
+        &mut self,
+        now: BootTime,
+        revision: i64,
+        previous: &[i64],
+        complete: bool,
+        out: &mut Vec<Action>,
+    ) {
+        let Some((asked, lease, _)) = self.holders_read else {
+            return;
+        };
+        if asked != revision {
+            return;
+        }
+        self.holders_read = None;
+        if self.role != Role::Follower || self.holder != KeyHolder::Us || self.lease != Some(lease)
+        {
+            return; // the key or the lease moved on meanwhile
+        }
+        if self.may_race(now) || self.may_take_given_key(now) {
+            self.on_won(now, revision, previous, complete, out);
+        } else {
+            self.release_as_follower(out);
+        }
     }
 
     /// A follower still holding the key (a refused arming, a give-back):

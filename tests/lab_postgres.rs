@@ -135,3 +135,37 @@ fn leader_key_deleted_by_hand_is_a_step_down_and_loses_nothing() {
     assert!(!text.contains("VIOLATION"), "{text}");
     assert!(t.failures().is_empty(), "{:?}", t.failures());
 }
+
+/// A planned switchover (`leasedog switchover --to` the host node, the real
+/// CLI) under the clients' load: the guest leader stops PostgreSQL fast,
+/// waits for the host to receive its final WAL, hands the key over and
+/// rejoins as a standby, its watchdog armed and pinged throughout. No
+/// reset, no instant with two writable nodes, nothing acknowledged lost,
+/// and the timeline proves the change by the confirmed stop.
+#[test]
+fn a_switchover_in_the_lab_hands_over_under_load_and_loses_nothing() {
+    let t = trial(PgFault::Switchover);
+    assert!(t.reset.is_none(), "a reset: {}", t.summary());
+    assert!(
+        t.writable_at.is_some(),
+        "the host node never became writable: {}",
+        t.summary()
+    );
+    assert!(
+        t.verdict.writes_ok > 20,
+        "too few acknowledged writes: {}",
+        t.summary()
+    );
+    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
+    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
+    assert!(
+        t.rejoined_read_only.is_some(),
+        "the old primary did not come back read-only: {}",
+        t.summary()
+    );
+    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
+    eprintln!("{text}");
+    assert!(text.contains("FENCED-BY-STEP-DOWN"), "{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(t.failures().is_empty(), "{:?}", t.failures());
+}

@@ -263,6 +263,13 @@ enum Reply {
         previous: Vec<i64>,
         complete: bool,
     },
+    /// The driver's answer to `Action::ReadHolders` (unanswered: empty,
+    /// incomplete).
+    HoldersRead {
+        revision: i64,
+        previous: Vec<i64>,
+        complete: bool,
+    },
     AcquireNoLease,
     AcquireTimedOut,
     /// The key is held: what etcd returned, and the lease the Acquire was
@@ -397,6 +404,11 @@ enum Req {
     },
     LeaseTtl {
         lease: i64,
+    },
+    /// The key's history in `[from, before)` (`Action::ReadHolders`).
+    ReadHolders {
+        from: i64,
+        before: i64,
     },
 }
 
@@ -1185,22 +1197,11 @@ impl World {
                     let v = KeyVal { node: i, lease };
                     self.put_key(Some(v));
                     let revision = self.etcd.revision;
-                    // The history read after the win: every lease on the
-                    // key from `from` (or etcd's compaction bound) on.
-                    let start = from.max(self.etcd.compacted);
-                    let mut previous: Vec<i64> = self
-                        .etcd
-                        .history
-                        .iter()
-                        .filter(|e| e.revision >= start && e.revision < revision)
-                        .filter_map(|e| e.lease)
-                        .collect();
-                    previous.sort();
-                    previous.dedup();
+                    let (previous, complete) = self.holders(from, revision);
                     Some(Reply::Won {
                         revision,
                         previous,
-                        complete: from >= self.etcd.compacted,
+                        complete,
                     })
                 } else if self.etcd.key.is_none() {
                     Some(Reply::AcquireNoLease)
@@ -1231,6 +1232,14 @@ impl World {
             Req::Revoke { lease } => {
                 self.revoke(lease);
                 None
+            }
+            Req::ReadHolders { from, before } => {
+                let (previous, complete) = self.holders(from, before);
+                Some(Reply::HoldersRead {
+                    revision: before,
+                    previous,
+                    complete,
+                })
             }
             Req::LeaseTtl { lease } => {
                 let left = self
@@ -1289,6 +1298,23 @@ impl World {
         if self.etcd.key.as_ref().is_some_and(|k| k.lease == lease) {
             self.put_key(None);
         }
+    }
+
+    /// The history read after a win (`Dcs::previous_holders`): every lease
+    /// on the key in `[from, before)`, from etcd's compaction bound if
+    /// `from` is older (then incomplete).
+    fn holders(&self, from: i64, before: i64) -> (Vec<i64>, bool) {
+        let start = from.max(self.etcd.compacted);
+        let mut previous: Vec<i64> = self
+            .etcd
+            .history
+            .iter()
+            .filter(|e| e.revision >= start && e.revision < before)
+            .filter_map(|e| e.lease)
+            .collect();
+        previous.sort();
+        previous.dedup();
+        (previous, from >= self.etcd.compacted)
     }
 
     fn put_key(&mut self, v: Option<KeyVal>) {
@@ -1513,6 +1539,15 @@ impl World {
             Action::Revoke { lease } => self.send(i, Req::Revoke { lease }, None),
             // Unanswered: no input, the core asks again on its next loop.
             Action::CheckLeaseGone { lease } => self.send(i, Req::LeaseTtl { lease }, None),
+            Action::ReadHolders { from, before } => self.send(
+                i,
+                Req::ReadHolders { from, before },
+                Some(Reply::HoldersRead {
+                    revision: before,
+                    previous: Vec::new(),
+                    complete: false,
+                }),
+            ),
             // Member records and synchronous standbys are not modelled
             // (the sim's cores have no node name, so none are emitted):
             // answered at once as done.
@@ -1676,6 +1711,15 @@ impl World {
                 previous,
                 complete,
             } => Input::WonAfter {
+                revision,
+                previous,
+                complete,
+            },
+            Reply::HoldersRead {
+                revision,
+                previous,
+                complete,
+            } => Input::HoldersRead {
                 revision,
                 previous,
                 complete,

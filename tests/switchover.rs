@@ -373,6 +373,16 @@ fn switchover_under_two_writers_loses_no_acknowledged_insert() {
         !out.contains("UNPROVEN") && !out.contains("VIOLATION"),
         "{out}"
     );
+    // The target reads the key's history when it finds the key on its own
+    // lease: no hand-over is taken as an unknown history, whose promotion
+    // would wait T + 1.5 s blind (it did: a writer gap of 6 s).
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            !text.contains("\"previous_holders_unknown\""),
+            "{log}: a win over an unknown history"
+        );
+    }
 }
 
 /// An agent's log line saying its server runs as a standby again.

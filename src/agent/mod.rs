@@ -509,6 +509,23 @@ fn holder_name(holder: KeyHolder) -> Option<String> {
 }
 
 /// A read or watched leader key as the core's input, with its lease.
+/// The leases that held the leader key in `[from, before)` and whether that
+/// history is complete (an unread one is not).
+async fn read_holders(d: &mut Dcs, from: i64, before: i64) -> (Vec<i64>, bool) {
+    match d.previous_holders(from, before).await {
+        Ok(h) => {
+            if !h.complete {
+                warn!(from, compacted = ?h.compacted, "the leader key's history before the win is incomplete");
+            }
+            (h.leases.iter().map(|l| l.0).collect(), h.complete)
+        }
+        Err(e) => {
+            warn!("cannot read the leader key's history before the win: {e}");
+            (Vec::new(), false)
+        }
+    }
+}
+
 fn key_seen(h: Holder, current: Option<i64>, revision: i64) -> Input {
     let lease = match &h {
         Holder::Nobody => None,
@@ -846,18 +863,7 @@ impl Agent {
                         info!(revision, "won the leader key");
                         // Who held the key before, from etcd's history: the
                         // core waits for each (a deletion is not an expiry).
-                        let (previous, complete) = match d.previous_holders(from, revision).await {
-                            Ok(h) => {
-                                if !h.complete {
-                                    warn!(from, compacted = ?h.compacted, "the leader key's history before the win is incomplete");
-                                }
-                                (h.leases.iter().map(|l| l.0).collect(), h.complete)
-                            }
-                            Err(e) => {
-                                warn!("cannot read the leader key's history before the win: {e}");
-                                (Vec::new(), false)
-                            }
-                        };
+                        let (previous, complete) = read_holders(d, from, revision).await;
                         Some(Input::WonAfter {
                             revision,
                             previous,
@@ -1024,6 +1030,20 @@ impl Agent {
                         })
                     }
                 }
+            }
+            Action::ReadHolders { from, before } => {
+                let (previous, complete) = match self.dcs().await {
+                    Ok(d) => read_holders(d, from, before).await,
+                    Err(e) => {
+                        warn!("cannot read the leader key's history before the win: {e}");
+                        (Vec::new(), false)
+                    }
+                };
+                Some(Input::HoldersRead {
+                    revision: before,
+                    previous,
+                    complete,
+                })
             }
             Action::CheckLeaseGone { lease } => {
                 let d = match self.dcs().await {

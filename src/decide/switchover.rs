@@ -21,7 +21,8 @@
 //!    `Action::HandOver`): no other node ever sees an empty key to race
 //!    for. The old leader then revokes its lease (the target promotes only
 //!    once it is gone, as after any win) and disarms (rule 4: stopped, key
-//!    gone). The target finds the key on its own lease and takes the win
+//!    gone). The target finds the key on its own lease, reads the key's
+//!    history as after a race and takes the win
 //!    (`Core::own_key_as_follower`): arm, wait for the old lease, promote.
 //!    The old leader follows it; its WAL is a prefix of the target's, so
 //!    the rejoin's `pg_rewind` finds nothing to rewind.
@@ -890,6 +891,19 @@ mod core_tests {
                 holder: KeyHolder::Us,
                 revision: 60,
                 lease: Some(7),
+            },
+        );
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::ReadHolders { before: 60, .. })),
+            "the key's history is read first: {a:?}"
+        );
+        let a = c.handle(
+            t(45),
+            Input::HoldersRead {
+                revision: 60,
+                previous: vec![],
+                complete: true,
             },
         );
         assert!(

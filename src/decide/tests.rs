@@ -1468,6 +1468,16 @@ fn any_input() -> impl Strategy<Value = (u64, Input)> {
                 previous,
                 complete
             }),
+        (
+            0i64..100,
+            proptest::collection::vec(9i64..13, 0..3),
+            any::<bool>()
+        )
+            .prop_map(|(revision, previous, complete)| Input::HoldersRead {
+                revision,
+                previous,
+                complete
+            }),
         any::<(bool, bool, bool)>().prop_map(|(ok, fail, nowayout)| Input::Armed(ArmOutcome {
             armed: if ok {
                 vec![dev("/dev/watchdog0", nowayout)]
@@ -1560,7 +1570,7 @@ proptest! {
                 _ => {}
             }
             let role_before = c.role().clone();
-            if let Input::Won { .. } | Input::WonAfter { .. } = input { arm_ok_since_won = false; }
+            if let Input::Won { .. } | Input::WonAfter { .. } | Input::HoldersRead { .. } = input { arm_ok_since_won = false; }
             if let Input::Armed(o) = &input {
                 if role_before == Role::Arming && arm_before_promote(mode, o).is_ok() {
                     arm_ok_since_won = true;
@@ -1583,7 +1593,10 @@ proptest! {
                     awaited = owed.clone();
                     promote_not_before = 0;
                 }
+                // A history read after the key was found on our lease is a
+                // win too (if the core still takes it).
                 Input::WonAfter { revision, previous, complete }
+                | Input::HoldersRead { revision, previous, complete }
                     if role_before == Role::Follower && c.lease().is_some() =>
                 {
                     key_rev = key_rev.max(*revision);
@@ -2394,6 +2407,18 @@ fn follower_seeing_its_own_key_wins_or_releases() {
     let a = c.handle(t(1020), own.clone());
     assert!(has(&a, |a| matches!(
         a,
+        Action::ReadHolders { before: 6, .. }
+    )));
+    let a = c.handle(
+        t(1030),
+        Input::HoldersRead {
+            revision: 6,
+            previous: vec![],
+            complete: true,
+        },
+    );
+    assert!(has(&a, |a| matches!(
+        a,
         Action::Record(Fact::Acquired {
             lease: 7,
             revision: 6,
@@ -2444,14 +2469,28 @@ fn fenced_leader_rereads_a_key_inferred_gone_and_does_not_sit_on_it() {
             lease: Some(7),
         },
     );
-    assert!(
-        has(&a, |a| *a == Action::Release { lease: 7 })
-            || has(&a, |a| matches!(
+    if !has(&a, |a| *a == Action::Release { lease: 7 }) {
+        // Taken as a win once the key's history is read.
+        assert!(
+            has(&a, |a| matches!(a, Action::ReadHolders { before: 2, .. })),
+            "{a:?}"
+        );
+        let a = c.handle(
+            t(8120),
+            Input::HoldersRead {
+                revision: 2,
+                previous: vec![],
+                complete: true,
+            },
+        );
+        assert!(
+            has(&a, |a| matches!(
                 a,
                 Action::Record(Fact::Acquired { lease: 7, .. })
             )),
-        "{a:?}"
-    );
+            "{a:?}"
+        );
+    }
 }
 
 // --- issue 12: the race for an empty key checks the candidates first ---

@@ -194,25 +194,107 @@ fn a_deletion_seen_late_still_owes_its_lease() {
         == Action::Record(Fact::AwaitingPreviousLease { lease: 42 })));
 }
 
+fn own_key(revision: i64) -> Input {
+    Input::KeySeen {
+        holder: KeyHolder::Us,
+        revision,
+        lease: Some(7),
+    }
+}
+
+fn holders_read(revision: i64, previous: Vec<i64>, complete: bool) -> Input {
+    Input::HoldersRead {
+        revision,
+        previous,
+        complete,
+    }
+}
+
 #[test]
-fn own_key_adopted_without_a_history_read_is_not_promoted_on_hope() {
-    // An Acquire whose answer was lost but applied: the follower sees the
-    // key on its own lease and takes the win, with no history read.
+fn own_key_is_taken_after_a_history_read_as_after_a_race() {
+    // The key found on the follower's own lease (a switchover's hand-over,
+    // `failover --to`, an Acquire whose answer was lost but applied): the
+    // key's history is read first, once, and the win waits only for the
+    // holders it names, not T + EXPIRY_SLACK blind.
     let mut c = fresh_follower();
-    let a = c.handle(
-        t(200),
-        Input::KeySeen {
-            holder: KeyHolder::Us,
-            revision: 6,
-            lease: Some(7),
+    let a = c.handle(t(200), own_key(6));
+    assert!(
+        has(&a, |a| *a == Action::ReadHolders { from: 1, before: 6 }),
+        "{a:?}"
+    );
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::Acquired { .. })
+    )));
+    assert_eq!(c.role(), &Role::Follower);
+    // A later read of the same key (the store's revision) asks no more.
+    let a = c.handle(t(250), own_key(8));
+    assert!(
+        !has(&a, |a| matches!(a, Action::ReadHolders { .. })),
+        "{a:?}"
+    );
+    let a = c.handle(t(300), holders_read(6, vec![42, 7], true));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::Acquired { revision: 6, .. })
+    )));
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::AwaitingPreviousLease { lease: 42 })));
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::PreviousHoldersUnknown { .. })
+    )));
+    let a = c.handle(t(350), armed_ok(false));
+    assert!(has(&a, |a| *a == Action::CheckLeaseGone { lease: 42 }));
+    assert!(!promotes(&a), "{a:?}");
+    c.handle(
+        t(400),
+        Input::Renewed {
+            sent: t(400),
+            ttl: 5,
         },
     );
+    let a = c.handle(
+        t(450),
+        Input::PreviousLease {
+            lease: 42,
+            alive: false,
+            ttl: 0,
+        },
+    );
+    assert!(promotes(&a), "promoted once lease 42 is gone: {a:?}");
+}
+
+#[test]
+fn own_key_with_an_unread_history_is_not_promoted_on_hope() {
+    let mut c = fresh_follower();
+    c.handle(t(200), own_key(6));
+    let a = c.handle(t(210), holders_read(6, vec![], false));
     assert!(has(&a, |a| matches!(
         a,
         Action::Record(Fact::PreviousHoldersUnknown { .. })
     )));
     let a = c.handle(t(300), armed_ok(false));
     assert!(!promotes(&a), "{a:?}");
+}
+
+#[test]
+fn a_history_answered_after_the_key_moved_on_takes_nothing() {
+    let mut c = fresh_follower();
+    c.handle(t(200), own_key(6));
+    // Not the read asked: dropped.
+    let a = c.handle(t(210), holders_read(5, vec![], true));
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::Acquired { .. })
+    )));
+    c.handle(t(220), b_holds(9, Some(42)));
+    let a = c.handle(t(230), holders_read(6, vec![], true));
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::Record(Fact::Acquired { .. })
+    )));
+    assert_eq!(c.role(), &Role::Follower);
 }
 
 #[test]
@@ -243,4 +325,21 @@ fn a_leader_whose_re_read_went_unanswered_reads_again_every_loop() {
     assert!(has(&a, |a| matches!(a, Action::StepDown { .. })), "{a:?}");
     let a = c.handle(t(1900), Input::Tick);
     assert!(!has(&a, |a| *a == Action::ReadKey), "answered: {a:?}");
+}
+
+#[test]
+fn a_history_read_unanswered_for_a_ttl_is_asked_again() {
+    let mut c = fresh_follower();
+    let a = c.handle(t(200), own_key(6));
+    assert!(has(&a, |a| matches!(a, Action::ReadHolders { .. })));
+    let a = c.handle(t(5199), own_key(8));
+    assert!(
+        !has(&a, |a| matches!(a, Action::ReadHolders { .. })),
+        "{a:?}"
+    );
+    let a = c.handle(t(5200), own_key(9));
+    assert!(
+        has(&a, |a| matches!(a, Action::ReadHolders { before: 9, .. })),
+        "{a:?}"
+    );
 }

@@ -11,13 +11,12 @@
 
 use super::gate::TcpGate;
 use super::pg::{lab_template, pg_section, start_host_node};
-use super::scenario::{config, holder, Lab, GUEST_DIR, GUEST_NODE, HOST_NODE};
+use super::scenario::{config, holder, switchover, Lab, GUEST_DIR, GUEST_NODE, HOST_NODE};
 use super::systemd::{Line, SystemdGuest, SystemdSpec, CTL_DIR};
 use crate::etcd::EventKind;
 use crate::pg::{free_port, psql};
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The guest's data directory: absent until the agent clones it.
@@ -132,41 +131,6 @@ log "PGSTATE $(/usr/lib/postgresql/15/bin/pg_controldata {DEB_DATA} | grep 'clus
 "#,
         deb = deb.display()
     )
-}
-
-/// `leasedog switchover --to`, asked again (up to 60 s) while the leader
-/// refuses because the target's member record does not show a running
-/// replica yet (it is published every few loops, after the state changes).
-fn switchover(lab: &Lab, cfg: &Path, to: &str) -> (i32, String) {
-    let t = Instant::now();
-    loop {
-        let r = switchover_once(lab, cfg, to);
-        if r.0 == 0
-            || !r.1.contains("not a running replica")
-            || t.elapsed() > Duration::from_secs(60)
-        {
-            return r;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-fn switchover_once(lab: &Lab, cfg: &Path, to: &str) -> (i32, String) {
-    match Command::new(&lab.bin)
-        .args(["switchover", "--to", to, "--wait", "120", "--config"])
-        .arg(cfg)
-        .output()
-    {
-        Ok(o) => (
-            o.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (-1, e.to_string()),
-    }
 }
 
 /// Retries `q` on `port` until it answers `want` (or 60 s), the last answer.

@@ -20,15 +20,17 @@
 //!   turn within 1 s, as libpq walks a multi-host string), a writer with a
 //!   kept connection to each node, and a probe asking each node
 //!   `pg_is_in_recovery()` (a loop per node), all every 50-100 ms.
-//! - Faults ([`PgFault`]): SIGSTOP of the guest's agent, or of the agent and
-//!   every PostgreSQL process. The guest's watchdog resets it; the host
-//!   node takes the key and promotes. The history is checked with
+//! - Faults ([`PgFault`]): e.g. SIGSTOP of the guest's agent, or of the
+//!   agent and every PostgreSQL process: the guest's watchdog resets it; the
+//!   host node takes the key and promotes. One kind is no fault: a planned
+//!   switchover to the host node, asked with the real CLI. The history is checked with
 //!   [`crate::history::check`] (terms from the key's watch), and, after the
 //!   guest rebooted and its agent wrote its start-up record,
 //!   `leasedog audit timeline` runs over both nodes' logs.
 
 use super::scenario::{
-    audit_timeline, config, holder, Dog, Lab, Node, GUEST_DIR, GUEST_NODE, HOST_NODE, T,
+    audit_timeline, config, holder, switchover_once, Dog, Lab, Node, GUEST_DIR, GUEST_NODE,
+    HOST_NODE, T,
 };
 use super::{host_boottime, shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
 use crate::agent::AgentProcess;
@@ -97,6 +99,12 @@ pub enum PgFault {
     /// (a 9p share, not tmpfs): after the reboot its agent must bring
     /// PostgreSQL back read-only, as a standby of the new primary.
     Reboot,
+    /// Not a fault: `leasedog switchover --to` the host node, run on the
+    /// host under the clients' load. The guest stops PostgreSQL (fast),
+    /// waits for the host to receive its final WAL, hands the key over,
+    /// and rejoins as a standby; its watchdog stays armed and pinged
+    /// throughout, so no reset.
+    Switchover,
 }
 
 /// What a fault must cause: `Some(true)` it must, `Some(false)` it must
@@ -108,7 +116,7 @@ pub struct Expect {
 }
 
 impl PgFault {
-    pub const ALL: [PgFault; 11] = [
+    pub const ALL: [PgFault; 12] = [
         PgFault::Stall,
         PgFault::StallAll,
         PgFault::Kill,
@@ -120,6 +128,7 @@ impl PgFault {
         PgFault::EtcdQuorumLoss,
         PgFault::KeyDelete,
         PgFault::Reboot,
+        PgFault::Switchover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -135,6 +144,7 @@ impl PgFault {
             PgFault::EtcdQuorumLoss => "etcd-quorum",
             PgFault::KeyDelete => "key-delete",
             PgFault::Reboot => "reboot",
+            PgFault::Switchover => "switchover",
         }
     }
 
@@ -156,6 +166,7 @@ impl PgFault {
             PgFault::Reboot => {
                 "the guest leader's agent stopped (SIGSTOP); its data directory survives a reset"
             }
+            PgFault::Switchover => "a planned switchover to the host node (leasedog switchover)",
         }
     }
 
@@ -183,6 +194,9 @@ impl PgFault {
             | PgFault::Reboot => (Some(true), Some(true)),
             // The agent is alive: it steps down and releases the key.
             PgFault::PgCrash => (Some(false), Some(true)),
+            // The leader hands the key over after its confirmed stop and
+            // disarms only once the key is gone.
+            PgFault::Switchover => (Some(false), Some(true)),
             // Pings stop at s + M - R; the watchdog fires at most W later,
             // before the link is healed; the deadline timer may fence first.
             PgFault::NetCut => (Some(true), Some(true)),
@@ -268,13 +282,24 @@ fn append(path: &Path, text: &str) -> Result<(), String> {
 }
 
 pub(crate) fn pg_section(host: &str, port: u16, data: &str, advertise: &str) -> String {
+    pg_section_mode(host, port, data, advertise, true)
+}
+
+/// [`pg_section`] with `synchronous_mode` as given.
+pub(crate) fn pg_section_mode(
+    host: &str,
+    port: u16,
+    data: &str,
+    advertise: &str,
+    synchronous: bool,
+) -> String {
     format!(
         r#"[postgres]
 host = "{host}"
 port = {port}
 data_dir = "{data}"
 advertise_host = "{advertise}"
-synchronous_mode = true
+synchronous_mode = {synchronous}
 stop_timeout = 1.0
 "#
     )
@@ -286,6 +311,10 @@ stop_timeout = 1.0
 pub struct PgLab {
     pub lab: Lab,
     cluster: Mutex<Option<EtcdCluster>>,
+    /// Both nodes' `synchronous_mode` (default true). Asynchronous, an
+    /// acknowledged commit the standby had not received when the primary
+    /// was fenced is lost: counted, not a failure.
+    pub synchronous: bool,
 }
 
 /// Where a trial's agents and clients find etcd.
@@ -302,6 +331,7 @@ impl PgLab {
         Ok(PgLab {
             lab: Lab::start(bin)?,
             cluster: Mutex::new(None),
+            synchronous: true,
         })
     }
 
@@ -364,6 +394,18 @@ pub fn start_host_node(
     template: &Path,
     guest_port: u16,
 ) -> Result<HostNode, String> {
+    start_host_node_mode(lab, etcd, scope, template, guest_port, true)
+}
+
+/// [`start_host_node`] with the agent's `synchronous_mode` as given.
+pub fn start_host_node_mode(
+    lab: &Lab,
+    etcd: &[String],
+    scope: &str,
+    template: &Path,
+    guest_port: u16,
+    synchronous: bool,
+) -> Result<HostNode, String> {
     let dir = lab.work().join(format!("{HOST_NODE}-{scope}"));
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let pg = PgNode::empty(free_port());
@@ -392,11 +434,12 @@ pub fn start_host_node(
         "keep-pinging",
         &devices,
         &dir.join("audit").to_string_lossy(),
-    ) + &pg_section(
+    ) + &pg_section_mode(
         &pg.socket_dir().to_string_lossy(),
         pg.port,
         &pg.data_dir().to_string_lossy(),
         "10.0.2.2",
+        synchronous,
     );
     let agent = AgentProcess::spawn(&lab.bin, HOST_NODE, &cfg, &[])
         .map_err(|e| format!("host agent: {e}"))?;
@@ -498,6 +541,8 @@ pub fn start_guest_pg(
 pub struct PgTrial {
     pub fault: PgFault,
     pub dog: Dog,
+    /// Both nodes in `synchronous_mode` ([`PgLab::synchronous`]).
+    pub synchronous: bool,
     /// Guest boot to its control shell.
     pub boot: Duration,
     /// The template copied and PostgreSQL started in the guest.
@@ -581,7 +626,7 @@ impl PgTrial {
     }
 
     /// Where the trial broke the fault's [`Expect`] or the safety checks
-    /// (double-writable, lost acknowledged inserts, a VIOLATION, an
+    /// (double-writable, lost acknowledged inserts in synchronous mode, a VIOLATION, an
     /// UNPROVEN reset on the i6300esb, a reboot that did not come back
     /// read-only).
     pub fn failures(&self) -> Vec<String> {
@@ -611,7 +656,9 @@ impl PgTrial {
                 self.double_writable()
             ));
         }
-        if self.lost_acked() > 0 {
+        // Asynchronous replication promises no acknowledged commit: the
+        // count is reported, not a broken expectation.
+        if self.lost_acked() > 0 && self.synchronous {
             out.push(format!("{} lost acknowledged", self.lost_acked()));
         }
         for v in self.timeline_verdicts() {
@@ -703,6 +750,7 @@ impl PgTrial {
         json!({
             "fault": self.fault.name(),
             "watchdog": self.dog.name(),
+            "synchronous_mode": self.synchronous,
             "boot_s": self.boot.as_secs_f64(),
             "guest_pg_start_s": self.guest_pg_start.as_secs_f64(),
             "setup_s": self.setup.as_secs_f64(),
@@ -735,12 +783,13 @@ impl PgTrial {
         let t0 = self.fault_at;
         let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:+.2}"));
         format!(
-            "{} ({}): reset {} {}, key deleted {}, host took key {}, writable {} s after the fault; \
+            "{} ({}{}): reset {} {}, key deleted {}, host took key {}, writable {} s after the fault; \
              writer gap {} s; outside term {} (possibly simultaneous {}), lost acked {} (ok {}, failed {}, unknown {}); \
              old primary read-only {}; timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, \
              trial {:.1} s{}",
             self.fault.name(),
             self.dog.name(),
+            if self.synchronous { "" } else { ", async" },
             self.reset.as_ref().map_or("none", |r| r.0.as_str()),
             f(rel(self.reset.as_ref().map(|r| r.1), t0)),
             f(rel(self.key_deleted, t0)),
@@ -791,9 +840,11 @@ const WATCH_NO_FAILOVER: Duration = Duration::from_secs(12);
 
 /// Applies `fault` to the guest leader; returns the host instant it took
 /// effect. Timed faults (pause, etcd) also heal themselves here.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     plab: &PgLab,
     node: &Node,
+    host: &HostNode,
     fault: PgFault,
     data: &str,
     scope: &str,
@@ -892,6 +943,24 @@ fn apply(
             ));
             at
         }
+        PgFault::Switchover => {
+            // Asked again while the leader refuses because the host's
+            // member record does not show a running replica yet; the
+            // fault's instant is the start of the request that was taken.
+            let t = Instant::now();
+            loop {
+                let at = host_boottime();
+                let (code, out) = switchover_once(&plab.lab, &host.config_path(), HOST_NODE);
+                if code == 0 {
+                    break at;
+                }
+                if !out.contains("not a running replica") || t.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("leasedog switchover exited {code}:\n{out}"));
+                }
+                notes.push(format!("switchover refused, asked again: {}", out.trim()));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     })
 }
 
@@ -920,7 +989,7 @@ pub fn run_pg_trial(
     };
     let guest_pg_start = start_guest_pg(&node.guest, &template, gport, &data)?;
     let cfg = lab.guest_config_with(&scope, &node, "keep-pinging", &etcd.ports)?
-        + &pg_section(GUEST_PG, gport, &data, "127.0.0.1");
+        + &pg_section_mode(GUEST_PG, gport, &data, "127.0.0.1", plab.synchronous);
     node.start_agent(&lab.bin, &cfg)?;
     if !node.wait_log("promoted (leader", Duration::from_secs(90)) {
         return Err(format!(
@@ -929,19 +998,22 @@ pub fn run_pg_trial(
         ));
     }
     psql(gport, clients::TABLE_SQL).map_err(|e| format!("create table on the guest: {e}"))?;
-    let host = start_host_node(lab, &etcd.host, &scope, &template, gport)?;
+    let host = start_host_node_mode(lab, &etcd.host, &scope, &template, gport, plab.synchronous)?;
+    // Asynchronous: streaming, and never made synchronous by the agent.
+    let want = if plab.synchronous { "sync" } else { "async" };
     let sync = wait_until(Duration::from_secs(90), || {
         psql(
             gport,
             &format!(
-                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{HOST_NODE}'"
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{HOST_NODE}' \
+                 AND state = 'streaming'"
             ),
         )
-        .is_ok_and(|s| s == "sync")
+        .is_ok_and(|s| s == want)
     });
     if !sync {
         return Err(format!(
-            "the host node never became the guest's synchronous standby; guest agent:\n{}\nhost agent:\n{}",
+            "the host node never became the guest's {want} standby; guest agent:\n{}\nhost agent:\n{}",
             tail(&node.agent_log(), 30),
             tail(&host.agent.log(), 30)
         ));
@@ -993,7 +1065,7 @@ pub fn run_pg_trial(
 
     // The fault.
     let expect = fault.expect();
-    let fault_at = apply(plab, &node, fault, &data, &scope, &etcd, &mut notes)?;
+    let fault_at = apply(plab, &node, &host, fault, &data, &scope, &etcd, &mut notes)?;
     let host_writable = || host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f");
     if expect.reset == Some(true) && node.guest.wait_reset(Duration::from_secs(30)).is_none() {
         notes.push("no reset within 30 s of the fault".into());
@@ -1138,6 +1210,7 @@ pub fn run_pg_trial(
     let trial = PgTrial {
         fault,
         dog,
+        synchronous: plab.synchronous,
         boot: node.guest.boot_time(),
         guest_pg_start,
         setup,

@@ -818,6 +818,42 @@ pub fn run_trial(lab: &Lab, fault: Fault, dog: Dog, reboot: bool) -> Result<Tria
     Ok(trial)
 }
 
+/// `leasedog switchover --to`, asked again (up to 60 s) while the leader
+/// refuses because the target's member record does not show a running
+/// replica yet (it is published every few loops, after the state changes).
+pub fn switchover(lab: &Lab, cfg: &Path, to: &str) -> (i32, String) {
+    let t = Instant::now();
+    loop {
+        let r = switchover_once(lab, cfg, to);
+        if r.0 == 0
+            || !r.1.contains("not a running replica")
+            || t.elapsed() > Duration::from_secs(60)
+        {
+            return r;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// One `leasedog switchover --to` with `cfg`: exit code and output.
+pub fn switchover_once(lab: &Lab, cfg: &Path, to: &str) -> (i32, String) {
+    match std::process::Command::new(&lab.bin)
+        .args(["switchover", "--to", to, "--wait", "120", "--config"])
+        .arg(cfg)
+        .output()
+    {
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (-1, e.to_string()),
+    }
+}
+
 /// Runs `leasedog audit timeline` over `logs` (with `config` to read etcd's
 /// mirrored history, else `--no-etcd`): exit code and stdout (+ stderr).
 pub fn audit_timeline(
