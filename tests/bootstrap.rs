@@ -169,8 +169,8 @@ fn three_empty_data_directories_bootstrap_one_cluster_with_one_initdb_and_two_st
         format!("leasedog_{}", other.name)
     );
     assert_eq!(c.pg.sql("SHOW primary_slot_name"), "leasedog_c");
-    // `other` leaves (its agent stops, its record goes with its lease, its
-    // server stops): its slot is dropped, c's stays.
+    // `other` leaves (its agent stops its server, its record goes with its
+    // lease): its slot is dropped, c's stays.
     other.agent().signal(libc::SIGTERM).unwrap();
     let record = format!("/leasedog/{scope}/members/{}", other.name);
     assert!(
@@ -180,7 +180,16 @@ fn three_empty_data_directories_bootstrap_one_cluster_with_one_initdb_and_two_st
         "{}'s member record is gone",
         other.name
     );
-    other.pg.stop();
+    // A follower stops its standby cleanly before it exits.
+    assert!(
+        wait_until(Duration::from_secs(30), || other
+            .pg
+            .postmaster_pid()
+            .is_none()),
+        "{}'s agent left its server running:\n{}",
+        other.name,
+        other.agent().log()
+    );
     assert!(
         wait_until(Duration::from_secs(60), || l
             .pg
