@@ -106,6 +106,37 @@ fn rule2_stale_evidence_renews_before_arming() {
     );
 }
 
+/// Fresh, but with less than half of `M - R` left: arming would likely
+/// outlast the evidence on a slow machine (and give the key back), so the
+/// win renews first and arms on the fresh renewal, with the whole window.
+#[test]
+fn a_win_late_in_the_ping_window_renews_before_arming() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), granted(0));
+    c.handle(t(0), b_holds(1, None));
+    c.handle(t(700), nobody(3));
+    let a = c.handle(t(700), Input::Won { revision: 4 });
+    assert!(!has(&a, |a| matches!(a, Action::Arm { .. })), "{a:?}");
+    assert!(has(&a, |a| *a == Action::Renew { lease: 7 }), "{a:?}");
+    let a = c.handle(t(760), renewed(710));
+    assert!(
+        has(&a, |a| *a == Action::Arm { not_after: t(1710) }),
+        "{a:?}"
+    );
+    // With half the window left, the win arms at once.
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), granted(0));
+    c.handle(t(0), b_holds(1, None));
+    c.handle(t(500), nobody(3));
+    let a = c.handle(t(500), Input::Won { revision: 4 });
+    assert!(
+        has(&a, |a| *a == Action::Arm { not_after: t(1000) }),
+        "{a:?}"
+    );
+}
+
 #[test]
 fn rule2_required_arm_failure_releases_and_backs_off() {
     let mut c = core(WatchdogMode::Required);
