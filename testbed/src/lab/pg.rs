@@ -639,8 +639,14 @@ impl PgTrial {
         }
         for v in self.timeline_verdicts() {
             let word = v.split_whitespace().last().unwrap_or("");
+            // The i6300esb proves the leader's reset; a second guest's own
+            // changes (a failed promotion, raced again) are its own device's.
+            let leaders = v.starts_with(&format!("{GUEST_NODE}->"));
             if word == "VIOLATION"
-                || (word == "UNPROVEN" && self.dog == Dog::I6300esb && self.reset.is_some())
+                || (word == "UNPROVEN"
+                    && leaders
+                    && self.dog == Dog::I6300esb
+                    && self.reset.is_some())
             {
                 out.push(v);
             }
