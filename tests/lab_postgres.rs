@@ -8,11 +8,13 @@
 //! both nodes' logs must call the change FENCED-BY-RESET. Two more faults
 //! of the matrix, each with an expectation that could fail: a PostgreSQL
 //! crash (a step-down, no reset) and the leader key deleted by hand.
-//! Timings print with --nocapture; `leasedog-lab pg` and `leasedog-lab
+//! The same stall with a second guest (softdog) as the standby instead of
+//! the host node: two real kernel watchdogs. Timings print with --nocapture; `leasedog-lab pg` and `leasedog-lab
 //! matrix` run many trials of every fault kind.
 
-use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab, PgTrial};
+use leasedog_testbed::lab::pg::{run_pg_trial, run_pg_trial_with, PgFault, PgLab, PgTrial};
 use leasedog_testbed::lab::scenario::Dog;
+use leasedog_testbed::lab::second::{Standby, GUEST_B};
 use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
@@ -166,6 +168,62 @@ fn a_switchover_in_the_lab_hands_over_under_load_and_loses_nothing() {
     let (code, text) = t.timeline.clone().expect("the audit timeline ran");
     eprintln!("{text}");
     assert!(text.contains("FENCED-BY-STEP-DOWN"), "{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(t.failures().is_empty(), "{:?}", t.failures());
+}
+
+/// Issue 14 with two guests, each with a real kernel watchdog: guest A
+/// (i6300esb) leads, guest B (softdog) is its synchronous standby, its
+/// PostgreSQL started by its own agent from `standby.signal`, replicating
+/// through the host's forwards. A's agent stalls: A's i6300esb resets it
+/// before its key expires, B takes the key and promotes; B itself is never
+/// reset. Same checker, same audit.
+#[test]
+fn two_guests_each_with_a_real_watchdog_fail_over_with_postgres_and_lose_nothing() {
+    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let standby = Standby::guest_for(Dog::I6300esb);
+    assert_eq!(standby, Standby::Guest(Dog::Softdog));
+    let t = run_pg_trial_with(&lab, &rt, PgFault::Stall, Dog::I6300esb, standby)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", t.summary());
+    for n in &t.notes {
+        eprintln!("  note: {n}");
+    }
+    assert_eq!(t.second, GUEST_B);
+    let reset = t.reset.as_ref().expect("A's i6300esb reset it").1;
+    assert!(
+        reset > t.fault_at,
+        "reset before the fault: {}",
+        t.summary()
+    );
+    let deleted = t.key_deleted.expect("A's key expired");
+    assert!(
+        reset < deleted,
+        "reset after the key expired: {}",
+        t.summary()
+    );
+    assert!(t.new_leader.is_some(), "B took the key: {}", t.summary());
+    assert!(
+        t.writable_at.is_some(),
+        "B became writable: {}",
+        t.summary()
+    );
+    assert!(t.second_reset.is_none(), "B was reset: {}", t.summary());
+    assert!(
+        t.verdict.writes_ok > 20,
+        "too few acknowledged writes: {}",
+        t.summary()
+    );
+    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
+    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
+    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
+    eprintln!("{text}");
+    assert!(text.contains("FENCED-BY-RESET"), "{text}");
     assert_eq!(code, 0, "{text}");
     assert!(t.failures().is_empty(), "{:?}", t.failures());
 }

@@ -20,7 +20,7 @@
 //!   `--observe-restart`, softdog only, with `soft_noboot=1`: the guest
 //!   survives the expiry, and the restarted agent's log and any later
 //!   firing of the handed-back device are printed.
-//! - `leasedog-lab pg [--trials N] [--faults KIND,...] [--async] [--json PATH]`:
+//! - `leasedog-lab pg [--trials N] [--faults KIND,...] [--async] [--standby host|guest] [--json PATH]`:
 //!   the whole promise end to end (issue 14, `lab::pg`): leasedog with
 //!   PostgreSQL 15 in a guest with a real watchdog (i6300esb and softdog
 //!   alternating), a host node as its synchronous standby, clients on the
@@ -32,6 +32,9 @@
 //!   `target/lab-pg.json`). KIND is one of `lab::pg::PgFault`'s names.
 //!   `--async`: both nodes with `synchronous_mode = false` (here and in
 //!   `matrix`): the lost acknowledged inserts are counted, not unmet.
+//!   `--standby guest`: the standby is a second guest with the other
+//!   watchdog (softdog for an i6300esb leader, and the reverse) instead of
+//!   the host node (`lab::second`).
 //! - `leasedog-lab reboot [--trials N]`: reset-then-reboot (issue 11,
 //!   `lab::reboot`): the leader guest, PostgreSQL run by the agent under the
 //!   shipped unit in systemd 252, is partitioned from etcd, reset by its
@@ -39,7 +42,7 @@
 //!   reset, the slack, reset -> second boot -> first accepted connection ->
 //!   rejoin, whether the first answer was read-only and the INSERTs
 //!   acknowledged after the reset (must be 0).
-//! - `leasedog-lab matrix [--faults N] [--kinds KIND,...] [--async] [--json PATH]`: the
+//! - `leasedog-lab matrix [--faults N] [--kinds KIND,...] [--async] [--standby host|guest] [--json PATH]`: the
 //!   fault matrix (issue 14): N faults (default 100) round-robin over the
 //!   kinds (default all twelve), the watchdog alternating by round; the
 //!   same figures per kind plus resets and trials that broke the kind's
@@ -58,8 +61,9 @@
 //! must be built with `--features testing` (scenario 2's fault hook).
 
 use leasedog_testbed::etcd::EventKind;
-use leasedog_testbed::lab::pg::{run_pg_trial, PgFault, PgLab, PgTrial};
+use leasedog_testbed::lab::pg::{run_pg_trial, run_pg_trial_with, PgFault, PgLab, PgTrial};
 use leasedog_testbed::lab::scenario::{self, holder, run_trial, Dog, Fault, Lab, NodeOpts, R};
+use leasedog_testbed::lab::second::Standby;
 use leasedog_testbed::lab::Kernel;
 use leasedog_testbed::view;
 use serde_json::json;
@@ -88,9 +92,9 @@ fn usage() -> ExitCode {
         "usage: leasedog-lab bench [--trials N] [--scenarios 1,2,3,4,5] [--json PATH]\n       \
          leasedog-lab pause [--trials N] [--seconds P]\n       \
          leasedog-lab systemd-kill [--trials N] [--fdstore on|off|both] [--observe-restart]\n       \
-         leasedog-lab pg [--trials N] [--faults KIND,...] [--async] [--json PATH]\n       \
+         leasedog-lab pg [--trials N] [--faults KIND,...] [--async] [--standby host|guest] [--json PATH]\n       \
          leasedog-lab reboot [--trials N]\n       \
-         leasedog-lab matrix [--faults N] [--kinds KIND,...] [--async] [--json PATH]\n       \
+         leasedog-lab matrix [--faults N] [--kinds KIND,...] [--async] [--standby host|guest] [--json PATH]\n       \
          leasedog-lab demo"
     );
     ExitCode::from(2)
@@ -311,6 +315,7 @@ fn pg(args: &[String]) -> ExitCode {
     let mut faults = vec![PgFault::Stall, PgFault::StallAll];
     let mut json_path = workspace_target("lab-pg.json");
     let mut synchronous = true;
+    let mut guest_standby = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -321,6 +326,11 @@ fn pg(args: &[String]) -> ExitCode {
             "--faults" => match it.next().and_then(|v| parse_kinds(v)) {
                 Some(f) => faults = f,
                 None => return kinds_error(),
+            },
+            "--standby" => match it.next().map(String::as_str) {
+                Some("host") => guest_standby = false,
+                Some("guest") => guest_standby = true,
+                _ => return usage(),
             },
             "--json" => match it.next() {
                 Some(p) => json_path = PathBuf::from(p),
@@ -334,7 +344,14 @@ fn pg(args: &[String]) -> ExitCode {
     let plan: Vec<(PgFault, Dog)> = (0..trials)
         .flat_map(|i| faults.iter().map(move |&f| (f, dog_of_round(i))))
         .collect();
-    run_pg_plan(&faults, &plan, &json_path, false, synchronous)
+    run_pg_plan(
+        &faults,
+        &plan,
+        &json_path,
+        false,
+        synchronous,
+        guest_standby,
+    )
 }
 
 /// `leasedog-lab matrix [--faults N] [--kinds a,b] [--json PATH]`: N faults
@@ -345,6 +362,7 @@ fn matrix(args: &[String]) -> ExitCode {
     let mut kinds = PgFault::ALL.to_vec();
     let mut json_path = workspace_target("lab-matrix.json");
     let mut synchronous = true;
+    let mut guest_standby = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -355,6 +373,11 @@ fn matrix(args: &[String]) -> ExitCode {
             "--kinds" => match it.next().and_then(|v| parse_kinds(v)) {
                 Some(f) => kinds = f,
                 None => return kinds_error(),
+            },
+            "--standby" => match it.next().map(String::as_str) {
+                Some("host") => guest_standby = false,
+                Some("guest") => guest_standby = true,
+                _ => return usage(),
             },
             "--json" => match it.next() {
                 Some(p) => json_path = PathBuf::from(p),
@@ -367,7 +390,7 @@ fn matrix(args: &[String]) -> ExitCode {
     let plan: Vec<(PgFault, Dog)> = (0..n)
         .map(|i| (kinds[i % kinds.len()], dog_of_round(i / kinds.len())))
         .collect();
-    run_pg_plan(&kinds, &plan, &json_path, true, synchronous)
+    run_pg_plan(&kinds, &plan, &json_path, true, synchronous, guest_standby)
 }
 
 fn dog_of_round(i: usize) -> Dog {
@@ -395,13 +418,15 @@ fn workspace_target(file: &str) -> PathBuf {
 /// Runs `plan` one trial at a time, writing every trial to `json_path` as
 /// it ends; prints the table at the end, and with `as_it_goes` after every
 /// round of `kinds` too (a run cut short still gives its figures).
-/// `synchronous`: both nodes' `synchronous_mode`.
+/// `synchronous`: both nodes' `synchronous_mode`; with `guest_standby` the
+/// standby is a second guest with the other watchdog.
 fn run_pg_plan(
     kinds: &[PgFault],
     plan: &[(PgFault, Dog)],
     json_path: &std::path::Path,
     as_it_goes: bool,
     synchronous: bool,
+    guest_standby: bool,
 ) -> ExitCode {
     let bin = agent_bin();
     eprintln!("agent: {}", bin.display());
@@ -440,7 +465,12 @@ fn run_pg_plan(
     };
     let total = plan.len();
     for (i, &(f, dog)) in plan.iter().enumerate() {
-        match run_pg_trial(&lab, &rt, f, dog) {
+        let standby = if guest_standby {
+            Standby::guest_for(dog)
+        } else {
+            Standby::Host
+        };
+        match run_pg_trial_with(&lab, &rt, f, dog, standby) {
             Ok(t) => {
                 eprintln!("[{}/{total}] {}", i + 1, t.summary());
                 for n in &t.notes {
@@ -494,7 +524,7 @@ fn table(
     println!();
     println!(
         "end to end: PostgreSQL 15 ({}) under leasedog in a guest with a real watchdog, \
-         host node as its standby; T = 5 s, M = 2 s, R = 1 s, W = 3 s; seconds, median [min-max]; \
+         the host node or a second guest (--standby) as its standby; T = 5 s, M = 2 s, R = 1 s, W = 3 s; seconds, median [min-max]; \
          {} trials, {} errors, {:.0} s so far",
         if synchronous {
             "synchronous"
@@ -591,7 +621,7 @@ fn table(
         }));
     }
     println!(
-        "failover = fault -> first observation of the host node writable; writer gap = the \
+        "failover = fault -> first observation of the standby writable; writer gap = the \
          per-insert read-write writer's longest wait between acknowledged inserts; 2-writ = \
          possibly two writable at one instant (changes of primary beyond etcd's, plus \
          writable observations outside a term overlapping another node's); out(ack) = \

@@ -75,6 +75,7 @@ pub mod proc;
 pub mod qmp;
 pub mod reboot;
 pub mod scenario;
+pub mod second;
 pub mod systemd;
 
 pub use guest::{

@@ -27,11 +27,16 @@
 //!   [`crate::history::check`] (terms from the key's watch), and, after the
 //!   guest rebooted and its agent wrote its start-up record,
 //!   `leasedog audit timeline` runs over both nodes' logs.
+//! - [`run_pg_trial_with`] takes the standby as a [`Standby`]: the host node
+//!   above, or a second guest with a real watchdog of its own
+//!   ([`super::second`]); then the leader advertises 10.0.2.2, where the
+//!   second guest reaches it.
 
 use super::scenario::{
     audit_timeline, config, holder, switchover_once, Dog, Lab, Node, GUEST_DIR, GUEST_NODE,
     HOST_NODE, T,
 };
+use super::second::{Behind, Second, Standby};
 use super::{host_boottime, shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
 use crate::agent::AgentProcess;
 use crate::clients::{self, Attempt, Every, Target};
@@ -464,11 +469,24 @@ pub fn boot_pg_guest(
     pg_port: u16,
     persistent: bool,
 ) -> Result<Node, String> {
-    let share = lab.work().join(format!("{GUEST_NODE}-{scope}"));
+    boot_pg_guest_named(lab, GUEST_NODE, scope, dog, pg_port, persistent)
+}
+
+/// [`boot_pg_guest`] for a guest named `name` (a second guest,
+/// [`super::second`]).
+pub fn boot_pg_guest_named(
+    lab: &Lab,
+    name: &str,
+    scope: &str,
+    dog: Dog,
+    pg_port: u16,
+    persistent: bool,
+) -> Result<Node, String> {
+    let share = lab.work().join(format!("{name}-{scope}"));
     fs::create_dir_all(&share).map_err(|e| format!("{}: {e}", share.display()))?;
     let mut rw_shares = vec![(share.clone(), GUEST_DIR.to_string())];
     if persistent {
-        let disk = lab.work().join(format!("{GUEST_NODE}-{scope}-pg"));
+        let disk = lab.work().join(format!("{name}-{scope}-pg"));
         fs::create_dir_all(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
         rw_shares.push((disk, GUEST_PG_DISK.to_string()));
     }
@@ -477,7 +495,7 @@ pub fn boot_pg_guest(
         nowayout: false,
     });
     let guest = Guest::boot(GuestSpec {
-        name: GUEST_NODE.into(),
+        name: name.into(),
         watchdogs: Watchdogs {
             i6300esb: matches!(dog, Dog::I6300esb | Dog::Both),
             i6300esb_nowayout: false,
@@ -493,7 +511,7 @@ pub fn boot_pg_guest(
         ..GuestSpec::default()
     })?;
     Ok(Node {
-        name: GUEST_NODE.into(),
+        name: name.into(),
         guest,
         share,
         dog,
@@ -543,6 +561,11 @@ pub struct PgTrial {
     pub dog: Dog,
     /// Both nodes in `synchronous_mode` ([`PgLab::synchronous`]).
     pub synchronous: bool,
+    pub standby: Standby,
+    /// The second node's name ([`Second::name`]).
+    pub second: &'static str,
+    /// A reset of the second node (a guest): never expected.
+    pub second_reset: Option<(String, Duration)>,
     /// Guest boot to its control shell.
     pub boot: Duration,
     /// The template copied and PostgreSQL started in the guest.
@@ -663,11 +686,20 @@ impl PgTrial {
         }
         for v in self.timeline_verdicts() {
             let word = v.split_whitespace().last().unwrap_or("");
+            // The i6300esb proves the leader's reset; a second guest's own
+            // changes (a failed promotion, raced again) are its own device's.
+            let leaders = v.starts_with(&format!("{GUEST_NODE}->"));
             if word == "VIOLATION"
-                || (word == "UNPROVEN" && self.dog == Dog::I6300esb && self.reset.is_some())
+                || (word == "UNPROVEN"
+                    && leaders
+                    && self.dog == Dog::I6300esb
+                    && self.reset.is_some())
             {
                 out.push(v);
             }
+        }
+        if let Some((name, _)) = &self.second_reset {
+            out.push(format!("{} reset ({name})", self.second));
         }
         if self.fault == PgFault::Reboot && self.rejoined_read_only.is_none() {
             out.push("the rebooted node's PostgreSQL never answered read-only".into());
@@ -731,7 +763,7 @@ impl PgTrial {
             history: &self.checked,
             verdict: &self.verdict,
             old: GUEST_NODE,
-            new: HOST_NODE,
+            new: self.second,
             fault_ns: ns(self.fault_at),
             fault: self.fault.title(),
             reset: self.reset.as_ref().map(|(n, at)| (n.as_str(), ns(*at))),
@@ -751,6 +783,8 @@ impl PgTrial {
             "fault": self.fault.name(),
             "watchdog": self.dog.name(),
             "synchronous_mode": self.synchronous,
+            "standby": self.standby.name(),
+            "standby_reset": self.second_reset.as_ref().map(|r| r.0.clone()),
             "boot_s": self.boot.as_secs_f64(),
             "guest_pg_start_s": self.guest_pg_start.as_secs_f64(),
             "setup_s": self.setup.as_secs_f64(),
@@ -783,16 +817,18 @@ impl PgTrial {
         let t0 = self.fault_at;
         let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:+.2}"));
         format!(
-            "{} ({}{}): reset {} {}, key deleted {}, host took key {}, writable {} s after the fault; \
+            "{} ({}{}, standby {}): reset {} {}, key deleted {}, {} took key {}, writable {} s after the fault; \
              writer gap {} s; outside term {} (possibly simultaneous {}), lost acked {} (ok {}, failed {}, unknown {}); \
              old primary read-only {}; timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, \
              trial {:.1} s{}",
             self.fault.name(),
             self.dog.name(),
             if self.synchronous { "" } else { ", async" },
+            self.standby.name(),
             self.reset.as_ref().map_or("none", |r| r.0.as_str()),
             f(rel(self.reset.as_ref().map(|r| r.1), t0)),
             f(rel(self.key_deleted, t0)),
+            self.second,
             f(rel(self.new_leader, t0)),
             f(self.failover()),
             self.writer_gap.map_or("-".into(), |g| format!("{g:.2}")),
@@ -844,7 +880,7 @@ const WATCH_NO_FAILOVER: Duration = Duration::from_secs(12);
 fn apply(
     plab: &PgLab,
     node: &Node,
-    host: &HostNode,
+    host: &Second,
     fault: PgFault,
     data: &str,
     scope: &str,
@@ -950,7 +986,7 @@ fn apply(
             let t = Instant::now();
             loop {
                 let at = host_boottime();
-                let (code, out) = switchover_once(&plab.lab, &host.config_path(), HOST_NODE);
+                let (code, out) = switchover_once(&plab.lab, &host.config_path(), host.name());
                 if code == 0 {
                     break at;
                 }
@@ -972,6 +1008,18 @@ pub fn run_pg_trial(
     fault: PgFault,
     dog: Dog,
 ) -> Result<PgTrial, String> {
+    run_pg_trial_with(plab, rt, fault, dog, Standby::Host)
+}
+
+/// [`run_pg_trial`] with `standby` as the guest leader's standby: the host
+/// node or a second guest ([`super::second`]).
+pub fn run_pg_trial_with(
+    plab: &PgLab,
+    rt: &tokio::runtime::Runtime,
+    fault: PgFault,
+    dog: Dog,
+    standby: Standby,
+) -> Result<PgTrial, String> {
     let lab = &plab.lab;
     let t0 = Instant::now();
     let template = lab_template()?;
@@ -989,7 +1037,13 @@ pub fn run_pg_trial(
     };
     let guest_pg_start = start_guest_pg(&node.guest, &template, gport, &data)?;
     let cfg = lab.guest_config_with(&scope, &node, "keep-pinging", &etcd.ports)?
-        + &pg_section_mode(GUEST_PG, gport, &data, "127.0.0.1", plab.synchronous);
+        + &pg_section_mode(
+            GUEST_PG,
+            gport,
+            &data,
+            standby.leader_advertise(),
+            plab.synchronous,
+        );
     node.start_agent(&lab.bin, &cfg)?;
     if !node.wait_log("promoted (leader", Duration::from_secs(90)) {
         return Err(format!(
@@ -998,14 +1052,23 @@ pub fn run_pg_trial(
         ));
     }
     psql(gport, clients::TABLE_SQL).map_err(|e| format!("create table on the guest: {e}"))?;
-    let host = start_host_node_mode(lab, &etcd.host, &scope, &template, gport, plab.synchronous)?;
+    let host = Second::start(
+        lab,
+        standby,
+        &etcd,
+        &scope,
+        &template,
+        gport,
+        plab.synchronous,
+    )?;
+    let second = host.name();
     // Asynchronous: streaming, and never made synchronous by the agent.
     let want = if plab.synchronous { "sync" } else { "async" };
     let sync = wait_until(Duration::from_secs(90), || {
         psql(
             gport,
             &format!(
-                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{HOST_NODE}' \
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{second}' \
                  AND state = 'streaming'"
             ),
         )
@@ -1013,13 +1076,16 @@ pub fn run_pg_trial(
     });
     if !sync {
         return Err(format!(
-            "the host node never became the guest's {want} standby; guest agent:\n{}\nhost agent:\n{}",
+            "{second} never became the guest's {want} standby; guest agent:\n{}\n{second}'s agent:\n{}",
             tail(&node.agent_log(), 30),
-            tail(&host.agent.log(), 30)
+            tail(&host.agent_log(), 30)
         ));
     }
     if let Some(r) = node.guest.reset_time() {
         return Err(format!("the guest reset while healthy: {r:?}"));
+    }
+    if let Some(r) = host.reset() {
+        return Err(format!("{second} reset while healthy: {r:?}"));
     }
     let setup = t0.elapsed();
 
@@ -1030,8 +1096,8 @@ pub fn run_pg_trial(
             port: gport,
         },
         Target {
-            name: HOST_NODE.into(),
-            port: host.pg.port,
+            name: second.into(),
+            port: host.port(),
         },
     ];
     let stop = Arc::new(AtomicBool::new(false));
@@ -1066,16 +1132,22 @@ pub fn run_pg_trial(
     // The fault.
     let expect = fault.expect();
     let fault_at = apply(plab, &node, &host, fault, &data, &scope, &etcd, &mut notes)?;
-    let host_writable = || host.pg.try_sql("SELECT pg_is_in_recovery()").as_deref() == Ok("f");
+    notes.push(super::second::host_load());
+    let host_writable = || host.writable();
     if expect.reset == Some(true) && node.guest.wait_reset(Duration::from_secs(30)).is_none() {
         notes.push("no reset within 30 s of the fault".into());
     }
+    // Reset (or not), the old leader's guest yields the CPU to a standby
+    // guest until the failover is done.
+    let behind =
+        (node.guest.reset_time().is_some()).then(|| Behind::reboot_of(&node.guest, standby));
     let writable = if expect.failover == Some(false) {
         // Watched for a while: the host node must stay a standby.
         wait_until(WATCH_NO_FAILOVER, host_writable)
     } else {
         wait_until(Duration::from_secs(40), host_writable)
     };
+    drop(behind);
     if fault == PgFault::NetCut {
         node.guest.set_link(true)?;
     }
@@ -1087,7 +1159,7 @@ pub fn run_pg_trial(
     if writable {
         std::thread::sleep(HOLD_AFTER_PROMOTION);
     } else if expect.failover == Some(true) {
-        notes.push("the host node was not writable within 40 s".into());
+        notes.push(format!("{second} was not writable within 40 s"));
     }
     let reset = node.guest.reset_time();
 
@@ -1155,7 +1227,7 @@ pub fn run_pg_trial(
     let new_leader = events
         .iter()
         .find(|e| {
-            after(e) && e.kind == EventKind::Put && holder(&e.value).as_deref() == Some(HOST_NODE)
+            after(e) && e.kind == EventKind::Put && holder(&e.value).as_deref() == Some(second)
         })
         .map(|e| Duration::from_nanos(e.boottime_ns));
     // The final primary: whichever node is writable now.
@@ -1165,7 +1237,7 @@ pub fn run_pg_trial(
             .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
     };
     let final_rows = if host_writable() {
-        rows(host.pg.port)
+        rows(host.port())
     } else if psql(gport, "SELECT pg_is_in_recovery()").is_ok_and(|s| s == "f") {
         rows(gport)
     } else {
@@ -1184,7 +1256,7 @@ pub fn run_pg_trial(
     }
     let writable_at = obs
         .iter()
-        .filter(|o| o.node.as_deref() == Some(HOST_NODE) && o.invoke_ns >= ns(fault_at))
+        .filter(|o| o.node.as_deref() == Some(second) && o.invoke_ns >= ns(fault_at))
         .filter(|o| match o.kind {
             history::Kind::Write { outcome, .. } => outcome == history::Outcome::Ok,
             history::Kind::Probe { writable } => writable == Some(true),
@@ -1207,10 +1279,14 @@ pub fn run_pg_trial(
         Some(&host.config_path()),
     )?);
 
+    let second_reset = host.reset();
     let trial = PgTrial {
         fault,
         dog,
         synchronous: plab.synchronous,
+        standby,
+        second,
+        second_reset,
         boot: node.guest.boot_time(),
         guest_pg_start,
         setup,
