@@ -313,9 +313,7 @@ fn bench(args: &[String]) -> ExitCode {
 fn pg(args: &[String]) -> ExitCode {
     let mut trials = 4usize;
     let mut faults = vec![PgFault::Stall, PgFault::StallAll];
-    let mut json_path = workspace_target("lab-pg.json");
-    let mut synchronous = true;
-    let mut guest_standby = false;
+    let mut opts = PlanOpts::new("lab-pg.json");
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -327,31 +325,57 @@ fn pg(args: &[String]) -> ExitCode {
                 Some(f) => faults = f,
                 None => return kinds_error(),
             },
-            "--standby" => match it.next().map(String::as_str) {
-                Some("host") => guest_standby = false,
-                Some("guest") => guest_standby = true,
-                _ => return usage(),
-            },
-            "--json" => match it.next() {
-                Some(p) => json_path = PathBuf::from(p),
-                None => return usage(),
-            },
-            "--async" => synchronous = false,
-            _ => return usage(),
+            other => {
+                if !opts.take(other, &mut it) {
+                    return usage();
+                }
+            }
         }
     }
     // Each round runs every fault once, the watchdog alternating by round.
     let plan: Vec<(PgFault, Dog)> = (0..trials)
         .flat_map(|i| faults.iter().map(move |&f| (f, dog_of_round(i))))
         .collect();
-    run_pg_plan(
-        &faults,
-        &plan,
-        &json_path,
-        false,
-        synchronous,
-        guest_standby,
-    )
+    run_pg_plan(&faults, &plan, false, &opts)
+}
+
+/// The options `pg` and `matrix` share: `--json PATH`, `--async`,
+/// `--standby host|guest`.
+struct PlanOpts {
+    json_path: PathBuf,
+    /// Both nodes' `synchronous_mode` (off with `--async`).
+    synchronous: bool,
+    /// The standby is a second guest with the other watchdog.
+    guest_standby: bool,
+}
+
+impl PlanOpts {
+    fn new(json_file: &str) -> PlanOpts {
+        PlanOpts {
+            json_path: workspace_target(json_file),
+            synchronous: true,
+            guest_standby: false,
+        }
+    }
+
+    /// Takes `arg` (and its value from `rest`); false if it is none of
+    /// these options or its value is missing or unknown.
+    fn take<'a>(&mut self, arg: &str, rest: &mut impl Iterator<Item = &'a String>) -> bool {
+        match arg {
+            "--json" => match rest.next() {
+                Some(p) => self.json_path = PathBuf::from(p),
+                None => return false,
+            },
+            "--async" => self.synchronous = false,
+            "--standby" => match rest.next().map(String::as_str) {
+                Some("host") => self.guest_standby = false,
+                Some("guest") => self.guest_standby = true,
+                _ => return false,
+            },
+            _ => return false,
+        }
+        true
+    }
 }
 
 /// `leasedog-lab matrix [--faults N] [--kinds a,b] [--json PATH]`: N faults
@@ -360,9 +384,7 @@ fn pg(args: &[String]) -> ExitCode {
 fn matrix(args: &[String]) -> ExitCode {
     let mut n = 100usize;
     let mut kinds = PgFault::ALL.to_vec();
-    let mut json_path = workspace_target("lab-matrix.json");
-    let mut synchronous = true;
-    let mut guest_standby = false;
+    let mut opts = PlanOpts::new("lab-matrix.json");
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -374,23 +396,17 @@ fn matrix(args: &[String]) -> ExitCode {
                 Some(f) => kinds = f,
                 None => return kinds_error(),
             },
-            "--standby" => match it.next().map(String::as_str) {
-                Some("host") => guest_standby = false,
-                Some("guest") => guest_standby = true,
-                _ => return usage(),
-            },
-            "--json" => match it.next() {
-                Some(p) => json_path = PathBuf::from(p),
-                None => return usage(),
-            },
-            "--async" => synchronous = false,
-            _ => return usage(),
+            other => {
+                if !opts.take(other, &mut it) {
+                    return usage();
+                }
+            }
         }
     }
     let plan: Vec<(PgFault, Dog)> = (0..n)
         .map(|i| (kinds[i % kinds.len()], dog_of_round(i / kinds.len())))
         .collect();
-    run_pg_plan(&kinds, &plan, &json_path, true, synchronous, guest_standby)
+    run_pg_plan(&kinds, &plan, true, &opts)
 }
 
 fn dog_of_round(i: usize) -> Dog {
@@ -415,7 +431,7 @@ fn workspace_target(file: &str) -> PathBuf {
     root.parent().unwrap_or(root).join("target").join(file)
 }
 
-/// Runs `plan` one trial at a time, writing every trial to `json_path` as
+/// Runs `plan` one trial at a time, writing every trial to `opts.json_path` as
 /// it ends; prints the table at the end, and with `as_it_goes` after every
 /// round of `kinds` too (a run cut short still gives its figures).
 /// `synchronous`: both nodes' `synchronous_mode`; with `guest_standby` the
@@ -423,11 +439,15 @@ fn workspace_target(file: &str) -> PathBuf {
 fn run_pg_plan(
     kinds: &[PgFault],
     plan: &[(PgFault, Dog)],
-    json_path: &std::path::Path,
     as_it_goes: bool,
-    synchronous: bool,
-    guest_standby: bool,
+    opts: &PlanOpts,
 ) -> ExitCode {
+    let PlanOpts {
+        json_path,
+        synchronous,
+        guest_standby,
+    } = opts;
+    let (synchronous, guest_standby) = (*synchronous, *guest_standby);
     let bin = agent_bin();
     eprintln!("agent: {}", bin.display());
     let lab = match PgLab::start(&bin) {
