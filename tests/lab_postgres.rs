@@ -12,22 +12,28 @@
 //! the host node: two real kernel watchdogs. Timings print with --nocapture; `leasedog-lab pg` and `leasedog-lab
 //! matrix` run many trials of every fault kind.
 
-use leasedog_testbed::lab::pg::{run_pg_trial, run_pg_trial_with, PgFault, PgLab, PgTrial};
+use leasedog_testbed::lab::pg::{run_pg_trial_with, PgFault, PgLab, PgTrial};
 use leasedog_testbed::lab::scenario::Dog;
 use leasedog_testbed::lab::second::{Standby, GUEST_B};
 use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
 
-/// One trial of `fault` on an i6300esb guest, its summary and notes printed.
+/// One trial of `fault` on an i6300esb guest with the host node as its
+/// standby, its summary and notes printed.
 fn trial(fault: PgFault) -> PgTrial {
+    trial_with(fault, Standby::Host)
+}
+
+fn trial_with(fault: PgFault, standby: Standby) -> PgTrial {
     let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let t = run_pg_trial(&lab, &rt, fault, Dog::I6300esb).unwrap_or_else(|e| panic!("{e}"));
+    let t = run_pg_trial_with(&lab, &rt, fault, Dog::I6300esb, standby)
+        .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}", t.summary());
     for n in &t.notes {
         eprintln!("  note: {n}");
@@ -35,44 +41,67 @@ fn trial(fault: PgFault) -> PgTrial {
     t
 }
 
-#[test]
-fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
-    let t = trial(PgFault::Stall);
-    let v = &t.verdict;
-    let reset = t.reset.as_ref().expect("the guest's watchdog reset it").1;
+/// The watchdog reset the leader after the fault and before its key
+/// expired, and the standby took the key and became writable.
+fn assert_reset_before_expiry_then_failover(t: &PgTrial) {
+    let reset = t.reset.as_ref().expect("the leader's watchdog reset it").1;
     assert!(
         reset > t.fault_at,
         "reset before the fault: {}",
         t.summary()
     );
-    let deleted = t.key_deleted.expect("the guest's key expired");
+    let deleted = t.key_deleted.expect("the leader's key expired");
     assert!(
         reset < deleted,
         "reset after the key expired: {}",
         t.summary()
     );
+    assert!(t.new_leader.is_some(), "no new holder: {}", t.summary());
     assert!(
-        t.new_leader.is_some(),
-        "the host node took the key: {}",
+        t.writable_at.is_some(),
+        "the standby never became writable: {}",
         t.summary()
     );
-    let failover = t.failover().expect("the host node became writable");
-    assert!(failover < 30.0, "failover {failover:.2} s: {}", t.summary());
+}
+
+/// Enough acknowledged writes, no instant with two writable nodes, none
+/// lost, the timeline says `verdict` and exits 0, and the fault met its
+/// expectations.
+fn assert_safe_and_proven(t: &PgTrial, verdict: &str) {
     assert!(
-        v.writes_ok > 20,
+        t.verdict.writes_ok > 20,
         "too few acknowledged writes: {}",
         t.summary()
     );
-    assert_eq!(t.double_writable(), 0, "{:#}", v.to_json());
-    assert!(
-        v.lost_acked.is_empty(),
-        "lost acknowledged: {:#}",
-        v.to_json()
-    );
+    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
+    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
     let (code, text) = t.timeline.clone().expect("the audit timeline ran");
     eprintln!("{text}");
-    assert!(text.contains("FENCED-BY-RESET"), "{text}");
+    assert!(text.contains(verdict), "{text}");
     assert_eq!(code, 0, "{text}");
+    assert!(t.failures().is_empty(), "{:?}", t.failures());
+}
+
+/// A change without a reset: the standby became writable and the old
+/// primary came back read-only, proven by its confirmed stop.
+fn assert_stepped_down(t: &PgTrial) {
+    assert!(t.reset.is_none(), "a reset: {}", t.summary());
+    assert!(t.writable_at.is_some(), "no failover: {}", t.summary());
+    assert!(
+        t.rejoined_read_only.is_some(),
+        "the old primary did not come back read-only: {}",
+        t.summary()
+    );
+    assert_safe_and_proven(t, "FENCED-BY-STEP-DOWN");
+}
+
+#[test]
+fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
+    let t = trial(PgFault::Stall);
+    assert_reset_before_expiry_then_failover(&t);
+    let failover = t.failover().expect("the host node became writable");
+    assert!(failover < 30.0, "failover {failover:.2} s: {}", t.summary());
+    assert_safe_and_proven(&t, "FENCED-BY-RESET");
     // What the demo prints and exits on.
     let view = t.view();
     let shown = leasedog_testbed::view::render(&view);
@@ -87,26 +116,7 @@ fn stalled_guest_leader_with_postgres_is_reset_and_no_write_is_lost() {
 /// PostgreSQL comes back as a standby (read-only). Same checker, same audit.
 #[test]
 fn postgres_crash_on_the_guest_leader_is_a_step_down_not_a_reset() {
-    let t = trial(PgFault::PgCrash);
-    assert!(t.reset.is_none(), "a reset: {}", t.summary());
-    assert!(t.writable_at.is_some(), "no failover: {}", t.summary());
-    assert!(
-        t.verdict.writes_ok > 20,
-        "too few acknowledged writes: {}",
-        t.summary()
-    );
-    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
-    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
-    assert!(
-        t.rejoined_read_only.is_some(),
-        "the old primary did not come back read-only: {}",
-        t.summary()
-    );
-    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
-    eprintln!("{text}");
-    assert!(text.contains("FENCED-BY-STEP-DOWN"), "{text}");
-    assert_eq!(code, 0, "{text}");
-    assert!(t.failures().is_empty(), "{:?}", t.failures());
+    assert_stepped_down(&trial(PgFault::PgCrash));
 }
 
 /// The leader key deleted by hand (`etcdctl del`) under a writing primary:
@@ -146,30 +156,7 @@ fn leader_key_deleted_by_hand_is_a_step_down_and_loses_nothing() {
 /// and the timeline proves the change by the confirmed stop.
 #[test]
 fn a_switchover_in_the_lab_hands_over_under_load_and_loses_nothing() {
-    let t = trial(PgFault::Switchover);
-    assert!(t.reset.is_none(), "a reset: {}", t.summary());
-    assert!(
-        t.writable_at.is_some(),
-        "the host node never became writable: {}",
-        t.summary()
-    );
-    assert!(
-        t.verdict.writes_ok > 20,
-        "too few acknowledged writes: {}",
-        t.summary()
-    );
-    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
-    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
-    assert!(
-        t.rejoined_read_only.is_some(),
-        "the old primary did not come back read-only: {}",
-        t.summary()
-    );
-    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
-    eprintln!("{text}");
-    assert!(text.contains("FENCED-BY-STEP-DOWN"), "{text}");
-    assert_eq!(code, 0, "{text}");
-    assert!(t.failures().is_empty(), "{:?}", t.failures());
+    assert_stepped_down(&trial(PgFault::Switchover));
 }
 
 /// Issue 14 with two guests, each with a real kernel watchdog: guest A
@@ -180,50 +167,11 @@ fn a_switchover_in_the_lab_hands_over_under_load_and_loses_nothing() {
 /// reset. Same checker, same audit.
 #[test]
 fn two_guests_each_with_a_real_watchdog_fail_over_with_postgres_and_lose_nothing() {
-    let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let standby = Standby::guest_for(Dog::I6300esb);
     assert_eq!(standby, Standby::Guest(Dog::Softdog));
-    let t = run_pg_trial_with(&lab, &rt, PgFault::Stall, Dog::I6300esb, standby)
-        .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{}", t.summary());
-    for n in &t.notes {
-        eprintln!("  note: {n}");
-    }
+    let t = trial_with(PgFault::Stall, standby);
     assert_eq!(t.second, GUEST_B);
-    let reset = t.reset.as_ref().expect("A's i6300esb reset it").1;
-    assert!(
-        reset > t.fault_at,
-        "reset before the fault: {}",
-        t.summary()
-    );
-    let deleted = t.key_deleted.expect("A's key expired");
-    assert!(
-        reset < deleted,
-        "reset after the key expired: {}",
-        t.summary()
-    );
-    assert!(t.new_leader.is_some(), "B took the key: {}", t.summary());
-    assert!(
-        t.writable_at.is_some(),
-        "B became writable: {}",
-        t.summary()
-    );
+    assert_reset_before_expiry_then_failover(&t);
     assert!(t.second_reset.is_none(), "B was reset: {}", t.summary());
-    assert!(
-        t.verdict.writes_ok > 20,
-        "too few acknowledged writes: {}",
-        t.summary()
-    );
-    assert_eq!(t.double_writable(), 0, "{:#}", t.verdict.to_json());
-    assert_eq!(t.lost_acked(), 0, "{:#}", t.verdict.to_json());
-    let (code, text) = t.timeline.clone().expect("the audit timeline ran");
-    eprintln!("{text}");
-    assert!(text.contains("FENCED-BY-RESET"), "{text}");
-    assert_eq!(code, 0, "{text}");
-    assert!(t.failures().is_empty(), "{:?}", t.failures());
+    assert_safe_and_proven(&t, "FENCED-BY-RESET");
 }

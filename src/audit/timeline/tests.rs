@@ -100,6 +100,25 @@ impl Node {
         )
     }
 
+    /// Its step-down confirmed: PostgreSQL stopped.
+    fn stop_confirmed(&mut self) -> &mut Self {
+        self.rec(
+            None,
+            Event::StepDownConfirmed {
+                how: "stopped".into(),
+            },
+        )
+    }
+
+    fn disarmed(&mut self) -> &mut Self {
+        self.rec(
+            None,
+            Event::Disarmed {
+                device: "/dev/watchdog0".into(),
+            },
+        )
+    }
+
     fn armed(&mut self, w_s: u32) -> &mut Self {
         self.rec(
             None,
@@ -169,19 +188,9 @@ fn a_step_down_then_release_before_the_new_acquisition_is_fenced() {
                 deadline_ns: 103 * S,
             },
         )
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
+        .stop_confirmed()
         .rec(Some(20), OLD_RELEASE)
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        );
+        .disarmed();
     let pg2 = new_leader(21);
     let c = one(timeline(&[pg1.recs, pg2.recs], &[]));
     assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
@@ -203,12 +212,10 @@ fn a_step_down_before_the_earliest_expiry_is_fenced_without_a_release() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     // Last acknowledged renewal sent at 103 s; confirmed stopped at 106 s,
     // before 103 + T = 108 s, the earliest the key could expire.
-    pg1.at(104.5).refused(103.0, 104.5).at(106.0).rec(
-        None,
-        Event::StepDownConfirmed {
-            how: "stopped".into(),
-        },
-    );
+    pg1.at(104.5)
+        .refused(103.0, 104.5)
+        .at(106.0)
+        .stop_confirmed();
     let c = one(timeline(&[pg1.recs, new_leader(30).recs], &[]));
     assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
     assert_eq!(c.old.last_s_ns, Some(103 * S));
@@ -222,12 +229,7 @@ fn a_step_down_before_the_earliest_expiry_is_fenced_without_a_release() {
 #[test]
 fn a_late_step_down_proves_nothing_by_itself() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-    pg1.at(109.0).rec(
-        None,
-        Event::StepDownConfirmed {
-            how: "stopped".into(),
-        },
-    );
+    pg1.at(109.0).stop_confirmed();
     let c = one(timeline(&[pg1.recs, new_leader(30).recs], &[]));
     let m = missing(&c);
     assert!(
@@ -313,14 +315,7 @@ fn local_records_and_their_etcd_mirror_are_not_counted_twice() {
 #[test]
 fn a_leader_seen_but_never_recorded_leaves_the_change_unproven() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-    pg1.at(104.0)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
-        .rec(Some(20), OLD_RELEASE);
+    pg1.at(104.0).stop_confirmed().rec(Some(20), OLD_RELEASE);
     // pg2 saw pg9 win the key at rev 22 before pg2 won it at 30; pg9 has
     // neither a local log nor mirrored records.
     let mut pg2 = Node::new("pg2", "boot-pg2");
@@ -398,18 +393,8 @@ fn fresh_pings_are_evidence_that_rule_1_held() {
 fn disarming_before_the_step_down_is_confirmed_is_a_violation() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     pg1.at(103.0)
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        )
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
+        .disarmed()
+        .stop_confirmed()
         .rec(Some(20), OLD_RELEASE);
     let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
     assert!(rule(&c).starts_with("rule 4: pg1 disarmed /dev/watchdog0"));
@@ -419,18 +404,8 @@ fn disarming_before_the_step_down_is_confirmed_is_a_violation() {
 fn disarming_while_still_holding_the_key_is_a_violation() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     pg1.at(103.0)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        )
+        .stop_confirmed()
+        .disarmed()
         .rec(Some(20), OLD_RELEASE);
     let c = one(timeline(&[pg1.recs, new_leader(25).recs], &[]));
     assert!(rule(&c).contains("while still holding the key"), "{c:#?}");
@@ -453,18 +428,8 @@ fn disarming_after_a_key_lost_step_down_is_not_a_violation() {
                     deadline_ns: 103 * S,
                 },
             )
-            .rec(
-                None,
-                Event::StepDownConfirmed {
-                    how: "stopped".into(),
-                },
-            )
-            .rec(
-                None,
-                Event::Disarmed {
-                    device: "/dev/watchdog0".into(),
-                },
-            );
+            .stop_confirmed()
+            .disarmed();
         one(timeline(&[pg1.recs, new_leader(25).recs], &[]))
     };
     let c = disarmed_after("key_lost");
@@ -477,14 +442,7 @@ fn disarming_after_a_key_lost_step_down_is_not_a_violation() {
 #[test]
 fn the_new_leader_promoting_before_arming_is_a_violation() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-    pg1.at(104.0)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
-        .rec(Some(20), OLD_RELEASE);
+    pg1.at(104.0).stop_confirmed().rec(Some(20), OLD_RELEASE);
     let mut pg2 = Node::new("pg2", "boot-pg2");
     pg2.startup(Some(0), false)
         .acquired(21, 50.0)
@@ -656,12 +614,7 @@ fn a_step_down_then_a_release_that_deleted_the_key_is_fenced_without_its_revisio
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     // Confirmed at 120 s, long after s + T = 105 s: only the release proves it.
     pg1.at(120.0)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
+        .stop_confirmed()
         .rec(None, Event::released(None, true));
     let mut pg2 = Node::new("pg2", "boot-pg2");
     pg2.startup(Some(0), false)
@@ -692,12 +645,7 @@ fn a_step_down_then_a_release_that_deleted_the_key_is_fenced_without_its_revisio
 fn a_step_down_before_expiry_does_not_assume_an_expiry_when_a_deletion_is_known() {
     let old = |release: Option<Event>| {
         let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-        pg1.at(104.0).rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        );
+        pg1.at(104.0).stop_confirmed();
         if let Some(r) = release {
             pg1.rec(None, r);
         }
@@ -757,12 +705,7 @@ fn a_step_down_unproven_by_a_deletion_does_not_hide_a_proven_reset() {
     pg1.at(101.2)
         .refused(100.0, 101.2)
         .at(103.7)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
+        .stop_confirmed()
         .reboot("boot-b")
         .startup(Some(0x20), true);
     let mut pg2 = Node::new("pg2", "boot-pg2");
@@ -776,12 +719,7 @@ fn a_step_down_unproven_by_a_deletion_does_not_hide_a_proven_reset() {
     // Without the reset's evidence both arguments' gaps are listed.
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     pg1.at(103.7)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
+        .stop_confirmed()
         .reboot("boot-b")
         .startup(Some(0), false);
     let c = one(timeline(&[pg1.recs, pg2.recs], &[]));
@@ -795,14 +733,7 @@ fn three_leaders_give_two_changes_in_revision_order() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
     pg1.reboot("boot-b").startup(Some(0x20), true);
     let mut pg2 = new_leader(25);
-    pg2.at(300.0)
-        .rec(
-            None,
-            Event::StepDownConfirmed {
-                how: "stopped".into(),
-            },
-        )
-        .rec(Some(40), OLD_RELEASE);
+    pg2.at(300.0).stop_confirmed().rec(Some(40), OLD_RELEASE);
     let pg3 = Node::leader("pg3", "boot-c", 41, 3);
     // Logs in any order.
     let ch = timeline(&[pg3.recs, pg1.recs, pg2.recs], &[]);
@@ -842,12 +773,7 @@ fn verdicts_serialize_with_their_operator_names() {
 #[test]
 fn etcd_history_sees_a_truncated_or_rewritten_local_log() {
     let mut pg1 = Node::leader("pg1", "boot-a", 10, 3);
-    pg1.at(104.0).rec(
-        None,
-        Event::StepDownConfirmed {
-            how: "stopped".into(),
-        },
-    );
+    pg1.at(104.0).stop_confirmed();
     let history = pg1.recs.clone();
     assert!(cross_check(std::slice::from_ref(&pg1.recs), &history).is_empty());
 
@@ -973,12 +899,7 @@ fn docs_example() {
             },
         )
         .rec(Some(1090), OLD_RELEASE)
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        );
+        .disarmed();
     let pg3 = Node::leader("pg3", "e0c2aa51-boot-d", 1091, 3);
     for r in &pg1.recs[1..4] {
         println!("{}", serde_json::to_string(r).unwrap());
@@ -1042,12 +963,7 @@ fn a_rule8_fence_is_no_change_of_leader() {
                     deadline_ns: 103 * S,
                 },
             )
-            .rec(
-                None,
-                Event::StepDownConfirmed {
-                    how: "stopped".into(),
-                },
-            )
+            .stop_confirmed()
             .rec(None, Event::released(Some(20), true));
         pg1
     };
@@ -1088,12 +1004,7 @@ fn a_switchover_hand_over_at_the_new_win_after_the_confirmed_stop_is_fenced() {
                 final_lsn: 0x3000028,
             },
         )
-        .rec(
-            None,
-            Event::Disarmed {
-                device: "/dev/watchdog0".into(),
-            },
-        );
+        .disarmed();
     // The hand-over's transaction is pg2's win: the same revision.
     let c = one(timeline(&[pg1.recs, new_leader(21).recs], &[]));
     assert_eq!(c.verdict, Verdict::FencedByStepDown, "{c:#?}");
