@@ -508,7 +508,6 @@ fn holder_name(holder: KeyHolder) -> Option<String> {
     }
 }
 
-/// A read or watched leader key as the core's input, with its lease.
 /// The leases that held the leader key in `[from, before)` and whether that
 /// history is complete (an unread one is not).
 async fn read_holders(d: &mut Dcs, from: i64, before: i64) -> (Vec<i64>, bool) {
@@ -526,6 +525,7 @@ async fn read_holders(d: &mut Dcs, from: i64, before: i64) -> (Vec<i64>, bool) {
     }
 }
 
+/// A read or watched leader key as the core's input, with its lease.
 fn key_seen(h: Holder, current: Option<i64>, revision: i64) -> Input {
     let lease = match &h {
         Holder::Nobody => None,
