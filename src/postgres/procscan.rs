@@ -60,16 +60,27 @@ impl ProcFs {
         self.pids()
             .unwrap_or_default()
             .into_iter()
-            .filter(|&pid| {
-                std::fs::read_link(self.path(pid, "cwd"))
-                    .is_ok_and(|cwd| cwd == want || cwd == deleted)
-                    && std::fs::read_link(self.path(pid, "exe"))
-                        .ok()
-                        .and_then(|p| p.file_name()?.to_str().map(|n| n.starts_with("postgres")))
-                        .unwrap_or(false)
-            })
+            .filter(|&pid| self.runs_in(pid, &want, &deleted))
             .filter_map(|pid| Proc::of(self, pid))
             .collect()
+    }
+
+    /// One process, if it is a live PostgreSQL server process of the cluster
+    /// in `data_dir`: the same test as [`ProcFs::cluster`] without listing
+    /// every process (the fence's first signal cannot wait for a scan).
+    pub(super) fn member(&self, data_dir: &Path, pid: i32) -> Option<Proc> {
+        let (want, deleted) = wanted(data_dir);
+        self.runs_in(pid, &want, &deleted)
+            .then(|| Proc::of(self, pid))
+            .flatten()
+    }
+
+    fn runs_in(&self, pid: i32, want: &Path, deleted: &Path) -> bool {
+        std::fs::read_link(self.path(pid, "cwd")).is_ok_and(|cwd| cwd == want || cwd == deleted)
+            && std::fs::read_link(self.path(pid, "exe"))
+                .ok()
+                .and_then(|p| p.file_name()?.to_str().map(|n| n.starts_with("postgres")))
+                .unwrap_or(false)
     }
 
     /// What a scan of `data_dir`'s cluster cannot rule out: live processes

@@ -200,8 +200,11 @@ impl Lab {
         let client =
             BlockingClient::connect(&etcd.endpoints()).map_err(|e| format!("etcd: {e}"))?;
         // Short and comma-free: the guests' shares live under it.
+        // `LEASEDOG_LAB_KEEP` keeps it, like the guests' own folders: the
+        // agents' logs and audit logs live here.
         let work = tempfile::Builder::new()
             .prefix("ldlab-")
+            .disable_cleanup(std::env::var_os("LEASEDOG_LAB_KEEP").is_some())
             .tempdir_in("/tmp")
             .map_err(|e| format!("temp folder: {e}"))?;
         Ok(Lab {
