@@ -171,6 +171,12 @@ pub enum Input {
     Start,
     /// The loop timer fired.
     Tick,
+    /// When the pinger thread last woke (read from its stats before each
+    /// tick). A leader whose pinger has been silent withholds its renewals
+    /// ([`Core::pinger_silent`]).
+    PingerWoke {
+        at: BootTime,
+    },
     /// A lease was granted; `sent` is when the grant request was sent (etcd
     /// starts the TTL on receipt, so `sent` is valid evidence like a renewal).
     LeaseGranted {
@@ -451,6 +457,12 @@ pub enum Fact {
     RenewedLate {
         sent: BootTime,
         acked: BootTime,
+    },
+    /// A leader stopped renewing: its pinger had not woken for `silent`
+    /// (starved or stalled), so its watchdog will reset the node and a
+    /// renewal would only keep the key from the others longer.
+    RenewalWithheld {
+        silent: Duration,
     },
     LeaseLost {
         last_s: Option<BootTime>,
@@ -826,6 +838,12 @@ pub struct Core {
     holder: KeyHolder,
     /// Devices are open in the pinger (armed) and not yet disarmed.
     armed: bool,
+    /// When `armed` last became true.
+    armed_at: Option<BootTime>,
+    /// The pinger's last wake-up as the driver last reported it.
+    pinger_woke: Option<BootTime>,
+    /// A `RenewalWithheld` is recorded for the current silence.
+    withholding: bool,
     /// Some armed device has nowayout: it cannot be disarmed.
     nowayout: Vec<String>,
     /// PostgreSQL confirmed stopped since we last led.
@@ -970,6 +988,9 @@ impl Core {
             s: None,
             holder: KeyHolder::Unknown,
             armed: false,
+            armed_at: None,
+            pinger_woke: None,
+            withholding: false,
             nowayout: Vec::new(),
             stopped: true,
             key_gone: true,
@@ -1135,6 +1156,19 @@ impl Core {
         matches!(self.role, Role::Arming | Role::Promoting | Role::Leader)
     }
 
+    /// How long an armed node's pinger has been silent, if longer than
+    /// [`timing::pinger_silent`] allows: counted from its last reported
+    /// wake-up or from the arming, whichever is later. Only once the driver
+    /// reports wake-ups at all (unit tests of other rules feed none).
+    pub fn pinger_silent(&self, now: BootTime) -> Option<Duration> {
+        let woke = self.pinger_woke?;
+        if !self.armed {
+            return None;
+        }
+        let since = self.armed_at.map_or(woke, |a| a.max(woke));
+        timing::pinger_silent(now, since, self.budget())
+    }
+
     /// The evidence is fresh enough for a ping right now (rule 1).
     fn fresh(&self, now: BootTime) -> bool {
         self.s
@@ -1184,6 +1218,7 @@ impl Core {
                 out.push(Action::ReadKey);
             }
             Input::Tick => self.on_tick(now, &mut out),
+            Input::PingerWoke { at } => self.pinger_woke = Some(at),
             Input::LeaseGranted { lease, sent } => {
                 self.granting = false;
                 self.lease = Some(lease);
@@ -1518,7 +1553,17 @@ impl Core {
             }
         }
         match self.lease {
-            Some(lease) => out.push(Action::Renew { lease }),
+            Some(_) if self.leading() && self.pinger_silent(now).is_some() => {
+                if !self.withholding {
+                    self.withholding = true;
+                    let silent = self.pinger_silent(now).expect("checked");
+                    out.push(Action::Record(Fact::RenewalWithheld { silent }));
+                }
+            }
+            Some(lease) => {
+                self.withholding = false;
+                out.push(Action::Renew { lease })
+            }
             // A fenced node that let its lease go waits for the key's expiry
             // first: lease evidence is only ever the key's lease's.
             None if self.role == Role::Fenced && !self.key_gone => {}
@@ -2022,6 +2067,7 @@ impl Core {
         }
         if !outcome.armed.is_empty() {
             self.armed = true;
+            self.armed_at = Some(now);
             self.w_secs = outcome.armed.iter().map(|d| d.w_secs).min();
         }
         for d in &outcome.armed {

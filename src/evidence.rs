@@ -65,6 +65,9 @@ pub struct PingStats {
     pub refused: AtomicU64,
     /// BOOTTIME at which the last successful device write returned.
     pub last_ping_ns: AtomicU64,
+    /// BOOTTIME at which the pinger thread last woke (pinging or not): the
+    /// main loop's sign that the pinger still runs.
+    pub last_wake_ns: AtomicU64,
     /// Lateness histogram of tick wake-ups, bucket i counts lateness in
     /// [2^i, 2^(i+1)) microseconds (bucket 0 also holds < 1 µs).
     pub lateness_us_log2: [AtomicU64; 24],

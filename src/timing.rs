@@ -196,6 +196,17 @@ pub fn earliest_expiry(s: BootTime, b: &Budget) -> BootTime {
     s + b.ttl
 }
 
+/// A leader's pinger that has not woken since `woke` is silent if that was
+/// more than half the ping window (`(M - R) / 2`) ago: it wakes every
+/// `watchdog.ping_interval` (at most a quarter of `M - R`, 0.1 s by
+/// default), so it missed rounds, and a renewal it cannot carry to the
+/// devices only holds the key longer for a node its watchdog is about to
+/// reset. `Some(how long)` if silent.
+pub fn pinger_silent(now: BootTime, woke: BootTime, b: &Budget) -> Option<Duration> {
+    let silent = now.saturating_since(woke);
+    (silent > b.ping_window() / 2).then_some(silent)
+}
+
 /// The timeout read back from a device (`W`, whole seconds) must fit the
 /// budget: at least 1 s, and `W <= T - M`.
 pub fn check_readback(w_secs: u32, b: &Budget) -> Result<(), BudgetError> {

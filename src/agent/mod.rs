@@ -409,6 +409,12 @@ fn audit_event(fact: &Fact) -> (Option<i64>, Event) {
                 acked_ns: ns(acked),
             },
         ),
+        Fact::RenewalWithheld { silent } => (
+            None,
+            Event::RenewalWithheld {
+                silent_ns: silent.as_nanos() as u64,
+            },
+        ),
         Fact::LeaseLost { last_s } => (
             None,
             Event::LeaseLost {
@@ -652,6 +658,10 @@ impl Agent {
                     }
                 },
                 _ = tokio::time::sleep(wait) => {
+                    let woke = self.pinger.stats.last_wake_ns.load(std::sync::atomic::Ordering::Relaxed);
+                    if woke > 0 {
+                        self.handle(Input::PingerWoke { at: clock::BootTime::from_nanos(woke) });
+                    }
                     if let Some(code) = self.feed(Input::Tick).await {
                         return code;
                     }

@@ -266,6 +266,7 @@ fn run(
             thread::sleep(next.saturating_since(now));
         }
         let woke = clock::now();
+        stats.last_wake_ns.store(woke.as_nanos(), Ordering::Relaxed);
         stats.note_lateness(woke.saturating_since(next));
         next = next + interval;
         if next < woke {

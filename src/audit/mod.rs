@@ -180,6 +180,11 @@ pub enum Event {
         sent_ns: u64,
         acked_ns: u64,
     },
+    /// The leader stopped renewing: its pinger had not woken for
+    /// `silent_ns` (starved or stalled; its watchdog will reset the node).
+    RenewalWithheld {
+        silent_ns: u64,
+    },
     LeaseLost {
         reason: String,
         last_s_ns: Option<u64>,
@@ -341,6 +346,7 @@ impl Event {
             Event::FencedNotLeader { .. } => "fenced_not_leader",
             Event::LeaderSeen { .. } => "leader_seen",
             Event::RenewedLate { .. } => "renewed_late",
+            Event::RenewalWithheld { .. } => "renewal_withheld",
             Event::LeaseLost { .. } => "lease_lost",
             Event::Armed { .. } => "armed",
             Event::ArmFailed { .. } => "arm_failed",
@@ -391,6 +397,7 @@ impl Event {
             self,
             Event::LeaderSeen { .. }
                 | Event::RenewedLate { .. }
+                | Event::RenewalWithheld { .. }
                 | Event::PingRefused { .. }
                 | Event::PingSummary { .. }
                 | Event::QueueDropped { .. }
@@ -530,6 +537,7 @@ mod tests {
                 sent_ns: 1,
                 acked_ns: 2,
             },
+            Event::RenewalWithheld { silent_ns: 3 },
             Event::LeaseLost {
                 reason: "expired".into(),
                 last_s_ns: None,

@@ -431,11 +431,13 @@ impl Config {
         let ping = seconds("watchdog.ping_interval", self.watchdog.ping_interval)?;
         self.budget()?;
         let budget = self.budget()?;
-        if ping.is_zero() || ping * 2 > budget.ping_window() {
+        // A quarter: a leader whose pinger is silent for half of M - R stops
+        // renewing (`timing::pinger_silent`), which must mean rounds missed.
+        if ping.is_zero() || ping * 4 > budget.ping_window() {
             return Err(invalid(
                 "watchdog.ping_interval",
                 format!(
-                    "{ping:?} must be above zero and at most half of M - R = {:?}",
+                    "{ping:?} must be above zero and at most a quarter of M - R = {:?}",
                     budget.ping_window()
                 ),
             ));
@@ -552,6 +554,22 @@ mod tests {
         Config::parse("node='a'\n[metrics]\nlisten='0.0.0.0:9187'\nallow_remote=true").unwrap();
         let e = Config::parse("node='a'\n[metrics]\nlisten='localhost'").unwrap_err();
         assert_eq!(key_of(e), "metrics.listen");
+    }
+
+    /// At most a quarter of M - R: half of it is the silence after which a
+    /// leader stops renewing (`timing::pinger_silent`).
+    #[test]
+    fn ping_interval_is_at_most_a_quarter_of_the_ping_window() {
+        let with = |ping: &str| {
+            Config::parse(&format!(
+                "node='a'\n[timing]\nttl=5\nsafety_margin=2.0\nreset_allowance=1.0\n\
+                 loop_interval=0.5\n[etcd]\nrequest_timeout=0.4\n[watchdog]\nping_interval={ping}"
+            ))
+        };
+        with("0.25").unwrap();
+        let e = with("0.3").unwrap_err();
+        assert!(e.to_string().contains("a quarter of M - R"), "{e}");
+        assert_eq!(key_of(e), "watchdog.ping_interval");
     }
 
     #[test]

@@ -232,6 +232,61 @@ fn rule1_renewal_publishes_first_and_late_acks_are_recorded() {
         })));
 }
 
+/// A leader whose pinger stopped waking (starved by higher-priority work,
+/// or stalled) stops renewing: its watchdog will reset it anyway, and each
+/// renewal would hold the key from the standbys for another `T`. Recorded
+/// once per silence; renewals resume when the pinger wakes again.
+#[test]
+fn a_leader_whose_pinger_is_silent_withholds_its_renewals() {
+    let renews = |a: &[Action]| has(a, |a| matches!(a, Action::Renew { .. }));
+    let withheld = |a: &[Action]| {
+        has(a, |a| {
+            matches!(a, Action::Record(Fact::RenewalWithheld { .. }))
+        })
+    };
+    let mut c = leader(WatchdogMode::Required); // armed at 1.0 s
+    c.handle(t(1400), renewed(1400));
+    c.handle(t(1400), Input::PingerWoke { at: t(1400) });
+    // (M - R) / 2 = 0.5 s of silence is still within what is allowed.
+    let a = c.handle(t(1900), Input::Tick);
+    assert!(renews(&a) && !withheld(&a), "{a:?}");
+    c.handle(t(1950), renewed(1900));
+    let a = c.handle(t(2000), Input::Tick);
+    assert!(!renews(&a), "silent 0.6 s: no renewal: {a:?}");
+    assert!(has(&a, |a| *a
+        == Action::Record(Fact::RenewalWithheld { silent: ms(600) })));
+    let a = c.handle(t(2500), Input::Tick);
+    assert!(!renews(&a) && !withheld(&a), "recorded once: {a:?}");
+    c.handle(t(2550), Input::PingerWoke { at: t(2550) });
+    let a = c.handle(t(2600), Input::Tick);
+    assert!(renews(&a), "the pinger woke: renew again: {a:?}");
+}
+
+/// The silence is counted from the arming when the pinger's last wake-up
+/// is older (it had no devices before), and never for a follower or an
+/// unarmed leader, whose renewals no pinger carries.
+#[test]
+fn pinger_silence_counts_from_the_arming_and_only_while_armed() {
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), Input::PingerWoke { at: t(0) });
+    win_and_promote(&mut c, true); // armed at 1.0 s
+    assert_eq!(c.pinger_silent(t(1400)), None);
+    assert_eq!(c.pinger_silent(t(1600)), Some(ms(600)));
+    let mut f = core(WatchdogMode::Required);
+    f.handle(t(0), Input::Start);
+    f.handle(t(0), Input::PingerWoke { at: t(0) });
+    f.handle(t(1000), granted(1000));
+    assert_eq!(f.pinger_silent(t(3000)), None, "not armed");
+    let a = f.handle(t(3000), Input::Tick);
+    assert!(has(&a, |a| matches!(a, Action::Renew { .. })), "{a:?}");
+    let mut u = core(WatchdogMode::Off);
+    u.handle(t(0), Input::Start);
+    u.handle(t(0), Input::PingerWoke { at: t(0) });
+    win_and_promote(&mut u, false);
+    assert_eq!(u.pinger_silent(t(3000)), None, "led unarmed");
+}
+
 #[test]
 fn rule1_out_of_order_ack_never_moves_evidence_back() {
     let mut c = leader(WatchdogMode::Required);
