@@ -1169,6 +1169,14 @@ impl Core {
         timing::pinger_silent(now, since, self.budget())
     }
 
+    /// No renewal this loop: recorded once per silence of the pinger.
+    fn withhold_renewal(&mut self, now: BootTime, out: &mut Vec<Action>) {
+        if let (false, Some(silent)) = (self.withholding, self.pinger_silent(now)) {
+            self.withholding = true;
+            out.push(Action::Record(Fact::RenewalWithheld { silent }));
+        }
+    }
+
     /// The evidence is fresh enough for a ping right now (rule 1).
     fn fresh(&self, now: BootTime) -> bool {
         self.s
@@ -1554,11 +1562,7 @@ impl Core {
         }
         match self.lease {
             Some(_) if self.leading() && self.pinger_silent(now).is_some() => {
-                if !self.withholding {
-                    self.withholding = true;
-                    let silent = self.pinger_silent(now).expect("checked");
-                    out.push(Action::Record(Fact::RenewalWithheld { silent }));
-                }
+                self.withhold_renewal(now, out)
             }
             Some(lease) => {
                 self.withholding = false;
