@@ -569,6 +569,7 @@ fn table(
         "wall per trial"
     );
     let mut summary = Vec::new();
+    let mut healed = Vec::new();
     let mut bad = !errors.is_empty();
     for &f in kinds {
         let ts: Vec<&PgTrial> = done.iter().filter(|t| t.fault == f).collect();
@@ -577,8 +578,12 @@ fn table(
             continue;
         }
         let failover: Vec<f64> = ts.iter().filter_map(|t| t.failover()).collect();
+        let after_heal: Vec<f64> = ts.iter().filter_map(|t| t.failover_after_heal()).collect();
         let gap: Vec<f64> = ts.iter().filter_map(|t| t.writer_gap).collect();
         let wall: Vec<f64> = ts.iter().map(|t| t.wall.as_secs_f64()).collect();
+        if !after_heal.is_empty() {
+            healed.push(format!("{} {}", f.name(), fmt_stats(&after_heal)));
+        }
         let resets = ts.iter().filter(|t| t.reset.is_some()).count();
         let dw: usize = ts.iter().map(|t| t.double_writable()).sum();
         let sim: usize = ts.iter().map(|t| t.simultaneous()).sum();
@@ -630,6 +635,7 @@ fn table(
             "fault": f.name(), "trials": ts.len(), "errors": errs, "resets": resets,
             "expected": {"reset": f.expect().reset, "failover": f.expect().failover},
             "failover_s": stats(&failover).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
+            "failover_after_heal_s": stats(&after_heal).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
             "writer_gap_s": stats(&gap).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})),
             "possibly_simultaneous": sim,
             "outside_term": dw,
@@ -649,6 +655,13 @@ fn table(
          lost-ack = acknowledged ids missing on the final primary; unmet = trials that broke \
          the fault's expectation (reset, failover) or a safety check"
     );
+    if !healed.is_empty() {
+        println!(
+            "failover after the fault healed (no failover can start while etcd has no quorum; \
+             its new leader renews every lease by T): {}",
+            healed.join("; ")
+        );
+    }
     (json!(summary), bad)
 }
 

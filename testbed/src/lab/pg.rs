@@ -573,6 +573,9 @@ pub struct PgTrial {
     /// Trial start to the clients starting (both nodes up, synchronous).
     pub setup: Duration,
     pub fault_at: Duration,
+    /// For [`PgFault::EtcdQuorumLoss`]: when etcd had a leader again after
+    /// the restart (no failover can happen before, whatever the agents do).
+    pub healed_at: Option<Duration>,
     pub reset: Option<(String, Duration)>,
     pub key_deleted: Option<Duration>,
     /// The host node's put of the key.
@@ -614,6 +617,14 @@ impl PgTrial {
     /// Fault -> the new primary observed writable, seconds.
     pub fn failover(&self) -> Option<f64> {
         rel(self.writable_at, self.fault_at)
+    }
+
+    /// Quorum back -> the new primary observed writable, seconds (only for
+    /// the faults that record a heal: the etcd quorum loss). etcd's new
+    /// leader renews every lease by `T` when it is elected, so `T` is the
+    /// least this can be.
+    pub fn failover_after_heal(&self) -> Option<f64> {
+        rel(self.writable_at, self.healed_at?)
     }
 
     /// The checker's count: observations outside a term plus the changes
@@ -795,6 +806,7 @@ impl PgTrial {
             "key_deleted_after_fault_s": rel(self.key_deleted, t0),
             "new_leader_after_fault_s": rel(self.new_leader, t0),
             "failover_s": self.failover(),
+            "failover_after_heal_s": self.failover_after_heal(),
             "writer_gap_s": self.writer_gap,
             "double_writable": self.double_writable(),
             "possibly_simultaneous": self.simultaneous(),
@@ -817,7 +829,7 @@ impl PgTrial {
         let t0 = self.fault_at;
         let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:+.2}"));
         format!(
-            "{} ({}{}, standby {}): reset {} {}, key deleted {}, {} took key {}, writable {} s after the fault; \
+            "{} ({}{}, standby {}): reset {} {}, key deleted {}, {} took key {}, writable {} s after the fault{}; \
              writer gap {} s; outside term {} (possibly simultaneous {}), lost acked {} (ok {}, failed {}, unknown {}); \
              old primary read-only {}; timeline {:?}; boot {:.1} s, guest pg {:.1} s, setup {:.1} s, \
              trial {:.1} s{}",
@@ -831,6 +843,8 @@ impl PgTrial {
             self.second,
             f(rel(self.new_leader, t0)),
             f(self.failover()),
+            self.failover_after_heal()
+                .map_or(String::new(), |h| format!(" ({h:.2} s after quorum was back)")),
             self.writer_gap.map_or("-".into(), |g| format!("{g:.2}")),
             self.double_writable(),
             self.simultaneous(),
@@ -875,7 +889,8 @@ const QUORUM_LOST: Duration = Duration::from_secs(8);
 const WATCH_NO_FAILOVER: Duration = Duration::from_secs(12);
 
 /// Applies `fault` to the guest leader; returns the host instant it took
-/// effect. Timed faults (pause, etcd) also heal themselves here.
+/// effect. Timed faults (pause, etcd) also heal themselves here; `healed`
+/// gets the instant etcd had a leader again after a quorum loss.
 #[allow(clippy::too_many_arguments)]
 fn apply(
     plab: &PgLab,
@@ -886,6 +901,7 @@ fn apply(
     scope: &str,
     etcd: &EtcdEnds,
     notes: &mut Vec<String>,
+    healed: &mut Option<Duration>,
 ) -> Result<Duration, String> {
     let pid = node.pid()?;
     let g = &node.guest;
@@ -974,6 +990,7 @@ fn apply(
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             })?;
+            *healed = Some(host_boottime());
             notes.push(format!(
                 "etcd members {li} (leader) and {other} killed, restarted"
             ));
@@ -1131,7 +1148,18 @@ pub fn run_pg_trial_with(
 
     // The fault.
     let expect = fault.expect();
-    let fault_at = apply(plab, &node, &host, fault, &data, &scope, &etcd, &mut notes)?;
+    let mut healed_at = None;
+    let fault_at = apply(
+        plab,
+        &node,
+        &host,
+        fault,
+        &data,
+        &scope,
+        &etcd,
+        &mut notes,
+        &mut healed_at,
+    )?;
     notes.push(super::second::host_load());
     let host_writable = || host.writable();
     if expect.reset == Some(true) && node.guest.wait_reset(Duration::from_secs(30)).is_none() {
@@ -1291,6 +1319,7 @@ pub fn run_pg_trial_with(
         guest_pg_start,
         setup,
         fault_at,
+        healed_at,
         reset: reset.map(|r| {
             let name = match r.data.get("action").and_then(Value::as_str) {
                 Some(a) => format!("{} ({a})", r.name),
