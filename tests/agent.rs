@@ -422,6 +422,54 @@ fn sigterm_hands_over_cleanly() {
     let _ = b.proc_.wait_exit(Duration::from_secs(10));
 }
 
+/// A follower whose leader watch cannot be set up (as right after etcd
+/// regains its quorum) reads the key again every loop until it can watch,
+/// so it still learns that the leader left and takes over. Before, it knew
+/// the holder, had no watch and never read again: in the lab's etcd quorum
+/// loss the standby was still waiting 40 s after the key had expired.
+#[test]
+fn a_follower_whose_watch_cannot_be_set_up_still_takes_over() {
+    let etcd = EtcdServer::start().unwrap();
+    let eps = etcd.endpoints();
+    let client = BlockingClient::connect(&eps).unwrap();
+    let mut a = spawn("nowatch", "a", &eps);
+    assert_eq!(
+        wait_holder(&client, "nowatch", Duration::from_secs(20)),
+        "a"
+    );
+    let faults = tempfile::tempdir().unwrap();
+    std::fs::write(faults.path().join("refuse-watch"), "").unwrap();
+    let fd = faults.path().display().to_string();
+    let mut b = spawn_with(
+        "nowatch",
+        "b",
+        &eps,
+        "required",
+        &[("LEASEDOG_FAULT_DIR", &fd)],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || b
+            .proc_
+            .log()
+            .matches("cannot watch the leader key")
+            .count()
+            >= 2),
+        "b reads and tries to watch again: {}",
+        b.proc_.log()
+    );
+    a.proc_.signal(libc::SIGTERM).unwrap();
+    a.proc_.wait_exit(Duration::from_secs(10)).expect("a exits");
+    assert_eq!(
+        wait_holder(&client, "nowatch", Duration::from_secs(10)),
+        "b",
+        "{}",
+        b.proc_.log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || b.armed()));
+    let _ = b.proc_.signal(libc::SIGTERM);
+    let _ = b.proc_.wait_exit(Duration::from_secs(10));
+}
+
 /// Bad configuration never starts an agent: a clear error naming the cause
 /// and exit status 2.
 #[test]

@@ -4,7 +4,9 @@
 //! With `LEASEDOG_FAULT_DIR` set, the main loop blocks before each renewal
 //! for as long as `$LEASEDOG_FAULT_DIR/block-renewals` exists: the loop is
 //! stuck while the pinger and the deadline timer run on, which is how the lab
-//! shows that a live pinger refuses to ping on stale evidence.
+//! shows that a live pinger refuses to ping on stale evidence. While
+//! `$LEASEDOG_FAULT_DIR/refuse-watch` exists, setting up the leader watch
+//! fails (as it can when etcd has just regained its quorum).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,4 +27,10 @@ pub fn before_renewal() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// True while `$LEASEDOG_FAULT_DIR/refuse-watch` exists.
+pub fn watch_refused() -> bool {
+    std::env::var_os("LEASEDOG_FAULT_DIR")
+        .is_some_and(|d| PathBuf::from(d).join("refuse-watch").exists())
 }

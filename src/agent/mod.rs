@@ -167,6 +167,7 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         pinger,
         dcs: None,
         watch: None,
+        watch_failed: false,
         fence_fn,
         audit,
         pg,
@@ -248,6 +249,10 @@ struct Agent {
     pinger: Pinger,
     dcs: Option<Dcs>,
     watch: Option<dcs::LeaderWatch>,
+    /// A key read succeeded but its watch could not be set up: read and
+    /// watch again at the next tick (else nothing would tell this node of a
+    /// change of holder: a follower never re-reads a key it knows).
+    watch_failed: bool,
     fence_fn: FenceFn,
     audit: AuditLog,
     /// Lifecycle records to etcd's history; started at the first one.
@@ -658,6 +663,14 @@ impl Agent {
                     }
                 },
                 _ = tokio::time::sleep(wait) => {
+                    if self.watch_failed {
+                        // Once per loop, as the core's own re-reads.
+                        if let Some(input) = self.execute(Action::ReadKey).await {
+                            if let Some(code) = self.feed(input).await {
+                                return code;
+                            }
+                        }
+                    }
                     let woke = self.pinger.stats.last_wake_ns.load(std::sync::atomic::Ordering::Relaxed);
                     if woke > 0 {
                         self.handle(Input::PingerWoke { at: clock::BootTime::from_nanos(woke) });
@@ -848,9 +861,24 @@ impl Agent {
                 match d.leader().await {
                     Ok((holder, revision)) => {
                         if self.watch.is_none() {
-                            match d.watch_leader(revision).await {
-                                Ok(w) => self.watch = Some(w),
-                                Err(e) => warn!("cannot watch the leader key: {e}"),
+                            #[cfg(feature = "testing")]
+                            let refused = faults::watch_refused();
+                            #[cfg(not(feature = "testing"))]
+                            let refused = false;
+                            let w = if refused {
+                                Err("refused by the fault hook".to_string())
+                            } else {
+                                d.watch_leader(revision).await.map_err(|e| e.to_string())
+                            };
+                            match w {
+                                Ok(w) => {
+                                    self.watch = Some(w);
+                                    self.watch_failed = false;
+                                }
+                                Err(e) => {
+                                    warn!("cannot watch the leader key: {e}; reading it again next loop");
+                                    self.watch_failed = true;
+                                }
                             }
                         }
                         Some(key_seen(holder, current, revision))

@@ -137,13 +137,19 @@ pub fn fence_by_scan_in(
     kill: Duration,
 ) -> Result<StopReport, PgError> {
     let t0 = Instant::now();
-    // The first act is the postmaster's SIGQUIT, before any scan: listing
-    // every process took 0.55 s on a busy guest resumed from a pause, and the
-    // server answered as a primary all that time. The pid file's process is
-    // trusted only if it runs in the data directory from a postgres binary.
+    // The first act is SIGQUIT (an immediate stop) to the postmaster and its
+    // children, before any scan: listing every process took 0.55 s on a busy
+    // guest resumed from a pause, and the server answered as a primary all
+    // that time; and a backend signalled by us rather than by a postmaster
+    // still waiting for the CPU handles the signal before it can answer
+    // again. The pid file's process is trusted only if it runs in the data
+    // directory from a postgres binary; its children are its own.
     let early = read_postmaster_pid(data_dir).and_then(|pid| fs.member(data_dir, pid));
     if let Some(pm) = early {
         pm.signal(fs, libc::SIGQUIT)?;
+        for c in fs.children(&pm) {
+            c.signal(fs, libc::SIGQUIT)?;
+        }
     }
     // Processes are found by their cwd: a path that cannot be resolved (an I/O
     // error, a vanished mount) might find none and "confirm" a stop that did
@@ -263,6 +269,13 @@ pub fn fence_by_cgroup(
                     pid,
                     source: std::io::Error::last_os_error(),
                 });
+            }
+            // Every other process of the group at once too, as the scan's
+            // early signal does: none waits for the postmaster to pass it on.
+            for &other in procs.iter().filter(|&&p| p != pid) {
+                // SAFETY: as above; the pid is in the cluster's group (gone
+                // already is fine: ESRCH is ignored).
+                unsafe { libc::kill(other, libc::SIGQUIT) };
             }
             let until = t0 + immediate;
             while cgroup.procs().is_ok_and(|p| !p.is_empty()) && Instant::now() < until {
@@ -493,15 +506,26 @@ mod tests {
     /// postgres binary, is sent SIGQUIT (an immediate stop) before anything
     /// harsher. The fake tree never shows it gone, so the fence itself ends
     /// unconfirmed; what matters here is the signal the real process got.
+    /// Its children (from its `children` file, without a scan) too: a
+    /// backend signalled at once cannot answer another query.
     #[test]
     fn the_postmaster_of_the_data_directory_gets_sigquit_first() {
         use std::os::unix::process::ExitStatusExt;
         let mut s = Scene::new();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let cpid = child.id() as i32;
         s.postmaster_pid(s.pid());
         s.entry(s.pid(), Some(&s.data.clone()), s.owner());
+        s.entry(cpid, Some(&s.data.clone()), s.owner());
+        let task = s.proc.join(s.pid().to_string()).join("task");
+        let task = task.join(s.pid().to_string());
+        fs::create_dir_all(&task).unwrap();
+        fs::write(task.join("children"), format!("{cpid} ")).unwrap();
         assert!(matches!(s.fence(), Err(PgError::FenceUnconfirmed { .. })));
         let status = s.sleeper.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGQUIT), "{status:?}");
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGQUIT), "child: {status:?}");
     }
 
     /// No readable process list at all: nothing can be confirmed.

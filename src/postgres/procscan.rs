@@ -75,6 +75,22 @@ impl ProcFs {
             .flatten()
     }
 
+    /// The direct children of `parent` from its main thread's `children`
+    /// file (one read, no scan; the postmaster forks from its main
+    /// thread). Empty if the file cannot be read.
+    pub(super) fn children(&self, parent: &Proc) -> Vec<Proc> {
+        let path = self
+            .path(parent.pid, "task")
+            .join(parent.pid.to_string())
+            .join("children");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter_map(|pid| Proc::of(self, pid))
+            .collect()
+    }
+
     fn runs_in(&self, pid: i32, want: &Path, deleted: &Path) -> bool {
         std::fs::read_link(self.path(pid, "cwd")).is_ok_and(|cwd| cwd == want || cwd == deleted)
             && std::fs::read_link(self.path(pid, "exe"))
