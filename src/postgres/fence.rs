@@ -187,12 +187,16 @@ pub fn fence_by_scan_in(
         if early != Some(pm) {
             pm.signal(fs, libc::SIGQUIT)?;
         }
+    }
+    // Signalled (now, or early: the postmaster may be gone by the scan while
+    // its children are still exiting): give the immediate stop its time.
+    if pm.is_some() || early.is_some() {
         if wait_gone(fs, data_dir, &watched, t0 + immediate).is_empty() {
             confirm_nothing_unseen(fs, data_dir)?;
             return Ok(StopReport {
                 how: StopHow::Immediate,
                 took: t0.elapsed(),
-                postmaster: Some(pm.pid),
+                postmaster: pm.or(early).map(|p| p.pid),
                 killed: Vec::new(),
             });
         }
