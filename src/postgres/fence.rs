@@ -190,16 +190,16 @@ pub fn fence_by_scan_in(
     }
     // Signalled (now, or early: the postmaster may be gone by the scan while
     // its children are still exiting): give the immediate stop its time.
-    if pm.is_some() || early.is_some() {
-        if wait_gone(fs, data_dir, &watched, t0 + immediate).is_empty() {
-            confirm_nothing_unseen(fs, data_dir)?;
-            return Ok(StopReport {
-                how: StopHow::Immediate,
-                took: t0.elapsed(),
-                postmaster: pm.or(early).map(|p| p.pid),
-                killed: Vec::new(),
-            });
-        }
+    if (pm.is_some() || early.is_some())
+        && wait_gone(fs, data_dir, &watched, t0 + immediate).is_empty()
+    {
+        confirm_nothing_unseen(fs, data_dir)?;
+        return Ok(StopReport {
+            how: StopHow::Immediate,
+            took: t0.elapsed(),
+            postmaster: pm.or(early).map(|p| p.pid),
+            killed: Vec::new(),
+        });
     }
     // Freeze until the set is closed (a stopped process cannot fork), then kill.
     for _ in 0..50 {
