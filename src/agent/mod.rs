@@ -663,20 +663,22 @@ impl Agent {
                     }
                 },
                 _ = tokio::time::sleep(wait) => {
-                    if self.watch_failed {
-                        // Once per loop, as the core's own re-reads.
-                        if let Some(input) = self.execute(Action::ReadKey).await {
-                            if let Some(code) = self.feed(input).await {
-                                return code;
-                            }
-                        }
-                    }
                     let woke = self.pinger.stats.last_wake_ns.load(std::sync::atomic::Ordering::Relaxed);
                     if woke > 0 {
                         self.handle(Input::PingerWoke { at: clock::BootTime::from_nanos(woke) });
                     }
                     if let Some(code) = self.feed(Input::Tick).await {
                         return code;
+                    }
+                    // Once per loop and after the tick's renewal (a read and a
+                    // watch set-up may take two request timeouts), unless the
+                    // tick's own key read set the watch up.
+                    if self.watch_failed {
+                        if let Some(input) = self.execute(Action::ReadKey).await {
+                            if let Some(code) = self.feed(input).await {
+                                return code;
+                            }
+                        }
                     }
                     self.ops.after(&self.core, true);
                     continue;
