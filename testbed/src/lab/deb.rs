@@ -11,7 +11,9 @@
 
 use super::gate::TcpGate;
 use super::pg::{lab_template, pg_section, start_host_node};
-use super::scenario::{config, holder, switchover, Lab, GUEST_DIR, GUEST_NODE, HOST_NODE};
+use super::scenario::{
+    config_with, holder, switchover, Lab, GUEST_DIR, GUEST_NODE, HOST_NODE, SYSTEMD_BUDGET,
+};
 use super::systemd::{Line, SystemdGuest, SystemdSpec, CTL_DIR};
 use crate::etcd::EventKind;
 use crate::pg::{free_port, psql};
@@ -166,7 +168,8 @@ pub fn deb_trial(lab: &Lab, deb: &Path) -> Result<DebTrial, String> {
         .ok_or_else(|| format!("the host node did not lead:\n{}", host.agent.log()))?;
     let ctl = lab.work().join(format!("debctl-{scope}"));
     fs::create_dir_all(&ctl).map_err(|e| format!("{}: {e}", ctl.display()))?;
-    let mut cfg = config(
+    let mut cfg = config_with(
+        &SYSTEMD_BUDGET,
         &scope,
         GUEST_NODE,
         &format!("http://10.0.2.2:{}", gate.port()),

@@ -33,8 +33,8 @@
 //!   second guest reaches it.
 
 use super::scenario::{
-    audit_timeline, config, holder, switchover_once, Dog, Lab, Node, GUEST_DIR, GUEST_NODE,
-    HOST_NODE, T,
+    audit_timeline, config_with, holder, switchover_once, Dog, Lab, LabBudget, Node, GUEST_DIR,
+    GUEST_NODE, HOST_NODE, LAB_BUDGET, SYSTEMD_BUDGET, T,
 };
 use super::second::{Behind, Second, Standby};
 use super::{host_boottime, shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
@@ -390,8 +390,9 @@ impl HostNode {
     }
 }
 
-/// Starts the host node as a standby of the guest's PostgreSQL at
-/// 127.0.0.1:`guest_port`, then its agent.
+/// Starts the host node as a synchronous standby of a systemd guest's
+/// PostgreSQL at 127.0.0.1:`guest_port`, then its agent, with the guest's
+/// budget ([`SYSTEMD_BUDGET`]).
 pub fn start_host_node(
     lab: &Lab,
     etcd: &[String],
@@ -399,10 +400,19 @@ pub fn start_host_node(
     template: &Path,
     guest_port: u16,
 ) -> Result<HostNode, String> {
-    start_host_node_mode(lab, etcd, scope, template, guest_port, true)
+    start_host_node_with(
+        lab,
+        etcd,
+        scope,
+        template,
+        guest_port,
+        true,
+        &SYSTEMD_BUDGET,
+    )
 }
 
-/// [`start_host_node`] with the agent's `synchronous_mode` as given.
+/// The host node with [`LAB_BUDGET`] and the agent's `synchronous_mode` as
+/// given.
 pub fn start_host_node_mode(
     lab: &Lab,
     etcd: &[String],
@@ -410,6 +420,26 @@ pub fn start_host_node_mode(
     template: &Path,
     guest_port: u16,
     synchronous: bool,
+) -> Result<HostNode, String> {
+    start_host_node_with(
+        lab,
+        etcd,
+        scope,
+        template,
+        guest_port,
+        synchronous,
+        &LAB_BUDGET,
+    )
+}
+
+fn start_host_node_with(
+    lab: &Lab,
+    etcd: &[String],
+    scope: &str,
+    template: &Path,
+    guest_port: u16,
+    synchronous: bool,
+    budget: &LabBudget,
 ) -> Result<HostNode, String> {
     let dir = lab.work().join(format!("{HOST_NODE}-{scope}"));
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -432,7 +462,8 @@ pub fn start_host_node_mode(
         "[[watchdog.device]]\nkind = \"fake\"\nrecord = \"{}\"\n",
         dir.join("fake.wd").display()
     );
-    let cfg = config(
+    let cfg = config_with(
+        budget,
         scope,
         HOST_NODE,
         &etcd.join(","),

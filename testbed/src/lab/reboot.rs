@@ -20,7 +20,7 @@
 use super::gate::TcpGate;
 use super::pg::{lab_template, pg_section, start_host_node};
 use super::proc::host_boottime;
-use super::scenario::{config, holder, Lab, GUEST_DIR, GUEST_NODE, HOST_NODE};
+use super::scenario::{config_with, holder, Lab, GUEST_DIR, GUEST_NODE, HOST_NODE, SYSTEMD_BUDGET};
 use super::systemd::{Line, SystemdGuest, SystemdSpec};
 use crate::etcd::EventKind;
 use crate::pg::{free_port, psql};
@@ -284,7 +284,8 @@ pub fn reboot_trial(lab: &Lab) -> Result<RebootTrial, String> {
     let audit = lab.work().join(format!("auditshare-{scope}"));
     fs::create_dir_all(&audit).map_err(|e| format!("{}: {e}", audit.display()))?;
     let port = free_port();
-    let mut cfg = config(
+    let mut cfg = config_with(
+        &SYSTEMD_BUDGET,
         &scope,
         GUEST_NODE,
         &format!("http://10.0.2.2:{}", gate.port()),
