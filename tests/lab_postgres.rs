@@ -16,6 +16,7 @@ use leasedog_testbed::lab::pg::{run_pg_trial_with, PgFault, PgLab, PgTrial};
 use leasedog_testbed::lab::scenario::Dog;
 use leasedog_testbed::lab::second::{Standby, GUEST_B};
 use std::path::Path;
+use std::sync::Mutex;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasedog");
 
@@ -25,7 +26,15 @@ fn trial(fault: PgFault) -> PgTrial {
     trial_with(fault, Standby::Host)
 }
 
+/// One trial at a time: the claim is `T = 5` on a guest with one emulated
+/// vCPU, and two trials side by side (three QEMU vCPUs on CI's two cores
+/// with the two-guest one) starve a guest leader until its renewals miss
+/// their deadline, a failure of the machine, not of the agent.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 fn trial_with(fault: PgFault, standby: Standby) -> PgTrial {
+    // Declared first, dropped last: after the lab's guests are gone.
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = PgLab::start(Path::new(BIN)).unwrap_or_else(|e| panic!("{e}"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
