@@ -784,18 +784,27 @@ async fn the_cgroup_fence_kills_every_process_of_the_cluster_and_its_helpers() {
     )
     .await
     .unwrap();
-    let procs = cg.procs().unwrap();
+    // The helper is the looping shell (`sh -c 'trap ...'`); not the shell
+    // that started it nor a `sleep 1` of its loop, which exit on their own
+    // and so may be gone before the fence gets to kill them.
+    let is_helper = |p: &i32| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+            args.len() > 2 && args[1] == b"-c" && args[2].starts_with(b"trap")
+        })
+    };
+    let mut procs = cg.procs().unwrap();
+    for _ in 0..100 {
+        if procs.iter().any(is_helper) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        procs = cg.procs().unwrap();
+    }
     for p in cluster_processes(&node.data_dir()) {
         assert!(procs.contains(&p), "postgres pid {p} outside the cgroup");
     }
-    let helpers: Vec<i32> = procs
-        .iter()
-        .copied()
-        .filter(|p| {
-            std::fs::read_link(format!("/proc/{p}/exe"))
-                .is_ok_and(|e| !e.to_string_lossy().contains("postgres"))
-        })
-        .collect();
+    let helpers: Vec<i32> = procs.iter().copied().filter(is_helper).collect();
     assert!(
         !helpers.is_empty(),
         "the helper runs in the group: {procs:?}"

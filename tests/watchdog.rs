@@ -284,9 +284,13 @@ fn real_holder_found_through_real_proc() {
             .unwrap(),
     );
     let pid = child.0.id() as i32;
-    // Wait (bounded) until the child has exec'd sleep, so comm is final.
+    // Wait (bounded) until the child has exec'd sleep, so comm and cmdline
+    // are final (exec sets comm before the new arguments: in between, the
+    // cmdline reads empty).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "sleep") {
+    while fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "sleep")
+        || fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c != b"sleep\x0030\x00")
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "child never became sleep"

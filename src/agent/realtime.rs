@@ -141,10 +141,19 @@ mod tests {
         });
         let t0 = Instant::now();
         let mut seen = String::new();
-        while !seen.contains("boom") && t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
-                seen.push_str(&l);
-                seen.push('\n');
+        // Both lines of the hook before looking (a loaded machine may take
+        // its time between them), then the process and its descriptor.
+        while !(seen.contains("boom") && seen.contains("parks forever"))
+            && t0.elapsed() < Duration::from_secs(20)
+        {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                }
+                // The child's stderr closed: it exited.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             }
         }
         assert!(seen.contains("boom"), "the child never panicked: {seen}");
@@ -163,9 +172,6 @@ mod tests {
             "the panicking agent exited (closing its devices): {seen}"
         );
         assert!(fd_open, "the armed device was closed by the panic");
-        while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.push_str(&l);
-        }
         assert!(seen.contains("parks forever"), "the hook says why: {seen}");
     }
 }
