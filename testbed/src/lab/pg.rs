@@ -34,7 +34,7 @@
 
 use super::scenario::{
     audit_timeline, config_with, holder, switchover_once, Dog, Lab, LabBudget, Node, GUEST_DIR,
-    GUEST_NODE, HOST_NODE, LAB_BUDGET, SYSTEMD_BUDGET, T,
+    GUEST_NODE, HOST_NODE, SYSTEMD_BUDGET, T,
 };
 use super::second::{Behind, Second, Standby};
 use super::{host_boottime, shell_quote, Guest, GuestSpec, SoftdogOpts, WatchdogAction, Watchdogs};
@@ -400,7 +400,7 @@ pub fn start_host_node(
     template: &Path,
     guest_port: u16,
 ) -> Result<HostNode, String> {
-    start_host_node_with(
+    start_host_node_mode(
         lab,
         etcd,
         scope,
@@ -411,28 +411,10 @@ pub fn start_host_node(
     )
 }
 
-/// The host node with [`LAB_BUDGET`] and the agent's `synchronous_mode` as
-/// given.
+/// Starts the host node as a standby of the guest's PostgreSQL at
+/// 127.0.0.1:`guest_port` with the agent's `synchronous_mode` as given, then
+/// its agent with `budget`.
 pub fn start_host_node_mode(
-    lab: &Lab,
-    etcd: &[String],
-    scope: &str,
-    template: &Path,
-    guest_port: u16,
-    synchronous: bool,
-) -> Result<HostNode, String> {
-    start_host_node_with(
-        lab,
-        etcd,
-        scope,
-        template,
-        guest_port,
-        synchronous,
-        &LAB_BUDGET,
-    )
-}
-
-fn start_host_node_with(
     lab: &Lab,
     etcd: &[String],
     scope: &str,

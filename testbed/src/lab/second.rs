@@ -12,7 +12,7 @@
 //! `standby.signal`, started by its own agent as a standby of the leader.
 
 use super::pg::{boot_pg_guest_named, start_host_node_mode, EtcdEnds, HostNode, GUEST_PG};
-use super::scenario::{Dog, Lab, Node, HOST_NODE};
+use super::scenario::{Dog, Lab, Node, HOST_NODE, LAB_BUDGET};
 use super::shell_quote;
 use crate::pg::{free_port, psql};
 use std::fs;
@@ -97,6 +97,7 @@ impl Second {
                     template,
                     leader_port,
                     synchronous,
+                    &LAB_BUDGET,
                 )
                 .map(Second::Host)
             }
