@@ -527,6 +527,16 @@ fn metrics_follow_a_lease_handover() {
             == Some(0.0)),
         "a never disarmed"
     );
+    // a learns the new holder from its watch or its next read, a loop or so
+    // after its step-down; SIGTERM before that would leave no STATUS naming b.
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .status()
+            .is_some_and(|s| s.holder.as_deref() == Some("b"))),
+        "a never saw b as the holder: {:?}\n{}",
+        a.status(),
+        a.proc_.log()
+    );
 
     // sd_notify from a: READY first, WATCHDOG=1 per loop, STATUS changes,
     // then STOPPING=1 on SIGTERM.
