@@ -318,6 +318,16 @@ pub enum Input {
     },
     /// The leader watch broke: who holds the key is unknown until re-read.
     WatchBroken,
+    /// A reading of the key (a `ReadKey`, or a lost `Acquire`) while no
+    /// watch runs: its set-up failed (etcd just regained its quorum, a
+    /// member still starting). The reading counts; the key is read and
+    /// watched again at every tick until a watch runs, whatever the role,
+    /// since a node that knows the holder never reads the key by itself.
+    KeySeenUnwatched {
+        holder: KeyHolder,
+        revision: i64,
+        lease: Option<i64>,
+    },
     /// SIGTERM or SIGINT.
     Shutdown,
     /// Outcome of `StopPostgres`: `error` when the fast stop failed or
@@ -1388,6 +1398,16 @@ impl Core {
                 self.watch_from = None;
                 out.push(Action::ReadKey);
             }
+            Input::KeySeenUnwatched {
+                holder,
+                revision,
+                lease,
+            } => {
+                self.on_key(now, holder, revision, lease, &mut out);
+                // No watch: the next tick reads again (`on_tick`), and a
+                // win's history is read from the start.
+                self.watch_from = None;
+            }
             Input::Postgres(view) => self.on_pg_view(now, view, &mut out),
             Input::PgObserved {
                 role,
@@ -1536,10 +1556,12 @@ impl Core {
         }
         self.loop_work(now, out);
         self.recheck_race(out);
-        if self.leading() && self.watch_from.is_none() {
-            // A broken watch whose re-read went unanswered: read again every
-            // loop, or a leader cut off while its key was deleted by hand
-            // would never learn it (a win's `history_from` relies on that).
+        if self.watch_from.is_none() && !out.contains(&Action::ReadKey) {
+            // No watch runs (a re-read went unanswered, or its watch could
+            // not be set up): read again every loop, after the renewal, or a
+            // leader cut off while its key was deleted by hand would never
+            // learn it (a win's `history_from` relies on that), nor a
+            // follower that the key is free.
             out.push(Action::ReadKey);
         }
         self.maintenance_tick(now, out);

@@ -167,7 +167,6 @@ pub fn run(cfg: Config, config_digest: String) -> Result<i32, String> {
         pinger,
         dcs: None,
         watch: None,
-        watch_failed: false,
         fence_fn,
         audit,
         pg,
@@ -248,11 +247,9 @@ struct Agent {
     cell: Arc<EvidenceCell>,
     pinger: Pinger,
     dcs: Option<Dcs>,
+    /// The leader watch, when one runs (the core is told of readings
+    /// without one: `Input::KeySeenUnwatched`).
     watch: Option<dcs::LeaderWatch>,
-    /// A key read succeeded but its watch could not be set up: read and
-    /// watch again at the next tick (else nothing would tell this node of a
-    /// change of holder: a follower never re-reads a key it knows).
-    watch_failed: bool,
     fence_fn: FenceFn,
     audit: AuditLog,
     /// Lifecycle records to etcd's history; started at the first one.
@@ -536,18 +533,28 @@ async fn read_holders(d: &mut Dcs, from: i64, before: i64) -> (Vec<i64>, bool) {
     }
 }
 
-/// A read or watched leader key as the core's input, with its lease.
-fn key_seen(h: Holder, current: Option<i64>, revision: i64) -> Input {
+/// A read or watched leader key as the core's input, with its lease;
+/// `watched`: whether a watch runs behind the reading.
+fn key_seen(h: Holder, current: Option<i64>, revision: i64, watched: bool) -> Input {
     let lease = match &h {
         Holder::Nobody => None,
         Holder::Us { lease } | Holder::Node { lease, .. } | Holder::Unknown { lease, .. } => {
             Some(lease.0).filter(|l| *l != 0)
         }
     };
-    Input::KeySeen {
-        holder: key_holder(h, current),
-        revision,
-        lease,
+    let holder = key_holder(h, current);
+    if watched {
+        Input::KeySeen {
+            holder,
+            revision,
+            lease,
+        }
+    } else {
+        Input::KeySeenUnwatched {
+            holder,
+            revision,
+            lease,
+        }
     }
 }
 
@@ -670,22 +677,12 @@ impl Agent {
                     if let Some(code) = self.feed(Input::Tick).await {
                         return code;
                     }
-                    // Once per loop and after the tick's renewal (a read and a
-                    // watch set-up may take two request timeouts), unless the
-                    // tick's own key read set the watch up.
-                    if self.watch_failed {
-                        if let Some(input) = self.execute(Action::ReadKey).await {
-                            if let Some(code) = self.feed(input).await {
-                                return code;
-                            }
-                        }
-                    }
                     self.ops.after(&self.core, true);
                     continue;
                 }
                 Some(input) = side_rx.recv() => input,
                 ev = next_watch(&mut self.watch) => match ev {
-                    Ok(dcs::LeaderEvent::Put { holder, revision }) => key_seen(holder, self.core.lease(), revision),
+                    Ok(dcs::LeaderEvent::Put { holder, revision }) => key_seen(holder, self.core.lease(), revision, true),
                     Ok(dcs::LeaderEvent::Deleted { revision, lease }) => {
                         info!(revision, lease = ?lease.map(|l| l.to_string()), "the leader key was deleted");
                         Input::KeySeen { holder: KeyHolder::Nobody, revision, lease: lease.map(|l| l.0) }
@@ -873,17 +870,11 @@ impl Agent {
                                 d.watch_leader(revision).await.map_err(|e| e.to_string())
                             };
                             match w {
-                                Ok(w) => {
-                                    self.watch = Some(w);
-                                    self.watch_failed = false;
-                                }
-                                Err(e) => {
-                                    warn!("cannot watch the leader key: {e}; reading it again next loop");
-                                    self.watch_failed = true;
-                                }
+                                Ok(w) => self.watch = Some(w),
+                                Err(e) => warn!("cannot watch the leader key: {e}"),
                             }
                         }
-                        Some(key_seen(holder, current, revision))
+                        Some(key_seen(holder, current, revision, self.watch.is_some()))
                     }
                     Err(e) => {
                         warn!("cannot read the leader key: {e}");
@@ -914,7 +905,8 @@ impl Agent {
                         // Mapped with the core's lease now, not the action's:
                         // an Acquire left in a batch behind LeaseGone -> Grant
                         // -> Won must see the new key as ours (rule 4).
-                        Some(key_seen(holder, self.core.lease(), revision))
+                        let watched = self.watch.is_some();
+                        Some(key_seen(holder, self.core.lease(), revision, watched))
                     }
                     Err(e) => Some(Input::AcquireFailed {
                         error: e.to_string(),

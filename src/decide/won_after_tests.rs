@@ -298,6 +298,44 @@ fn a_history_answered_after_the_key_moved_on_takes_nothing() {
 }
 
 #[test]
+fn a_reading_without_a_watch_is_read_again_every_loop_until_one_runs() {
+    // etcd answered the read (b holds the key) but the watch could not be
+    // set up: a follower that knows the holder never reads by itself, so
+    // the core asks for a read (and a watch) at every tick until one runs.
+    let mut c = core(WatchdogMode::Required);
+    c.handle(t(0), Input::Start);
+    c.handle(t(0), granted(0));
+    let unwatched = |holder: KeyHolder, revision| Input::KeySeenUnwatched {
+        holder,
+        revision,
+        lease: None,
+    };
+    let b = KeyHolder::Other("b".into());
+    c.handle(t(10), unwatched(b.clone(), 5));
+    assert_eq!(c.holder(), &b, "the reading counts");
+    assert_eq!(c.history_from(t(60_000)), 1, "no watch: the whole history");
+    let reads = |a: &[Action]| a.iter().filter(|a| **a == Action::ReadKey).count();
+    for at in [500, 1000] {
+        let a = c.handle(t(at), Input::Tick);
+        assert_eq!(reads(&a), 1, "at {at}: {a:?}");
+        c.handle(t(at), unwatched(b.clone(), 5));
+    }
+    // Read again without a watch, the key is free: the race runs at once.
+    let a = c.handle(t(1100), unwatched(KeyHolder::Nobody, 8));
+    assert!(has(&a, |a| *a == Action::Acquire { lease: 7 }), "{a:?}");
+    // Lost while still unwatched (the Acquire's answer): still no watch.
+    c.handle(t(1110), unwatched(b.clone(), 9));
+    let a = c.handle(t(1500), Input::Tick);
+    assert_eq!(reads(&a), 1, "{a:?}");
+    // A watch runs behind the next reading: no more reads at ticks.
+    c.handle(t(1500), b_holds(9, None));
+    let a = c.handle(t(2000), Input::Tick);
+    assert_eq!(reads(&a), 0, "watched: {a:?}");
+    assert_eq!(c.history_from(t(1500)), 1);
+    assert_eq!(c.history_from(t(8000)), 9, "the watch's first revision");
+}
+
+#[test]
 fn a_leader_whose_re_read_went_unanswered_reads_again_every_loop() {
     // A leader's watch breaks and its re-read is lost (cut off): it must
     // read again each loop until one answers, or a deletion by hand in the
