@@ -141,7 +141,8 @@ pub fn check_testing_build(bin: &Path) -> Result<(), String> {
         "[[watchdog.device]]\nkind = \"fake\"\nrecord = \"{}\"\n",
         dir.path().join("fake.wd").display()
     );
-    let text = config(
+    let text = config_with(
+        &LAB_BUDGET,
         "probe",
         "probe",
         "http://127.0.0.1:1",
@@ -307,8 +308,14 @@ impl Lab {
             .map(|p| format!("http://10.0.2.2:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        Ok(config(
-            scope, &node.name, &endpoints, nowayout, &devices, GUEST_DIR,
+        Ok(config_with(
+            &LAB_BUDGET,
+            scope,
+            &node.name,
+            &endpoints,
+            nowayout,
+            &devices,
+            GUEST_DIR,
         ))
     }
 
@@ -321,7 +328,8 @@ impl Lab {
             "[[watchdog.device]]\nkind = \"fake\"\nrecord = \"{}\"\n",
             dir.join("fake.wd").display()
         );
-        let cfg = config(
+        let cfg = config_with(
+            &LAB_BUDGET,
             scope,
             name,
             &self.etcd.client_url(),
@@ -380,28 +388,9 @@ pub const SYSTEMD_BUDGET: LabBudget = LabBudget {
     connect_timeout: 1.0,
 };
 
-/// The agent configuration used throughout the lab, with [`LAB_BUDGET`].
-/// `endpoint` may list several etcd members, comma-separated.
-pub fn config(
-    scope: &str,
-    node: &str,
-    endpoint: &str,
-    nowayout: &str,
-    devices: &str,
-    audit_dir: &str,
-) -> String {
-    config_with(
-        &LAB_BUDGET,
-        scope,
-        node,
-        endpoint,
-        nowayout,
-        devices,
-        audit_dir,
-    )
-}
-
-/// [`config`] with another budget.
+/// The agent configuration used throughout the lab (`b`: [`LAB_BUDGET`]
+/// unless the test says otherwise). `endpoint` may list several etcd
+/// members, comma-separated.
 pub fn config_with(
     b: &LabBudget,
     scope: &str,
@@ -979,7 +968,15 @@ mod tests {
 
     #[test]
     fn config_fits_the_lab_budget() {
-        let c = config("s", "n", "http://10.0.2.2:1", "refuse", "", "/x");
+        let c = config_with(
+            &LAB_BUDGET,
+            "s",
+            "n",
+            "http://10.0.2.2:1",
+            "refuse",
+            "",
+            "/x",
+        );
         assert!(c.contains("ttl = 5") && c.contains("safety_margin = 2.0"));
     }
 

@@ -19,7 +19,9 @@
 use super::kernel::Kernel;
 use super::proc::{host_boottime, spawn_tied, ChildGuard};
 use super::qmp::{Qmp, QmpEvent};
-use super::scenario::{config, holder, Dog, Lab, GUEST_NODE, HOST_NODE, KILL_AFTER_STALL, T};
+use super::scenario::{
+    config_with, holder, Dog, Lab, GUEST_NODE, HOST_NODE, KILL_AFTER_STALL, LAB_BUDGET, T,
+};
 use crate::etcd::EventKind;
 use std::fs;
 use std::io::Read;
@@ -700,7 +702,8 @@ pub fn kill_trial(lab: &Lab, opts: KillOpts) -> Result<KillTrial, String> {
         Dog::Softdog => "[[watchdog.device]]\nkind = \"softdog\"\n",
         Dog::Both => return Err("one watchdog per systemd trial".into()),
     };
-    let cfg = config(
+    let cfg = config_with(
+        &LAB_BUDGET,
         &scope,
         GUEST_NODE,
         &format!("http://10.0.2.2:{}", lab.etcd.client_port()),
